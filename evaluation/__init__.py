@@ -1,0 +1,1 @@
+"""Metrics usable on any adapter: held-out loss and exact match per domain."""

@@ -1,0 +1,88 @@
+"""Held-out loss (response tokens only) and greedy exact-match accuracy per domain."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+from fedllm_app.templates import prompt_text
+
+
+def _batches(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+@torch.no_grad()
+def heldout_loss(model: Any, tokenizer: Any, rows: list[dict], template: str, batch_size: int, max_length: int) -> float:
+    """Mean cross-entropy over the response (+ end) tokens of ``rows``."""
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for batch in _batches(rows, batch_size):
+        ids, labels = [], []
+        for r in batch:
+            p = tokenizer(prompt_text(r["instruction"], template, tokenizer), add_special_tokens=False)["input_ids"]
+            c = tokenizer(r["response"] + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+            seq = (p + c)[:max_length]
+            ids.append(seq)
+            labels.append(([-100] * len(p) + c)[:max_length])
+        width = max(map(len, ids))
+        input_ids = torch.full((len(ids), width), tokenizer.pad_token_id)
+        attn = torch.zeros_like(input_ids)
+        lab = torch.full_like(input_ids, -100)
+        for i, (x, y) in enumerate(zip(ids, labels)):
+            input_ids[i, : len(x)] = torch.tensor(x)
+            attn[i, : len(x)] = 1
+            lab[i, : len(y)] = torch.tensor(y)
+        logits = model(input_ids=input_ids.to(device), attention_mask=attn.to(device)).logits.float()
+        shift_logits, shift_labels = logits[:, :-1].reshape(-1, logits.size(-1)), lab[:, 1:].reshape(-1).to(device)
+        loss = torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+        total += loss.item()
+        count += int((shift_labels != -100).sum())
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def generate(model: Any, tokenizer: Any, prompts: list[str], batch_size: int, max_new_tokens: int) -> list[str]:
+    """Greedy, batched, left-padded generation; returns only the new text."""
+    model.eval()
+    device = next(model.parameters()).device
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    out: list[str] = []
+    try:
+        for batch in _batches(prompts, batch_size):
+            enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            gen = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            out.extend(tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+    return out
+
+
+def exact_match(model: Any, tokenizer: Any, rows: list[dict], template: str, batch_size: int, max_new_tokens: int) -> dict[str, float]:
+    """``accuracy`` over all rows and ``accuracy/<domain>`` per domain (stripped exact match)."""
+    prompts = [prompt_text(r["instruction"], template, tokenizer) for r in rows]
+    answers = generate(model, tokenizer, prompts, batch_size, max_new_tokens)
+    hits: dict[str, list[int]] = defaultdict(list)
+    for r, a in zip(rows, answers):
+        ok = int(a.strip() == r["response"].strip())
+        hits["accuracy"].append(ok)
+        hits[f"accuracy/{r.get('domain', 'all')}"].append(ok)
+    return {k: sum(v) / len(v) for k, v in sorted(hits.items())}
+
+
+def evaluate_adapter(model: Any, tokenizer: Any, rows: list[dict], training_cfg: Any) -> dict[str, float]:
+    """Loss and exact match of the model's current adapter on ``rows``."""
+    t = training_cfg
+    metrics = {"eval_loss": heldout_loss(model, tokenizer, rows, t.template, t.eval_batch_size, t.max_length)}
+    metrics.update(exact_match(model, tokenizer, rows, t.template, t.eval_batch_size, t.max_new_tokens))
+    return metrics

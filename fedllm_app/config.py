@@ -1,0 +1,143 @@
+"""The one bridge from Flower's run config to the composed Hydra config.
+
+Flower's run config carries Hydra overrides in a single string key, ``overrides``::
+
+    flwr run . --run-config "overrides='strategy=fedavg model=tiny seed=7 num_rounds=3'"
+
+:func:`load_config` composes ``conf/config.yaml`` with them and validates the
+result, so a bad value fails at start with a sentence that names it and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from collections.abc import Mapping
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import DictConfig, OmegaConf
+
+from fedllm_app.templates import check_template
+
+OVERRIDES_KEY = "overrides"
+GROUPS = ("model", "dataset", "strategy", "training")
+BASELINES = ("local", "none")
+QUANTIZATIONS = (None, "4bit", "8bit")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names it and the fix."""
+
+
+def conf_dir() -> Path:
+    """``$FEDLLM_CONF_DIR`` or the ``conf/`` folder beside the package."""
+    env = os.environ.get("FEDLLM_CONF_DIR")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "conf"
+
+
+def group_options(group: str) -> list[str]:
+    """The choices of a config group (its YAML files, without extension)."""
+    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+
+
+def load_config(run_config: Mapping[str, Any] | None = None, extra: list[str] | None = None) -> DictConfig:
+    """Compose the Hydra config from Flower's run config (and optional extra overrides)."""
+    raw = str((run_config or {}).get(OVERRIDES_KEY, "") or "")
+    return compose_config(tuple(shlex.split(raw)) + tuple(extra or ()))
+
+
+@lru_cache(maxsize=8)
+def compose_config(overrides: tuple[str, ...]) -> DictConfig:
+    """Compose and validate; cached because every client round calls it."""
+    try:
+        with initialize_config_dir(version_base=None, config_dir=str(conf_dir())):
+            cfg = compose(config_name="config", overrides=list(overrides))
+    except MissingConfigException as err:
+        raise ConfigError(_missing_option_message(err)) from None
+    except ConfigCompositionException as err:
+        raise ConfigError(_composition_message(err, overrides)) from None
+    validate(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _missing_option_message(err: MissingConfigException) -> str:
+    match = re.search(r"Could not find '([\w-]+)/([^']+)'", str(err))
+    if match:
+        group, bad = match.groups()
+        return f"unknown {group} {bad!r}; choose one of: {', '.join(group_options(group))} (e.g. {group}={group_options(group)[0]})"
+    return str(err)
+
+
+def _composition_message(err: ConfigCompositionException, overrides: tuple[str, ...]) -> str:
+    text = str(err) + " " + str(err.__cause__ or "")
+    match = re.search(r"Could not override '([^']+)'", text) or re.search(r"Key '([^']+)' is not in struct", text)
+    key = match.group(1) if match else "?"
+    parent = key.rsplit(".", 1)[0] if "." in key else None
+    with initialize_config_dir(version_base=None, config_dir=str(conf_dir())):
+        base = compose(config_name="config")
+    node = OmegaConf.select(base, parent) if parent else base
+    valid = sorted(node.keys()) if isinstance(node, DictConfig) else []
+    where = f"in '{parent}'" if parent else "at the top level"
+    return (
+        f"unknown config key {key!r} (from overrides {list(overrides)}); valid keys {where}: {', '.join(map(str, valid))}. "
+        f"To add a new key use '+{key}=...'"
+    )
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check values that Hydra cannot: ranges, relations, paths."""
+    _check(cfg.num_rounds >= 1, f"num_rounds={cfg.num_rounds} must be at least 1; e.g. num_rounds=10")
+    _check(cfg.num_clients >= 1, f"num_clients={cfg.num_clients} must be at least 1; e.g. num_clients=4")
+    _check(
+        1 <= cfg.sample_clients <= cfg.num_clients,
+        f"sample_clients={cfg.sample_clients} must be between 1 and num_clients={cfg.num_clients}; "
+        f"lower sample_clients or raise num_clients",
+    )
+    _check(cfg.save_every >= 1, f"save_every={cfg.save_every} must be at least 1; e.g. save_every=5")
+    _check(cfg.round_timeout > 0, f"round_timeout={cfg.round_timeout} must be positive (seconds)")
+    _check(cfg.baseline in BASELINES, f"baseline={cfg.baseline!r} is not one of {', '.join(BASELINES)}")
+    _check(bool(cfg.strategy.get("name")), "strategy.name is missing; every strategy file must set name")
+    t = cfg.training
+    try:
+        check_template(t.template)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    for key in ("batch_size", "grad_accum", "max_steps", "max_length", "eval_batch_size", "max_new_tokens"):
+        _check(t[key] >= 1, f"training.{key}={t[key]} must be at least 1")
+    _check(t.learning_rate > 0, f"training.learning_rate={t.learning_rate} must be positive; e.g. 5e-5")
+    _check(
+        0 <= t.min_learning_rate <= t.learning_rate,
+        f"training.min_learning_rate={t.min_learning_rate} must be between 0 and training.learning_rate={t.learning_rate}",
+    )
+    m = cfg.model
+    _check(m.quantization in QUANTIZATIONS, f"model.quantization={m.quantization!r} must be null, 4bit or 8bit")
+    _check(m.dtype in DTYPES, f"model.dtype={m.dtype!r} must be one of {', '.join(DTYPES)}")
+    _check(m.lora.r >= 1, f"model.lora.r={m.lora.r} must be at least 1; e.g. model.lora.r=16")
+    name = str(m.name)
+    if _looks_like_path(name):
+        _check(
+            Path(name).expanduser().is_dir(),
+            f"model.name={name!r} is not a directory; give a local folder saved with save_pretrained, "
+            f"a Hub id such as meta-llama/Llama-2-7b-hf, or builtin:tiny",
+        )
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or os.sep in name and Path(name).expanduser().exists() or name.count("/") > 1
+
+
+def run_name(cfg: DictConfig) -> str:
+    """The run's folder name under ``output_dir``."""
+    return cfg.run_name or f"{cfg.strategy.name}-{cfg.dataset.name}-seed{cfg.seed}"

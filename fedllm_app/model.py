@@ -1,0 +1,155 @@
+"""Base model + LoRA loading (once per process) and adapter <-> ArrayRecord conversion.
+
+:func:`get_model` is the explicit per-process cache: the base model is loaded
+once for a given model config and wrapped with LoRA once; every round then only
+loads the global adapter weights into it (:func:`set_adapter`).
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+TINY = "builtin:tiny"
+
+
+class ModelLoadError(RuntimeError):
+    """The model or tokenizer could not be loaded; the message names model.name and the fix."""
+
+
+def resolve_name(name: str) -> str:
+    """Map ``builtin:tiny`` to the cached embedded model (built on first use); pass others through."""
+    if name == TINY:
+        from fedllm_app.tiny_model import ensure_tiny_model
+
+        return str(ensure_tiny_model())
+    return str(Path(name).expanduser()) if name.startswith(("~", ".", "/")) else name
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def quantization_config(model_cfg: DictConfig) -> Any:
+    """bitsandbytes config for ``model.quantization`` (4bit NF4 / 8bit), or None."""
+    if model_cfg.quantization is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if model_cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=_dtype(model_cfg.dtype),
+    )
+
+
+def load_base(model_cfg: DictConfig) -> tuple[Any, Any]:
+    """Load the base causal LM and tokenizer (Hub id or local folder); quantised if configured."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = resolve_name(str(model_cfg.name))
+    device_map = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=model_cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            name,
+            dtype=_dtype(model_cfg.dtype),
+            quantization_config=quantization_config(model_cfg),
+            device_map=device_map,
+            trust_remote_code=model_cfg.trust_remote_code,
+        )
+    except OSError as err:
+        raise ModelLoadError(
+            f"cannot load model.name={model_cfg.name!r}: {str(err).splitlines()[0]} "
+            f"Give a local folder saved with save_pretrained, a reachable Hub id, or builtin:tiny."
+        ) from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model_cfg.quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=bool(model_cfg.gradient_checkpointing)
+        )
+    elif model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    return model, tokenizer
+
+
+def lora_config(model_cfg: DictConfig) -> Any:
+    from peft import LoraConfig
+
+    lora = model_cfg.lora
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+@lru_cache(maxsize=2)
+def _cached(key: str, seed: int) -> tuple[Any, Any]:
+    from peft import get_peft_model
+
+    model_cfg = OmegaConf.create(json.loads(key))
+    base, tokenizer = load_base(model_cfg)
+    torch.manual_seed(seed)
+    return get_peft_model(base, lora_config(model_cfg)), tokenizer
+
+
+def get_model(model_cfg: DictConfig, seed: int = 0) -> tuple[Any, Any]:
+    """The process's LoRA-wrapped model and tokenizer for ``model_cfg`` (loaded once)."""
+    key = json.dumps(OmegaConf.to_container(model_cfg, resolve=True), sort_keys=True)
+    return _cached(key, seed)
+
+
+def load_count() -> int:
+    """How many times a base model was actually loaded in this process (cache misses)."""
+    return _cached.cache_info().misses
+
+
+def get_adapter(model: Any) -> dict[str, np.ndarray]:
+    """The trainable LoRA weights as float32 numpy arrays, keyed by PEFT's saved names."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().float().cpu().numpy().copy() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def set_adapter(model: Any, arrays: dict[str, np.ndarray]) -> None:
+    """Load adapter weights into the model; the names and shapes must match exactly."""
+    from peft import set_peft_model_state_dict
+
+    current = get_adapter(model)
+    missing = sorted(set(current) - set(arrays))
+    unexpected = sorted(set(arrays) - set(current))
+    if missing or unexpected:
+        raise ValueError(f"adapter arrays do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for k, v in arrays.items():
+        if v.shape != current[k].shape:
+            raise ValueError(f"adapter array {k!r} has shape {v.shape}, the model expects {current[k].shape}")
+    set_peft_model_state_dict(model, {k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()})
+
+
+def to_record(arrays: dict[str, np.ndarray]) -> Any:
+    """Named numpy arrays -> Flower ArrayRecord (names kept)."""
+    from flwr.app import Array, ArrayRecord
+
+    return ArrayRecord({k: Array.from_numpy_ndarray(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def from_record(record: Any) -> dict[str, np.ndarray]:
+    """Flower ArrayRecord -> named numpy arrays."""
+    return {k: v.numpy() for k, v in record.items()}

@@ -1,0 +1,71 @@
+"""The server's round loop over a Flower strategy, with one readable log line per round."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from logging import WARNING
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from fedllm_app.outputs import RunWriter, format_round
+from strategies.fedavg import ARRAYS_KEY
+
+EvalFn = Callable[[ArrayRecord], dict[str, float]]
+RoundHook = Callable[[int, ArrayRecord], None]
+
+
+def run_rounds(
+    grid: Grid,
+    strategy: Any,
+    arrays: ArrayRecord,
+    num_rounds: int,
+    timeout: float,
+    writer: RunWriter,
+    phase: str,
+    evaluate: EvalFn | None = None,
+    after_round: RoundHook | None = None,
+    metrics_path: str = "metrics.jsonl",
+) -> ArrayRecord:
+    """Train ``num_rounds`` rounds; return the final global arrays.
+
+    A round in which no client replied leaves the global arrays unchanged and is
+    logged as a warning (Flower's strategies skip it silently).
+    """
+    for rnd in range(1, num_rounds + 1):
+        start = time.perf_counter()
+        messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
+        sent = arrays.count_bytes() * len(messages)
+        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        ok = [m for m in replies if not m.has_error()]
+        received = sum(m.content[ARRAYS_KEY].count_bytes() for m in ok)
+        new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
+        if not ok:
+            log(WARNING, "[fedllm] %s round %d: no client replied; the global adapter is unchanged", phase, rnd)
+        elif new_arrays is not None:
+            arrays = new_arrays
+        record: dict[str, Any] = {
+            "phase": phase,
+            "strategy": strategy.__class__.__name__,
+            "round": rnd,
+            "num_rounds": num_rounds,
+            "sampled": len(messages),
+            "replied": len(ok),
+            "failed": len(messages) - len(ok),
+            "failed_nodes": [m.metadata.src_node_id for m in replies if m.has_error()],
+            "lr": strategy.learning_rate(rnd),
+            "train_loss": float(train_metrics["train_loss"]) if train_metrics and "train_loss" in train_metrics else None,
+            "bytes_sent": sent,
+            "bytes_received": received,
+        }
+        if evaluate is not None:
+            record.update(evaluate(arrays))
+        if after_round is not None:
+            after_round(rnd, arrays)
+        record["seconds"] = time.perf_counter() - start
+        writer.log_round(record, metrics_path)
+        print(format_round(record), flush=True)
+    return arrays

@@ -1,0 +1,99 @@
+"""What the ServerApp does, step by step: evaluation, checkpoints, baseline, summary."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord
+from flwr.serverapp import Grid
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from evaluation.heldout import evaluate_adapter
+from fedllm_app import data
+from fedllm_app.model import from_record, get_adapter, get_model, set_adapter, to_record
+from fedllm_app.outputs import RunWriter, comparison_table
+from fedllm_app.rounds import run_rounds
+from strategies.local import LocalOnly
+
+
+def strategy_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    return {
+        "num_clients": cfg.num_clients,
+        "sample_clients": cfg.sample_clients,
+        "num_rounds": cfg.num_rounds,
+        "lr_max": cfg.training.learning_rate,
+        "lr_min": cfg.training.min_learning_rate,
+    }
+
+
+def build_strategy(cfg: DictConfig) -> Any:
+    """Instantiate ``cfg.strategy`` through its ``_target_`` (``name`` is only a label)."""
+    params = {k: v for k, v in OmegaConf.to_container(cfg.strategy, resolve=True).items() if k != "name"}
+    return instantiate(params, **strategy_kwargs(cfg))
+
+
+class FederatedRun:
+    """One run's state on the server: config, model, held-out data, outputs."""
+
+    def __init__(self, cfg: DictConfig, started: float) -> None:
+        self.cfg = cfg
+        self.started = started
+        if cfg.training.num_threads:
+            torch.set_num_threads(cfg.training.num_threads)
+        self.writer = RunWriter(cfg)
+        print(f"[fedllm] run '{self.writer.dir.name}': outputs in {self.writer.dir}", flush=True)
+        self.model, self.tokenizer = get_model(cfg.model, cfg.seed)
+        self.initial = to_record(get_adapter(self.model))
+        self.test = data.heldout(cfg)
+        for pid, rows in enumerate(data.all_partitions(cfg)):
+            print(f"[fedllm] client {pid}: {len(rows)} rows, domains {data.domain_mix(rows)}", flush=True)
+        self.summary: dict[str, Any] = {"run": self.writer.dir.name, "strategy": cfg.strategy.name}
+        self.final: dict[str, float] = {}
+        self.local: dict[int, dict[str, float]] = {}
+
+    def evaluate(self, arrays: ArrayRecord) -> dict[str, float]:
+        set_adapter(self.model, from_record(arrays))
+        return evaluate_adapter(self.model, self.tokenizer, self.test, self.cfg.training)
+
+    def checkpoint(self, rnd: int, arrays: ArrayRecord) -> None:
+        if rnd % self.cfg.save_every == 0 or rnd == self.cfg.num_rounds:
+            set_adapter(self.model, from_record(arrays))
+            self.writer.save_adapter(self.model, rnd)
+
+    def federated(self, grid: Grid) -> None:
+        strategy = build_strategy(self.cfg)
+        self.summary["initial"] = self.evaluate(self.initial)
+        self.summary["startup_seconds"] = time.perf_counter() - self.started
+        final = run_rounds(
+            grid, strategy, self.initial, self.cfg.num_rounds, self.cfg.round_timeout, self.writer,
+            phase=self.cfg.strategy.name, evaluate=self.evaluate, after_round=self.checkpoint,
+        )
+        self.final = self.evaluate(final)
+        self.summary["final"] = self.final
+
+    def local_baseline(self, grid: Grid) -> None:
+        """Each client trains alone for the same rounds and steps; each adapter is evaluated."""
+        strategy = LocalOnly(**strategy_kwargs(self.cfg))
+        run_rounds(
+            grid, strategy, self.initial, self.cfg.num_rounds, self.cfg.round_timeout, self.writer,
+            phase="local", metrics_path="baseline_local/metrics.jsonl",
+        )
+        self.local = {pid: self.evaluate(arrays) for pid, arrays in sorted(strategy.client_arrays.items())}
+        keys = sorted({k for m in self.local.values() for k in m})
+        mean = {k: sum(m.get(k, 0.0) for m in self.local.values()) / len(self.local) for k in keys}
+        self.summary["baseline_local"] = {"mean": mean, "clients": {str(k): v for k, v in self.local.items()}}
+
+    def finish(self) -> None:
+        mean_acc = self.summary.get("baseline_local", {}).get("mean", {}).get("accuracy")
+        self.summary["total_seconds"] = time.perf_counter() - self.started
+        self.writer.write_summary(self.summary)
+        self.writer.plot(mean_acc)
+        if self.local:
+            table = comparison_table(self.final, self.local, self.cfg.strategy.name)
+            (self.writer.dir / "comparison.md").write_text(table + "\n")
+            print("\n" + table + "\n", flush=True)
+        print(f"[fedllm] final: {self.final}", flush=True)
+        print(f"[fedllm] done in {self.summary['total_seconds']:.0f} s; outputs in {self.writer.dir}", flush=True)

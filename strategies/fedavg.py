@@ -1,0 +1,65 @@
+"""FedAvg over LoRA arrays, weighted by the clients' example counts.
+
+Flower's FedAvg already computes the weighted mean we want
+(``sum_k n_k theta_k / sum_k n_k``); this subclass only adds what fedllm's clients
+need each round.
+
+Client contract
+---------------
+Each train message carries ``arrays`` (the global adapter) and ``config`` with
+``server-round``, ``lr`` (constant within the round) and ``mode`` ("federated").
+Each reply carries one ArrayRecord ``arrays`` (the trained adapter) and one
+MetricRecord ``metrics`` with ``num-examples`` and ``train_loss``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from strategies.schedule import cosine_lr
+
+ARRAYS_KEY = "arrays"
+CONFIG_KEY = "config"
+METRICS_KEY = "metrics"
+NUM_EXAMPLES_KEY = "num-examples"
+
+
+class FedAvgLoRA(FedAvg):
+    """FedAvg with ``sample_clients`` of ``num_clients`` per round and a cosine lr across rounds."""
+
+    mode = "federated"
+
+    def __init__(
+        self,
+        *,
+        num_clients: int,
+        sample_clients: int,
+        num_rounds: int,
+        lr_max: float,
+        lr_min: float,
+    ) -> None:
+        super().__init__(
+            fraction_train=sample_clients / num_clients,
+            fraction_evaluate=0.0,
+            min_train_nodes=sample_clients,
+            min_available_nodes=num_clients,
+            weighted_by_key=NUM_EXAMPLES_KEY,
+            arrayrecord_key=ARRAYS_KEY,
+            configrecord_key=CONFIG_KEY,
+        )
+        self.sample_clients = sample_clients
+        self.num_rounds = num_rounds
+        self.lr_max, self.lr_min = lr_max, lr_min
+
+    def learning_rate(self, server_round: int) -> float:
+        return cosine_lr(server_round, self.num_rounds, self.lr_max, self.lr_min)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        config = ConfigRecord({**dict(config), "lr": self.learning_rate(server_round), "mode": self.mode})
+        return super().configure_train(server_round, arrays, config, grid)
