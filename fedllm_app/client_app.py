@@ -6,10 +6,10 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedllm_app.config import load_config
-from fedllm_app.data import partition, round_sample
+from fedllm_app.config import cfg_key, load_config
+from fedllm_app.data import partition, round_indices
 from fedllm_app.model import from_record, get_adapter, get_model, set_adapter, to_record
-from fedllm_app.train import train_round
+from fedllm_app.train import processed_partition, train_round
 from strategies.fedavg import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
 from strategies.local import PARTITION_KEY
 
@@ -29,7 +29,8 @@ def train(msg: Message, context: Context) -> Message:
     model, tokenizer = get_model(cfg.model, cfg.seed)
     start = context.state.get(LOCAL_STATE_KEY) if local else None
     set_adapter(model, from_record(start if start is not None else msg.content[ARRAYS_KEY]))
-    rows = round_sample(partition(cfg, pid), cfg, rnd, pid)
+    data = processed_partition(model, tokenizer, partition(cfg, pid), cfg, key=f"client {pid} ({cfg_key(cfg)})")
+    rows = data.select(round_indices(len(data), cfg, rnd, pid))
     result = train_round(model, tokenizer, rows, cfg, float(conf["lr"]), seed=cfg.seed * 100_003 + rnd)
     arrays = to_record(get_adapter(model))
     if local:

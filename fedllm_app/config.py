@@ -141,3 +141,11 @@ def _looks_like_path(name: str) -> bool:
 def run_name(cfg: DictConfig) -> str:
     """The run's folder name under ``output_dir``."""
     return cfg.run_name or f"{cfg.strategy.name}-{cfg.dataset.name}-seed{cfg.seed}"
+
+
+def cfg_key(cfg: DictConfig) -> str:
+    """A short stable hash of the whole config (cache keys)."""
+    import hashlib
+
+    blob = OmegaConf.to_yaml(cfg, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]

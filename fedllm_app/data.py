@@ -67,16 +67,21 @@ def examples_per_round(cfg: DictConfig) -> int:
     return t.batch_size * t.grad_accum * t.max_steps
 
 
-def round_sample(rows: list[Row], cfg: DictConfig, server_round: int, partition_id: int) -> list[Row]:
-    """OpenFedLLM's scheme: ``batch_size x grad_accum x max_steps`` rows drawn without
-    replacement with a seed that depends on the round (and the client); all rows if fewer."""
+def round_indices(num_rows: int, cfg: DictConfig, server_round: int, partition_id: int) -> list[int]:
+    """OpenFedLLM's scheme: ``batch_size x grad_accum x max_steps`` row indices drawn without
+    replacement, seeded by (seed, round, client); all rows, shuffled, if fewer."""
     n = examples_per_round(cfg)
     rng = random.Random(f"{cfg.seed}-{server_round}-{partition_id}")
-    if len(rows) <= n:
-        picked = list(rows)
+    if num_rows <= n:
+        picked = list(range(num_rows))
         rng.shuffle(picked)
         return picked
-    return rng.sample(rows, n)
+    return rng.sample(range(num_rows), n)
+
+
+def round_sample(rows: list[Row], cfg: DictConfig, server_round: int, partition_id: int) -> list[Row]:
+    """The rows of :func:`round_indices`."""
+    return [rows[i] for i in round_indices(len(rows), cfg, server_round, partition_id)]
 
 
 def to_trl(rows: list[Row], template: str) -> Any:

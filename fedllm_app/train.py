@@ -8,6 +8,7 @@ mean loss.
 
 from __future__ import annotations
 
+import gc
 import tempfile
 import time
 from dataclasses import dataclass
@@ -88,25 +89,56 @@ def sft_config(cfg: DictConfig, learning_rate: float, seed: int, output_dir: str
     )
 
 
-def train_round(model: Any, tokenizer: Any, rows: list[Row], cfg: DictConfig, learning_rate: float, seed: int) -> TrainResult:
-    """Train the model's adapter in place on ``rows`` for ``training.max_steps`` steps."""
+# Explicit per-process cache: a partition tokenised by TRL once, reused every round.
+_PROCESSED: dict[str, Any] = {}
+
+
+def _trainer(model: Any, tokenizer: Any, dataset: Any, cfg: DictConfig, lr: float, seed: int, tmp: str, **kw: Any) -> Any:
     from trl import SFTTrainer
 
+    return SFTTrainer(
+        model=model, args=sft_config(cfg, lr, seed, tmp), train_dataset=dataset, processing_class=tokenizer, **kw
+    )
+
+
+def processed_partition(model: Any, tokenizer: Any, rows: list[Row], cfg: DictConfig, key: str) -> Any:
+    """``rows`` tokenised by TRL (input_ids + completion_mask), once per ``key`` and process.
+
+    TRL drops rows whose completion is cut off by ``training.max_length``; they are
+    counted and reported here instead of vanishing.
+    """
+    if key not in _PROCESSED:
+        quiet_libraries()
+        with tempfile.TemporaryDirectory(prefix="fedllm-tokenize-") as tmp:
+            dataset = _trainer(model, tokenizer, to_trl(rows, cfg.training.template), cfg, 1e-3, 0, tmp).train_dataset
+        dropped = len(rows) - len(dataset)
+        if dropped:
+            print(
+                f"[fedllm] {key}: {dropped} of {len(rows)} rows dropped: prompt longer than "
+                f"training.max_length={cfg.training.max_length}; raise training.max_length to keep them",
+                flush=True,
+            )
+        if len(dataset) == 0:
+            raise ValueError(f"{key}: no row fits training.max_length={cfg.training.max_length}; raise it")
+        _PROCESSED[key] = dataset
+        # Trainer.train() starts with a full gc.collect(); moving the long-lived model and
+        # data out of the collector's view makes that ~0.3 s -> ~0.01 s per round.
+        gc.collect()
+        gc.freeze()
+    return _PROCESSED[key]
+
+
+def train_round(model: Any, tokenizer: Any, dataset: Any, cfg: DictConfig, learning_rate: float, seed: int) -> TrainResult:
+    """Train the model's adapter in place on a TRL-processed ``dataset`` for ``training.max_steps`` steps."""
     quiet_libraries()
     start = time.perf_counter()
     timer = _StepTimer()
     with tempfile.TemporaryDirectory(prefix="fedllm-trainer-") as tmp:
-        trainer = SFTTrainer(
-            model=model,
-            args=sft_config(cfg, learning_rate, seed, tmp),
-            train_dataset=to_trl(rows, cfg.training.template),
-            processing_class=tokenizer,
-            callbacks=[timer.callback],
-        )
+        trainer = _trainer(model, tokenizer, dataset, cfg, learning_rate, seed, tmp, callbacks=[timer.callback])
         out = trainer.train()
     return TrainResult(
         loss=float(out.training_loss),
-        num_examples=len(rows),
+        num_examples=len(dataset),
         steps=int(out.global_step),
         seconds=time.perf_counter() - start,
         optimizer_seconds=timer.total,
