@@ -94,11 +94,14 @@ _PROCESSED: dict[str, Any] = {}
 
 
 def _trainer(model: Any, tokenizer: Any, dataset: Any, cfg: DictConfig, lr: float, seed: int, tmp: str, **kw: Any) -> Any:
+    from transformers.trainer_callback import PrinterCallback
     from trl import SFTTrainer
 
-    return SFTTrainer(
+    trainer = SFTTrainer(
         model=model, args=sft_config(cfg, lr, seed, tmp), train_dataset=dataset, processing_class=tokenizer, **kw
     )
+    trainer.remove_callback(PrinterCallback)  # the server logs one line per round instead
+    return trainer
 
 
 def processed_partition(model: Any, tokenizer: Any, rows: list[Row], cfg: DictConfig, key: str) -> Any:

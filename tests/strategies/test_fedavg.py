@@ -1,0 +1,73 @@
+"""FedAvgLoRA through Flower's own Message objects: weighting, per-round config, local baseline."""
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from fedllm_app.model import from_record, to_record
+from strategies.fedavg import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, FedAvgLoRA
+from strategies.local import LocalOnly
+
+
+def create_mock_reply(arrays: dict, num_examples: int, loss: float, pid: int = 0) -> Message:
+    content = RecordDict(
+        {
+            ARRAYS_KEY: to_record(arrays),
+            METRICS_KEY: MetricRecord({NUM_EXAMPLES_KEY: num_examples, "train_loss": loss, "partition-id": pid}),
+        }
+    )
+    return Message(content, dst_node_id=pid + 1, message_type="train")
+
+
+class FakeGrid:
+    """The two Grid methods a strategy's configure_train calls; node ids 1..n."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def get_node_ids(self):
+        return list(range(1, self.n + 1))
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
+
+
+KW = {"num_clients": 4, "sample_clients": 2, "num_rounds": 10, "lr_max": 1e-2, "lr_min": 1e-3}
+
+
+def test_fedavg_is_the_example_weighted_mean():
+    a = {"x.lora_A.weight": np.array([[1.0, 2.0]], dtype=np.float32)}
+    b = {"x.lora_A.weight": np.array([[3.0, 6.0]], dtype=np.float32)}
+    strategy = FedAvgLoRA(**KW)
+    arrays, metrics = strategy.aggregate_train(1, [create_mock_reply(a, 10, 1.0), create_mock_reply(b, 30, 2.0)])
+    np.testing.assert_allclose(from_record(arrays)["x.lora_A.weight"], [[2.5, 5.0]])
+    assert metrics["train_loss"] == pytest.approx(1.75)
+
+
+def test_fedavg_unweighted_when_counts_are_equal():
+    a = {"w": np.array([0.0, 4.0], dtype=np.float32)}
+    b = {"w": np.array([2.0, 0.0], dtype=np.float32)}
+    arrays, _ = FedAvgLoRA(**KW).aggregate_train(1, [create_mock_reply(a, 5, 1.0), create_mock_reply(b, 5, 1.0)])
+    np.testing.assert_allclose(from_record(arrays)["w"], [1.0, 2.0])
+
+
+def test_configure_train_samples_clients_and_sends_round_lr():
+    strategy = FedAvgLoRA(**KW)
+    arrays = ArrayRecord(to_record({"w": np.zeros(2, dtype=np.float32)}))
+    msgs = list(strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid(4)))
+    assert len(msgs) == 2 and len({m.metadata.dst_node_id for m in msgs}) == 2
+    conf = msgs[0].content[CONFIG_KEY]
+    assert conf["lr"] == pytest.approx(1e-2) and conf["server-round"] == 1 and conf["mode"] == "federated"
+    later = list(strategy.configure_train(10, arrays, ConfigRecord(), FakeGrid(4)))[0].content[CONFIG_KEY]
+    assert 1e-3 < later["lr"] < 1e-2
+
+
+def test_local_only_keeps_each_clients_adapter_and_leaves_global_alone():
+    strategy = LocalOnly(**KW)
+    a = {"w": np.array([1.0], dtype=np.float32)}
+    b = {"w": np.array([5.0], dtype=np.float32)}
+    arrays, metrics = strategy.aggregate_train(1, [create_mock_reply(a, 10, 1.0, 0), create_mock_reply(b, 10, 3.0, 2)])
+    assert arrays is None
+    assert metrics["train_loss"] == pytest.approx(2.0)
+    assert sorted(strategy.client_arrays) == [0, 2]
+    np.testing.assert_allclose(from_record(strategy.client_arrays[2])["w"], [5.0])
