@@ -15,7 +15,9 @@ def _batches(items: list[Any], size: int) -> list[list[Any]]:
 
 
 @torch.no_grad()
-def heldout_loss(model: Any, tokenizer: Any, rows: list[dict], template: str, batch_size: int, max_length: int) -> float:
+def heldout_loss(
+    model: Any, tokenizer: Any, rows: list[dict], template: str, batch_size: int, max_length: int
+) -> float:
     """Mean cross-entropy over the response (+ end) tokens of ``rows``."""
     model.eval()
     device = next(model.parameters()).device
@@ -32,7 +34,7 @@ def heldout_loss(model: Any, tokenizer: Any, rows: list[dict], template: str, ba
         input_ids = torch.full((len(ids), width), tokenizer.pad_token_id)
         attn = torch.zeros_like(input_ids)
         lab = torch.full_like(input_ids, -100)
-        for i, (x, y) in enumerate(zip(ids, labels)):
+        for i, (x, y) in enumerate(zip(ids, labels, strict=False)):
             input_ids[i, : len(x)] = torch.tensor(x)
             attn[i, : len(x)] = 1
             lab[i, : len(y)] = torch.tensor(y)
@@ -68,12 +70,14 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], batch_size: int, ma
     return out
 
 
-def exact_match(model: Any, tokenizer: Any, rows: list[dict], template: str, batch_size: int, max_new_tokens: int) -> dict[str, float]:
+def exact_match(
+    model: Any, tokenizer: Any, rows: list[dict], template: str, batch_size: int, max_new_tokens: int
+) -> dict[str, float]:
     """``accuracy`` over all rows and ``accuracy/<domain>`` per domain (stripped exact match)."""
     prompts = [prompt_text(r["instruction"], template, tokenizer) for r in rows]
     answers = generate(model, tokenizer, prompts, batch_size, max_new_tokens)
     hits: dict[str, list[int]] = defaultdict(list)
-    for r, a in zip(rows, answers):
+    for r, a in zip(rows, answers, strict=False):
         ok = int(a.strip() == r["response"].strip())
         hits["accuracy"].append(ok)
         hits[f"accuracy/{r.get('domain', 'all')}"].append(ok)

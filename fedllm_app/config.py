@@ -71,7 +71,8 @@ def _missing_option_message(err: MissingConfigException) -> str:
     match = re.search(r"Could not find '([\w-]+)/([^']+)'", str(err))
     if match:
         group, bad = match.groups()
-        return f"unknown {group} {bad!r}; choose one of: {', '.join(group_options(group))} (e.g. {group}={group_options(group)[0]})"
+        options = group_options(group)
+        return f"unknown {group} {bad!r}; choose one of: {', '.join(options)} (e.g. {group}={options[0]})"
     return str(err)
 
 
@@ -79,14 +80,21 @@ def _composition_message(err: ConfigCompositionException, overrides: tuple[str, 
     text = str(err) + " " + str(err.__cause__ or "")
     match = re.search(r"Could not override '([^']+)'", text) or re.search(r"Key '([^']+)' is not in struct", text)
     key = match.group(1) if match else "?"
-    parent = key.rsplit(".", 1)[0] if "." in key else None
     with initialize_config_dir(version_base=None, config_dir=str(conf_dir())):
         base = compose(config_name="config")
+    # The deepest existing parent of the bad key: 'traning.lr' is bad at the top level.
+    parts = key.split(".")
+    depth = 0
+    while depth < len(parts) - 1 and isinstance(OmegaConf.select(base, ".".join(parts[: depth + 1])), DictConfig):
+        depth += 1
+    parent = ".".join(parts[:depth]) or None
+    key = ".".join(parts[: depth + 1]) if depth + 1 < len(parts) else key
     node = OmegaConf.select(base, parent) if parent else base
     valid = sorted(node.keys()) if isinstance(node, DictConfig) else []
     where = f"in '{parent}'" if parent else "at the top level"
     return (
-        f"unknown config key {key!r} (from overrides {list(overrides)}); valid keys {where}: {', '.join(map(str, valid))}. "
+        f"unknown config key {key!r} (from overrides {list(overrides)}); "
+        f"valid keys {where}: {', '.join(map(str, valid))}. "
         f"To add a new key use '+{key}=...'"
     )
 
@@ -119,7 +127,8 @@ def validate(cfg: DictConfig) -> None:
     _check(t.learning_rate > 0, f"training.learning_rate={t.learning_rate} must be positive; e.g. 5e-5")
     _check(
         0 <= t.min_learning_rate <= t.learning_rate,
-        f"training.min_learning_rate={t.min_learning_rate} must be between 0 and training.learning_rate={t.learning_rate}",
+        f"training.min_learning_rate={t.min_learning_rate} must be between 0 and "
+        f"training.learning_rate={t.learning_rate}",
     )
     m = cfg.model
     _check(m.quantization in QUANTIZATIONS, f"model.quantization={m.quantization!r} must be null, 4bit or 8bit")
@@ -135,7 +144,9 @@ def validate(cfg: DictConfig) -> None:
 
 
 def _looks_like_path(name: str) -> bool:
-    return name.startswith(("/", ".", "~")) or os.sep in name and Path(name).expanduser().exists() or name.count("/") > 1
+    return (
+        name.startswith(("/", ".", "~")) or os.sep in name and Path(name).expanduser().exists() or name.count("/") > 1
+    )
 
 
 def run_name(cfg: DictConfig) -> str:

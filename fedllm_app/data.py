@@ -21,7 +21,9 @@ Row = dict[str, str]
 
 
 @lru_cache(maxsize=4)
-def _synthetic(train_per_domain: int, test_per_domain: int, dominance: float, num_clients: int, seed: int):
+def _synthetic(
+    train_per_domain: int, test_per_domain: int, dominance: float, num_clients: int, seed: int
+) -> tuple[tuple[tuple[Row, ...], ...], tuple[Row, ...]]:
     train = synthetic.generate(train_per_domain, seed)
     test = synthetic.generate(test_per_domain, seed + 10_000)
     try:
@@ -69,7 +71,8 @@ def examples_per_round(cfg: DictConfig) -> int:
 
 def round_indices(num_rows: int, cfg: DictConfig, server_round: int, partition_id: int) -> list[int]:
     """OpenFedLLM's scheme: ``batch_size x grad_accum x max_steps`` row indices drawn without
-    replacement, seeded by (seed, round, client); all rows, shuffled, if fewer."""
+    replacement, seeded by (seed, round, client); all rows, shuffled, if fewer.
+    """
     n = examples_per_round(cfg)
     rng = random.Random(f"{cfg.seed}-{server_round}-{partition_id}")
     if num_rows <= n:

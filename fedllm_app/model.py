@@ -37,7 +37,7 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def quantization_config(model_cfg: DictConfig) -> Any:
-    """bitsandbytes config for ``model.quantization`` (4bit NF4 / 8bit), or None."""
+    """Bitsandbytes config for ``model.quantization`` (4bit NF4 / 8bit), or None."""
     if model_cfg.quantization is None:
         return None
     from transformers import BitsAndBytesConfig

@@ -52,7 +52,9 @@ class RunWriter:
             ax1.plot(rounds, [r.get(key, math.nan) for r in self.rounds], marker="o", label=key)
         ax1.set(xlabel="round", ylabel="loss", title="Loss")
         ax1.legend()
-        ax2.plot(rounds, [r.get("accuracy", math.nan) for r in self.rounds], marker="o", label=self.rounds[0]["strategy"])
+        ax2.plot(
+            rounds, [r.get("accuracy", math.nan) for r in self.rounds], marker="o", label=self.rounds[0]["strategy"]
+        )
         if local_mean_accuracy is not None:
             ax2.axhline(local_mean_accuracy, color="gray", linestyle="--", label="local-only mean (final)")
         ax2.set(xlabel="round", ylabel="exact match", title="Held-out accuracy", ylim=(0, 1))
@@ -81,7 +83,9 @@ def comparison_table(fed: dict[str, float], local: dict[int, dict[str, float]], 
     """Markdown table: per domain, the federated model vs the local-only mean and each client."""
     keys = sorted(k for k in fed if k.startswith("accuracy/")) + ["accuracy"]
     clients = sorted(local)
-    head = f"| held-out exact match | {strategy} | local-only mean | " + " | ".join(f"local client {c}" for c in clients)
+    head = f"| held-out exact match | {strategy} | local-only mean | " + " | ".join(
+        f"local client {c}" for c in clients
+    )
     lines = [head + " |", "|" + "---|" * (3 + len(clients))]
     for k in keys:
         name = k.split("/", 1)[1] if "/" in k else "all domains"

@@ -36,7 +36,7 @@ def run_rounds(
     logged as a warning (Flower's strategies skip it silently).
     """
     for rnd in range(1, num_rounds + 1):
-        start = time.perf_counter()
+        start, started_at = time.perf_counter(), time.time()
         messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
         sent = arrays.count_bytes() * len(messages)
         replies = list(grid.send_and_receive(messages, timeout=timeout))
@@ -57,15 +57,33 @@ def run_rounds(
             "failed": len(messages) - len(ok),
             "failed_nodes": [m.metadata.src_node_id for m in replies if m.has_error()],
             "lr": strategy.learning_rate(rnd),
-            "train_loss": float(train_metrics["train_loss"]) if train_metrics and "train_loss" in train_metrics else None,
+            "train_loss": float(train_metrics["train_loss"])
+            if train_metrics and "train_loss" in train_metrics
+            else None,
             "bytes_sent": sent,
             "bytes_received": received,
         }
+        record.update(_client_timing(ok))
+        record["train_phase_seconds"] = time.perf_counter() - start
         if evaluate is not None:
+            eval_start = time.perf_counter()
             record.update(evaluate(arrays))
+            record["eval_seconds"] = time.perf_counter() - eval_start
         if after_round is not None:
             after_round(rnd, arrays)
         record["seconds"] = time.perf_counter() - start
+        record["started_at"] = started_at
         writer.log_round(record, metrics_path)
         print(format_round(record), flush=True)
     return arrays
+
+
+def _client_timing(replies: list[Any]) -> dict[str, float]:
+    """Sums of the clients' reported train and optimizer-step seconds, and their peak RSS."""
+    out = {"client_train_seconds": 0.0, "client_optimizer_seconds": 0.0, "client_peak_rss_mb": 0.0}
+    for m in replies:
+        metrics = m.content["metrics"]
+        out["client_train_seconds"] += float(metrics.get("train_seconds", 0.0))
+        out["client_optimizer_seconds"] += float(metrics.get("optimizer_seconds", 0.0))
+        out["client_peak_rss_mb"] = max(out["client_peak_rss_mb"], float(metrics.get("peak_rss_mb", 0.0)))
+    return out

@@ -63,13 +63,33 @@ class FederatedRun:
             set_adapter(self.model, from_record(arrays))
             self.writer.save_adapter(self.model, rnd)
 
+    def check_nodes(self, grid: Grid, wait_seconds: float = 60.0) -> None:
+        """Fail clearly if the federation has a different number of SuperNodes than num_clients."""
+        deadline = time.time() + wait_seconds
+        while len(nodes := list(grid.get_node_ids())) < self.cfg.num_clients and time.time() < deadline:
+            time.sleep(1.0)
+        if len(nodes) != self.cfg.num_clients:
+            raise ValueError(
+                f"{len(nodes)} SuperNodes are connected but num_clients={self.cfg.num_clients}; run with "
+                f'--federation-config "num-supernodes={self.cfg.num_clients}" (simulation), start '
+                f"{self.cfg.num_clients} SuperNodes, or set num_clients={len(nodes)}"
+            )
+
     def federated(self, grid: Grid) -> None:
+        self.check_nodes(grid)
         strategy = build_strategy(self.cfg)
         self.summary["initial"] = self.evaluate(self.initial)
         self.summary["startup_seconds"] = time.perf_counter() - self.started
         final = run_rounds(
-            grid, strategy, self.initial, self.cfg.num_rounds, self.cfg.round_timeout, self.writer,
-            phase=self.cfg.strategy.name, evaluate=self.evaluate, after_round=self.checkpoint,
+            grid,
+            strategy,
+            self.initial,
+            self.cfg.num_rounds,
+            self.cfg.round_timeout,
+            self.writer,
+            phase=self.cfg.strategy.name,
+            evaluate=self.evaluate,
+            after_round=self.checkpoint,
         )
         self.final = self.evaluate(final)
         self.summary["final"] = self.final
@@ -78,8 +98,14 @@ class FederatedRun:
         """Each client trains alone for the same rounds and steps; each adapter is evaluated."""
         strategy = LocalOnly(**strategy_kwargs(self.cfg))
         run_rounds(
-            grid, strategy, self.initial, self.cfg.num_rounds, self.cfg.round_timeout, self.writer,
-            phase="local", metrics_path="baseline_local/metrics.jsonl",
+            grid,
+            strategy,
+            self.initial,
+            self.cfg.num_rounds,
+            self.cfg.round_timeout,
+            self.writer,
+            phase="local",
+            metrics_path="baseline_local/metrics.jsonl",
         )
         self.local = {pid: self.evaluate(arrays) for pid, arrays in sorted(strategy.client_arrays.items())}
         keys = sorted({k for m in self.local.values() for k in m})

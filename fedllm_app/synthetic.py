@@ -21,13 +21,50 @@ from dataclasses import dataclass
 DOMAINS: tuple[str, ...] = ("reverse", "sentiment", "arithmetic", "units")
 
 WORDS = (
-    "red", "fox", "sun", "cat", "dog", "sky", "tree", "blue", "cold", "fast",
-    "moon", "rain", "fish", "bird", "lamp", "door", "milk", "rock", "star", "wind",
-    "gold", "salt", "ship", "road", "leaf", "wolf", "snow", "fire", "sand", "bell",
+    "red",
+    "fox",
+    "sun",
+    "cat",
+    "dog",
+    "sky",
+    "tree",
+    "blue",
+    "cold",
+    "fast",
+    "moon",
+    "rain",
+    "fish",
+    "bird",
+    "lamp",
+    "door",
+    "milk",
+    "rock",
+    "star",
+    "wind",
+    "gold",
+    "salt",
+    "ship",
+    "road",
+    "leaf",
+    "wolf",
+    "snow",
+    "fire",
+    "sand",
+    "bell",
 )
 SUBJECTS = (
-    "Stocks", "Shares", "Markets", "Profits", "Sales", "Exports", "Banks", "Bonds",
-    "Tech firms", "Retailers", "Airlines", "Miners",
+    "Stocks",
+    "Shares",
+    "Markets",
+    "Profits",
+    "Sales",
+    "Exports",
+    "Banks",
+    "Bonds",
+    "Tech firms",
+    "Retailers",
+    "Airlines",
+    "Miners",
 )
 # Keywords whose first letter already tells the class (g/b): learnable byte by byte.
 POSITIVE = ("gain", "grow", "glow", "gush")
@@ -93,22 +130,27 @@ def split_non_iid(
     if not 0.0 < dominance <= 1.0:
         raise ValueError(f"dataset.dominance={dominance} must be in (0, 1]; e.g. dataset.dominance=0.9")
     by_domain: dict[str, list[Example]] = {d: [r for r in rows if r.domain == d] for d in domains}
-    per_client = len(rows) // num_clients
-    own = round(per_client * dominance)
     others = len(domains) - 1
-    rest_each = (per_client - own) // others if others else 0
-    need: dict[str, int] = {d: 0 for d in domains}
-    for i in range(num_clients):
-        home = domains[i % len(domains)]
-        for d in domains:
-            need[d] += own if d == home else rest_each
-    short = {d: (need[d], len(by_domain[d])) for d in domains if need[d] > len(by_domain[d])}
-    if short or per_client == 0:
+    homes = {d: sum(domains[i % len(domains)] == d for i in range(num_clients)) for d in domains}
+
+    def shares(n: int) -> tuple[int, int]:
+        own = round(n * dominance)
+        return own, (n - own) // others if others else 0
+
+    def fits(n: int) -> bool:
+        own, rest = shares(n)
+        return all(homes[d] * own + (num_clients - homes[d]) * rest <= len(by_domain[d]) for d in domains)
+
+    # The largest equal client size whose domain mix the rows can supply.
+    per_client = len(rows) // num_clients
+    while per_client > 0 and not fits(per_client):
+        per_client -= 1
+    if per_client < 2:
         raise ValueError(
             f"the synthetic dataset ({len(rows)} rows) is too small for {num_clients} clients with "
-            f"dominance {dominance} (needed/available per domain: {short}); raise dataset.train_per_domain "
-            f"or lower num_clients"
+            f"dominance {dominance}; raise dataset.train_per_domain or lower num_clients"
         )
+    own, rest_each = shares(per_client)
     rng = random.Random(f"fedllm-split-{seed}")
     cursor = {d: 0 for d in domains}
     clients: list[list[Example]] = []

@@ -25,9 +25,7 @@ TEMPLATE_NAMES: tuple[str, ...] = ("alpaca", "vicuna", "chat")
 def check_template(name: str) -> None:
     """Raise a ValueError naming the valid templates if ``name`` is not one."""
     if name not in TEMPLATE_NAMES:
-        raise ValueError(
-            f"unknown template {name!r}; set training.template to one of {', '.join(TEMPLATE_NAMES)}"
-        )
+        raise ValueError(f"unknown template {name!r}; set training.template to one of {', '.join(TEMPLATE_NAMES)}")
 
 
 def to_prompt_completion(instruction: str, response: str, template: str) -> dict[str, Any]:

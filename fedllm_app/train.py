@@ -38,10 +38,10 @@ class _StepTimer:
         outer = self
 
         class _Cb(TrainerCallback):
-            def on_step_begin(self, args, state, control, **kw):  # noqa: ANN001, ANN003, ANN201
+            def on_step_begin(self, args, state, control, **kw) -> None:  # noqa: ANN001, ANN003, ANN201
                 outer.start = time.perf_counter()
 
-            def on_step_end(self, args, state, control, **kw):  # noqa: ANN001, ANN003, ANN201
+            def on_step_end(self, args, state, control, **kw) -> None:  # noqa: ANN001, ANN003, ANN201
                 outer.total += time.perf_counter() - outer.start
 
         self.total = 0.0
@@ -93,7 +93,9 @@ def sft_config(cfg: DictConfig, learning_rate: float, seed: int, output_dir: str
 _PROCESSED: dict[str, Any] = {}
 
 
-def _trainer(model: Any, tokenizer: Any, dataset: Any, cfg: DictConfig, lr: float, seed: int, tmp: str, **kw: Any) -> Any:
+def _trainer(
+    model: Any, tokenizer: Any, dataset: Any, cfg: DictConfig, lr: float, seed: int, tmp: str, **kw: Any
+) -> Any:
     from transformers.trainer_callback import PrinterCallback
     from trl import SFTTrainer
 
@@ -131,7 +133,9 @@ def processed_partition(model: Any, tokenizer: Any, rows: list[Row], cfg: DictCo
     return _PROCESSED[key]
 
 
-def train_round(model: Any, tokenizer: Any, dataset: Any, cfg: DictConfig, learning_rate: float, seed: int) -> TrainResult:
+def train_round(
+    model: Any, tokenizer: Any, dataset: Any, cfg: DictConfig, learning_rate: float, seed: int
+) -> TrainResult:
     """Train the model's adapter in place on a TRL-processed ``dataset`` for ``training.max_steps`` steps."""
     quiet_libraries()
     start = time.perf_counter()

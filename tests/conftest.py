@@ -63,12 +63,23 @@ class FlowerRunner:
             "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
         }
 
-    def run(self, overrides: str, num_supernodes: int = 2, timeout: int = 600) -> tuple[str, str]:
+    def run(
+        self,
+        overrides: str,
+        num_supernodes: int = 2,
+        timeout: int = 600,
+        federation_extra: str = "client-resources-num-cpus=1",
+    ) -> tuple[str, str]:
         """Run to completion; return (final status, output). Status comes from ``flwr ls``, not the exit code."""
         cmd = [
-            "flwr", "run", str(REPO), "--stream",
-            "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus=1",
-            "--run-config", f"overrides='{overrides}'",
+            "flwr",
+            "run",
+            str(REPO),
+            "--stream",
+            "--federation-config",
+            f"num-supernodes={num_supernodes} {federation_extra}",
+            "--run-config",
+            f"overrides='{overrides}'",
         ]
         out = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout, cwd=self.home)
         text = out.stdout + out.stderr
@@ -76,9 +87,13 @@ class FlowerRunner:
         assert match, f"flwr run did not start a run:\n{text[-3000:]}"
         ls = subprocess.run(
             ["flwr", "ls", "--run-id", match.group(1), "--format", "json"],
-            env=self.env, capture_output=True, text=True, timeout=60, cwd=self.home,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=self.home,
         )
-        payload = json.loads(ls.stdout[ls.stdout.index("{"):])
+        payload = json.loads(ls.stdout[ls.stdout.index("{") :])
         status = payload["runs"][0]["status"]
         return status, text
 

@@ -43,7 +43,7 @@ def test_unknown_strategy_lists_the_choices():
 
 
 def test_unknown_key_lists_valid_keys():
-    with pytest.raises(ConfigError, match=r"unknown config key 'traning\.lr'") as err:
+    with pytest.raises(ConfigError, match=r"unknown config key 'traning'") as err:
         load_config({"overrides": "traning.lr=1"})
     assert "num_rounds" in str(err.value)
 

@@ -69,16 +69,18 @@ def test_set_adapter_rejects_wrong_names_and_shapes(tiny):
 @pytest.mark.parametrize("template", TEMPLATE_NAMES)
 def test_loss_mask_covers_only_the_response(tiny, template):
     cfg, model, tok = tiny
-    cfg = load_config({"overrides": f"training.template={template}"})
+    # alpaca and vicuna preambles are ~150 bytes: byte-level tokens need a longer max_length.
+    cfg = load_config({"overrides": f"training.template={template} training.max_length=256"})
     rows = partition(cfg, 1)[:8]
     data = processed_partition(model, tok, rows, cfg, key=f"mask-{template}")
     assert len(data) == len(rows)
-    for row, ex in zip(rows, data):
-        ids, mask = ex["input_ids"], ex["completion_mask"]
-        masked = tok.decode([i for i, m in zip(ids, mask) if m])
+    for row, ex in zip(rows, data, strict=False):
+        # TRL stores the loss mask as labels: -100 on every token that carries no loss.
+        ids, mask = ex["input_ids"], [label != -100 for label in ex["labels"]]
+        masked = tok.decode([i for i, m in zip(ids, mask, strict=False) if m])
         assert masked.startswith(row["response"])
         assert masked.replace(tok.eos_token, "").strip() == row["response"]
-        prompt = tok.decode([i for i, m in zip(ids, mask) if not m])
+        prompt = tok.decode([i for i, m in zip(ids, mask, strict=False) if not m])
         assert row["instruction"] in prompt and row["response"] not in prompt.split(row["instruction"])[-1]
         assert row["domain"] in DOMAINS
 

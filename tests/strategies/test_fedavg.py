@@ -2,11 +2,20 @@
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedllm_app.model import from_record, to_record
 from strategies.fedavg import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, FedAvgLoRA
 from strategies.local import LocalOnly
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    """Flower stamps messages with the current run and node; outside a run, set them."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    yield
 
 
 def create_mock_reply(arrays: dict, num_examples: int, loss: float, pid: int = 0) -> Message:
@@ -53,7 +62,7 @@ def test_fedavg_unweighted_when_counts_are_equal():
 
 def test_configure_train_samples_clients_and_sends_round_lr():
     strategy = FedAvgLoRA(**KW)
-    arrays = ArrayRecord(to_record({"w": np.zeros(2, dtype=np.float32)}))
+    arrays = to_record({"w": np.zeros(2, dtype=np.float32)})
     msgs = list(strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid(4)))
     assert len(msgs) == 2 and len({m.metadata.dst_node_id for m in msgs}) == 2
     conf = msgs[0].content[CONFIG_KEY]

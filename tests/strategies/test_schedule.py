@@ -14,5 +14,5 @@ def test_cosine_schedule_matches_openfedllm_formula():
 
 def test_cosine_schedule_decreases_monotonically():
     lrs = [cosine_lr(r, 20, 1e-3, 1e-5) for r in range(1, 21)]
-    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert all(a > b for a, b in zip(lrs, lrs[1:], strict=False))
     assert lrs[-1] > 1e-5
