@@ -82,11 +82,6 @@ def round_indices(num_rows: int, cfg: DictConfig, server_round: int, partition_i
     return rng.sample(range(num_rows), n)
 
 
-def round_sample(rows: list[Row], cfg: DictConfig, server_round: int, partition_id: int) -> list[Row]:
-    """The rows of :func:`round_indices`."""
-    return [rows[i] for i in round_indices(len(rows), cfg, server_round, partition_id)]
-
-
 def to_trl(rows: list[Row], template: str) -> Any:
     """A ``datasets.Dataset`` in TRL's prompt/completion form."""
     from datasets import Dataset

@@ -29,12 +29,13 @@ def run_rounds(
     evaluate: EvalFn | None = None,
     after_round: RoundHook | None = None,
     metrics_path: str = "metrics.jsonl",
-) -> ArrayRecord:
-    """Train ``num_rounds`` rounds; return the final global arrays.
+) -> tuple[ArrayRecord, dict[str, float]]:
+    """Train ``num_rounds`` rounds; return the final global arrays and their last evaluation.
 
     A round in which no client replied leaves the global arrays unchanged and is
     logged as a warning (Flower's strategies skip it silently).
     """
+    last_eval: dict[str, float] = {}
     for rnd in range(1, num_rounds + 1):
         start, started_at = time.perf_counter(), time.time()
         messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
@@ -67,7 +68,8 @@ def run_rounds(
         record["train_phase_seconds"] = time.perf_counter() - start
         if evaluate is not None:
             eval_start = time.perf_counter()
-            record.update(evaluate(arrays))
+            last_eval = evaluate(arrays)
+            record.update(last_eval)
             record["eval_seconds"] = time.perf_counter() - eval_start
         if after_round is not None:
             after_round(rnd, arrays)
@@ -75,7 +77,7 @@ def run_rounds(
         record["started_at"] = started_at
         writer.log_round(record, metrics_path)
         print(format_round(record), flush=True)
-    return arrays
+    return arrays, last_eval
 
 
 def _client_timing(replies: list[Any]) -> dict[str, float]:

@@ -75,38 +75,25 @@ class FederatedRun:
                 f"{self.cfg.num_clients} SuperNodes, or set num_clients={len(nodes)}"
             )
 
+    def _rounds(self, grid: Grid, strategy: Any, **kwargs: Any) -> tuple[ArrayRecord, dict[str, float]]:
+        return run_rounds(
+            grid, strategy, self.initial, self.cfg.num_rounds, self.cfg.round_timeout, self.writer, **kwargs
+        )
+
     def federated(self, grid: Grid) -> None:
         self.check_nodes(grid)
         strategy = build_strategy(self.cfg)
         self.summary["initial"] = self.evaluate(self.initial)
         self.summary["startup_seconds"] = time.perf_counter() - self.started
-        final = run_rounds(
-            grid,
-            strategy,
-            self.initial,
-            self.cfg.num_rounds,
-            self.cfg.round_timeout,
-            self.writer,
-            phase=self.cfg.strategy.name,
-            evaluate=self.evaluate,
-            after_round=self.checkpoint,
+        _, self.final = self._rounds(
+            grid, strategy, phase=self.cfg.strategy.name, evaluate=self.evaluate, after_round=self.checkpoint
         )
-        self.final = self.evaluate(final)
         self.summary["final"] = self.final
 
     def local_baseline(self, grid: Grid) -> None:
         """Each client trains alone for the same rounds and steps; each adapter is evaluated."""
         strategy = LocalOnly(**strategy_kwargs(self.cfg))
-        run_rounds(
-            grid,
-            strategy,
-            self.initial,
-            self.cfg.num_rounds,
-            self.cfg.round_timeout,
-            self.writer,
-            phase="local",
-            metrics_path="baseline_local/metrics.jsonl",
-        )
+        self._rounds(grid, strategy, phase="local", metrics_path="baseline_local/metrics.jsonl")
         self.local = {pid: self.evaluate(arrays) for pid, arrays in sorted(strategy.client_arrays.items())}
         keys = sorted({k for m in self.local.values() for k in m})
         mean = {k: sum(m.get(k, 0.0) for m in self.local.values()) / len(self.local) for k in keys}

@@ -20,51 +20,12 @@ from dataclasses import dataclass
 
 DOMAINS: tuple[str, ...] = ("reverse", "sentiment", "arithmetic", "units")
 
-WORDS = (
-    "red",
-    "fox",
-    "sun",
-    "cat",
-    "dog",
-    "sky",
-    "tree",
-    "blue",
-    "cold",
-    "fast",
-    "moon",
-    "rain",
-    "fish",
-    "bird",
-    "lamp",
-    "door",
-    "milk",
-    "rock",
-    "star",
-    "wind",
-    "gold",
-    "salt",
-    "ship",
-    "road",
-    "leaf",
-    "wolf",
-    "snow",
-    "fire",
-    "sand",
-    "bell",
+WORDS = tuple(
+    "red fox sun cat dog sky tree blue cold fast moon rain fish bird lamp "
+    "door milk rock star wind gold salt ship road leaf wolf snow fire sand bell".split()
 )
-SUBJECTS = (
-    "Stocks",
-    "Shares",
-    "Markets",
-    "Profits",
-    "Sales",
-    "Exports",
-    "Banks",
-    "Bonds",
-    "Tech firms",
-    "Retailers",
-    "Airlines",
-    "Miners",
+SUBJECTS = tuple(
+    "Stocks,Shares,Markets,Profits,Sales,Exports,Banks,Bonds,Tech firms,Retailers,Airlines,Miners".split(",")
 )
 # Keywords whose first letter already tells the class (g/b): learnable byte by byte.
 POSITIVE = ("gain", "grow", "glow", "gush")

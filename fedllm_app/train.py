@@ -107,7 +107,7 @@ def _trainer(
 
 
 def processed_partition(model: Any, tokenizer: Any, rows: list[Row], cfg: DictConfig, key: str) -> Any:
-    """``rows`` tokenised by TRL (input_ids + completion_mask), once per ``key`` and process.
+    """``rows`` tokenised by TRL (``input_ids``, and ``labels`` at -100 outside the response), once per ``key``.
 
     TRL drops rows whose completion is cut off by ``training.max_length``; they are
     counted and reported here instead of vanishing.

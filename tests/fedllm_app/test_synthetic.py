@@ -56,7 +56,7 @@ def test_dataset_too_small_for_partitioning_fails_with_the_fix():
         data.partition(cfg, 0)
 
 
-def test_round_sample_is_openfedllm_sized_and_round_dependent():
+def test_round_indices_are_openfedllm_sized_and_round_dependent():
     cfg = load_config({})
     rows = data.partition(cfg, 0)
     n = cfg.training.batch_size * cfg.training.grad_accum * cfg.training.max_steps
