@@ -44,14 +44,20 @@ def main() -> None:
             kill_flower_processes(str(home))
         assert status == "finished:completed", log[-2000:]
         rounds = [json.loads(x) for x in (out / "bench" / "metrics.jsonl").read_text().splitlines()]
+        summary = json.loads((out / "bench" / "summary.json").read_text())
     later = rounds[1:] or rounds  # round 1 includes each worker's one-off model load
     train = [r["train_phase_seconds"] for r in later]
     opt = [r["client_optimizer_seconds"] for r in later]
     ratio = statistics.mean(t / o for t, o in zip(train, opt, strict=False))
     print("| figure | value |\n|---|---|")
     print(f"| start-up: `flwr run` launch to round 1 start | {rounds[0]['started_at'] - launched:.1f} s |")
+    print(
+        f"| of which: ServerApp start to round 1 (config, model, initial eval) | {summary['startup_seconds']:.1f} s |"
+    )
     print(f"| round 1 training phase (includes model load in each worker) | {rounds[0]['train_phase_seconds']:.2f} s |")
     print(f"| later rounds: training phase (mean) | {statistics.mean(train):.2f} s |")
+    client_train = statistics.mean(r["client_train_seconds"] for r in later)
+    print(f"| later rounds: clients' whole train calls (sum, mean) | {client_train:.2f} s |")
     print(f"| later rounds: clients' optimizer steps (sum, mean) | {statistics.mean(opt):.2f} s |")
     print(f"| ratio training phase / optimizer steps | {ratio:.2f} |")
     evals = statistics.mean(r.get("eval_seconds", 0) for r in later)

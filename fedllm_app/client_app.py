@@ -11,7 +11,7 @@ from flwr.clientapp import ClientApp
 from fedllm_app.config import cfg_key, load_config
 from fedllm_app.data import partition, round_indices
 from fedllm_app.model import from_record, get_adapter, get_model, set_adapter, to_record
-from fedllm_app.train import processed_partition, train_round
+from fedllm_app.train import client_trainer
 from strategies.fedavg import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
 from strategies.local import PARTITION_KEY
 
@@ -31,9 +31,9 @@ def train(msg: Message, context: Context) -> Message:
     model, tokenizer = get_model(cfg.model, cfg.seed)
     start = context.state.get(LOCAL_STATE_KEY) if local else None
     set_adapter(model, from_record(start if start is not None else msg.content[ARRAYS_KEY]))
-    data = processed_partition(model, tokenizer, partition(cfg, pid), cfg, key=f"client {pid} ({cfg_key(cfg)})")
-    rows = data.select(round_indices(len(data), cfg, rnd, pid))
-    result = train_round(model, tokenizer, rows, cfg, float(conf["lr"]), seed=cfg.seed * 100_003 + rnd)
+    trainer = client_trainer(model, tokenizer, partition(cfg, pid), cfg, key=f"client {pid} ({cfg_key(cfg)})")
+    indices = round_indices(len(trainer.dataset), cfg, rnd, pid)
+    result = trainer.train_round(indices, float(conf["lr"]), seed=cfg.seed * 100_003 + rnd)
     arrays = to_record(get_adapter(model))
     if local:
         context.state[LOCAL_STATE_KEY] = arrays

@@ -115,6 +115,7 @@ def validate(cfg: DictConfig) -> None:
     )
     _check(cfg.save_every >= 1, f"save_every={cfg.save_every} must be at least 1; e.g. save_every=5")
     _check(cfg.round_timeout > 0, f"round_timeout={cfg.round_timeout} must be positive (seconds)")
+    _check(cfg.poll_interval > 0, f"poll_interval={cfg.poll_interval} must be positive (seconds); e.g. 0.05")
     _check(cfg.baseline in BASELINES, f"baseline={cfg.baseline!r} is not one of {', '.join(BASELINES)}")
     _check(bool(cfg.strategy.get("name")), "strategy.name is missing; every strategy file must set name")
     t = cfg.training

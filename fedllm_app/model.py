@@ -130,16 +130,16 @@ def get_adapter(model: Any) -> dict[str, np.ndarray]:
 
 def set_adapter(model: Any, arrays: dict[str, np.ndarray]) -> None:
     """Load adapter weights into the model; the names and shapes must match exactly."""
-    from peft import set_peft_model_state_dict
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-    current = get_adapter(model)
+    current = get_peft_model_state_dict(model)  # tensors, no copies: only names and shapes are compared
     missing = sorted(set(current) - set(arrays))
     unexpected = sorted(set(arrays) - set(current))
     if missing or unexpected:
         raise ValueError(f"adapter arrays do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     for k, v in arrays.items():
-        if v.shape != current[k].shape:
-            raise ValueError(f"adapter array {k!r} has shape {v.shape}, the model expects {current[k].shape}")
+        if tuple(v.shape) != tuple(current[k].shape):
+            raise ValueError(f"adapter array {k!r} has shape {v.shape}, the model expects {tuple(current[k].shape)}")
     set_peft_model_state_dict(model, {k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()})
 
 

@@ -77,7 +77,14 @@ class FederatedRun:
 
     def _rounds(self, grid: Grid, strategy: Any, **kwargs: Any) -> tuple[ArrayRecord, dict[str, float]]:
         return run_rounds(
-            grid, strategy, self.initial, self.cfg.num_rounds, self.cfg.round_timeout, self.writer, **kwargs
+            grid,
+            strategy,
+            self.initial,
+            self.cfg.num_rounds,
+            self.cfg.round_timeout,
+            self.writer,
+            poll_interval=self.cfg.poll_interval,
+            **kwargs,
         )
 
     def federated(self, grid: Grid) -> None:

@@ -8,7 +8,7 @@ from fedllm_app.data import partition, round_indices
 from fedllm_app.model import get_adapter, get_model, load_count, set_adapter
 from fedllm_app.synthetic import DOMAINS
 from fedllm_app.templates import TEMPLATE_NAMES
-from fedllm_app.train import processed_partition, train_round
+from fedllm_app.train import client_trainer
 
 pytestmark = pytest.mark.slow
 
@@ -22,9 +22,8 @@ def tiny():
 
 def _one_round(cfg, model, tokenizer, start, rnd=1, pid=0):
     set_adapter(model, start)
-    data = processed_partition(model, tokenizer, partition(cfg, pid), cfg, key=f"test-{pid}-{cfg.training.template}")
-    rows = data.select(round_indices(len(data), cfg, rnd, pid))
-    result = train_round(model, tokenizer, rows, cfg, 5e-3, seed=rnd)
+    trainer = client_trainer(model, tokenizer, partition(cfg, pid), cfg, key=f"test-{pid}-{cfg.training.template}")
+    result = trainer.train_round(round_indices(len(trainer.dataset), cfg, rnd, pid), 5e-3, seed=rnd)
     return result, get_adapter(model)
 
 
@@ -72,7 +71,7 @@ def test_loss_mask_covers_only_the_response(tiny, template):
     # alpaca and vicuna preambles are ~150 bytes: byte-level tokens need a longer max_length.
     cfg = load_config({"overrides": f"training.template={template} training.max_length=256"})
     rows = partition(cfg, 1)[:8]
-    data = processed_partition(model, tok, rows, cfg, key=f"mask-{template}")
+    data = client_trainer(model, tok, rows, cfg, key=f"mask-{template}").dataset
     assert len(data) == len(rows)
     for row, ex in zip(rows, data, strict=False):
         # TRL stores the loss mask as labels: -100 on every token that carries no loss.
@@ -90,9 +89,27 @@ def test_rows_longer_than_max_length_are_counted_not_silently_dropped(tiny, caps
     cfg = load_config({"overrides": "training.template=alpaca training.max_length=40"})
     rows = partition(cfg, 0)[:10]
     with pytest.raises(ValueError, match="no row fits training.max_length=40"):
-        processed_partition(model, tok, rows, cfg, key="too-long")
+        client_trainer(model, tok, rows, cfg, key="too-long")
     cfg = load_config({"overrides": "training.template=chat training.max_length=48"})
     long_rows = [{**rows[0], "instruction": "x" * 200}] + rows[1:4]
-    data = processed_partition(model, tok, long_rows, cfg, key="some-too-long")
+    data = client_trainer(model, tok, long_rows, cfg, key="some-too-long").dataset
     assert len(data) == 3
     assert "1 of 4 rows dropped" in capsys.readouterr().out
+
+
+def test_a_reused_trainer_trains_exactly_like_a_fresh_one(tiny):
+    """No optimizer state or seed carries over between rounds of one ClientTrainer."""
+    cfg, model, tok = tiny
+    start = get_adapter(model)
+    rows = partition(cfg, 2)
+    reused = client_trainer(model, tok, rows, cfg, key="reuse-a")
+    set_adapter(model, start)
+    reused.train_round(round_indices(len(reused.dataset), cfg, 1, 2), 5e-3, seed=1)
+    set_adapter(model, start)
+    reused.train_round(round_indices(len(reused.dataset), cfg, 2, 2), 1e-3, seed=2)
+    after_reuse = get_adapter(model)
+    fresh = client_trainer(model, tok, rows, cfg, key="reuse-b")
+    set_adapter(model, start)
+    fresh.train_round(round_indices(len(fresh.dataset), cfg, 2, 2), 1e-3, seed=2)
+    after_fresh = get_adapter(model)
+    assert all(np.array_equal(after_reuse[k], after_fresh[k]) for k in start)
