@@ -12,7 +12,8 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedllm_app.outputs import RunWriter, format_round
-from strategies.fedavg import ARRAYS_KEY
+from strategies.fedavg import ARRAYS_KEY, METRICS_KEY
+from strategies.local import PARTITION_KEY
 
 EvalFn = Callable[[ArrayRecord], dict[str, float]]
 RoundHook = Callable[[int, ArrayRecord], None]
@@ -41,7 +42,7 @@ def run_rounds(
         start, started_at = time.perf_counter(), time.time()
         messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
         sent = arrays.count_bytes() * len(messages)
-        replies = send_and_receive(grid, messages, timeout, poll_interval)
+        replies = _in_client_order(send_and_receive(grid, messages, timeout, poll_interval))
         ok = [m for m in replies if not m.has_error()]
         received = sum(m.content[ARRAYS_KEY].count_bytes() for m in ok)
         new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
@@ -100,11 +101,24 @@ def send_and_receive(grid: Grid, messages: list[Message], timeout: float, poll_i
     return replies
 
 
+def _in_client_order(replies: list[Message]) -> list[Message]:
+    """Replies sorted by the client's partition id (errors last), so the floating-point sums of
+    the aggregation do not depend on the order in which clients finished.
+    """
+
+    def key(m: Message) -> tuple[int, int]:
+        if m.has_error():
+            return (1, m.metadata.src_node_id)
+        return (0, int(m.content[METRICS_KEY].get(PARTITION_KEY, m.metadata.src_node_id)))
+
+    return sorted(replies, key=key)
+
+
 def _client_timing(replies: list[Any]) -> dict[str, float]:
     """Sums of the clients' reported train and optimizer-step seconds, and their peak RSS."""
     out = {"client_train_seconds": 0.0, "client_optimizer_seconds": 0.0, "client_peak_rss_mb": 0.0}
     for m in replies:
-        metrics = m.content["metrics"]
+        metrics = m.content[METRICS_KEY]
         out["client_train_seconds"] += float(metrics.get("train_seconds", 0.0))
         out["client_optimizer_seconds"] += float(metrics.get("optimizer_seconds", 0.0))
         out["client_peak_rss_mb"] = max(out["client_peak_rss_mb"], float(metrics.get("peak_rss_mb", 0.0)))

@@ -67,7 +67,7 @@ class FederatedRun:
         """Fail clearly if the federation has a different number of SuperNodes than num_clients."""
         deadline = time.time() + wait_seconds
         while len(nodes := list(grid.get_node_ids())) < self.cfg.num_clients and time.time() < deadline:
-            time.sleep(1.0)
+            time.sleep(0.1)
         if len(nodes) != self.cfg.num_clients:
             raise ValueError(
                 f"{len(nodes)} SuperNodes are connected but num_clients={self.cfg.num_clients}; run with "

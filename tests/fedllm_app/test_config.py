@@ -32,9 +32,11 @@ def test_run_config_overrides_reach_hydra():
     assert (cfg.seed, cfg.num_rounds, cfg.model.name) == (7, 3, "builtin:tiny")
 
 
-def test_empty_run_config_gives_defaults():
-    cfg = load_config({})
-    assert cfg.num_rounds == 10 and cfg.training.template == "chat"
+def test_empty_run_config_gives_the_yaml_defaults():
+    with initialize_config_dir(version_base=None, config_dir=str(CONF)):
+        expected = compose(config_name="config")
+    assert load_config({}) == expected
+    assert load_config({"overrides": ""}) == expected
 
 
 def test_unknown_strategy_lists_the_choices():
