@@ -13,13 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from conftest import FlowerRunner, kill_flower_processes  # noqa: E402
+from fedllm_app.flower_cli import FlowerRunner, kill_flower_processes
 
 
 def main() -> None:

@@ -59,6 +59,11 @@ def all_partitions(cfg: DictConfig) -> list[list[Row]]:
     return [list(p) for p in parts]
 
 
+def pooled(cfg: DictConfig) -> list[Row]:
+    """Every client's rows together (the centralised baseline's data; simulation only)."""
+    return [r for p in all_partitions(cfg) for r in p]
+
+
 def heldout(cfg: DictConfig) -> list[Row]:
     """The server's held-out split."""
     return list(_load(cfg)[1])
@@ -69,11 +74,13 @@ def examples_per_round(cfg: DictConfig) -> int:
     return t.batch_size * t.grad_accum * t.max_steps
 
 
-def round_indices(num_rows: int, cfg: DictConfig, server_round: int, partition_id: int) -> list[int]:
+def round_indices(
+    num_rows: int, cfg: DictConfig, server_round: int, partition_id: int, multiplier: int = 1
+) -> list[int]:
     """OpenFedLLM's scheme: ``batch_size x grad_accum x max_steps`` row indices drawn without
     replacement, seeded by (seed, round, client); all rows, shuffled, if fewer.
     """
-    n = examples_per_round(cfg)
+    n = examples_per_round(cfg) * multiplier
     rng = random.Random(f"{cfg.seed}-{server_round}-{partition_id}")
     if num_rows <= n:
         picked = list(range(num_rows))

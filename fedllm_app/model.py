@@ -141,15 +141,3 @@ def set_adapter(model: Any, arrays: dict[str, np.ndarray]) -> None:
         if tuple(v.shape) != tuple(current[k].shape):
             raise ValueError(f"adapter array {k!r} has shape {v.shape}, the model expects {tuple(current[k].shape)}")
     set_peft_model_state_dict(model, {k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()})
-
-
-def to_record(arrays: dict[str, np.ndarray]) -> Any:
-    """Named numpy arrays -> Flower ArrayRecord (names kept)."""
-    from flwr.app import Array, ArrayRecord
-
-    return ArrayRecord({k: Array.from_numpy_ndarray(np.ascontiguousarray(v)) for k, v in arrays.items()})
-
-
-def from_record(record: Any) -> dict[str, np.ndarray]:
-    """Flower ArrayRecord -> named numpy arrays."""
-    return {k: v.numpy() for k, v in record.items()}

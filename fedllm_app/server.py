@@ -8,15 +8,18 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from evaluation.heldout import evaluate_adapter
 from fedllm_app import data
-from fedllm_app.model import from_record, get_adapter, get_model, set_adapter, to_record
+from fedllm_app.config import ConfigError
+from fedllm_app.model import get_adapter, get_model, set_adapter
 from fedllm_app.outputs import RunWriter, comparison_table
 from fedllm_app.rounds import run_rounds
 from strategies.local import LocalOnly
+from strategies.records import from_record, to_record
 
 
 def strategy_kwargs(cfg: DictConfig) -> dict[str, Any]:
@@ -30,9 +33,17 @@ def strategy_kwargs(cfg: DictConfig) -> dict[str, Any]:
 
 
 def build_strategy(cfg: DictConfig) -> Any:
-    """Instantiate ``cfg.strategy`` through its ``_target_`` (``name`` is only a label)."""
+    """Instantiate ``cfg.strategy`` through its ``_target_`` (``name`` is only a label).
+
+    Hyperparameters are validated by each strategy's dataclass; a bad value raises a
+    ConfigError that names it.
+    """
     params = {k: v for k, v in OmegaConf.to_container(cfg.strategy, resolve=True).items() if k != "name"}
-    return instantiate(params, **strategy_kwargs(cfg))
+    try:
+        return instantiate(params, **strategy_kwargs(cfg))
+    except InstantiationException as err:
+        cause = err.__cause__ if isinstance(err.__cause__, ValueError) else err
+        raise ConfigError(f"strategy={cfg.strategy.name}: {cause}") from None
 
 
 class FederatedRun:
@@ -41,10 +52,12 @@ class FederatedRun:
     def __init__(self, cfg: DictConfig, started: float) -> None:
         self.cfg = cfg
         self.started = started
+        self.strategy = build_strategy(cfg)  # validates the hyperparameters before anything is loaded
         if cfg.training.num_threads:
             torch.set_num_threads(cfg.training.num_threads)
         self.writer = RunWriter(cfg)
         print(f"[fedllm] run '{self.writer.dir.name}': outputs in {self.writer.dir}", flush=True)
+        print(f"[fedllm] strategy: {self.strategy.describe()}", flush=True)
         self.model, self.tokenizer = get_model(cfg.model, cfg.seed)
         self.initial = to_record(get_adapter(self.model))
         self.test = data.heldout(cfg)
@@ -88,23 +101,31 @@ class FederatedRun:
         )
 
     def federated(self, grid: Grid) -> None:
+        """The configured strategy's rounds; for ``strategy=local`` the final metrics are the clients' mean."""
         self.check_nodes(grid)
-        strategy = build_strategy(self.cfg)
         self.summary["initial"] = self.evaluate(self.initial)
         self.summary["startup_seconds"] = time.perf_counter() - self.started
-        _, self.final = self._rounds(
-            grid, strategy, phase=self.cfg.strategy.name, evaluate=self.evaluate, after_round=self.checkpoint
-        )
+        if isinstance(self.strategy, LocalOnly):
+            self.final = self._local_rounds(grid, self.strategy, self.cfg.strategy.name, "metrics.jsonl")
+        else:
+            _, self.final = self._rounds(
+                grid, self.strategy, phase=self.cfg.strategy.name, evaluate=self.evaluate, after_round=self.checkpoint
+            )
         self.summary["final"] = self.final
 
     def local_baseline(self, grid: Grid) -> None:
-        """Each client trains alone for the same rounds and steps; each adapter is evaluated."""
-        strategy = LocalOnly(**strategy_kwargs(self.cfg))
-        self._rounds(grid, strategy, phase="local", metrics_path="baseline_local/metrics.jsonl")
+        """Each client trains alone for the same rounds and steps (skipped when that is the main run)."""
+        if not isinstance(self.strategy, LocalOnly):
+            self._local_rounds(grid, LocalOnly(**strategy_kwargs(self.cfg)), "local", "baseline_local/metrics.jsonl")
+
+    def _local_rounds(self, grid: Grid, strategy: LocalOnly, phase: str, metrics_path: str) -> dict[str, float]:
+        """Run local-only rounds, evaluate every client's adapter; return (and record) their mean."""
+        self._rounds(grid, strategy, phase=phase, metrics_path=metrics_path)
         self.local = {pid: self.evaluate(arrays) for pid, arrays in sorted(strategy.client_arrays.items())}
         keys = sorted({k for m in self.local.values() for k in m})
         mean = {k: sum(m.get(k, 0.0) for m in self.local.values()) / len(self.local) for k in keys}
         self.summary["baseline_local"] = {"mean": mean, "clients": {str(k): v for k, v in self.local.items()}}
+        return mean
 
     def finish(self) -> None:
         mean_acc = self.summary.get("baseline_local", {}).get("mean", {}).get("accuracy")

@@ -18,6 +18,8 @@ import torch
 from omegaconf import DictConfig
 
 from fedllm_app.data import Row, to_trl
+from fedllm_app.fed_terms import GradientTerms
+from strategies.aggregation import Arrays
 
 
 @dataclass
@@ -114,11 +116,18 @@ class ClientTrainer:
     def __init__(self, model: Any, tokenizer: Any, rows: list[Row], cfg: DictConfig, name: str) -> None:
         quiet_libraries()
         self.timer = _StepTimer()
+        self.terms = GradientTerms()
         self.output_dir = tempfile.mkdtemp(prefix="fedllm-trainer-")
         self.trainer = _trainer(
-            model, tokenizer, to_trl(rows, cfg.training.template), cfg, self.output_dir, callbacks=[self.timer.callback]
+            model,
+            tokenizer,
+            to_trl(rows, cfg.training.template),
+            cfg,
+            self.output_dir,
+            callbacks=[self.timer.callback, self.terms.callback()],
         )
         self.dataset = self.trainer.train_dataset
+        self.max_steps = cfg.training.max_steps
         dropped = len(rows) - len(self.dataset)
         if dropped:
             print(
@@ -133,13 +142,26 @@ class ClientTrainer:
         gc.collect()
         gc.freeze()
 
-    def train_round(self, indices: list[int], learning_rate: float, seed: int) -> TrainResult:
-        """Train the model's adapter in place on the rows ``indices`` for ``training.max_steps`` steps."""
+    def train_round(
+        self,
+        indices: list[int],
+        learning_rate: float,
+        seed: int,
+        mu: float = 0.0,
+        correction: Arrays | None = None,
+        max_steps: int | None = None,
+    ) -> TrainResult:
+        """Train the model's adapter in place on the rows ``indices`` for ``training.max_steps`` steps.
+
+        ``mu`` (FedProx) and ``correction`` (SCAFFOLD's ``c - c_i``) act on the gradients.
+        """
         start = time.perf_counter()
         trainer = self.trainer
+        self.terms.start_round(trainer.model, mu, correction)
         trainer.train_dataset = self.dataset.select(indices)
         trainer.args.learning_rate = learning_rate
         trainer.args.seed = trainer.args.data_seed = seed
+        trainer.args.max_steps = max_steps or self.max_steps
         trainer.optimizer, trainer.lr_scheduler = None, None
         self.timer.total = 0.0
         out = trainer.train()

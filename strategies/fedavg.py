@@ -15,6 +15,8 @@ MetricRecord ``metrics`` with ``num-examples`` and ``train_loss``.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import asdict
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
@@ -32,6 +34,7 @@ class FedAvgLoRA(FedAvg):
     """FedAvg with ``sample_clients`` of ``num_clients`` per round and a cosine lr across rounds."""
 
     mode = "federated"
+    params: Any = None  # the algorithm's validated hyperparameter dataclass, if it has any
 
     def __init__(
         self,
@@ -51,9 +54,22 @@ class FedAvgLoRA(FedAvg):
             arrayrecord_key=ARRAYS_KEY,
             configrecord_key=CONFIG_KEY,
         )
-        self.sample_clients = sample_clients
+        self.num_clients, self.sample_clients = num_clients, sample_clients
         self.num_rounds = num_rounds
         self.lr_max, self.lr_min = lr_max, lr_min
+
+    def state_dict(self) -> dict[str, Any]:
+        """Server-side state to save for resuming (FedAvg has none)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, got keys {sorted(state)}")
+
+    def describe(self) -> str:
+        """One line with the algorithm and its hyperparameters, for the run log."""
+        params = asdict(self.params) if self.params is not None else {}
+        return f"{type(self).__name__} {params} sampling {self.sample_clients}/{self.num_clients} clients per round"
 
     def learning_rate(self, server_round: int) -> float:
         return cosine_lr(server_round, self.num_rounds, self.lr_max, self.lr_min)

@@ -55,3 +55,28 @@ def test_bad_override_fails_the_run_with_the_message(flower, tmp_path):
     status, log = flower.run(f"strategy=nope output_dir={tmp_path}", num_supernodes=2, timeout=300)
     assert status == "finished:failed"
     assert "unknown strategy 'nope'" in log
+
+
+@pytest.mark.parametrize(
+    "name", ["fedprox", "scaffold", "fedavgm", "fedadagrad", "fedyogi", "fedadam", "local", "central"]
+)
+def test_every_algorithm_runs_two_rounds_through_flower(flower, tmp_path, name):
+    out = tmp_path / "outputs"
+    overrides = (
+        f"strategy={name} num_rounds=2 num_clients=2 sample_clients=2 training.max_steps=3 baseline=none "
+        f"dataset.test_per_domain=5 output_dir={out} run_name={name}"
+    )
+    status, log = flower.run(overrides, num_supernodes=2)
+    assert status == "finished:completed", log[-3000:]
+    lines = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
+    nodes = 1 if name == "central" else 2  # central trains the pooled data on one node
+    assert [(r["round"], r["replied"], r["failed"]) for r in lines] == [(1, nodes, 0), (2, nodes, 0)]
+    if name == "local":
+        summary = json.loads((out / name / "summary.json").read_text())
+        assert set(summary["baseline_local"]["clients"]) == {"0", "1"}
+        assert summary["final"] == summary["baseline_local"]["mean"]
+        return
+    from safetensors.numpy import load_file
+
+    saved = load_file(out / name / "checkpoints" / "round-2" / "adapter_model.safetensors")
+    assert all(np.abs(v).max() > 0 for k, v in saved.items() if "lora_B" in k), "the global adapter did not move"

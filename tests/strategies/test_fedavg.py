@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedllm_app.model import from_record, to_record
 from strategies.fedavg import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, FedAvgLoRA
 from strategies.local import LocalOnly
+from strategies.records import from_record, to_record
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,96 @@
+"""One client round, whatever the algorithm: what the ClientApp's entry point calls.
+
+The server's train config says what to do (:class:`RoundPlan`): the round and its
+learning rate, ``mode`` (federated, local-only or central), FedProx's ``mu`` and the
+central baseline's step multiplier; SCAFFOLD's control variate travels as an extra
+ArrayRecord. The same path serves every strategy.
+"""
+
+from __future__ import annotations
+
+import resource
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from flwr.app import Message, MetricRecord, RecordDict
+from omegaconf import DictConfig
+
+from fedllm_app.config import cfg_key
+from fedllm_app.data import partition, pooled, round_indices
+from fedllm_app.fed_terms import ScaffoldClient
+from fedllm_app.model import get_adapter, get_model, set_adapter
+from fedllm_app.train import ClientTrainer, client_trainer
+from strategies.central import STEPS_MULTIPLIER_KEY
+from strategies.fedavg import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
+from strategies.fedprox import PROXIMAL_MU_KEY
+from strategies.local import PARTITION_KEY
+from strategies.records import from_record, to_record
+from strategies.scaffold import C_DELTA_KEY
+
+LOCAL_STATE_KEY = "local-adapter"
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """The round's instructions from the server's train config."""
+
+    server_round: int
+    lr: float
+    mode: str = "federated"
+    mu: float = 0.0
+    multiplier: int = 1
+
+    @classmethod
+    def from_message(cls, msg: Message) -> RoundPlan:
+        conf = msg.content[CONFIG_KEY]
+        return cls(
+            server_round=int(conf["server-round"]),
+            lr=float(conf["lr"]),
+            mode=str(conf.get("mode", "federated")),
+            mu=float(conf.get(PROXIMAL_MU_KEY, 0.0)),
+            multiplier=int(conf.get(STEPS_MULTIPLIER_KEY, 1)),
+        )
+
+
+def _trainer(cfg: DictConfig, pid: int, plan: RoundPlan, model: Any, tokenizer: Any) -> ClientTrainer:
+    central = plan.mode == "central"
+    rows, name = (pooled(cfg), "pooled data") if central else (partition(cfg, pid), f"client {pid}")
+    return client_trainer(model, tokenizer, rows, cfg, key=f"{name} ({cfg_key(cfg)})")
+
+
+def train_one_round(cfg: DictConfig, pid: int, msg: Message, state: Any) -> RecordDict:
+    """Load the adapter to start from, train this round, and build the reply's content."""
+    if cfg.training.num_threads:
+        torch.set_num_threads(cfg.training.num_threads)
+    plan = RoundPlan.from_message(msg)
+    model, tokenizer = get_model(cfg.model, cfg.seed)
+    global_ = from_record(msg.content[ARRAYS_KEY])
+    kept = state.get(LOCAL_STATE_KEY) if plan.mode == "local" else None
+    set_adapter(model, from_record(kept) if kept is not None else global_)
+    trainer = _trainer(cfg, pid, plan, model, tokenizer)
+    scaffold = ScaffoldClient.from_message(msg, state, global_)
+    result = trainer.train_round(
+        round_indices(len(trainer.dataset), cfg, plan.server_round, pid, plan.multiplier),
+        plan.lr,
+        seed=cfg.seed * 100_003 + plan.server_round,
+        mu=plan.mu,
+        correction=scaffold.correction() if scaffold else None,
+        max_steps=cfg.training.max_steps * plan.multiplier,
+    )
+    trained = get_adapter(model)
+    arrays = to_record(trained)
+    if plan.mode == "local":
+        state[LOCAL_STATE_KEY] = arrays
+    metrics = {
+        NUM_EXAMPLES_KEY: result.num_examples,
+        "train_loss": result.loss,
+        PARTITION_KEY: pid,
+        "train_seconds": result.seconds,
+        "optimizer_seconds": result.optimizer_seconds,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    content = RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: MetricRecord(metrics)})
+    if scaffold:
+        content[C_DELTA_KEY] = scaffold.finish(trained, result.steps, plan.lr)
+    return content

@@ -1,0 +1,113 @@
+"""Algorithm terms applied to the client's gradients, shared by every trainer (SFT, DPO).
+
+FedProx's proximal term and SCAFFOLD's control-variate correction both act on the
+gradients of the trainable (LoRA) parameters right before each optimizer step
+(after gradient clipping, so neither is distorted by the clip):
+
+- FedProx: the gradient of ``mu/2 ||theta - theta_global||^2`` is ``mu (theta - theta_global)``;
+- SCAFFOLD: ``g <- g + (c - c_i)`` (applied to the gradient, not after the optimizer's update).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from strategies.aggregation import Arrays, scaffold_client_control
+from strategies.records import from_record, to_record
+from strategies.scaffold import C_SERVER_KEY
+
+
+def proximal_grad(param: torch.Tensor, anchor: torch.Tensor, mu: float) -> torch.Tensor:
+    """Gradient of ``mu/2 ||param - anchor||^2``."""
+    return mu * (param.detach() - anchor)
+
+
+def trainable(model: Any) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def adapter_key(param_name: str, adapter: str = "default") -> str:
+    """PEFT's saved name of a LoRA parameter (the adapter name dropped), as the arrays that travel use."""
+    return param_name.replace(f".{adapter}.", ".")
+
+
+class GradientTerms:
+    """Adds the round's FedProx and SCAFFOLD terms to the gradients before each optimizer step.
+
+    :meth:`callback` wraps it as a ``TrainerCallback``. (transformers is imported only
+    there: importing it when the app module loads raced with the ServerApp's own
+    imports in Flower's simulation process.)
+    """
+
+    def __init__(self) -> None:
+        self.params: dict[str, torch.nn.Parameter] = {}
+        self.anchor: dict[str, torch.Tensor] = {}
+        self.mu = 0.0
+        self.correction: dict[str, torch.Tensor] | None = None
+
+    def start_round(self, model: Any, mu: float = 0.0, correction: dict[str, np.ndarray] | None = None) -> None:
+        """Snapshot the global (round-start) parameters; set this round's terms.
+
+        ``correction`` is keyed like the adapter arrays (:func:`adapter_key`).
+        """
+        self.params = trainable(model)
+        self.mu = mu
+        self.anchor = {n: p.detach().clone() for n, p in self.params.items()} if mu else {}
+        self.correction = (
+            None
+            if correction is None
+            else {n: torch.from_numpy(correction[adapter_key(n)]).to(p.device) for n, p in self.params.items()}
+        )
+
+    def callback(self) -> Any:
+        from transformers import TrainerCallback
+
+        terms = self
+
+        class _Terms(TrainerCallback):
+            def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                terms.apply()
+
+        return _Terms()
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        for name, p in self.params.items():
+            if p.grad is None:
+                continue
+            if self.mu:
+                p.grad += proximal_grad(p, self.anchor[name], self.mu)
+            if self.correction is not None:
+                p.grad += self.correction[name].to(p.grad.dtype)
+
+
+class ScaffoldClient:
+    """One client round of SCAFFOLD: the correction ``c - c_i`` in, ``delta c_i`` out.
+
+    ``c_i`` lives in the node's persistent ``context.state`` (zeros before the first round).
+    """
+
+    STATE_KEY = "scaffold-c-i"
+
+    def __init__(self, c: Arrays, state: Any, global_: Arrays) -> None:
+        self.c, self.state, self.global_ = c, state, global_
+        saved = state.get(self.STATE_KEY)
+        self.c_i = from_record(saved) if saved is not None else {k: np.zeros_like(v) for k, v in c.items()}
+
+    @classmethod
+    def from_message(cls, msg: Any, state: Any, global_: Arrays) -> ScaffoldClient | None:
+        if C_SERVER_KEY not in msg.content:
+            return None
+        return cls(from_record(msg.content[C_SERVER_KEY]), state, global_)
+
+    def correction(self) -> Arrays:
+        return {k: self.c[k] - self.c_i[k] for k in self.c}
+
+    def finish(self, local: Arrays, steps: int, lr: float) -> Any:
+        """Store ``c_i+`` from the steps and lr actually used; return ``c_i+ - c_i`` as an ArrayRecord."""
+        new, dc = scaffold_client_control(self.c_i, self.c, self.global_, local, steps, lr)
+        self.state[self.STATE_KEY] = to_record(new)
+        return to_record(dc)

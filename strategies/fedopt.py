@@ -1,0 +1,112 @@
+"""Server-side optimisers over the clients' mean update (the FedOpt family and FedAvgM).
+
+:class:`ServerOptimizer` keeps the current global adapter from ``configure_train``,
+lets Flower's FedAvg compute the example-weighted mean of the replies, and hands
+``(global, mean - global)`` to :meth:`ServerOptimizer.step`, which each algorithm
+implements with a pure function from :mod:`strategies.aggregation`.
+
+Client contract: FedAvg's (see :mod:`strategies.fedavg`); nothing extra travels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+
+from strategies.aggregation import Arrays, delta, initial_second_moment
+from strategies.fedavg import FedAvgLoRA
+from strategies.records import from_record, to_record
+
+
+def check_range(name: str, value: float, low: float, high: float, example: float) -> None:
+    """Raise a ValueError naming ``strategy.<name>`` unless ``low < value < high``."""
+    if not low < value < high:
+        bounds = f"in ({low}, {high})" if high != float("inf") else f"> {low}"
+        raise ValueError(f"strategy.{name}={value} must be {bounds}; e.g. strategy.{name}={example}")
+
+
+@dataclass(frozen=True)
+class FedOptParams:
+    """Hyperparameters of FedAdagrad, FedYogi and FedAdam (OpenFedLLM's defaults).
+
+    Attributes
+    ----------
+    eta : float
+        Server learning rate applied to the adaptive step.
+    beta_1 : float
+        First-moment (momentum) decay, in (0, 1). Unused by FedAdagrad.
+    beta_2 : float
+        Second-moment decay, in (0, 1). Unused by FedAdagrad.
+    tau : float
+        Adaptivity: added to ``sqrt(v)``; ``v`` starts at ``tau**2``. Must be > 0.
+    """
+
+    eta: float = 1e-3
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+    tau: float = 1e-3
+
+    def __post_init__(self) -> None:
+        check_range("eta", self.eta, 0.0, float("inf"), 1e-3)
+        check_range("beta_1", self.beta_1, 0.0, 1.0, 0.9)
+        check_range("beta_2", self.beta_2, 0.0, 1.0, 0.99)
+        check_range("tau", self.tau, 0.0, float("inf"), 1e-3)
+
+
+class ServerOptimizer(FedAvgLoRA):
+    """Base of the strategies that post-process FedAvg's mean with server-side state."""
+
+    params: Any
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.global_arrays: Arrays | None = None
+        self.state: dict[str, Arrays | None] = {}
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.global_arrays = from_record(arrays)
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        mean, metrics = super().aggregate_train(server_round, replies)
+        if mean is None or self.global_arrays is None:
+            return mean, metrics
+        current = self.global_arrays
+        return to_record(self.step(current, delta(from_record(mean), current))), metrics
+
+    def step(self, global_: Arrays, d: Arrays) -> Arrays:
+        """The new global adapter from the current one and the clients' mean delta."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Arrays | None]:
+        """Optimizer state (moments), for saving and resuming a run."""
+        return {k: None if v is None else {n: a.copy() for n, a in v.items()} for k, v in self.state.items()}
+
+    def load_state_dict(self, state: dict[str, Arrays | None]) -> None:
+        self.state = {k: None if v is None else {n: a.copy() for n, a in v.items()} for k, v in state.items()}
+
+
+class AdaptiveMomentOptimizer(ServerOptimizer):
+    """FedAdam and FedYogi: first and second moments; subclasses set :attr:`update` only."""
+
+    update: Any  # (global, delta, m, v, eta, beta_1, beta_2, tau) -> (new global, m, v)
+
+    def __init__(self, *, eta: float, beta_1: float, beta_2: float, tau: float, **kwargs: Any) -> None:
+        self.params = FedOptParams(eta=eta, beta_1=beta_1, beta_2=beta_2, tau=tau)
+        super().__init__(**kwargs)
+
+    def step(self, global_: Arrays, d: Arrays) -> Arrays:
+        p = self.params
+        v = self.state.get("v") or initial_second_moment(global_, p.tau)
+        new, self.state["m"], self.state["v"] = type(self).update(
+            global_, d, self.state.get("m"), v, p.eta, p.beta_1, p.beta_2, p.tau
+        )
+        return new

@@ -1,0 +1,104 @@
+"""The aggregation math on small hand-computed arrays (one and two rounds)."""
+
+import numpy as np
+import pytest
+
+from strategies import aggregation as agg
+
+
+def A(*xs):
+    return {"w": np.array(xs, dtype=np.float64)}
+
+
+def test_weighted_and_unweighted_mean():
+    np.testing.assert_allclose(agg.weighted_mean([A(1.0, 2.0), A(3.0, 6.0)], [1, 3])["w"], [2.5, 5.0])
+    np.testing.assert_allclose(agg.weighted_mean([A(1.0), A(3.0)], [2, 2])["w"], [2.0])
+    with pytest.raises(ValueError, match="positive"):
+        agg.weighted_mean([A(1.0)], [0])
+
+
+def test_fedavgm_two_rounds():
+    x = A(1.0)
+    x1, m1 = agg.fedavgm_step(x, A(0.5), None, server_lr=1.0, beta=0.9)
+    assert m1["w"][0] == pytest.approx(0.5)  # first round: m = delta
+    assert x1["w"][0] == pytest.approx(1.5)
+    x2, m2 = agg.fedavgm_step(x1, A(-1.0), m1, server_lr=0.5, beta=0.9)
+    assert m2["w"][0] == pytest.approx(0.9 * 0.5 + 0.1 * -1.0)  # 0.35
+    assert x2["w"][0] == pytest.approx(1.5 + 0.5 * 0.35)
+
+
+def test_fedadagrad_two_rounds():
+    x, tau, eta = A(0.0), 0.1, 1.0
+    v0 = agg.initial_second_moment(x, tau)
+    x1, v1 = agg.fedadagrad_step(x, A(0.3), v0, eta, tau)
+    assert v1["w"][0] == pytest.approx(0.01 + 0.09)
+    assert x1["w"][0] == pytest.approx(0.3 / (np.sqrt(0.1) + 0.1))
+    x2, v2 = agg.fedadagrad_step(x1, A(-0.4), v1, eta, tau)
+    assert v2["w"][0] == pytest.approx(0.1 + 0.16)
+    assert x2["w"][0] == pytest.approx(x1["w"][0] - 0.4 / (np.sqrt(0.26) + 0.1))
+
+
+def test_fedadam_two_rounds():
+    x, tau, eta, b1, b2 = A(0.0), 0.1, 0.5, 0.9, 0.99
+    v0 = agg.initial_second_moment(x, tau)
+    x1, m1, v1 = agg.fedadam_step(x, A(0.2), None, v0, eta, b1, b2, tau)
+    assert m1["w"][0] == pytest.approx(0.2)
+    assert v1["w"][0] == pytest.approx(0.99 * 0.01 + 0.01 * 0.04)  # 0.0103
+    assert x1["w"][0] == pytest.approx(0.5 * 0.2 / (np.sqrt(0.0103) + 0.1))
+    x2, m2, v2 = agg.fedadam_step(x1, A(0.0), m1, v1, eta, b1, b2, tau)
+    assert m2["w"][0] == pytest.approx(0.18)
+    assert v2["w"][0] == pytest.approx(0.99 * 0.0103 + 0.01 * 0.18**2)
+    assert x2["w"][0] == pytest.approx(x1["w"][0] + 0.5 * 0.18 / (np.sqrt(v2["w"][0]) + 0.1))
+
+
+def test_fedyogi_second_moment_moves_toward_m_squared_additively():
+    x, tau, eta, b1, b2 = A(0.0, 0.0), 0.1, 1.0, 0.9, 0.99
+    v0 = agg.initial_second_moment(x, tau)  # 0.01 everywhere
+    x1, m1, v1 = agg.fedyogi_step(x, A(0.5, 0.05), None, v0, eta, b1, b2, tau)
+    # m^2 = 0.25 > v: v grows by (1 - b2) m^2; m^2 = 0.0025 < v: v shrinks by (1 - b2) m^2
+    np.testing.assert_allclose(v1["w"], [0.01 + 0.01 * 0.25, 0.01 - 0.01 * 0.0025])
+    np.testing.assert_allclose(x1["w"], m1["w"] / (np.sqrt(v1["w"]) + tau))
+
+
+def test_scaffold_client_control_and_server_step():
+    c_i, c, x, y = A(0.1), A(0.3), A(1.0), A(0.6)
+    new, dc = agg.scaffold_client_control(c_i, c, x, y, steps=4, lr=0.1)
+    assert new["w"][0] == pytest.approx(0.1 - 0.3 + 0.4 / 0.4)  # 0.8
+    assert dc["w"][0] == pytest.approx(0.7)
+    x1, c1 = agg.scaffold_server_step(x, A(0.5), c, A(0.2), num_sampled=2, num_clients=4, server_lr=1.0)
+    assert x1["w"][0] == pytest.approx(0.5) and c1["w"][0] == pytest.approx(0.3 + 0.5 * 0.2)
+    with pytest.raises(ValueError, match="steps > 0"):
+        agg.scaffold_client_control(c_i, c, x, y, steps=0, lr=0.1)
+
+
+def _local_sgd(x, opt, curv, steps, lr, correction=0.0):
+    for _ in range(steps):
+        x = x - lr * (curv * (x - opt) + correction)
+    return x
+
+
+def test_scaffold_reaches_the_global_optimum_where_fedavg_drifts():
+    """Quadratic clients f_i = a_i/2 (x - o_i)^2 with different curvatures and optima."""
+    curv, opts = np.array([1.0, 10.0]), np.array([-2.0, 3.0])
+    optimum = (curv * opts).sum() / curv.sum()
+    steps, lr, rounds = 10, 0.05, 60
+
+    x = 0.0
+    for _ in range(rounds):
+        x = np.mean([_local_sgd(x, o, a, steps, lr) for a, o in zip(curv, opts, strict=True)])
+    fedavg_gap = abs(x - optimum)
+
+    x, c, c_is = A(0.0), A(0.0), [A(0.0), A(0.0)]
+    for _ in range(rounds):
+        ys, dcs = [], []
+        for i, (a, o) in enumerate(zip(curv, opts, strict=True)):
+            corr = c["w"][0] - c_is[i]["w"][0]
+            y = A(_local_sgd(x["w"][0], o, a, steps, lr, corr))
+            c_is[i], dc = agg.scaffold_client_control(c_is[i], c, x, y, steps, lr)
+            ys.append(y)
+            dcs.append(dc)
+        x, c = agg.scaffold_server_step(x, agg.weighted_mean(ys, [1, 1]), c, agg.weighted_mean(dcs, [1, 1]), 2, 2)
+    scaffold_gap = abs(x["w"][0] - optimum)
+
+    assert fedavg_gap > 0.3
+    assert scaffold_gap < 1e-3
