@@ -27,8 +27,13 @@ from fedllm_app.flower_cli import FlowerRunner, kill_flower_processes
 
 
 def job_name(overrides: list[str]) -> str:
-    name = "_".join(o for o in overrides if not o.startswith(("output_dir=", "run_name=")))
-    return re.sub(r"[^A-Za-z0-9_.=-]+", "-", name) or "default"
+    """A folder name from the job's overrides: ``strategy=fedprox strategy.mu=0.1`` -> ``fedprox_mu-0.1``."""
+    parts = []
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key not in ("output_dir", "run_name"):
+            parts.append(value if "." not in key else f"{key.rsplit('.', 1)[1]}-{value}")
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", "_".join(parts)) or "default"
 
 
 def run_job(overrides: list[str], num_clients: int, sweep_dir: Path) -> str:
