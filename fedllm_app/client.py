@@ -69,7 +69,7 @@ def train_one_round(cfg: DictConfig, pid: int, msg: Message, state: Any) -> Reco
     kept = state.get(LOCAL_STATE_KEY) if plan.mode == "local" else None
     set_adapter(model, from_record(kept) if kept is not None else global_)
     trainer = _trainer(cfg, pid, plan, model, tokenizer)
-    scaffold = ScaffoldClient.from_message(msg, state, global_)
+    scaffold = ScaffoldClient.from_message(msg, state)
     result = trainer.train_round(
         round_indices(len(trainer.dataset), cfg, plan.server_round, pid, plan.multiplier),
         plan.lr,
@@ -92,5 +92,5 @@ def train_one_round(cfg: DictConfig, pid: int, msg: Message, state: Any) -> Reco
     }
     content = RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: MetricRecord(metrics)})
     if scaffold:
-        content[C_DELTA_KEY] = scaffold.finish(trained, result.steps, plan.lr)
+        content[C_DELTA_KEY] = scaffold.finish(trainer.terms.mean_gradient())
     return content

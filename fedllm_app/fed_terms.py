@@ -5,7 +5,8 @@ gradients of the trainable (LoRA) parameters right before each optimizer step
 (after gradient clipping, so neither is distorted by the clip):
 
 - FedProx: the gradient of ``mu/2 ||theta - theta_global||^2`` is ``mu (theta - theta_global)``;
-- SCAFFOLD: ``g <- g + (c - c_i)`` (applied to the gradient, not after the optimizer's update).
+- SCAFFOLD: ``g <- g + (c - c_i)`` (applied to the gradient, not after the optimizer's update);
+  the raw gradients are averaged over the round for the client's new ``c_i``.
 """
 
 from __future__ import annotations
@@ -61,6 +62,18 @@ class GradientTerms:
             if correction is None
             else {n: torch.from_numpy(correction[adapter_key(n)]).to(p.device) for n, p in self.params.items()}
         )
+        self.grad_sum = (
+            {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.params.items()}
+            if correction is not None
+            else {}
+        )
+        self.steps = 0
+
+    def mean_gradient(self) -> Arrays:
+        """Mean raw (clipped, uncorrected) gradient over this round's optimizer steps, adapter-keyed."""
+        if not self.steps:
+            raise ValueError("no optimizer step was taken this round; SCAFFOLD cannot update its control variate")
+        return {adapter_key(n): (g / self.steps).cpu().numpy() for n, g in self.grad_sum.items()}
 
     def callback(self) -> Any:
         from transformers import TrainerCallback
@@ -75,9 +88,12 @@ class GradientTerms:
 
     @torch.no_grad()
     def apply(self) -> None:
+        self.steps += 1
         for name, p in self.params.items():
             if p.grad is None:
                 continue
+            if self.correction is not None:
+                self.grad_sum[name] += p.grad.float()
             if self.mu:
                 p.grad += proximal_grad(p, self.anchor[name], self.mu)
             if self.correction is not None:
@@ -92,22 +108,22 @@ class ScaffoldClient:
 
     STATE_KEY = "scaffold-c-i"
 
-    def __init__(self, c: Arrays, state: Any, global_: Arrays) -> None:
-        self.c, self.state, self.global_ = c, state, global_
+    def __init__(self, c: Arrays, state: Any) -> None:
+        self.c, self.state = c, state
         saved = state.get(self.STATE_KEY)
         self.c_i = from_record(saved) if saved is not None else {k: np.zeros_like(v) for k, v in c.items()}
 
     @classmethod
-    def from_message(cls, msg: Any, state: Any, global_: Arrays) -> ScaffoldClient | None:
+    def from_message(cls, msg: Any, state: Any) -> ScaffoldClient | None:
         if C_SERVER_KEY not in msg.content:
             return None
-        return cls(from_record(msg.content[C_SERVER_KEY]), state, global_)
+        return cls(from_record(msg.content[C_SERVER_KEY]), state)
 
     def correction(self) -> Arrays:
         return {k: self.c[k] - self.c_i[k] for k in self.c}
 
-    def finish(self, local: Arrays, steps: int, lr: float) -> Any:
-        """Store ``c_i+`` from the steps and lr actually used; return ``c_i+ - c_i`` as an ArrayRecord."""
-        new, dc = scaffold_client_control(self.c_i, self.c, self.global_, local, steps, lr)
+    def finish(self, mean_grad: Arrays) -> Any:
+        """Store ``c_i+`` (the round's mean raw gradient); return ``c_i+ - c_i`` as an ArrayRecord."""
+        new, dc = scaffold_client_control(self.c_i, mean_grad)
         self.state[self.STATE_KEY] = to_record(new)
         return to_record(dc)

@@ -99,11 +99,14 @@ def scaffold_server_step(
     return new, c
 
 
-def scaffold_client_control(
-    c_i: Arrays, c: Arrays, global_: Arrays, local: Arrays, steps: int, lr: float
-) -> tuple[Arrays, Arrays]:
-    """SCAFFOLD option II: ``c_i+ = c_i - c + (x - y_i) / (K lr)``. Returns (c_i+, c_i+ - c_i)."""
-    if steps <= 0 or lr <= 0:
-        raise ValueError(f"SCAFFOLD needs steps > 0 and lr > 0 to update the control variate, got {steps}, {lr}")
-    new = {k: c_i[k] - c[k] + (global_[k] - local[k]) / (steps * lr) for k in c_i}
+def scaffold_client_control(c_i: Arrays, mean_grad: Arrays) -> tuple[Arrays, Arrays]:
+    """The client's new control variate: the mean of its raw (uncorrected) gradients this round.
+
+    For local SGD this is exactly SCAFFOLD's option II, ``c_i+ = c_i - c + (x - y_i) / (K lr)``
+    (substitute ``y_i = x - lr sum_k (g_k + c - c_i)``). Unlike option II it stays in gradient
+    units when the local optimizer is Adam, whose steps are normalised: option II then gives
+    values ~1/|g| too large and the correction swamps the data gradient.
+    Returns ``(c_i+, c_i+ - c_i)``.
+    """
+    new = {k: v.copy() for k, v in mean_grad.items()}
     return new, delta(new, c_i)

@@ -1,4 +1,4 @@
-"""SCAFFOLD (Karimireddy et al., 2020) over LoRA arrays, option II control variates.
+"""SCAFFOLD (Karimireddy et al., 2020) over LoRA arrays.
 
 Server state: the control variate ``c`` (zeros at start), kept here and saved with
 :meth:`Scaffold.state_dict`. The global update is FedAvg's mean with a server step
@@ -10,10 +10,11 @@ Client contract
 Each train message carries, besides FedAvg's ``arrays`` and ``config``, an
 ArrayRecord ``c-server`` with ``c`` (same names as the adapter). The client keeps its
 own ``c_i`` in ``context.state`` (zeros at first), adds ``c - c_i`` to its gradients
-before every optimizer step, then computes
-``c_i+ = c_i - c + (x - y_i) / (K lr)`` with the steps K and learning rate actually
-used, stores ``c_i+`` and replies with an extra ArrayRecord ``c-delta`` holding
-``c_i+ - c_i``. The server removes ``c-delta`` before FedAvg's aggregation.
+before every optimizer step, then sets ``c_i+`` to the mean of its raw gradients over
+the K steps actually taken (equal to option II, ``c_i - c + (x - y_i) / (K lr)``, under
+local SGD, and still in gradient units under Adam; see
+:func:`strategies.aggregation.scaffold_client_control`), stores it and replies with an
+extra ArrayRecord ``c-delta`` holding ``c_i+ - c_i``. The server removes ``c-delta`` before FedAvg's aggregation.
 """
 
 from __future__ import annotations

@@ -61,20 +61,32 @@ def test_fedyogi_second_moment_moves_toward_m_squared_additively():
 
 
 def test_scaffold_client_control_and_server_step():
-    c_i, c, x, y = A(0.1), A(0.3), A(1.0), A(0.6)
-    new, dc = agg.scaffold_client_control(c_i, c, x, y, steps=4, lr=0.1)
-    assert new["w"][0] == pytest.approx(0.1 - 0.3 + 0.4 / 0.4)  # 0.8
-    assert dc["w"][0] == pytest.approx(0.7)
-    x1, c1 = agg.scaffold_server_step(x, A(0.5), c, A(0.2), num_sampled=2, num_clients=4, server_lr=1.0)
+    new, dc = agg.scaffold_client_control(A(0.1), A(0.8))
+    assert new["w"][0] == pytest.approx(0.8) and dc["w"][0] == pytest.approx(0.7)
+    x1, c1 = agg.scaffold_server_step(A(1.0), A(0.5), A(0.3), A(0.2), num_sampled=2, num_clients=4, server_lr=1.0)
     assert x1["w"][0] == pytest.approx(0.5) and c1["w"][0] == pytest.approx(0.3 + 0.5 * 0.2)
-    with pytest.raises(ValueError, match="steps > 0"):
-        agg.scaffold_client_control(c_i, c, x, y, steps=0, lr=0.1)
+
+
+def test_mean_gradient_equals_option_ii_under_local_sgd():
+    """c_i+ = mean raw gradient is SCAFFOLD's option II when the local optimizer is SGD."""
+    x, c, c_i, lr, curv, opt = 1.0, 0.3, 0.1, 0.05, 2.0, -1.0
+    y, grads = x, []
+    for _ in range(5):
+        g = curv * (y - opt)
+        grads.append(g)
+        y -= lr * (g + c - c_i)
+    option_ii = c_i - c + (x - y) / (5 * lr)
+    new, _ = agg.scaffold_client_control(A(c_i), A(float(np.mean(grads))))
+    assert new["w"][0] == pytest.approx(option_ii)
 
 
 def _local_sgd(x, opt, curv, steps, lr, correction=0.0):
+    grads = []
     for _ in range(steps):
-        x = x - lr * (curv * (x - opt) + correction)
-    return x
+        g = curv * (x - opt)
+        grads.append(g)
+        x = x - lr * (g + correction)
+    return x, float(np.mean(grads))
 
 
 def test_scaffold_reaches_the_global_optimum_where_fedavg_drifts():
@@ -85,17 +97,16 @@ def test_scaffold_reaches_the_global_optimum_where_fedavg_drifts():
 
     x = 0.0
     for _ in range(rounds):
-        x = np.mean([_local_sgd(x, o, a, steps, lr) for a, o in zip(curv, opts, strict=True)])
+        x = np.mean([_local_sgd(x, o, a, steps, lr)[0] for a, o in zip(curv, opts, strict=True)])
     fedavg_gap = abs(x - optimum)
 
     x, c, c_is = A(0.0), A(0.0), [A(0.0), A(0.0)]
     for _ in range(rounds):
         ys, dcs = [], []
         for i, (a, o) in enumerate(zip(curv, opts, strict=True)):
-            corr = c["w"][0] - c_is[i]["w"][0]
-            y = A(_local_sgd(x["w"][0], o, a, steps, lr, corr))
-            c_is[i], dc = agg.scaffold_client_control(c_is[i], c, x, y, steps, lr)
-            ys.append(y)
+            y, mean_grad = _local_sgd(x["w"][0], o, a, steps, lr, c["w"][0] - c_is[i]["w"][0])
+            c_is[i], dc = agg.scaffold_client_control(c_is[i], A(mean_grad))
+            ys.append(A(y))
             dcs.append(dc)
         x, c = agg.scaffold_server_step(x, agg.weighted_mean(ys, [1, 1]), c, agg.weighted_mean(dcs, [1, 1]), 2, 2)
     scaffold_gap = abs(x["w"][0] - optimum)
