@@ -6,8 +6,11 @@ and has no Flower dependency, so it is tested with small hand-computed arrays.
 Where OpenFedLLM and Flower differ, fedllm follows OpenFedLLM so results compare with
 the paper:
 
-- the first-moment buffer starts as the first round's delta (OpenFedLLM), not at zero
-  followed by ``(1 - beta_1) * delta`` (Flower);
+- the first-moment buffer starts at zero, so every round's delta gets a total weight of 1
+  over the following rounds (Reddi et al., Flower). OpenFedLLM starts it at the first round's
+  delta, which applies that delta ``1 / (1 - beta_1)`` times (10x at beta_1 0.9) and made
+  FedAvgM, FedAdam and FedYogi overshoot on the built-in benchmark; ``first_moment="delta"``
+  (``strategy.first_moment=delta``) restores it;
 - the second moment starts at ``tau**2`` and is not bias-corrected (OpenFedLLM; Flower
   applies Adam's bias correction to eta);
 - the pseudo-gradient is the example-weighted mean of the client deltas (OpenFedLLM
@@ -42,6 +45,11 @@ def momentum(m: Arrays | None, d: Arrays, beta_1: float) -> Arrays:
     if m is None:
         return {k: v.copy() for k, v in d.items()}
     return {k: beta_1 * m[k] + (1 - beta_1) * d[k] for k in d}
+
+
+def initial_first_moment(like: Arrays, form: str) -> Arrays | None:
+    """Start of the first moment: zeros (``"zero"``), or ``None`` so that :func:`momentum` takes the first delta."""
+    return {k: np.zeros_like(v) for k, v in like.items()} if form == "zero" else None
 
 
 def initial_second_moment(like: Arrays, tau: float) -> Arrays:

@@ -14,8 +14,17 @@ class FedAdagrad(ServerOptimizer):
     ``beta_1`` and ``beta_2`` are accepted for a uniform config and ignored.
     """
 
-    def __init__(self, *, eta: float, tau: float, beta_1: float = 0.9, beta_2: float = 0.99, **kwargs: Any) -> None:
-        self.params = FedOptParams(eta=eta, beta_1=beta_1, beta_2=beta_2, tau=tau)
+    def __init__(
+        self,
+        *,
+        eta: float,
+        tau: float,
+        beta_1: float = 0.9,
+        beta_2: float = 0.99,
+        first_moment: str = "zero",
+        **kwargs: Any,
+    ) -> None:
+        self.params = FedOptParams(eta=eta, beta_1=beta_1, beta_2=beta_2, tau=tau, first_moment=first_moment)
         super().__init__(**kwargs)
 
     def step(self, global_: Arrays, d: Arrays) -> Arrays:

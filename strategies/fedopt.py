@@ -17,7 +17,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
-from strategies.aggregation import Arrays, delta, initial_second_moment
+from strategies.aggregation import Arrays, delta, initial_first_moment, initial_second_moment
 from strategies.fedavg import FedAvgLoRA
 from strategies.records import from_record, to_record
 
@@ -27,6 +27,18 @@ def check_range(name: str, value: float, low: float, high: float, example: float
     if not low < value < high:
         bounds = f"in ({low}, {high})" if high != float("inf") else f"> {low}"
         raise ValueError(f"strategy.{name}={value} must be {bounds}; e.g. strategy.{name}={example}")
+
+
+FIRST_MOMENT_FORMS = ("zero", "delta")
+
+
+def check_first_moment(form: str) -> None:
+    """Raise a ValueError naming ``strategy.first_moment`` unless it is one of :data:`FIRST_MOMENT_FORMS`."""
+    if form not in FIRST_MOMENT_FORMS:
+        raise ValueError(
+            f"strategy.first_moment={form!r} must be one of {', '.join(FIRST_MOMENT_FORMS)}; "
+            "e.g. strategy.first_moment=zero"
+        )
 
 
 @dataclass(frozen=True)
@@ -43,18 +55,23 @@ class FedOptParams:
         Second-moment decay, in (0, 1). Unused by FedAdagrad.
     tau : float
         Adaptivity: added to ``sqrt(v)``; ``v`` starts at ``tau**2``. Must be > 0.
+    first_moment : str
+        Start of the first moment: ``"zero"`` (Reddi et al., Flower) or ``"delta"`` (OpenFedLLM: the
+        first round's delta, which that round then counts ``1 / (1 - beta_1)`` times). Unused by FedAdagrad.
     """
 
     eta: float = 1e-3
     beta_1: float = 0.9
     beta_2: float = 0.99
     tau: float = 1e-3
+    first_moment: str = "zero"
 
     def __post_init__(self) -> None:
         check_range("eta", self.eta, 0.0, float("inf"), 1e-3)
         check_range("beta_1", self.beta_1, 0.0, 1.0, 0.9)
         check_range("beta_2", self.beta_2, 0.0, 1.0, 0.99)
         check_range("tau", self.tau, 0.0, float("inf"), 1e-3)
+        check_first_moment(self.first_moment)
 
 
 class ServerOptimizer(FedAvgLoRA):
@@ -99,14 +116,15 @@ class AdaptiveMomentOptimizer(ServerOptimizer):
 
     update: Any  # (global, delta, m, v, eta, beta_1, beta_2, tau) -> (new global, m, v)
 
-    def __init__(self, *, eta: float, beta_1: float, beta_2: float, tau: float, **kwargs: Any) -> None:
-        self.params = FedOptParams(eta=eta, beta_1=beta_1, beta_2=beta_2, tau=tau)
+    def __init__(
+        self, *, eta: float, beta_1: float, beta_2: float, tau: float, first_moment: str = "zero", **kwargs: Any
+    ) -> None:
+        self.params = FedOptParams(eta=eta, beta_1=beta_1, beta_2=beta_2, tau=tau, first_moment=first_moment)
         super().__init__(**kwargs)
 
     def step(self, global_: Arrays, d: Arrays) -> Arrays:
         p = self.params
         v = self.state.get("v") or initial_second_moment(global_, p.tau)
-        new, self.state["m"], self.state["v"] = type(self).update(
-            global_, d, self.state.get("m"), v, p.eta, p.beta_1, p.beta_2, p.tau
-        )
+        m = self.state.get("m") or initial_first_moment(global_, p.first_moment)
+        new, self.state["m"], self.state["v"] = type(self).update(global_, d, m, v, p.eta, p.beta_1, p.beta_2, p.tau)
         return new

@@ -84,9 +84,31 @@ def test_fedadam_applies_its_step_to_the_weighted_mean_delta():
     new, _ = s.aggregate_train(
         1, [reply({"w": np.array([0.1], np.float32)}, 10), reply({"w": np.array([0.4], np.float32)}, 30)]
     )
-    d = 0.325  # weighted mean delta
-    v = 0.99 * 0.01 + 0.01 * d**2
-    np.testing.assert_allclose(from_record(new)["w"], [0.5 * d / (np.sqrt(v) + 0.1)], rtol=1e-5)
+    m = 0.1 * 0.325  # (1 - beta_1) x the weighted mean delta; the first moment starts at zero
+    v = 0.99 * 0.01 + 0.01 * m**2
+    np.testing.assert_allclose(from_record(new)["w"], [0.5 * m / (np.sqrt(v) + 0.1)], rtol=1e-5)
+
+
+@pytest.mark.parametrize(("form", "m1"), [("zero", 0.1 * 0.5), ("delta", 0.5)])
+def test_fedavgm_first_moment_forms(form, m1):
+    """OpenFedLLM's start (the first delta) counts round 1's delta 1/(1 - momentum) = 10 times in total."""
+    s = strategy("fedavgm", f"strategy.first_moment={form}")
+    x = {"w": np.zeros(1, dtype=np.float32)}
+    total = 0.0
+    for rnd in range(1, 200):
+        list(s.configure_train(rnd, to_record(x), ConfigRecord(), FakeGrid(2)))
+        update = np.array([0.5 if rnd == 1 else 0.0], np.float32)
+        new, _ = s.aggregate_train(rnd, [reply({"w": x["w"] + update}, 1)])
+        if rnd == 1:
+            assert from_record(new)["w"][0] == pytest.approx(m1)
+        x = from_record(new)
+    total = float(x["w"][0])
+    assert total == pytest.approx(0.5 if form == "zero" else 5.0, rel=1e-3)
+
+
+def test_unknown_first_moment_form_fails_at_start():
+    with pytest.raises(ConfigError, match=r"strategy.first_moment='ema' must be one of zero, delta"):
+        build_strategy(load_config({"overrides": "strategy=fedadam strategy.first_moment=ema"}))
 
 
 @pytest.mark.parametrize("name", ["fedavgm", "fedadagrad", "fedyogi", "fedadam", "scaffold"])
