@@ -1,0 +1,217 @@
+"""Benchmark registry and suite runner: which benchmarks make up each ``--bench`` group, run them, write results.
+
+Results go to ``<checkpoint>/eval/<bench>.json`` (every metric, the data source of each benchmark, timings)
+and ``<checkpoint>/eval/<bench>.md`` (one table row per metric).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from evaluation import coding, finance, maths, multiple_choice, open_ended, safety
+from evaluation.generation import Generator
+from evaluation.judge import JudgeClient, JudgeConfig
+from evaluation.sources import DataSourceError, Source, load_rows
+from fedllm_app.config import ConfigError
+
+GROUPS: dict[str, tuple[str, ...]] = {
+    "finance": tuple(finance.SOURCES),
+    "general": ("mmlu", "mt_bench", "vicuna"),
+    "medical": ("medqa", "medmcqa", "pubmedqa", "careqa"),
+    "code": tuple(coding.SOURCES),
+    "math": tuple(maths.SOURCES),
+    "safety": tuple(safety.SOURCES),
+    "heldout": ("heldout",),
+}
+SOURCES: dict[str, Source] = {
+    **finance.SOURCES,
+    **multiple_choice.SOURCES,
+    **maths.SOURCES,
+    **coding.SOURCES,
+    **open_ended.SOURCES,
+    **safety.SOURCES,
+}
+BENCHMARKS: tuple[str, ...] = tuple(b for names in GROUPS.values() for b in names)
+
+
+@dataclass
+class EvalSettings:
+    """What ``fedllm-eval`` runs and how.
+
+    Attributes
+    ----------
+    bench : str
+        A group (finance, general, medical, code, math, safety, heldout, all) or comma-separated benchmark names.
+    data_dir : str | None
+        Folder of local benchmark files (``<benchmark>.jsonl``...); None loads each from the Hub.
+    limit : int | None
+        At most this many rows per benchmark (None: all).
+    batch_size : int
+        Prompts per generation / scoring batch.
+    seed : int
+        Torch seed (sampled answers of MT-Bench / Vicuna categories with temperature > 0, pass@k samples).
+    progress : bool
+        Show progress bars.
+    code_samples : int
+        Samples per coding problem (1: greedy pass@1; n > 1: sampled, pass@k for k <= n).
+    code_temperature : float
+        Sampling temperature when ``code_samples > 1``.
+    code_timeout : float
+        Wall-clock seconds per program in the sandbox.
+    max_new_tokens : int
+        Generation length for math, code and open-ended answers.
+    judge : JudgeConfig | None
+        LLM judge for MT-Bench / Vicuna; None generates and saves the answers only.
+    overrides : list[str]
+        Hydra-style ``key=value`` overrides of the checkpoint's run config (e.g. ``model.quantization=4bit``).
+    """
+
+    bench: str = "all"
+    data_dir: str | None = None
+    limit: int | None = None
+    batch_size: int = 8
+    seed: int = 0
+    progress: bool = True
+    code_samples: int = 1
+    code_temperature: float = 0.8
+    code_timeout: float = 10.0
+    max_new_tokens: int = 512
+    judge: JudgeConfig | None = None
+    overrides: list[str] = field(default_factory=list)
+
+
+def expand(bench: str) -> list[str]:
+    """The benchmark names of a group, ``all``, or a comma-separated list; an unknown name is an error."""
+    out: list[str] = []
+    for part in (p.strip() for p in bench.split(",") if p.strip()):
+        if part == "all":
+            out += BENCHMARKS
+        elif part in GROUPS:
+            out += GROUPS[part]
+        elif part in BENCHMARKS:
+            out.append(part)
+        else:
+            raise ConfigError(
+                f"unknown benchmark {part!r}; choose a group ({', '.join(GROUPS)}, all) or one of: "
+                f"{', '.join(BENCHMARKS)}"
+            )
+    if not out:
+        raise ConfigError("no benchmark given; e.g. --bench finance")
+    return list(dict.fromkeys(out))
+
+
+def run_one(name: str, gen: Generator, settings: EvalSettings, out_dir: Path, run_cfg: Any = None) -> dict[str, Any]:
+    """Load ``name``'s rows and score them."""
+    if name == "heldout":
+        return heldout_metrics(gen, run_cfg, settings.limit)
+    rows = load_rows(SOURCES[name], settings.data_dir, settings.limit)
+    if not rows:
+        raise DataSourceError(f"benchmark {name!r} has no rows at {settings.data_dir or SOURCES[name].describe()}")
+    s = settings
+    family: dict[str, Callable[[], dict[str, Any]]] = {
+        "finance": lambda: finance.evaluate(gen, name, rows),
+        "mc": lambda: multiple_choice.evaluate(gen, name, rows),
+        "math": lambda: maths.evaluate(gen, name, rows, max_new_tokens=s.max_new_tokens),
+        "code": lambda: coding.evaluate(
+            gen, name, rows, s.code_samples, s.code_temperature, s.code_timeout, max_new_tokens=s.max_new_tokens
+        ),
+        "open": lambda: open_ended.evaluate(
+            gen, name, rows, JudgeClient(s.judge) if s.judge else None, out_dir, s.max_new_tokens
+        ),
+        "safety": lambda: safety.evaluate(gen, name, rows),
+    }
+    return family[_family(name)]()
+
+
+def _family(name: str) -> str:
+    for fam, module in (
+        ("finance", finance),
+        ("mc", multiple_choice),
+        ("math", maths),
+        ("code", coding),
+        ("open", open_ended),
+        ("safety", safety),
+    ):
+        if name in module.SOURCES:
+            return fam
+    raise KeyError(name)
+
+
+def heldout_metrics(gen: Generator, run_cfg: Any, limit: int | None) -> dict[str, Any]:
+    """Held-out loss, perplexity and exact match on the run's built-in synthetic held-out split."""
+    import math
+
+    from evaluation.heldout import evaluate_adapter
+    from fedllm_app import data
+    from fedllm_app.config import load_config
+
+    cfg = run_cfg if run_cfg is not None else load_config({})
+    rows = data.heldout(cfg)[:limit] if limit else data.heldout(cfg)
+    metrics: dict[str, Any] = evaluate_adapter(gen.model, gen.tokenizer, rows, cfg.training)
+    metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+    metrics["n"] = len(rows)
+    return metrics
+
+
+def run_suite(
+    gen: Generator, names: list[str], settings: EvalSettings, out_dir: Path, run_cfg: Any = None
+) -> dict[str, Any]:
+    """Run ``names`` in order; returns ``{benchmark: metrics}`` with each one's seconds."""
+    import torch
+
+    results: dict[str, Any] = {}
+    for name in names:
+        torch.manual_seed(settings.seed)
+        start = time.perf_counter()
+        metrics = run_one(name, gen, settings, out_dir, run_cfg)
+        metrics["seconds"] = round(time.perf_counter() - start, 2)
+        results[name] = metrics
+        print(f"[fedllm-eval] {name}: {summary_line(metrics)}", flush=True)
+    return results
+
+
+def summary_line(metrics: dict[str, Any]) -> str:
+    keys = [k for k, v in metrics.items() if isinstance(v, float) and "/" not in k and k != "seconds"]
+    return ", ".join(f"{k} {metrics[k]:.3f}" for k in keys[:4]) + f" (n={metrics.get('n')}, {metrics['seconds']} s)"
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """One row per benchmark and top-level metric (per-subject and per-category scores stay in the JSON)."""
+    lines = ["| benchmark | metric | value | data |", "|---|---|---|---|"]
+    for name, metrics in results.items():
+        source = SOURCES[name].describe() if name in SOURCES else "built-in synthetic held-out split"
+        for key, value in metrics.items():
+            if key in ("n", "seconds") or "/" in key and key.count("/") > 1 or not isinstance(value, int | float):
+                continue
+            cell = f"{value:.4f}" if isinstance(value, float) else str(value)
+            lines.append(f"| {name} | {key} | {cell} | {source} |")
+        lines.append(f"| {name} | n | {metrics.get('n')} | {metrics['seconds']} s |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(out_dir: Path, bench: str, results: dict[str, Any], meta: dict[str, Any]) -> tuple[Path, Path]:
+    """``<out_dir>/<bench>.json`` and ``<out_dir>/<bench>.md``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = bench.replace(",", "+")
+    sources = {n: SOURCES[n].describe() for n in results if n in SOURCES}
+    payload = {**meta, "sources": sources, "benchmarks": results}
+    js = out_dir / f"{stem}.json"
+    js.write_text(json.dumps(payload, indent=2))
+    md = out_dir / f"{stem}.md"
+    md.write_text(f"# fedllm-eval: {bench}\n\nCheckpoint: `{meta.get('checkpoint')}`\n\n" + markdown_table(results))
+    return js, md
+
+
+def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
+    """``{"bench/<benchmark>/<metric>": value}`` for every numeric metric (for metrics.jsonl)."""
+    return {
+        f"bench/{name}/{k}": float(v)
+        for name, m in results.items()
+        for k, v in m.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
