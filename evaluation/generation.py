@@ -69,7 +69,9 @@ class Generator:
         model.eval()
         device = next(model.parameters()).device
         side, tok.padding_side = tok.padding_side, "left"
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0} if temperature > 0 else {}
+        sampling = (
+            {"do_sample": True, "temperature": temperature, "top_p": 1.0} if temperature > 0 else {"do_sample": False}
+        )
         out: list[str] = []
         try:
             with self._bar(len(prompts), desc) as bar:
@@ -79,7 +81,6 @@ class Generator:
                     gen = model.generate(
                         **enc,
                         max_new_tokens=max_new_tokens or self.max_new_tokens,
-                        do_sample=False,
                         pad_token_id=tok.pad_token_id,
                         eos_token_id=tok.eos_token_id,
                         **sampling,

@@ -181,16 +181,15 @@ def summary_line(metrics: dict[str, Any]) -> str:
 
 
 def markdown_table(results: dict[str, Any]) -> str:
-    """One row per benchmark and top-level metric (per-subject and per-category scores stay in the JSON)."""
-    lines = ["| benchmark | metric | value | data |", "|---|---|---|---|"]
+    """One row per benchmark and top-level or group metric (per-subject scores stay in the JSON)."""
+    lines = ["| benchmark | metric | value |", "|---|---|---|"]
     for name, metrics in results.items():
-        source = SOURCES[name].describe() if name in SOURCES else "built-in synthetic held-out split"
         for key, value in metrics.items():
-            if key in ("n", "seconds") or "/" in key and key.count("/") > 1 or not isinstance(value, int | float):
+            if key in ("n", "seconds") or key.count("/") > 1 or not isinstance(value, int | float):
                 continue
             cell = f"{value:.4f}" if isinstance(value, float) else str(value)
-            lines.append(f"| {name} | {key} | {cell} | {source} |")
-        lines.append(f"| {name} | n | {metrics.get('n')} | {metrics['seconds']} s |")
+            lines.append(f"| {name} | {key} | {cell} |")
+        lines.append(f"| {name} | rows (seconds) | {metrics.get('n')} ({metrics['seconds']} s) |")
     return "\n".join(lines) + "\n"
 
 
@@ -203,15 +202,51 @@ def write_results(out_dir: Path, bench: str, results: dict[str, Any], meta: dict
     js = out_dir / f"{stem}.json"
     js.write_text(json.dumps(payload, indent=2))
     md = out_dir / f"{stem}.md"
-    md.write_text(f"# fedllm-eval: {bench}\n\nCheckpoint: `{meta.get('checkpoint')}`\n\n" + markdown_table(results))
+    where = f"local files in `{meta['data_dir']}`, shaped like" if meta.get("data_dir") else "the Hugging Face Hub:"
+    data = "".join(f"- {n}: {where} {src}\n" for n, src in sources.items())
+    md.write_text(
+        f"# fedllm-eval: {bench}\n\nCheckpoint: `{meta.get('checkpoint')}`\n\n{markdown_table(results)}\n"
+        f"Data:\n\n{data}"
+    )
     return js, md
 
 
 def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
-    """``{"bench/<benchmark>/<metric>": value}`` for every numeric metric (for metrics.jsonl)."""
+    """``{"bench/<benchmark>/<metric>": value}`` for the numeric metrics (for metrics.jsonl; per-subject
+    scores stay in the benchmark's JSON).
+    """
     return {
         f"bench/{name}/{k}": float(v)
         for name, m in results.items()
         for k, v in m.items()
-        if isinstance(v, int | float) and not isinstance(v, bool)
+        if isinstance(v, int | float) and not isinstance(v, bool) and k != "n" and k.count("/") <= 1
     }
+
+
+def check_round_benchmarks(cfg: Any) -> None:
+    """Validate the ServerApp's ``eval`` keys at start (unknown benchmark, negative period)."""
+    ev = cfg.get("eval")
+    if ev is None:
+        return
+    if int(ev.every) < 0:
+        raise ConfigError(f"eval.every={ev.every} must be >= 0 (0 = never); e.g. eval.every=5")
+    if ev.every and ev.benches:
+        if {"mt_bench", "vicuna"} & set(expand(",".join(ev.benches))):
+            raise ConfigError("eval.benches: mt_bench and vicuna need a judge; run them with fedllm-eval instead")
+
+
+def round_benchmarks(cfg: Any, model: Any, tokenizer: Any, rnd: int, out_dir: Path) -> dict[str, float]:
+    """The ServerApp's light benchmarks on the current global model, every ``eval.every`` rounds and at the
+    last round; ``{"bench/<benchmark>/<metric>": value}`` (empty in other rounds or when switched off).
+    """
+    ev = cfg.get("eval")
+    if ev is None or not ev.every or not ev.benches or (rnd % ev.every and rnd != cfg.num_rounds):
+        return {}
+    settings = EvalSettings(
+        bench=",".join(ev.benches), data_dir=ev.data_dir, limit=ev.limit, batch_size=ev.batch_size, progress=False
+    )
+    gen = Generator(model, tokenizer, cfg.training.template, ev.batch_size, cfg.training.max_new_tokens, False)
+    start = time.perf_counter()
+    results = run_suite(gen, expand(settings.bench), settings, out_dir / "eval" / f"round-{rnd}", cfg)
+    write_results(out_dir / "eval", f"round-{rnd}", results, {"round": rnd, "data_dir": ev.data_dir})
+    return {**flat_metrics(results), "bench_seconds": time.perf_counter() - start}

@@ -75,7 +75,13 @@ def load_rows(source: Source, data_dir: str | Path | None = None, limit: int | N
                 f"(or .json/.parquet/.csv) with the columns of {source.describe()}: {', '.join(source.columns)}; "
                 f"drop --data-dir to load it from the Hub"
             )
-        ds = load_dataset(_LOADERS[path.suffix], data_files=str(path), split="train")
+        from datasets.utils.logging import disable_progress_bar, enable_progress_bar
+
+        disable_progress_bar()  # a local file loads in an instant
+        try:
+            ds = load_dataset(_LOADERS[path.suffix], data_files=str(path), split="train")
+        finally:
+            enable_progress_bar()
         where = str(path)
     else:
         builder = "json" if source.hub_id.startswith(("http://", "https://")) else source.hub_id
