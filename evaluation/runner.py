@@ -243,7 +243,12 @@ def round_benchmarks(cfg: Any, model: Any, tokenizer: Any, rnd: int, out_dir: Pa
     if ev is None or not ev.every or not ev.benches or (rnd % ev.every and rnd != cfg.num_rounds):
         return {}
     settings = EvalSettings(
-        bench=",".join(ev.benches), data_dir=ev.data_dir, limit=ev.limit, batch_size=ev.batch_size, progress=False
+        bench=",".join(ev.benches),
+        data_dir=ev.data_dir,
+        limit=ev.limit,
+        batch_size=ev.batch_size,
+        max_new_tokens=ev.max_new_tokens,
+        progress=False,
     )
     gen = Generator(model, tokenizer, cfg.training.template, ev.batch_size, cfg.training.max_new_tokens, False)
     start = time.perf_counter()

@@ -63,7 +63,9 @@ def server():
 
 
 def client(url, tmp_path, **kw):
-    return JudgeClient(JudgeConfig(url, "judge-model", "FEDLLM_TEST_JUDGE_KEY", str(tmp_path / "cache"), backoff=0, **kw))
+    return JudgeClient(
+        JudgeConfig(url, "judge-model", "FEDLLM_TEST_JUDGE_KEY", str(tmp_path / "cache"), backoff=0, **kw)
+    )
 
 
 @pytest.mark.parametrize(
@@ -144,7 +146,9 @@ def test_mt_bench_two_turns_judged_end_to_end(server, tmp_path, gen, rows):
     s = server(default=judge)
     m = evaluate(gen, "mt_bench", rows("mt_bench"), client(s.url, tmp_path), tmp_path / "eval", max_new_tokens=16)
     assert len(s.requests) == 4  # 2 questions x 2 turns
-    second = [r["body"]["messages"][1]["content"] for r in s.requests if "two-turn" in r["body"]["messages"][1]["content"]]
+    second = [
+        r["body"]["messages"][1]["content"] for r in s.requests if "two-turn" in r["body"]["messages"][1]["content"]
+    ]
     assert len(second) == 2 and "Now divide that result by 4." in second[1] and "What is 12 times 3?" in second[1]
     assert "[Reference answer]\n9" in second[1]
     assert m["malformed"] == 1 and m["malformed_judgements"][0]["turn"] == 1

@@ -90,7 +90,9 @@ def test_math_answers_that_agree(pred, gold):
     assert math_equal(pred, gold), (normalize_math(pred), normalize_math(gold))
 
 
-@pytest.mark.parametrize(("pred", "gold"), [("\\frac{1}{3}", "\\frac{1}{2}"), ("2", "-2"), (None, "1"), ("(1,2)", "(2,1)")])
+@pytest.mark.parametrize(
+    ("pred", "gold"), [("\\frac{1}{3}", "\\frac{1}{2}"), ("2", "-2"), (None, "1"), ("(1,2)", "(2,1)")]
+)
 def test_math_answers_that_differ(pred, gold):
     assert not math_equal(pred, gold)
 

@@ -108,7 +108,9 @@ def test_network_is_refused_by_the_kernel_without_the_audit_hook():
     server.listen(1)
     try:
         port = server.getsockname()[1]
-        r = run_program(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\n", audit_hook=False)
+        r = run_program(
+            f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\n", audit_hook=False
+        )
         if r.landlock_abi < 4:
             pytest.skip("Landlock TCP rules need ABI 4")
         assert not r.passed and "PermissionError" in r.stderr
