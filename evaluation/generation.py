@@ -55,6 +55,12 @@ class Generator:
                 text += answers[i] + (self.tokenizer.eos_token or "") + "\n\n"
         return text
 
+    @property
+    def add_bos(self) -> bool:
+        """String templates get the tokenizer's special tokens (e.g. Llama's BOS), as TRL adds them in
+        training; a chat template writes its own."""
+        return self.template != "chat"
+
     def _bar(self, total: int, desc: str) -> Any:
         from tqdm.auto import tqdm
 
@@ -77,7 +83,7 @@ class Generator:
             with self._bar(len(prompts), desc) as bar:
                 for i in range(0, len(prompts), self.batch_size):
                     batch = prompts[i : i + self.batch_size]
-                    enc = tok(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+                    enc = tok(batch, return_tensors="pt", padding=True, add_special_tokens=self.add_bos).to(device)
                     gen = model.generate(
                         **enc,
                         max_new_tokens=max_new_tokens or self.max_new_tokens,
@@ -103,7 +109,7 @@ class Generator:
                 batch = pairs[i : i + self.batch_size]
                 seqs, starts = [], []
                 for ctx, cont in batch:
-                    c = tok(ctx, add_special_tokens=False)["input_ids"]
+                    c = tok(ctx, add_special_tokens=self.add_bos)["input_ids"]
                     x = tok(cont, add_special_tokens=False)["input_ids"]
                     seqs.append(c + x)
                     starts.append(len(c))

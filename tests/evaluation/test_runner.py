@@ -64,3 +64,16 @@ def test_the_server_puts_benchmarks_in_its_round_metrics(tmp_path, fixtures_dir)
     assert (tmp_path / "bench" / "eval" / "round-2.md").is_file()
     with pytest.raises(ConfigError, match="unknown benchmark 'nope'"):
         FederatedRun(load_config({"overrides": over}, [*extra, "eval.benches=[nope]"]), started=0.0)
+
+
+def test_readme_lists_every_benchmark_with_its_data_source():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Evaluation: `fedllm-eval`")[1].split("\n## ")[0]
+    for name in BENCHMARKS:
+        assert f"| `{name}` |" in section, name
+    for name, source in SOURCES.items():
+        hub = "vicuna_bench/question.jsonl" if source.hub_id.startswith("http") else f"`{source.hub_id}`"
+        assert hub in section, name
+        assert source.config is None or f"({source.config})" in section, name
