@@ -45,9 +45,8 @@ def main() -> None:
         wall = time.perf_counter() - start
         report = json.loads((ckpt / "eval" / "all.json").read_text())
         print("| figure | value |\n|---|---|")
-        print(
-            f"| `{' '.join(cmd[:1] + ['<checkpoint>'] + cmd[2:5])} tests/evaluation/fixtures` wall time | {wall:.1f} s |"
-        )
+        shown = "fedllm-eval <checkpoint> --bench all --data-dir tests/evaluation/fixtures"
+        print(f"| `{shown}` wall time | {wall:.1f} s |")
         print(f"| of which benchmarks (model loaded) | {report['total_seconds']:.1f} s |")
         slowest = sorted(report["benchmarks"].items(), key=lambda kv: -kv[1]["seconds"])[:3]
         print("| slowest benchmarks | " + ", ".join(f"{k} {v['seconds']:.1f} s" for k, v in slowest) + " |")

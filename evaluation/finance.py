@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from evaluation.generation import Generator
-from evaluation.sources import Source
+from evaluation.sources import PARQUET_EXPORT, Source
 
 LABELS = ("negative", "neutral", "positive")
 NEWS = "What is the sentiment of this financial news? Answer with one word: negative, neutral or positive."
@@ -48,8 +48,15 @@ def _seeded_test(test_size: float) -> Callable[[Any], Any]:
 
 
 SOURCES = {
+    # The dataset is a loading script; its Parquet export on the Hub holds the same rows.
     "fpb": Source(
-        "fpb", "takala/financial_phrasebank", "sentences_50agree", "train", ("sentence", "label"), _seeded_test(0.25)
+        "fpb",
+        "takala/financial_phrasebank",
+        "sentences_50agree",
+        "train",
+        ("sentence", "label"),
+        _seeded_test(0.25),
+        revision=PARQUET_EXPORT,
     ),
     # FinGPT pools FiQA's splits and draws a seeded test split; the Hub's own test split is used here.
     "fiqa_sa": Source("fiqa_sa", "pauri32/fiqa-2018", None, "test", ("sentence", "sentiment_score", "format")),

@@ -58,7 +58,8 @@ class Generator:
     @property
     def add_bos(self) -> bool:
         """String templates get the tokenizer's special tokens (e.g. Llama's BOS), as TRL adds them in
-        training; a chat template writes its own."""
+        training; a chat template writes its own.
+        """
         return self.template != "chat"
 
     def _bar(self, total: int, desc: str) -> Any:

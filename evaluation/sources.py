@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+PARQUET_EXPORT = "refs/convert/parquet"
 _LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -40,6 +41,9 @@ class Source:
     select : Callable | None
         Applied to the Hub dataset only, to reproduce the reference evaluation's own test split
         (e.g. FinGPT's seeded ``train_test_split``); a local file already holds the evaluated rows.
+    revision : str | None
+        Hub revision; ``refs/convert/parquet`` reads the Hub's Parquet export of a dataset that only has a
+        loading script (which ``datasets`` >= 4 no longer runs); the config is then its folder.
     """
 
     name: str
@@ -48,6 +52,15 @@ class Source:
     split: str
     columns: tuple[str, ...]
     select: Callable[[Any], Any] | None = None
+    revision: str | None = None
+
+    def hub_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``datasets.load_dataset`` for this source."""
+        if self.hub_id.startswith(("http://", "https://")):
+            return {"path": "json", "data_files": self.hub_id, "split": "train"}
+        if self.revision == PARQUET_EXPORT:
+            return {"path": self.hub_id, "revision": self.revision, "data_dir": self.config, "split": self.split}
+        return {"path": self.hub_id, "name": self.config, "split": self.split, "revision": self.revision}
 
     def describe(self) -> str:
         cfg = f" ({self.config})" if self.config else ""
@@ -84,11 +97,8 @@ def load_rows(source: Source, data_dir: str | Path | None = None, limit: int | N
             enable_progress_bar()
         where = str(path)
     else:
-        builder = "json" if source.hub_id.startswith(("http://", "https://")) else source.hub_id
-        kwargs = {"data_files": source.hub_id} if builder == "json" else {"name": source.config}
-        split = "train" if builder == "json" else source.split
         try:
-            ds = load_dataset(builder, split=split, **kwargs)
+            ds = load_dataset(**source.hub_kwargs())
         except Exception as err:  # noqa: BLE001 - any failure to reach the data gets the same advice
             raise DataSourceError(
                 f"cannot load benchmark {source.name!r} from {source.describe()}: {str(err).splitlines()[0]}; "

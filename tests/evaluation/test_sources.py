@@ -39,3 +39,10 @@ def test_hub_loading_failure_says_what_to_do(monkeypatch, tmp_path):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path)
     with pytest.raises(DataSourceError, match=r"cannot load benchmark 'tfns' from zeroshot/.*--data-dir"):
         load_rows(SOURCES["tfns"])
+
+
+def test_hub_arguments():
+    assert SOURCES["gsm8k"].hub_kwargs() == {"path": "openai/gsm8k", "name": "main", "split": "test", "revision": None}
+    fpb = SOURCES["fpb"].hub_kwargs()
+    assert fpb["revision"] == "refs/convert/parquet" and fpb["data_dir"] == "sentences_50agree"
+    assert SOURCES["vicuna"].hub_kwargs()["path"] == "json"
