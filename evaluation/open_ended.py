@@ -103,7 +103,7 @@ def evaluate(
     path = out_dir / f"{bench}_answers.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     metrics: dict[str, Any] = {k: sum(v) / len(v) for k, v in sorted(scores.items())}
-    metrics.update(n=len(items), answers_file=str(path), judged=sum(len(v) for k, v in scores.items() if k == "score"))
+    metrics.update(n=len(items), answers_file=str(path), judged=len(scores.get("score", [])))
     if judge is None:
         metrics["note"] = "answers only: set judge.base_url and judge.model to grade them"
     else:
