@@ -1,2 +1,3 @@
 """Metrics and benchmarks for any saved adapter or merged model: held-out loss/exact match, finance
-sentiment, multiple choice (MMLU, medical), math, code (sandboxed), open-ended (LLM judge) and safety."""
+sentiment, multiple choice (MMLU, medical), math, code (sandboxed), open-ended (LLM judge) and safety.
+"""
