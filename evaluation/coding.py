@@ -35,10 +35,19 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
+_CODE_START = ("def ", "import ", "from ", "class ", "@", "    ", "\t")
+
+
 def extract_code(text: str) -> str:
-    """The first fenced code block of ``text`` (``` or ```python), else the text itself."""
+    """The first fenced code block of ``text`` (``` or ```python), else the text from its first line of code
+    (a prose preamble such as "Here is the function:" is dropped).
+    """
     block = re.search(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|$)", text, re.S)
-    return block.group(1) if block else text
+    if block:
+        return block.group(1)
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.startswith(_CODE_START)), 0)
+    return "".join(lines[start:])
 
 
 def prompt_for(bench: str, row: dict) -> str:

@@ -29,6 +29,8 @@ def test_extract_code():
     assert extract_code("```\nx = 1\n```") == "x = 1\n"
     assert extract_code("    return a + b\n") == "    return a + b\n"
     assert extract_code("```python\ndef f(): pass") == "def f(): pass"  # unterminated block
+    assert extract_code("Here is the function:\ndef f():\n    return 2\n") == "def f():\n    return 2\n"
+    assert extract_code("no code at all") == "no code at all"
 
 
 def test_reference_solutions_pass_and_wrong_ones_fail(rows):
