@@ -77,3 +77,21 @@ def test_readme_lists_every_benchmark_with_its_data_source():
         hub = "vicuna_bench/question.jsonl" if source.hub_id.startswith("http") else f"`{source.hub_id}`"
         assert hub in section, name
         assert source.config is None or f"({source.config})" in section, name
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_benchmarks_land_in_metrics_jsonl_through_flower(flower, tmp_path, fixtures_dir):
+    import json
+
+    out = tmp_path / "outputs"
+    overrides = (
+        "num_rounds=2 num_clients=2 sample_clients=2 training.max_steps=1 baseline=none dataset.test_per_domain=2 "
+        f"eval.benches=[tfns] eval.every=2 eval.data_dir={fixtures_dir} output_dir={out} run_name=bench"
+    )
+    status, log = flower.run(overrides, num_supernodes=2)
+    assert status == "finished:completed", log[-3000:]
+    lines = [json.loads(x) for x in (out / "bench" / "metrics.jsonl").read_text().splitlines()]
+    assert "bench/tfns/accuracy" not in lines[0]
+    assert 0 <= lines[1]["bench/tfns/accuracy"] <= 1 and lines[1]["bench/tfns/f1_macro"] >= 0
+    assert (out / "bench" / "eval" / "round-2.md").is_file()
