@@ -75,11 +75,15 @@ def set_limits(cpu_seconds: int, memory_bytes: int, file_bytes: int) -> None:
         (resource.RLIMIT_NOFILE, 64),
         (resource.RLIMIT_CORE, 0),
     ):
+        _, hard = resource.getrlimit(res)
+        value = value if hard == resource.RLIM_INFINITY else min(value, hard)
         resource.setrlimit(res, (value, value))
 
 
 def landlock(workdir: str, read_dirs: list[str]) -> int:
     """Restrict this process with Landlock; return the ABI version used (0 if unavailable)."""
+    if not sys.platform.startswith("linux"):
+        return 0
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
     abi = libc.syscall(_SYS_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
