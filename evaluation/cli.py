@@ -22,16 +22,12 @@ from evaluation.runner import GROUPS, EvalSettings, expand, run_suite, write_res
 
 def evaluate_checkpoint(checkpoint: str | Path, settings: EvalSettings) -> dict[str, Any]:
     """Load the checkpoint, run ``settings.bench`` and write ``<checkpoint>/eval/<bench>.{json,md}``."""
-    import torch
-
     from evaluation.checkpoint import checkpoint_config, load_for_eval
     from evaluation.generation import Generator
 
     names = expand(settings.bench)  # fail on a bad name before loading anything
     start = time.perf_counter()
     cfg = checkpoint_config(checkpoint, settings.overrides)
-    if cfg.training.get("num_threads"):
-        torch.set_num_threads(cfg.training.num_threads)
     model, tokenizer = load_for_eval(checkpoint, cfg)
     gen = Generator(model, tokenizer, cfg.training.template, settings.batch_size, progress=settings.progress)
     out_dir = Path(checkpoint).expanduser() / "eval"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,33 +112,20 @@ def run_one(name: str, gen: Generator, settings: EvalSettings, out_dir: Path, ru
     if not rows:
         raise DataSourceError(f"benchmark {name!r} has no rows at {settings.data_dir or SOURCES[name].describe()}")
     s = settings
-    family: dict[str, Callable[[], dict[str, Any]]] = {
-        "finance": lambda: finance.evaluate(gen, name, rows),
-        "mc": lambda: multiple_choice.evaluate(gen, name, rows),
-        "math": lambda: maths.evaluate(gen, name, rows, max_new_tokens=s.max_new_tokens),
-        "code": lambda: coding.evaluate(
+    if name in finance.SOURCES:
+        return finance.evaluate(gen, name, rows)
+    if name in multiple_choice.SOURCES:
+        return multiple_choice.evaluate(gen, name, rows)
+    if name in maths.SOURCES:
+        return maths.evaluate(gen, name, rows, max_new_tokens=s.max_new_tokens)
+    if name in coding.SOURCES:
+        return coding.evaluate(
             gen, name, rows, s.code_samples, s.code_temperature, s.code_timeout, max_new_tokens=s.max_new_tokens
-        ),
-        "open": lambda: open_ended.evaluate(
-            gen, name, rows, JudgeClient(s.judge) if s.judge else None, out_dir, s.max_new_tokens
-        ),
-        "safety": lambda: safety.evaluate(gen, name, rows),
-    }
-    return family[_family(name)]()
-
-
-def _family(name: str) -> str:
-    for fam, module in (
-        ("finance", finance),
-        ("mc", multiple_choice),
-        ("math", maths),
-        ("code", coding),
-        ("open", open_ended),
-        ("safety", safety),
-    ):
-        if name in module.SOURCES:
-            return fam
-    raise KeyError(name)
+        )
+    if name in open_ended.SOURCES:
+        judge = JudgeClient(s.judge) if s.judge else None
+        return open_ended.evaluate(gen, name, rows, judge, out_dir, s.max_new_tokens)
+    return safety.evaluate(gen, name, rows)
 
 
 def heldout_metrics(gen: Generator, run_cfg: Any, limit: int | None) -> dict[str, Any]:
