@@ -28,6 +28,11 @@ def evaluate_checkpoint(checkpoint: str | Path, settings: EvalSettings) -> dict[
     names = expand(settings.bench)  # fail on a bad name before loading anything
     start = time.perf_counter()
     cfg = checkpoint_config(checkpoint, settings.overrides)
+    threads = settings.threads or cfg.training.get("num_threads")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     model, tokenizer = load_for_eval(checkpoint, cfg)
     gen = Generator(model, tokenizer, cfg.training.template, settings.batch_size, progress=settings.progress)
     out_dir = Path(checkpoint).expanduser() / "eval"
@@ -68,6 +73,7 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable with the API key")
     p.add_argument("--judge-cache", default="~/.cache/fedllm/judge", help="folder of cached judgements")
     p.add_argument("--override", action="append", default=[], help="run-config override, e.g. model.quantization=4bit")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: the run's training.num_threads)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -91,6 +97,7 @@ def settings_from_args(a: argparse.Namespace) -> EvalSettings:
         max_new_tokens=a.max_new_tokens,
         judge=judge,
         overrides=list(a.override),
+        threads=a.threads,
     )
 
 

@@ -26,6 +26,9 @@ class Generator:
         Default generation length; benchmarks may ask for more or less.
     progress : bool
         Show a tqdm progress bar.
+    record : list[dict] | None
+        When a list, every generation is appended to it as ``{"step", "prompt", "output"}`` (the runner
+        saves them per benchmark for inspection).
     """
 
     model: Any
@@ -34,6 +37,7 @@ class Generator:
     batch_size: int = 8
     max_new_tokens: int = 256
     progress: bool = True
+    record: list[dict] | None = None
 
     def prompt(self, instruction: str) -> str:
         """The text given to the model for a single-turn ``instruction``."""
@@ -92,7 +96,11 @@ class Generator:
                         eos_token_id=tok.eos_token_id,
                         **sampling,
                     )
-                    out.extend(tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True))
+                    texts = tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+                    out.extend(texts)
+                    if self.record is not None:
+                        pairs = zip(batch, texts, strict=True)
+                        self.record.extend({"step": desc, "prompt": p, "output": t} for p, t in pairs)
                     bar.update(len(batch))
         finally:
             tok.padding_side = side

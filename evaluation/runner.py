@@ -68,6 +68,8 @@ class EvalSettings:
         LLM judge for MT-Bench / Vicuna; None generates and saves the answers only.
     overrides : list[str]
         Hydra-style ``key=value`` overrides of the checkpoint's run config (e.g. ``model.quantization=4bit``).
+    threads : int | None
+        Torch CPU threads; None uses the run's ``training.num_threads`` (0 there: torch's default).
     """
 
     bench: str = "all"
@@ -82,6 +84,7 @@ class EvalSettings:
     max_new_tokens: int = 512
     judge: JudgeConfig | None = None
     overrides: list[str] = field(default_factory=list)
+    threads: int | None = None
 
 
 def expand(bench: str) -> list[str]:
@@ -147,14 +150,24 @@ def heldout_metrics(gen: Generator, run_cfg: Any, limit: int | None) -> dict[str
 def run_suite(
     gen: Generator, names: list[str], settings: EvalSettings, out_dir: Path, run_cfg: Any = None
 ) -> dict[str, Any]:
-    """Run ``names`` in order; returns ``{benchmark: metrics}`` with each one's seconds."""
+    """Run ``names`` in order; returns ``{benchmark: metrics}`` with each one's seconds. The raw generations
+    of each benchmark are saved to ``<out_dir>/<benchmark>_generations.jsonl`` for inspection.
+    """
     import torch
 
     results: dict[str, Any] = {}
     for name in names:
         torch.manual_seed(settings.seed)
         start = time.perf_counter()
-        metrics = run_one(name, gen, settings, out_dir, run_cfg)
+        gen.record = []
+        try:
+            metrics = run_one(name, gen, settings, out_dir, run_cfg)
+        finally:
+            generations, gen.record = gen.record, None
+        if generations:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            lines = "".join(json.dumps(g) + "\n" for g in generations)
+            (out_dir / f"{name}_generations.jsonl").write_text(lines)
         metrics["seconds"] = round(time.perf_counter() - start, 2)
         results[name] = metrics
         print(f"[fedllm-eval] {name}: {summary_line(metrics)}", flush=True)

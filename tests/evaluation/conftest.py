@@ -39,13 +39,19 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def gen(checkpoint):
-    """The checkpoint loaded for evaluation, wrapped in a Generator (no progress bars)."""
+    """The checkpoint loaded for evaluation, wrapped in a Generator (no progress bars); one torch thread, as
+    the run config says, since several processes share the CPU cores."""
+    import torch
+
     from evaluation.checkpoint import checkpoint_config, load_for_eval
     from evaluation.generation import Generator
 
     cfg = checkpoint_config(checkpoint)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.training.num_threads or threads)
     model, tok = load_for_eval(checkpoint, cfg)
-    return Generator(model, tok, cfg.training.template, batch_size=4, max_new_tokens=32, progress=False)
+    yield Generator(model, tok, cfg.training.template, batch_size=4, max_new_tokens=32, progress=False)
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

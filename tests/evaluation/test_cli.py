@@ -48,6 +48,8 @@ def test_every_benchmark_on_the_fixtures_writes_json_and_markdown(checkpoint, fi
     assert results["heldout"]["eval_loss"] > 0 and results["heldout"]["perplexity"] > 1
     assert results["mt_bench"]["judged"] == 0 and "judge" in results["mt_bench"]["note"]
     assert report["sources"]["gsm8k"] == "openai/gsm8k (main), split test"
+    saved = [json.loads(x) for x in (checkpoint / "eval" / "gsm8k_generations.jsonl").read_text().splitlines()]
+    assert len(saved) == 2 and "Ana has 3 boxes" in saved[0]["prompt"] and isinstance(saved[0]["output"], str)
     md = (checkpoint / "eval" / "all.md").read_text()
     assert "| tfns | f1_macro |" in md and "| humaneval | pass@1 |" in md and "shaped like openai/gsm8k" in md
 
