@@ -44,7 +44,7 @@ def to_item(bench: str, row: dict) -> dict[str, Any]:
             "id": row.get("prompt_id"),
             "category": row["category"],
             "turns": list(row["prompt"]),
-            "reference": [r for r in ref if r] or None,
+            "reference": list(ref) if any(ref) else None,  # per turn; "" where a turn has none
         }
     return {"id": row["question_id"], "category": row["category"], "turns": list(row["turns"]), "reference": None}
 
@@ -67,7 +67,7 @@ def generate_answers(gen: Generator, items: list[dict], max_new_tokens: int, tur
 
 
 def _judge(judge: JudgeClient, it: dict, ans: list[str], turn: int) -> tuple[float | None, str]:
-    ref = it["reference"][turn] if it["reference"] and turn < len(it["reference"]) else None
+    ref = (it["reference"][turn] or None) if it["reference"] and turn < len(it["reference"]) else None
     if turn == 0:
         return judge.grade(it["turns"][0], ans[0], ref)
     return judge.grade_second_turn(it["turns"][:2], ans[:2], ref)

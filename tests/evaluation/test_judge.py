@@ -156,3 +156,11 @@ def test_mt_bench_two_turns_judged_end_to_end(server, tmp_path, gen, rows):
     assert m["score/math"] == 6.0 and m["judged"] == 3
     saved = [json.loads(x) for x in (tmp_path / "eval" / "mt_bench_answers.jsonl").read_text().splitlines()]
     assert [len(r["answers"]) for r in saved] == [2, 2] and saved[0]["scores"][0] is None
+
+
+def test_mt_bench_references_stay_aligned_with_their_turns():
+    from evaluation.open_ended import to_item
+
+    item = to_item("mt_bench", {"prompt": ["a", "b"], "prompt_id": 1, "category": "math", "reference": ["", "9"]})
+    assert item["reference"] == ["", "9"]
+    assert to_item("mt_bench", {"prompt": ["a", "b"], "category": "writing", "reference": []})["reference"] is None
