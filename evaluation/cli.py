@@ -72,6 +72,7 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge-model", help="judge model name")
     p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable with the API key")
     p.add_argument("--judge-cache", default="~/.cache/fedllm/judge", help="folder of cached judgements")
+    p.add_argument("--judge-workers", type=int, default=8, help="judge requests in flight at once")
     p.add_argument("--override", action="append", default=[], help="run-config override, e.g. model.quantization=4bit")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: the run's training.num_threads)")
     p.add_argument("--no-progress", action="store_true")
@@ -83,7 +84,7 @@ def settings_from_args(a: argparse.Namespace) -> EvalSettings:
     if a.judge_base_url or a.judge_model:
         if not (a.judge_base_url and a.judge_model):
             raise SystemExit("fedllm-eval: give both --judge-base-url and --judge-model (or neither)")
-        judge = JudgeConfig(a.judge_base_url, a.judge_model, a.judge_key_env, a.judge_cache)
+        judge = JudgeConfig(a.judge_base_url, a.judge_model, a.judge_key_env, a.judge_cache, workers=a.judge_workers)
     return EvalSettings(
         bench=a.bench,
         data_dir=a.data_dir,

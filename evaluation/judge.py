@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -68,6 +69,8 @@ class JudgeConfig:
         Sampling temperature of the judge (0: deterministic grading).
     max_tokens : int
         Longest judgement.
+    workers : int
+        Judge requests in flight at once.
     """
 
     base_url: str
@@ -79,6 +82,7 @@ class JudgeConfig:
     timeout: float = 120.0
     temperature: float = 0.0
     max_tokens: int = 1024
+    workers: int = 8
 
 
 def parse_rating(text: str) -> float | None:
@@ -102,6 +106,7 @@ class JudgeClient:
         self.cache = Path(cfg.cache_dir).expanduser()
         self.requests_sent = 0
         self.cache_hits = 0
+        self._lock = threading.Lock()
 
     def _payload(self, prompt: str) -> dict[str, Any]:
         return {
@@ -117,11 +122,12 @@ class JudgeClient:
         key = hashlib.sha256(json.dumps([self.cfg.base_url, payload], sort_keys=True).encode()).hexdigest()
         path = self.cache / f"{key}.json"
         if path.is_file():
-            self.cache_hits += 1
+            with self._lock:
+                self.cache_hits += 1
             return json.loads(path.read_text())["reply"]
         reply = self._post(payload)
         self.cache.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{threading.get_ident()}.tmp")
         tmp.write_text(json.dumps({"request": payload, "reply": reply}))
         tmp.replace(path)
         return reply
@@ -135,7 +141,8 @@ class JudgeClient:
         body = json.dumps(payload).encode()
         delay, last = self.cfg.backoff, ""
         for attempt in range(self.cfg.retries + 1):
-            self.requests_sent += 1
+            with self._lock:
+                self.requests_sent += 1
             try:
                 req = urllib.request.Request(url, data=body, headers=headers, method="POST")
                 with urllib.request.urlopen(req, timeout=self.cfg.timeout) as resp:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -85,12 +86,15 @@ def evaluate(
     items = [to_item(bench, r) for r in rows]
     turns = 2 if bench == "mt_bench" else 1
     answers = generate_answers(gen, items, max_new_tokens, turns)
+    jobs = [(i, t) for i, ans in enumerate(answers) for t in range(len(ans))] if judge else []
+    with ThreadPoolExecutor(max_workers=judge.cfg.workers if judge else 1) as pool:
+        graded = dict(zip(jobs, pool.map(lambda j: _judge(judge, items[j[0]], answers[j[0]], j[1]), jobs), strict=True))
     records, scores = [], defaultdict(list)
     malformed = []
-    for it, ans in zip(items, answers, strict=True):
+    for i, (it, ans) in enumerate(zip(items, answers, strict=True)):
         rec = {**it, "answers": ans, "scores": [], "judgements": []}
         for t in range(len(ans) if judge else 0):
-            score, text = _judge(judge, it, ans, t)
+            score, text = graded[(i, t)]
             rec["scores"].append(score)
             rec["judgements"].append(text)
             if score is None:
