@@ -58,8 +58,15 @@ SOURCES = {
         _seeded_test(0.25),
         revision=PARQUET_EXPORT,
     ),
-    # FinGPT pools FiQA's splits and draws a seeded test split; the Hub's own test split is used here.
-    "fiqa_sa": Source("fiqa_sa", "pauri32/fiqa-2018", None, "test", ("sentence", "sentiment_score", "format")),
+    # FinGPT pools FiQA's three splits and draws a seeded 22.6% test split; so does this.
+    "fiqa_sa": Source(
+        "fiqa_sa",
+        "pauri32/fiqa-2018",
+        None,
+        "train+validation+test",
+        ("sentence", "sentiment_score", "format"),
+        _seeded_test(0.226),
+    ),
     "tfns": Source("tfns", "zeroshot/twitter-financial-news-sentiment", None, "validation", ("text", "label")),
     "nwgi": Source("nwgi", "oliverwang15/news_with_gpt_instructions", None, "test", ("news", "label")),
 }
