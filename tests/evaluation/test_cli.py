@@ -61,5 +61,6 @@ def test_hydra_module_and_merge_command(checkpoint, fixtures_dir, tmp_path):
     done = subprocess.run([*cmd, "max_new_tokens=8", "progress=false"], cwd=tmp_path, env=env, capture_output=True)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     assert "advbench" in json.loads((checkpoint / "eval" / "safety.json").read_text())["benchmarks"]
+    assert list(tmp_path.iterdir()) == []  # Hydra leaves no outputs/ or log file behind
     main(["merge", str(checkpoint), str(tmp_path / "merged")])
     assert (tmp_path / "merged" / "config.json").is_file() and (tmp_path / "merged" / "tokenizer.json").is_file()
