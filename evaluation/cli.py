@@ -64,6 +64,7 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="at most this many rows per benchmark")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shots", type=int, default=0, help="solved examples before each MMLU question (e.g. 5)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="for math, code and open-ended answers")
     p.add_argument("--code-samples", type=int, default=1, help="samples per coding problem (pass@k for k <= n)")
     p.add_argument("--code-temperature", type=float, default=0.8)
@@ -99,6 +100,7 @@ def settings_from_args(a: argparse.Namespace) -> EvalSettings:
         judge=judge,
         overrides=list(a.override),
         threads=a.threads,
+        shots=a.shots,
     )
 
 

@@ -31,6 +31,9 @@ SOURCES = {
     "careqa": Source("careqa", "HPAI-BSC/CareQA", "CareQA_en", "test", ("question", "op1", "op2", "op3", "op4", "cop")),
 }
 
+# Solved examples for few-shot prompts (MMLU's dev split: 5 questions per subject); local file mmlu_dev.jsonl.
+DEV_SOURCES = {"mmlu": Source("mmlu_dev", "cais/mmlu", "all", "dev", ("question", "subject", "choices", "answer"))}
+
 _GROUPS = {
     "stem": "abstract_algebra astronomy college_biology college_chemistry college_computer_science "
     "college_mathematics college_physics computer_security conceptual_physics electrical_engineering "
@@ -78,12 +81,36 @@ def to_item(bench: str, row: dict) -> Item:
     raise KeyError(bench)
 
 
-def question_block(item: Item) -> str:
-    """The question with lettered options and the answer instruction (our wording)."""
-    lines = [f"Question: {item.question}"]
-    lines += [f"{LETTERS[i]}. {opt}" for i, opt in enumerate(item.options)]
-    lines.append("Answer with the letter of the correct option.")
-    return "\n".join(lines)
+def question_block(item: Item, examples: list[Item] = ()) -> str:
+    """The question with lettered options and the answer instruction (our wording), after any solved
+    ``examples`` (few-shot).
+    """
+    shots = "".join(_lettered(ex) + f"\nAnswer: {LETTERS[ex.gold]}\n\n" for ex in examples)
+    if examples and item.subject:
+        shots = f"Here are solved questions about {item.subject.replace('_', ' ')}.\n\n{shots}"
+    return shots + _lettered(item) + "\nAnswer with the letter of the correct option."
+
+
+def _lettered(item: Item) -> str:
+    return "\n".join([f"Question: {item.question}"] + [f"{LETTERS[i]}. {o}" for i, o in enumerate(item.options)])
+
+
+def few_shot_examples(items: list[Item], dev_rows: list[dict], bench: str, shots: int) -> list[list[Item]]:
+    """For each item, the first ``shots`` dev items of its subject (MMLU's dev split has 5 per subject)."""
+    by_subject: dict[str | None, list[Item]] = defaultdict(list)
+    for row in dev_rows:
+        dev = to_item(bench, row)
+        by_subject[dev.subject].append(dev)
+    out = []
+    for it in items:
+        pool = by_subject.get(it.subject, [])
+        if len(pool) < shots:
+            raise ValueError(
+                f"{bench}: {shots}-shot needs {shots} dev questions of subject {it.subject!r}; "
+                f"the dev data has {len(pool)}"
+            )
+        out.append(pool[:shots])
+    return out
 
 
 def extract_letter(text: str, options: tuple[str, ...]) -> int | None:
@@ -112,10 +139,15 @@ def extract_letter(text: str, options: tuple[str, ...]) -> int | None:
 _OPT_START = r"[A-Z0-9]"
 
 
-def evaluate(gen: Generator, bench: str, rows: list[dict]) -> dict[str, Any]:
-    """Log-likelihood and generated-letter accuracy (MMLU: also per subject and subject group)."""
+def evaluate(
+    gen: Generator, bench: str, rows: list[dict], shots: int = 0, dev_rows: list[dict] | None = None
+) -> dict[str, Any]:
+    """Log-likelihood and generated-letter accuracy (MMLU: also per subject and subject group), zero-shot or
+    with ``shots`` solved examples per question from ``dev_rows``.
+    """
     items = [to_item(bench, r) for r in rows]
-    prompts = [gen.prompt(question_block(it)) for it in items]
+    examples = few_shot_examples(items, dev_rows or [], bench, shots) if shots else [[] for _ in items]
+    prompts = [gen.prompt(question_block(it, ex)) for it, ex in zip(items, examples, strict=True)]
     pairs = [(p, opt) for p, it in zip(prompts, items, strict=True) for opt in it.options]
     scores = gen.loglikelihoods(pairs, desc=f"{bench} options")
     answers = gen.generate(prompts, max_new_tokens=24, desc=f"{bench} letters")
@@ -138,5 +170,5 @@ def evaluate(gen: Generator, bench: str, rows: list[dict]) -> dict[str, Any]:
                 hits[f"{key}/{MMLU_GROUP.get(it.subject, 'other')}"].append(value)
                 hits[f"{key}/subject/{it.subject}"].append(value)
     metrics: dict[str, Any] = {k: sum(v) / len(v) for k, v in sorted(hits.items())}
-    metrics.update(unparsed_letter=unparsed, n=len(items))
+    metrics.update(unparsed_letter=unparsed, n=len(items), shots=shots)
     return metrics

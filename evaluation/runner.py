@@ -68,6 +68,8 @@ class EvalSettings:
         LLM judge for MT-Bench / Vicuna; None generates and saves the answers only.
     overrides : list[str]
         Hydra-style ``key=value`` overrides of the checkpoint's run config (e.g. ``model.quantization=4bit``).
+    shots : int
+        Solved examples before each MMLU question (5 is the usual setting; other benchmarks stay zero-shot).
     threads : int | None
         Torch CPU threads; None uses the run's ``training.num_threads`` (0 there: torch's default).
     """
@@ -84,6 +86,7 @@ class EvalSettings:
     max_new_tokens: int = 512
     judge: JudgeConfig | None = None
     overrides: list[str] = field(default_factory=list)
+    shots: int = 0
     threads: int | None = None
 
 
@@ -118,7 +121,9 @@ def run_one(name: str, gen: Generator, settings: EvalSettings, out_dir: Path, ru
     if name in finance.SOURCES:
         return finance.evaluate(gen, name, rows)
     if name in multiple_choice.SOURCES:
-        return multiple_choice.evaluate(gen, name, rows)
+        dev = multiple_choice.DEV_SOURCES.get(name)
+        dev_rows = load_rows(dev, s.data_dir) if s.shots and dev else None
+        return multiple_choice.evaluate(gen, name, rows, s.shots if dev else 0, dev_rows)
     if name in maths.SOURCES:
         return maths.evaluate(gen, name, rows, max_new_tokens=s.max_new_tokens)
     if name in coding.SOURCES:

@@ -32,9 +32,8 @@ def test_bad_inputs_exit_with_a_message(tmp_path, checkpoint):
 
 @pytest.mark.slow
 def test_every_benchmark_on_the_fixtures_writes_json_and_markdown(checkpoint, fixtures_dir):
-    main(
-        [str(checkpoint), "--bench", "all", "--data-dir", str(fixtures_dir), "--max-new-tokens", "24", "--no-progress"]
-    )
+    args = ["--bench", "all", "--data-dir", str(fixtures_dir), "--max-new-tokens", "24", "--shots", "1"]
+    main([str(checkpoint), *args, "--no-progress"])
     report = json.loads((checkpoint / "eval" / "all.json").read_text())
     results = report["benchmarks"]
     from evaluation.runner import BENCHMARKS
@@ -45,6 +44,7 @@ def test_every_benchmark_on_the_fixtures_writes_json_and_markdown(checkpoint, fi
         for key, value in metrics.items():
             if key.startswith(("accuracy", "f1", "pass@", "refusal", "attack")):
                 assert 0.0 <= value <= 1.0, (name, key)
+    assert results["mmlu"]["shots"] == 1 and results["medqa"]["shots"] == 0  # few-shot is MMLU's
     assert results["heldout"]["eval_loss"] > 0 and results["heldout"]["perplexity"] > 1
     assert results["mt_bench"]["judged"] == 0 and "judge" in results["mt_bench"]["note"]
     assert report["sources"]["gsm8k"] == "openai/gsm8k (main), split test"

@@ -76,3 +76,27 @@ def test_each_multiple_choice_benchmark_end_to_end(gen, rows, bench):
     if bench == "mmlu":
         assert {"accuracy/stem", "accuracy/humanities", "accuracy/social_sciences"} <= set(m)
         assert "accuracy_letter/subject/formal_logic" in m
+
+
+def test_few_shot_prompts_use_solved_questions_of_the_same_subject(fixtures_dir, rows):
+    from evaluation.multiple_choice import DEV_SOURCES, few_shot_examples
+    from evaluation.sources import load_rows
+
+    dev = load_rows(DEV_SOURCES["mmlu"], fixtures_dir)
+    items = [to_item("mmlu", r) for r in rows("mmlu")]
+    examples = few_shot_examples(items, dev, "mmlu", 1)
+    block = question_block(items[0], examples[0])
+    assert block.startswith("Here are solved questions about elementary mathematics.")
+    assert "What is 1 + 1?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer: B\n\nQuestion: What is 3 + 4?" in block
+    assert block.endswith("Answer with the letter of the correct option.")
+    with pytest.raises(ValueError, match="2-shot needs 2 dev questions of subject 'conceptual_physics'"):
+        few_shot_examples(items, dev, "mmlu", 2)
+
+
+@pytest.mark.slow
+def test_mmlu_few_shot_end_to_end(gen, rows, fixtures_dir):
+    from evaluation.multiple_choice import DEV_SOURCES, evaluate
+    from evaluation.sources import load_rows
+
+    m = evaluate(gen, "mmlu", rows("mmlu"), shots=1, dev_rows=load_rows(DEV_SOURCES["mmlu"], fixtures_dir))
+    assert m["shots"] == 1 and 0.0 <= m["accuracy"] <= 1.0 and 0.0 <= m["accuracy_letter"] <= 1.0
