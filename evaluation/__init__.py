@@ -1,1 +1,3 @@
-"""Metrics usable on any adapter: held-out loss and exact match per domain."""
+"""Metrics and benchmarks for any saved adapter or merged model: held-out loss/exact match, finance
+sentiment, multiple choice (MMLU, medical), math, code (sandboxed), open-ended (LLM judge) and safety.
+"""

@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from evaluation.heldout import evaluate_adapter
+from evaluation.runner import check_round_benchmarks, round_benchmarks
 from fedllm_app import data
 from fedllm_app.config import ConfigError
 from fedllm_app.model import get_adapter, get_model, set_adapter
@@ -53,6 +54,7 @@ class FederatedRun:
         self.cfg = cfg
         self.started = started
         self.strategy = build_strategy(cfg)  # validates the hyperparameters before anything is loaded
+        check_round_benchmarks(cfg)
         if cfg.training.num_threads:
             torch.set_num_threads(cfg.training.num_threads)
         self.writer = RunWriter(cfg)
@@ -70,6 +72,13 @@ class FederatedRun:
     def evaluate(self, arrays: ArrayRecord) -> dict[str, float]:
         set_adapter(self.model, from_record(arrays))
         return evaluate_adapter(self.model, self.tokenizer, self.test, self.cfg.training)
+
+    def evaluate_round(self, arrays: ArrayRecord) -> dict[str, float]:
+        """Held-out metrics, plus the ``eval.benches`` every ``eval.every`` rounds (called once per round)."""
+        metrics = self.evaluate(arrays)
+        rnd = len(self.writer.rounds) + 1
+        metrics.update(round_benchmarks(self.cfg, self.model, self.tokenizer, rnd, self.writer.dir))
+        return metrics
 
     def checkpoint(self, rnd: int, arrays: ArrayRecord) -> None:
         if rnd % self.cfg.save_every == 0 or rnd == self.cfg.num_rounds:
@@ -109,7 +118,11 @@ class FederatedRun:
             self.final = self._local_rounds(grid, self.strategy, self.cfg.strategy.name, "metrics.jsonl")
         else:
             _, self.final = self._rounds(
-                grid, self.strategy, phase=self.cfg.strategy.name, evaluate=self.evaluate, after_round=self.checkpoint
+                grid,
+                self.strategy,
+                phase=self.cfg.strategy.name,
+                evaluate=self.evaluate_round,
+                after_round=self.checkpoint,
             )
         self.summary["final"] = self.final
 

@@ -1,0 +1,143 @@
+"""Model calls shared by the benchmarks: batched left-padded generation and option log-likelihoods."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fedllm_app.templates import STRING_TEMPLATES, prompt_text
+
+
+@dataclass
+class Generator:
+    """A model, its tokenizer and how to prompt it.
+
+    Attributes
+    ----------
+    model, tokenizer : Any
+        A causal LM (PEFT-wrapped or merged) and its tokenizer.
+    template : str
+        Prompt template (``alpaca``, ``vicuna`` or ``chat``), as in training.
+    batch_size : int
+        Prompts per forward pass.
+    max_new_tokens : int
+        Default generation length; benchmarks may ask for more or less.
+    progress : bool
+        Show a tqdm progress bar.
+    record : list[dict] | None
+        When a list, every generation is appended to it as ``{"step", "prompt", "output"}`` (the runner
+        saves them per benchmark for inspection).
+    """
+
+    model: Any
+    tokenizer: Any
+    template: str = "chat"
+    batch_size: int = 8
+    max_new_tokens: int = 256
+    progress: bool = True
+    record: list[dict] | None = None
+
+    def prompt(self, instruction: str) -> str:
+        """The text given to the model for a single-turn ``instruction``."""
+        return prompt_text(instruction, self.template, self.tokenizer)
+
+    def conversation(self, turns: list[str], answers: list[str]) -> str:
+        """The prompt for the next answer after ``turns[:-1]`` were answered with ``answers``."""
+        if self.template == "chat":
+            messages: list[dict[str, str]] = []
+            for i, q in enumerate(turns):
+                messages.append({"role": "user", "content": q})
+                if i < len(answers):
+                    messages.append({"role": "assistant", "content": answers[i]})
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = ""
+        for i, q in enumerate(turns):
+            text += STRING_TEMPLATES[self.template].format(instruction=q) if i == 0 else _next_turn(self.template, q)
+            if i < len(answers):
+                text += answers[i] + (self.tokenizer.eos_token or "") + "\n\n"
+        return text
+
+    @property
+    def add_bos(self) -> bool:
+        """String templates get the tokenizer's special tokens (e.g. Llama's BOS), as TRL adds them in
+        training; a chat template writes its own.
+        """
+        return self.template != "chat"
+
+    def _bar(self, total: int, desc: str) -> Any:
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, disable=not self.progress, leave=False)
+
+    @torch.no_grad()
+    def generate(
+        self, prompts: list[str], max_new_tokens: int | None = None, temperature: float = 0.0, desc: str = "generate"
+    ) -> list[str]:
+        """Batched, left-padded generation, greedy unless ``temperature > 0``; returns only the new text."""
+        model, tok = self.model, self.tokenizer
+        model.eval()
+        device = next(model.parameters()).device
+        side, tok.padding_side = tok.padding_side, "left"
+        sampling = (
+            {"do_sample": True, "temperature": temperature, "top_p": 1.0} if temperature > 0 else {"do_sample": False}
+        )
+        out: list[str] = []
+        try:
+            with self._bar(len(prompts), desc) as bar:
+                for i in range(0, len(prompts), self.batch_size):
+                    batch = prompts[i : i + self.batch_size]
+                    enc = tok(batch, return_tensors="pt", padding=True, add_special_tokens=self.add_bos).to(device)
+                    gen = model.generate(
+                        **enc,
+                        max_new_tokens=max_new_tokens or self.max_new_tokens,
+                        pad_token_id=tok.pad_token_id,
+                        eos_token_id=tok.eos_token_id,
+                        **sampling,
+                    )
+                    texts = tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+                    out.extend(texts)
+                    if self.record is not None:
+                        pairs = zip(batch, texts, strict=True)
+                        self.record.extend({"step": desc, "prompt": p, "output": t} for p, t in pairs)
+                    bar.update(len(batch))
+        finally:
+            tok.padding_side = side
+        return out
+
+    @torch.no_grad()
+    def loglikelihoods(self, pairs: list[tuple[str, str]], desc: str = "score") -> list[float]:
+        """Sum of log-probabilities of each continuation given its context, ``[(context, continuation)]``."""
+        model, tok = self.model, self.tokenizer
+        model.eval()
+        device = next(model.parameters()).device
+        scores: list[float] = []
+        with self._bar(len(pairs), desc) as bar:
+            for i in range(0, len(pairs), self.batch_size):
+                batch = pairs[i : i + self.batch_size]
+                seqs, starts = [], []
+                for ctx, cont in batch:
+                    c = tok(ctx, add_special_tokens=self.add_bos)["input_ids"]
+                    x = tok(cont, add_special_tokens=False)["input_ids"]
+                    seqs.append(c + x)
+                    starts.append(len(c))
+                width = max(map(len, seqs))
+                ids = torch.full((len(seqs), width), tok.pad_token_id)
+                attn = torch.zeros_like(ids)
+                for j, s in enumerate(seqs):
+                    ids[j, : len(s)] = torch.tensor(s)
+                    attn[j, : len(s)] = 1
+                logp = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.float().log_softmax(-1)
+                for j, s in enumerate(seqs):
+                    targets = torch.tensor(s[starts[j] :], device=device)
+                    rows = logp[j, starts[j] - 1 : len(s) - 1]
+                    scores.append(float(rows.gather(1, targets[:, None]).sum()))
+                bar.update(len(batch))
+        return scores
+
+
+def _next_turn(template: str, question: str) -> str:
+    if template == "alpaca":
+        return f"### Instruction:\n{question}\n\n### Response:\n"
+    return f"USER: {question} ASSISTANT: "
