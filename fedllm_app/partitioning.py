@@ -103,7 +103,7 @@ def _with_flwr(rows: list[Row], p: DictConfig, num_clients: int, seed: int, batc
             f"num_clients={num_clients}; set num_clients={n} (and as many SuperNodes)"
         )
     try:
-        return [[shuffled[i] for i in partitioner.load_partition(pid)["row"]] for pid in range(num_clients)]
+        return [[shuffled[i] for i in _indices(partitioner, pid)] for pid in range(num_clients)]
     except ValueError as err:
         if p.name == "dirichlet":
             raise ConfigError(
@@ -112,6 +112,13 @@ def _with_flwr(rows: list[Row], p: DictConfig, num_clients: int, seed: int, batc
                 f"partition.alpha, lower num_clients or training.batch_size, or use more data"
             ) from None
         raise ConfigError(f"partition={p.name}: {err}") from None
+
+
+def _indices(partitioner: Any, pid: int) -> list[int]:
+    try:
+        return list(partitioner.load_partition(pid)["row"])
+    except IndexError:  # datasets' shard() when there are fewer rows than clients
+        return []
 
 
 def _dominance(rows: list[Row], p: DictConfig, num_clients: int, seed: int) -> list[list[Row]]:
