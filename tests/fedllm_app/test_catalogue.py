@@ -31,6 +31,12 @@ def test_every_catalogue_entry_has_a_fixture_and_a_real_hub_id():
         assert "/" in hub_id and " " not in hub_id
 
 
+def test_the_docs_table_lists_every_entry_with_its_hub_id():
+    docs = (Path(__file__).parents[2] / "docs" / "data.md").read_text()
+    for name in ENTRIES:
+        assert f"| `{name}`" in docs and f"`{catalogue_entry(name).hub_id}`" in docs, name
+
+
 def catalogue_entry(name):
     return data.catalogue_entry(name)
 
