@@ -143,7 +143,8 @@ class FederatedRun:
         self.writer.write_summary(self.summary)
         self.writer.plot(mean_acc)
         if self.local:
-            table = comparison_table(self.final, self.local, self.cfg.strategy.name)
+            metric = "held-out preference accuracy" if self.preferences is not None else "held-out exact match"
+            table = comparison_table(self.final, self.local, self.cfg.strategy.name, metric)
             (self.writer.dir / "comparison.md").write_text(table + "\n")
             print("\n" + table + "\n", flush=True)
         print(f"[fedllm] final: {self.final}", flush=True)

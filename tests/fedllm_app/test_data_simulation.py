@@ -42,6 +42,7 @@ def test_federated_dpo_reports_preference_metrics_every_round(flower, tmp_path):
     assert status == "finished:completed", log[-3000:]
     lines = rounds(out / "dpo" / "metrics.jsonl")
     assert [(r["round"], r["replied"]) for r in lines] == [(1, 2), (2, 2)]
+    assert f"acc {lines[-1]['accuracy']:.3f} margin {lines[-1]['reward_margin']:.3f}" in log
     for r in lines:
         assert np.isfinite(r["train_loss"]) and np.isfinite(r["dpo_loss"]) and np.isfinite(r["reward_margin"])
         assert 0 <= r["preference_accuracy"] <= 1
