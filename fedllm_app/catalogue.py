@@ -17,6 +17,7 @@ plus the source's other scalar columns (so ``partition.by=<column>`` can use the
 
 from __future__ import annotations
 
+import codecs
 import random
 import re
 from collections.abc import Callable
@@ -173,20 +174,28 @@ def read_raw(d: DictConfig, path: str | None = None) -> Any:
 
 
 def _check_file(p: Path, builder: str) -> None:
+    """Empty, whitespace-only and non-UTF-8 text files get a clear message (read in 1 MiB chunks)."""
     if p.stat().st_size == 0:
         raise ConfigError(f"dataset file '{p}' is empty; give a file with at least one row")
-    if builder in ("json", "csv"):
-        raw = p.read_bytes()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            line = raw[: err.start].count(b"\n") + 1
-            raise ConfigError(
-                f"dataset file '{p}' is not UTF-8 (byte {err.start}, line {line}); re-save it as UTF-8, "
-                f"e.g. iconv -f latin1 -t utf-8"
-            ) from None
-        if not text.strip():
-            raise ConfigError(f"dataset file '{p}' has no rows (only whitespace); give a file with at least one row")
+    if builder not in ("json", "csv"):
+        return
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, lines, blank = 0, 1, True
+    with p.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            try:
+                text = decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                at = offset + err.start
+                line = lines + chunk[: err.start].count(b"\n")
+                raise ConfigError(
+                    f"dataset file '{p}' is not UTF-8 (byte {at}, line {line}); re-save it as UTF-8, "
+                    f"e.g. iconv -f latin1 -t utf-8"
+                ) from None
+            blank = blank and not text.strip()
+            offset, lines = offset + len(chunk), lines + chunk.count(b"\n")
+    if blank:
+        raise ConfigError(f"dataset file '{p}' has no rows (only whitespace); give a file with at least one row")
 
 
 def column_map(d: DictConfig) -> dict[str, str | None]:
