@@ -3,7 +3,16 @@
 The server's train config says what to do (:class:`RoundPlan`): the round and its
 learning rate, ``mode`` (federated, local-only or central), FedProx's ``mu`` and the
 central baseline's step multiplier; SCAFFOLD's control variate travels as an extra
-ArrayRecord. The same path serves every strategy.
+ArrayRecord. The same path serves every strategy and both tasks (SFT, DPO).
+
+A SuperNode whose node config names ``data-path`` (:data:`DATA_PATH_KEY`) trains on that
+local file, the whole file being its partition::
+
+    flower-supernode ... --node-config "partition-id=0 num-partitions=2 data-path=/data/private.jsonl"
+
+The file is read in the run's dataset format (``dataset=alpaca_gpt4``: alpaca columns;
+``dataset=synthetic``/``custom``: prompt/response or prompt/chosen/rejected) and never sent:
+only the adapter and metrics travel.
 """
 
 from __future__ import annotations
@@ -16,8 +25,8 @@ import torch
 from flwr.app import Message, MetricRecord, RecordDict
 from omegaconf import DictConfig
 
-from fedllm_app.config import cfg_key
-from fedllm_app.data import partition, pooled, round_indices
+from fedllm_app.config import ConfigError, cfg_key
+from fedllm_app.data import Row, local_rows, partition, pooled, round_indices
 from fedllm_app.fed_terms import ScaffoldClient
 from fedllm_app.model import get_adapter, get_model, set_adapter
 from fedllm_app.train import ClientTrainer, client_trainer
@@ -29,6 +38,8 @@ from strategies.records import from_record, to_record
 from strategies.scaffold import C_DELTA_KEY
 
 LOCAL_STATE_KEY = "local-adapter"
+# Node-config key naming a SuperNode's own data file (deployment); absent in simulation.
+DATA_PATH_KEY = "data-path"
 
 
 @dataclass(frozen=True)
@@ -53,13 +64,30 @@ class RoundPlan:
         )
 
 
-def _trainer(cfg: DictConfig, pid: int, plan: RoundPlan, model: Any, tokenizer: Any) -> ClientTrainer:
-    central = plan.mode == "central"
-    rows, name = (pooled(cfg), "pooled data") if central else (partition(cfg, pid), f"client {pid}")
+def client_rows(
+    cfg: DictConfig, pid: int, mode: str = "federated", data_path: str | None = None
+) -> tuple[list[Row], str]:
+    """The client's training rows and a name for its logs: its own file, its partition, or the pooled data."""
+    if data_path:
+        if mode == "central":
+            raise ConfigError(
+                f"client {pid} has its own data-path {data_path!r}, but strategy=central pools every client's data "
+                f"on one node; private files cannot be pooled: run strategy=central in simulation without data-path"
+            )
+        return local_rows(cfg, data_path, who=f"client {pid}"), f"client {pid} (data-path '{data_path}')"
+    if mode == "central":
+        return pooled(cfg), "pooled data"
+    return partition(cfg, pid), f"client {pid}"
+
+
+def _trainer(
+    cfg: DictConfig, pid: int, plan: RoundPlan, model: Any, tokenizer: Any, data_path: str | None
+) -> ClientTrainer:
+    rows, name = client_rows(cfg, pid, plan.mode, data_path)
     return client_trainer(model, tokenizer, rows, cfg, key=f"{name} ({cfg_key(cfg)})")
 
 
-def train_one_round(cfg: DictConfig, pid: int, msg: Message, state: Any) -> RecordDict:
+def train_one_round(cfg: DictConfig, pid: int, msg: Message, state: Any, data_path: str | None = None) -> RecordDict:
     """Load the adapter to start from, train this round, and build the reply's content."""
     if cfg.training.num_threads:
         torch.set_num_threads(cfg.training.num_threads)
@@ -68,7 +96,7 @@ def train_one_round(cfg: DictConfig, pid: int, msg: Message, state: Any) -> Reco
     global_ = from_record(msg.content[ARRAYS_KEY])
     kept = state.get(LOCAL_STATE_KEY) if plan.mode == "local" else None
     set_adapter(model, from_record(kept) if kept is not None else global_)
-    trainer = _trainer(cfg, pid, plan, model, tokenizer)
+    trainer = _trainer(cfg, pid, plan, model, tokenizer, data_path)
     scaffold = ScaffoldClient.from_message(msg, state)
     result = trainer.train_round(
         round_indices(len(trainer.dataset), cfg, plan.server_round, pid, plan.multiplier),

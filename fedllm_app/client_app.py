@@ -5,8 +5,8 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedllm_app.client import train_one_round
-from fedllm_app.config import load_config
+from fedllm_app.client import DATA_PATH_KEY, train_one_round
+from fedllm_app.config import ConfigError, load_config
 from strategies.local import PARTITION_KEY
 
 app = ClientApp()
@@ -14,7 +14,13 @@ app = ClientApp()
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Parse the run config, train this node's round, reply with the adapter."""
+    """Parse the run config, train this node's round (on its own ``data-path`` file if set), reply."""
     cfg = load_config(context.run_config)
+    if PARTITION_KEY not in context.node_config:
+        raise ConfigError(
+            f'node config has no {PARTITION_KEY}; start the SuperNode with --node-config "{PARTITION_KEY}=0 '
+            f'num-partitions=2" (add {DATA_PATH_KEY}=<file> for its own data)'
+        )
     pid = int(context.node_config[PARTITION_KEY])
-    return Message(train_one_round(cfg, pid, msg, context.state), reply_to=msg)
+    data_path = context.node_config.get(DATA_PATH_KEY)
+    return Message(train_one_round(cfg, pid, msg, context.state, str(data_path) if data_path else None), reply_to=msg)

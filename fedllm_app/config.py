@@ -25,7 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 from fedllm_app.templates import check_template
 
 OVERRIDES_KEY = "overrides"
-GROUPS = ("model", "dataset", "strategy", "training")
+GROUPS = ("model", "dataset", "partition", "task", "strategy", "training")
+TASKS = ("sft", "dpo")
 BASELINES = ("local", "none")
 QUANTIZATIONS = (None, "4bit", "8bit")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -131,7 +132,14 @@ def validate(cfg: DictConfig) -> None:
         f"training.min_learning_rate={t.min_learning_rate} must be between 0 and "
         f"training.learning_rate={t.learning_rate}",
     )
+    _validate_data(cfg)
     m = cfg.model
+    adapter = m.get("adapter")
+    _check(
+        not adapter or Path(str(adapter)).expanduser().is_dir(),
+        f"model.adapter={adapter!r} is not a directory; give a checkpoint folder of an earlier run "
+        f"(outputs/<run>/checkpoints/round-<N>) or model.adapter=null",
+    )
     _check(m.quantization in QUANTIZATIONS, f"model.quantization={m.quantization!r} must be null, 4bit or 8bit")
     _check(m.dtype in DTYPES, f"model.dtype={m.dtype!r} must be one of {', '.join(DTYPES)}")
     _check(m.lora.r >= 1, f"model.lora.r={m.lora.r} must be at least 1; e.g. model.lora.r=16")
@@ -142,6 +150,26 @@ def validate(cfg: DictConfig) -> None:
             f"model.name={name!r} is not a directory; give a local folder saved with save_pretrained, "
             f"a Hub id such as meta-llama/Llama-2-7b-hf, or builtin:tiny",
         )
+
+
+def _validate_data(cfg: DictConfig) -> None:
+    """Task, partition and dataset values that need no data to check."""
+    task = cfg.task
+    _check(task.name in TASKS, f"task.name={task.name!r} must be one of {', '.join(TASKS)} (task=sft or task=dpo)")
+    if task.name == "dpo":
+        _check(task.beta > 0, f"task.beta={task.beta} must be positive; e.g. task.beta=0.1")
+    p = cfg.partition
+    if p.name == "dirichlet":
+        _check(p.alpha > 0, f"partition.alpha={p.alpha} must be positive; e.g. partition.alpha=0.5")
+    if p.name == "dominance":
+        _check(0 < p.dominance <= 1, f"partition.dominance={p.dominance} must be in (0, 1]; e.g. 0.9")
+    if p.name == "pathological":
+        _check(p.classes_per_client >= 1, f"partition.classes_per_client={p.classes_per_client} must be at least 1")
+    d = cfg.dataset
+    if d.get("sample") is not None:
+        _check(d.sample >= 1, f"dataset.sample={d.sample} must be at least 1 (or null for every row)")
+    if d.get("heldout") is not None:
+        _check(d.heldout >= 1, f"dataset.heldout={d.heldout} must be at least 1 (the server evaluates on it)")
 
 
 def _looks_like_path(name: str) -> bool:

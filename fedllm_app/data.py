@@ -1,43 +1,79 @@
-"""Datasets, non-IID partitions and OpenFedLLM's per-round sampling.
+"""Datasets, client partitions, private node files and OpenFedLLM's per-round sampling.
 
-The embedded default is the synthetic multi-domain set; every process rebuilds it
-from the seed, so the server's held-out split and each client's partition never
-travel. Rows are ``{"instruction", "response", "domain"}`` dicts.
+The data of a run is ``dataset`` (the built-in synthetic set or a catalogue entry,
+:mod:`fedllm_app.catalogue`), split into ``num_clients`` partitions by ``partition``
+(:mod:`fedllm_app.partitioning`) after holding out the server's evaluation rows.
+Every process rebuilds the same split from the seed, so no data travels. In a real
+federation a SuperNode can instead train on its own file, named in its node config
+(``data-path``, :func:`local_rows`): the whole file is its partition and never leaves it.
+
+Rows are dicts: ``{"instruction", "response", "domain", ...}`` for SFT and
+``{"prompt", "chosen", "rejected", "domain", ...}`` for DPO (``prompt`` is a list of
+chat messages).
 """
 
 from __future__ import annotations
 
+import json
 import random
-from functools import lru_cache
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from fedllm_app import synthetic
+from fedllm_app import catalogue, partitioning, preferences, synthetic
 from fedllm_app.config import ConfigError
-from fedllm_app.templates import to_prompt_completion
+from fedllm_app.templates import STRING_TEMPLATES, check_template, to_prompt_completion
 
-Row = dict[str, str]
+Row = dict[str, Any]
+Split = tuple[tuple[tuple[Row, ...], ...], tuple[Row, ...]]
 
-
-@lru_cache(maxsize=4)
-def _synthetic(
-    train_per_domain: int, test_per_domain: int, dominance: float, num_clients: int, seed: int
-) -> tuple[tuple[tuple[Row, ...], ...], tuple[Row, ...]]:
-    train = synthetic.generate(train_per_domain, seed)
-    test = synthetic.generate(test_per_domain, seed + 10_000)
-    try:
-        parts = synthetic.split_non_iid(train, num_clients, dominance, seed)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    return tuple(tuple(r.as_dict() for r in p) for p in parts), tuple(r.as_dict() for r in test)
+# Explicit per-process cache of the loaded split, keyed on the config sections that shape it.
+_SPLITS: dict[str, Split] = {}
+_LOCAL: dict[str, list[Row]] = {}
 
 
-def _load(cfg: DictConfig) -> tuple[tuple[tuple[Row, ...], ...], tuple[Row, ...]]:
+def task_name(cfg: DictConfig) -> str:
+    return str(cfg.task.name) if "task" in cfg else "sft"
+
+
+def _split_key(cfg: DictConfig) -> str:
+    parts = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("dataset", "partition") if k in cfg}
+    extra = (task_name(cfg), cfg.num_clients, cfg.seed, cfg.training.batch_size)
+    return json.dumps([parts, extra], sort_keys=True, default=str)
+
+
+def _load(cfg: DictConfig) -> Split:
+    key = _split_key(cfg)
+    if key not in _SPLITS:
+        if len(_SPLITS) >= 4:
+            _SPLITS.clear()
+        _SPLITS[key] = _build(cfg)
+    return _SPLITS[key]
+
+
+def _build(cfg: DictConfig) -> Split:
     d = cfg.dataset
-    if d.name != "synthetic":
-        raise ConfigError(f"dataset.name={d.name!r} is not available yet; use dataset=synthetic")
-    return _synthetic(d.train_per_domain, d.test_per_domain, float(d.dominance), cfg.num_clients, cfg.seed)
+    if d.name == "synthetic":
+        train = [r.as_dict() for r in synthetic.generate(d.train_per_domain, cfg.seed)]
+        test = [r.as_dict() for r in synthetic.generate(d.test_per_domain, cfg.seed + 10_000)]
+        if task_name(cfg) == "dpo":
+            train, test = preferences.make_pairs(train, cfg.seed), preferences.make_pairs(test, cfg.seed + 10_000)
+    else:
+        rows = catalogue.load_rows(d, task_name(cfg), cfg.seed)
+        train, test = hold_out(rows, int(d.heldout), cfg.seed, catalogue.source_name(d))
+    parts = partitioning.split(train, cfg.partition, cfg.num_clients, cfg.seed, cfg.training.batch_size)
+    return tuple(tuple(p) for p in parts), tuple(test)
+
+
+def hold_out(rows: list[Row], n: int, seed: int, source: str) -> tuple[list[Row], list[Row]]:
+    """``n`` rows drawn with the seed for the server's evaluation; the rest, in order, for training."""
+    if n >= len(rows):
+        raise ConfigError(
+            f"dataset {source} has {len(rows)} rows: dataset.heldout={n} would leave none for training; "
+            f"lower dataset.heldout"
+        )
+    picked = set(random.Random(f"fedllm-heldout-{seed}").sample(range(len(rows)), n))
+    return [r for i, r in enumerate(rows) if i not in picked], [r for i, r in enumerate(rows) if i in picked]
 
 
 def partition(cfg: DictConfig, partition_id: int) -> list[Row]:
@@ -48,10 +84,40 @@ def partition(cfg: DictConfig, partition_id: int) -> list[Row]:
             f"partition-id={partition_id} is outside 0..{len(parts) - 1}: the run config has num_clients={len(parts)}; "
             f"start as many SuperNodes (num-supernodes) as num_clients"
         )
-    rows = list(parts[partition_id])
-    if not rows:
-        raise ConfigError(f"client {partition_id} has no rows; lower num_clients or use more data")
-    return rows
+    return list(parts[partition_id])
+
+
+def local_rows(cfg: DictConfig, path: str, who: str = "this node") -> list[Row]:
+    """A SuperNode's private file (node config ``data-path``), read in the run's dataset format.
+
+    With ``dataset=synthetic`` the file uses the ``custom`` columns (prompt/response, or
+    prompt/chosen/rejected for DPO); with a catalogue entry, that entry's Hub columns.
+    """
+    d = cfg.dataset
+    if d.name == "synthetic":
+        d = OmegaConf.merge(catalogue_entry("custom"), {"deduplicate": False, "sample": None})
+    key = json.dumps([path, OmegaConf.to_container(d, resolve=True), task_name(cfg), cfg.seed], default=str)
+    if key not in _LOCAL:
+        try:
+            _LOCAL[key] = catalogue.load_rows(d, task_name(cfg), cfg.seed, path=path)
+        except ConfigError as err:
+            if cfg.dataset.name != "synthetic":
+                raise
+            raise ConfigError(
+                f"{who}: {err} (with dataset=synthetic a node's own file is read as dataset=custom; run with the "
+                f"dataset its columns come from, e.g. dataset=alpaca_gpt4, or dataset=custom "
+                f"dataset.columns.prompt=...)"
+            ) from None
+        print(f"[fedllm] {who}: training on its own file '{path}' ({len(_LOCAL[key])} rows, never sent)", flush=True)
+    return list(_LOCAL[key])
+
+
+def catalogue_entry(name: str) -> DictConfig:
+    """A dataset entry of conf/dataset/ on its own (without the partition it selects)."""
+    from fedllm_app.config import conf_dir
+
+    entry = OmegaConf.load(conf_dir() / "dataset" / f"{name}.yaml")
+    return OmegaConf.create({k: v for k, v in entry.items() if k != "defaults"})
 
 
 def all_partitions(cfg: DictConfig) -> list[list[Row]]:
@@ -89,15 +155,40 @@ def round_indices(
     return rng.sample(range(num_rows), n)
 
 
+def is_preference(rows: list[Row]) -> bool:
+    return bool(rows) and "chosen" in rows[0]
+
+
+def flatten_turns(messages: list[dict[str, str]]) -> str:
+    """A conversation as one instruction string (for the alpaca/vicuna string templates)."""
+    if len(messages) == 1:
+        return messages[0]["content"]
+    names = {"user": "Human", "assistant": "Assistant", "system": "System"}
+    return "\n\n".join(f"{names.get(m['role'], m['role'])}: {m['content']}" for m in messages)
+
+
+def to_preference(row: Row, template: str) -> dict[str, Any]:
+    """One row in TRL's preference form (conversational for ``chat``)."""
+    check_template(template)
+    if template == "chat":
+        return {
+            "prompt": list(row["prompt"]),
+            "chosen": [{"role": "assistant", "content": row["chosen"]}],
+            "rejected": [{"role": "assistant", "content": row["rejected"]}],
+        }
+    prompt = STRING_TEMPLATES[template].format(instruction=flatten_turns(row["prompt"]))
+    return {"prompt": prompt, "chosen": row["chosen"], "rejected": row["rejected"]}
+
+
 def to_trl(rows: list[Row], template: str) -> Any:
-    """A ``datasets.Dataset`` in TRL's prompt/completion form."""
+    """A ``datasets.Dataset`` in TRL's prompt/completion (SFT) or prompt/chosen/rejected (DPO) form."""
     from datasets import Dataset
 
+    if is_preference(rows):
+        return Dataset.from_list([to_preference(r, template) for r in rows])
     return Dataset.from_list([to_prompt_completion(r["instruction"], r["response"], template) for r in rows])
 
 
-def domain_mix(rows: list[Row]) -> dict[str, int]:
-    mix: dict[str, int] = {}
-    for r in rows:
-        mix[r.get("domain", "all")] = mix.get(r.get("domain", "all"), 0) + 1
-    return dict(sorted(mix.items()))
+def domain_mix(rows: list[Row], by: str = "domain") -> dict[str, int]:
+    """How many rows of each value of ``by`` (a client's domain or label mix)."""
+    return partitioning.mix(rows, by)

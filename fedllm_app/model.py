@@ -107,7 +107,35 @@ def _cached(key: str, seed: int) -> tuple[Any, Any]:
     model_cfg = OmegaConf.create(json.loads(key))
     base, tokenizer = load_base(model_cfg)
     torch.manual_seed(seed)
-    return get_peft_model(base, lora_config(model_cfg)), tokenizer
+    model = get_peft_model(base, lora_config(model_cfg))
+    if model_cfg.get("adapter"):
+        set_adapter(model, load_saved_adapter(str(model_cfg.adapter)), what=f"model.adapter={model_cfg.adapter!r}")
+    return model, tokenizer
+
+
+def load_saved_adapter(path: str) -> dict[str, np.ndarray]:
+    """The weights of a saved PEFT adapter folder (e.g. an SFT run's ``checkpoints/round-N``)."""
+    from safetensors.numpy import load_file
+
+    folder = Path(path).expanduser()
+    file = folder / "adapter_model.safetensors"
+    if not file.is_file():
+        raise ModelLoadError(
+            f"model.adapter={path!r} has no adapter_model.safetensors; give a checkpoint folder of an earlier run, "
+            f"e.g. outputs/<run>/checkpoints/round-<N>"
+        )
+    return {k: v.astype(np.float32) for k, v in load_file(str(file)).items()}
+
+
+def reference_adapter(model_cfg: DictConfig, model: Any) -> dict[str, np.ndarray]:
+    """DPO's reference: the adapter the run starts from.
+
+    ``model.adapter``'s weights when DPO starts from an SFT checkpoint; otherwise zeros,
+    which (LoRA adds ``B @ A``) is the base model with the adapter disabled.
+    """
+    if model_cfg.get("adapter"):
+        return load_saved_adapter(str(model_cfg.adapter))
+    return {k: np.zeros_like(v) for k, v in get_adapter(model).items()}
 
 
 def get_model(model_cfg: DictConfig, seed: int = 0) -> tuple[Any, Any]:
@@ -128,16 +156,17 @@ def get_adapter(model: Any) -> dict[str, np.ndarray]:
     return {k: v.detach().float().cpu().numpy().copy() for k, v in get_peft_model_state_dict(model).items()}
 
 
-def set_adapter(model: Any, arrays: dict[str, np.ndarray]) -> None:
+def set_adapter(model: Any, arrays: dict[str, np.ndarray], what: str = "adapter arrays") -> None:
     """Load adapter weights into the model; the names and shapes must match exactly."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     current = get_peft_model_state_dict(model)  # tensors, no copies: only names and shapes are compared
     missing = sorted(set(current) - set(arrays))
     unexpected = sorted(set(arrays) - set(current))
+    fix = "" if what == "adapter arrays" else "; use the model and model.lora settings of the run that saved it"
     if missing or unexpected:
-        raise ValueError(f"adapter arrays do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise ValueError(f"{what} do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}{fix}")
     for k, v in arrays.items():
         if tuple(v.shape) != tuple(current[k].shape):
-            raise ValueError(f"adapter array {k!r} has shape {v.shape}, the model expects {tuple(current[k].shape)}")
+            raise ValueError(f"{what}: {k!r} has shape {v.shape}, the model expects {tuple(current[k].shape)}{fix}")
     set_peft_model_state_dict(model, {k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()})

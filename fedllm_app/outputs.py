@@ -69,6 +69,8 @@ class RunWriter:
 def format_round(r: dict[str, Any]) -> str:
     """One readable line per round."""
     acc = f" acc {r['accuracy']:.3f}" if "accuracy" in r else ""
+    if "reward_margin" in r:  # DPO: accuracy is the held-out preference accuracy
+        acc += f" margin {r['reward_margin']:.3f}"
     ev = f" | eval_loss {r['eval_loss']:.3f}{acc}" if "eval_loss" in r else ""
     loss = r.get("train_loss")
     return (
@@ -79,13 +81,13 @@ def format_round(r: dict[str, Any]) -> str:
     )
 
 
-def comparison_table(fed: dict[str, float], local: dict[int, dict[str, float]], strategy: str) -> str:
+def comparison_table(
+    fed: dict[str, float], local: dict[int, dict[str, float]], strategy: str, metric: str = "held-out exact match"
+) -> str:
     """Markdown table: per domain, the federated model vs the local-only mean and each client."""
     keys = sorted(k for k in fed if k.startswith("accuracy/")) + ["accuracy"]
     clients = sorted(local)
-    head = f"| held-out exact match | {strategy} | local-only mean | " + " | ".join(
-        f"local client {c}" for c in clients
-    )
+    head = f"| {metric} | {strategy} | local-only mean | " + " | ".join(f"local client {c}" for c in clients)
     lines = [head + " |", "|" + "---|" * (3 + len(clients))]
     for k in keys:
         name = k.split("/", 1)[1] if "/" in k else "all domains"

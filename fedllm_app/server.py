@@ -18,6 +18,7 @@ from fedllm_app import data
 from fedllm_app.config import ConfigError
 from fedllm_app.model import get_adapter, get_model, set_adapter
 from fedllm_app.outputs import RunWriter, comparison_table
+from fedllm_app.preferences import HeldoutPreferences
 from fedllm_app.rounds import run_rounds
 from strategies.local import LocalOnly
 from strategies.records import from_record, to_record
@@ -63,14 +64,23 @@ class FederatedRun:
         self.model, self.tokenizer = get_model(cfg.model, cfg.seed)
         self.initial = to_record(get_adapter(self.model))
         self.test = data.heldout(cfg)
+        by = cfg.partition.by
+        print(f"[fedllm] data: {cfg.dataset.name} ({cfg.task.name}), partition {cfg.partition.name}", flush=True)
         for pid, rows in enumerate(data.all_partitions(cfg)):
-            print(f"[fedllm] client {pid}: {len(rows)} rows, domains {data.domain_mix(rows)}", flush=True)
+            print(f"[fedllm] client {pid}: {len(rows)} rows, {by} mix {data.domain_mix(rows, by)}", flush=True)
+        print(f"[fedllm] server held-out: {len(self.test)} rows", flush=True)
+        # DPO is evaluated on held-out pairs (loss, reward margin, preference accuracy) against the reference.
+        self.preferences = (
+            HeldoutPreferences(self.model, self.tokenizer, self.test, cfg) if cfg.task.name == "dpo" else None
+        )
         self.summary: dict[str, Any] = {"run": self.writer.dir.name, "strategy": cfg.strategy.name}
         self.final: dict[str, float] = {}
         self.local: dict[int, dict[str, float]] = {}
 
     def evaluate(self, arrays: ArrayRecord) -> dict[str, float]:
         set_adapter(self.model, from_record(arrays))
+        if self.preferences is not None:
+            return self.preferences.evaluate(self.model)
         return evaluate_adapter(self.model, self.tokenizer, self.test, self.cfg.training)
 
     def evaluate_round(self, arrays: ArrayRecord) -> dict[str, float]:
@@ -146,7 +156,8 @@ class FederatedRun:
         self.writer.write_summary(self.summary)
         self.writer.plot(mean_acc)
         if self.local:
-            table = comparison_table(self.final, self.local, self.cfg.strategy.name)
+            metric = "held-out preference accuracy" if self.preferences is not None else "held-out exact match"
+            table = comparison_table(self.final, self.local, self.cfg.strategy.name, metric)
             (self.writer.dir / "comparison.md").write_text(table + "\n")
             print("\n" + table + "\n", flush=True)
         print(f"[fedllm] final: {self.final}", flush=True)

@@ -16,7 +16,11 @@ never contains an answer of the four tasks.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 DOMAINS: tuple[str, ...] = ("reverse", "sentiment", "arithmetic", "units")
 
@@ -79,18 +83,27 @@ def generate(n_per_domain: int, seed: int, domains: tuple[str, ...] = DOMAINS) -
     return rows
 
 
+def _domain(row: Any) -> str:
+    return row.domain
+
+
 def split_non_iid(
-    rows: list[Example], num_clients: int, dominance: float, seed: int, domains: tuple[str, ...] = DOMAINS
-) -> list[list[Example]]:
+    rows: list[T],
+    num_clients: int,
+    dominance: float,
+    seed: int,
+    domains: tuple[str, ...] = DOMAINS,
+    key: Callable[[T], str] = _domain,
+) -> list[list[T]]:
     """Partition rows so client ``i`` holds mostly domain ``i % len(domains)``.
 
     Each client gets the same number of rows: a ``dominance`` share from its own
     domain, the rest spread evenly over the other domains. Raises if ``rows`` is
-    too small for that.
+    too small for that. ``key`` gives a row's domain (``Example.domain`` by default).
     """
     if not 0.0 < dominance <= 1.0:
-        raise ValueError(f"dataset.dominance={dominance} must be in (0, 1]; e.g. dataset.dominance=0.9")
-    by_domain: dict[str, list[Example]] = {d: [r for r in rows if r.domain == d] for d in domains}
+        raise ValueError(f"partition.dominance={dominance} must be in (0, 1]; e.g. partition.dominance=0.9")
+    by_domain: dict[str, list[T]] = {d: [r for r in rows if key(r) == d] for d in domains}
     others = len(domains) - 1
     homes = {d: sum(domains[i % len(domains)] == d for i in range(num_clients)) for d in domains}
 
@@ -108,16 +121,16 @@ def split_non_iid(
         per_client -= 1
     if per_client < 2:
         raise ValueError(
-            f"the synthetic dataset ({len(rows)} rows) is too small for {num_clients} clients with "
-            f"dominance {dominance}; raise dataset.train_per_domain or lower num_clients"
+            f"the dataset ({len(rows)} rows) is too small for {num_clients} clients with "
+            f"dominance {dominance}; raise dataset.train_per_domain (synthetic), use more data or lower num_clients"
         )
     own, rest_each = shares(per_client)
     rng = random.Random(f"fedllm-split-{seed}")
     cursor = {d: 0 for d in domains}
-    clients: list[list[Example]] = []
+    clients: list[list[T]] = []
     for i in range(num_clients):
         home = domains[i % len(domains)]
-        part: list[Example] = []
+        part: list[T] = []
         for d in domains:
             k = own if d == home else rest_each
             part.extend(by_domain[d][cursor[d] : cursor[d] + k])

@@ -1,9 +1,15 @@
-"""The one client training path: TRL's SFTTrainer on the process's LoRA model.
+"""The one client training path: TRL's SFTTrainer or DPOTrainer on the process's LoRA model.
 
-The task is a parameter (SFT now; DPO joins this path later). Each round builds a
-light trainer around the already-loaded model with a constant learning rate sent
-by the server, trains ``max_steps`` steps on the round's sample and returns the
-mean loss.
+The task (``task=sft`` or ``task=dpo``) is a parameter: it picks the TRL trainer and its
+config; everything else (the round's sample, learning rate and seed, the FedProx and
+SCAFFOLD gradient terms, the step timer) is the same path. Each round reuses a light
+trainer around the already-loaded model with a constant learning rate sent by the
+server, trains ``max_steps`` steps on the round's sample and returns the mean loss.
+
+DPO's reference policy is the adapter the run starts from: TRL copies the model's
+adapter into a frozen ``ref`` adapter, which fedllm then sets to that starting adapter
+(:func:`fedllm_app.model.reference_adapter`: the SFT checkpoint of ``model.adapter``, or
+zeros, i.e. the base model with the adapter disabled), the same on every client and round.
 """
 
 from __future__ import annotations
@@ -61,12 +67,18 @@ def quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def sft_config(cfg: DictConfig, learning_rate: float, seed: int, output_dir: str) -> Any:
-    from trl import SFTConfig
+def task_of(cfg: DictConfig) -> str:
+    return str(cfg.task.name) if "task" in cfg else "sft"
+
+
+def trainer_config(cfg: DictConfig, learning_rate: float, seed: int, output_dir: str) -> Any:
+    """TRL's SFTConfig or DPOConfig (``beta`` from ``task.beta``) with the shared training settings."""
+    from trl import DPOConfig, SFTConfig
 
     t, m = cfg.training, cfg.model
     cuda = torch.cuda.is_available()
-    return SFTConfig(
+    extra = {"beta": float(cfg.task.beta)} if task_of(cfg) == "dpo" else {}
+    return (DPOConfig if extra else SFTConfig)(
         output_dir=output_dir,
         per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum,
@@ -88,32 +100,60 @@ def sft_config(cfg: DictConfig, learning_rate: float, seed: int, output_dir: str
         dataloader_num_workers=0,
         disable_tqdm=True,
         dataset_num_proc=None,
+        **extra,
     )
 
 
 def _trainer(model: Any, tokenizer: Any, dataset: Any, cfg: DictConfig, output_dir: str, **kw: Any) -> Any:
     from transformers.trainer_callback import PrinterCallback
-    from trl import SFTTrainer
+    from trl import DPOTrainer, SFTTrainer
 
-    args = sft_config(cfg, cfg.training.learning_rate, cfg.seed, output_dir)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, **kw)
+    args = trainer_config(cfg, cfg.training.learning_rate, cfg.seed, output_dir)
+    if task_of(cfg) == "dpo":
+        # ref_model=None with a PEFT model: TRL adds a frozen "ref" adapter (set by set_reference). A
+        # process can serve several partitions: their trainers share the model and the one reference.
+        if "ref" in model.peft_config:
+            model.delete_adapter("ref")
+        trainer = DPOTrainer(
+            model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer, **kw
+        )
+    else:
+        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, **kw)
     trainer.remove_callback(PrinterCallback)  # the server logs one line per round instead
     return trainer
 
 
+def set_reference(model: Any, reference: Arrays) -> None:
+    """Load ``reference`` (adapter-keyed arrays) into DPO's frozen ``ref`` adapter."""
+    from peft import set_peft_model_state_dict
+
+    set_peft_model_state_dict(model, {k: torch.from_numpy(v) for k, v in reference.items()}, adapter_name="ref")
+
+
+def count_truncated(dataset: Any, max_length: int) -> int:
+    """Rows TRL keeps but cuts at ``max_length`` tokens (DPO: prompt + the longer completion)."""
+    if "chosen_ids" in dataset.column_names:
+        cols = dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
+        return sum(len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) > max_length for r in cols)
+    return sum(len(ids) >= max_length for ids in dataset["input_ids"])
+
+
 class ClientTrainer:
-    """One SFTTrainer per (process, partition), built once and reused every round.
+    """One TRL trainer (SFT or DPO) per (process, partition), built once and reused every round.
 
-    At construction TRL tokenises the whole partition (prompt/completion, ``labels``
-    at -100 outside the response). Each round then only swaps in the sampled rows,
-    the round's learning rate and seed, and a fresh optimizer (as a new trainer
-    would have), so a round costs little more than its optimizer steps.
+    At construction TRL tokenises the whole partition (SFT: prompt/completion, ``labels``
+    at -100 outside the response; DPO: prompt, chosen and rejected ids). Each round then
+    only swaps in the sampled rows, the round's learning rate and seed, and a fresh
+    optimizer (as a new trainer would have), so a round costs little more than its
+    optimizer steps.
 
-    TRL drops rows whose completion is cut off by ``training.max_length``; they are
-    counted and reported here instead of vanishing.
+    TRL drops rows whose prompt fills ``training.max_length`` (and cuts longer ones);
+    both are counted and reported here instead of vanishing.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, rows: list[Row], cfg: DictConfig, name: str) -> None:
+    def __init__(
+        self, model: Any, tokenizer: Any, rows: list[Row], cfg: DictConfig, name: str, reference: Arrays | None = None
+    ) -> None:
         quiet_libraries()
         self.timer = _StepTimer()
         self.terms = GradientTerms()
@@ -126,17 +166,29 @@ class ClientTrainer:
             self.output_dir,
             callbacks=[self.timer.callback, self.terms.callback()],
         )
+        if task_of(cfg) == "dpo":
+            from fedllm_app.model import reference_adapter
+
+            set_reference(model, reference if reference is not None else reference_adapter(cfg.model, model))
         self.dataset = self.trainer.train_dataset
         self.max_steps = cfg.training.max_steps
-        dropped = len(rows) - len(self.dataset)
-        if dropped:
+        max_length = cfg.training.max_length
+        self.dropped = len(rows) - len(self.dataset)
+        if self.dropped:
             print(
-                f"[fedllm] {name}: {dropped} of {len(rows)} rows dropped: prompt longer than "
-                f"training.max_length={cfg.training.max_length}; raise training.max_length to keep them",
+                f"[fedllm] {name}: {self.dropped} of {len(rows)} rows dropped: prompt longer than "
+                f"training.max_length={max_length}; raise training.max_length to keep them",
                 flush=True,
             )
         if len(self.dataset) == 0:
-            raise ValueError(f"{name}: no row fits training.max_length={cfg.training.max_length}; raise it")
+            raise ValueError(f"{name}: no row fits training.max_length={max_length}; raise it")
+        self.truncated = count_truncated(self.dataset, max_length)
+        if self.truncated:
+            print(
+                f"[fedllm] {name}: {self.truncated} of {len(rows)} rows truncated to training.max_length="
+                f"{max_length} tokens; raise training.max_length to keep them whole",
+                flush=True,
+            )
         # Trainer.train() starts with a full gc.collect(); moving the long-lived model and
         # data out of the collector's view makes that ~0.3 s -> ~0.01 s per round.
         gc.collect()
@@ -178,8 +230,13 @@ class ClientTrainer:
 _TRAINERS: dict[str, ClientTrainer] = {}
 
 
-def client_trainer(model: Any, tokenizer: Any, rows: list[Row], cfg: DictConfig, key: str) -> ClientTrainer:
-    """The process's :class:`ClientTrainer` for ``key``, built on first use."""
+def client_trainer(
+    model: Any, tokenizer: Any, rows: list[Row], cfg: DictConfig, key: str, reference: Arrays | None = None
+) -> ClientTrainer:
+    """The process's :class:`ClientTrainer` for ``key``, built on first use.
+
+    ``reference`` is DPO's reference adapter (ignored for SFT).
+    """
     if key not in _TRAINERS:
-        _TRAINERS[key] = ClientTrainer(model, tokenizer, rows, cfg, key)
+        _TRAINERS[key] = ClientTrainer(model, tokenizer, rows, cfg, key, reference)
     return _TRAINERS[key]

@@ -1,0 +1,169 @@
+"""Preference data and metrics for federated DPO.
+
+:func:`make_pairs` turns the built-in synthetic rows into an offline preference set:
+chosen = the correct answer, rejected = a plausible wrong one of the same domain
+(the words not reversed, the opposite label, a digit off by one, the wrong factor).
+
+:func:`preference_metrics` scores an adapter on held-out pairs the way DPO does:
+the implicit reward of a completion is ``beta * (log p_policy - log p_reference)``;
+the DPO loss is ``-log sigmoid(r_chosen - r_rejected)``, the reward margin
+``r_chosen - r_rejected`` and the preference accuracy the share of pairs with a
+positive margin.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+Row = dict[str, Any]
+
+
+def wrong_answer(row: Row, rng: random.Random) -> str:
+    """A plausible wrong answer to a synthetic row."""
+    domain, right = row["domain"], row["response"]
+    if domain == "reverse":
+        return row["instruction"].split(": ", 1)[1]  # the words as given, not reversed
+    if domain == "sentiment":
+        return "negative" if right == "positive" else "positive"
+    if domain == "arithmetic":
+        n = int(right)
+        return str(n + 1 if n < 9 and (n == 0 or rng.random() < 0.5) else n - 1)
+    if domain == "units":
+        return str(int(right) // 10)  # a factor of 100 instead of 1000
+    raise ValueError(f"no wrong answer for domain {domain!r}")
+
+
+def make_pairs(rows: list[Row], seed: int) -> list[Row]:
+    """Preference pairs from synthetic instruction rows (deterministic in ``seed``)."""
+    rng = random.Random(f"fedllm-pairs-{seed}")
+    return [
+        {
+            "prompt": [{"role": "user", "content": r["instruction"]}],
+            "chosen": r["response"],
+            "rejected": wrong_answer(r, rng),
+            "domain": r["domain"],
+        }
+        for r in rows
+    ]
+
+
+def pair_texts(row: Row, template: str, tokenizer: Any) -> tuple[str, str, str]:
+    """(prompt, chosen completion, rejected completion) as text, rendered as TRL renders them."""
+    from fedllm_app.data import to_preference
+
+    trl_row = to_preference(row, template)
+    if template != "chat":
+        eos = tokenizer.eos_token or ""
+        return trl_row["prompt"], trl_row["chosen"] + eos, trl_row["rejected"] + eos
+    prompt = tokenizer.apply_chat_template(trl_row["prompt"], tokenize=False, add_generation_prompt=True)
+    out = [prompt]
+    for key in ("chosen", "rejected"):
+        full = tokenizer.apply_chat_template(trl_row["prompt"] + trl_row[key], tokenize=False)
+        out.append(full[len(prompt) :] if full.startswith(prompt) else trl_row[key][0]["content"])
+    return out[0], out[1], out[2]
+
+
+@torch.no_grad()
+def completion_logps(
+    model: Any, tokenizer: Any, prompts: list[str], completions: list[str], batch_size: int, max_length: int
+) -> torch.Tensor:
+    """Summed log-probability of each completion given its prompt (kept within ``max_length`` tokens)."""
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[float] = []
+    for i in range(0, len(prompts), batch_size):
+        seqs, starts = [], []
+        for p, c in zip(prompts[i : i + batch_size], completions[i : i + batch_size], strict=True):
+            p_ids = tokenizer(p, add_special_tokens=False)["input_ids"]
+            c_ids = tokenizer(c, add_special_tokens=False)["input_ids"]
+            seqs.append((p_ids + c_ids)[:max_length])
+            starts.append(min(len(p_ids), max_length))
+        width = max(map(len, seqs))
+        ids = torch.full((len(seqs), width), tokenizer.pad_token_id)
+        mask = torch.zeros_like(ids)
+        for j, s in enumerate(seqs):
+            ids[j, : len(s)] = torch.tensor(s)
+            mask[j, : len(s)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
+        for j, s in enumerate(seqs):
+            out.append(float(logp[j, starts[j] - 1 : len(s) - 1].sum()) if starts[j] < len(s) else 0.0)
+    return torch.tensor(out)
+
+
+def pair_logps(model: Any, tokenizer: Any, rows: list[Row], t: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of the chosen and rejected completions of ``rows`` (training config ``t``)."""
+    texts = [pair_texts(r, t.template, tokenizer) for r in rows]
+    prompts = [x[0] for x in texts]
+    chosen = completion_logps(model, tokenizer, prompts, [x[1] for x in texts], t.eval_batch_size, t.max_length)
+    rejected = completion_logps(model, tokenizer, prompts, [x[2] for x in texts], t.eval_batch_size, t.max_length)
+    return chosen, rejected
+
+
+def dpo_scores(
+    policy: tuple[torch.Tensor, torch.Tensor], reference: tuple[torch.Tensor, torch.Tensor], beta: float
+) -> dict[str, torch.Tensor]:
+    """Per-pair DPO rewards, margin and loss (sigmoid loss) from chosen/rejected log-probabilities."""
+    r_chosen = beta * (policy[0] - reference[0])
+    r_rejected = beta * (policy[1] - reference[1])
+    margin = r_chosen - r_rejected
+    return {
+        "reward_chosen": r_chosen,
+        "reward_rejected": r_rejected,
+        "margin": margin,
+        "loss": -torch.nn.functional.logsigmoid(margin),
+    }
+
+
+def preference_metrics(
+    policy: tuple[torch.Tensor, torch.Tensor],
+    reference: tuple[torch.Tensor, torch.Tensor],
+    rows: list[Row],
+    beta: float,
+) -> dict[str, float]:
+    """Held-out ``dpo_loss``, ``reward_margin``, ``preference_accuracy`` (also as ``accuracy`` and per domain).
+
+    ``accuracy``/``accuracy/<domain>`` repeat the preference accuracy so the run's plot and
+    comparison table (written for exact match) show it for DPO runs too. A tie counts as wrong.
+    """
+    s = dpo_scores(policy, reference, beta)
+    correct = (s["margin"] > 0).float()
+    metrics = {
+        "dpo_loss": float(s["loss"].mean()),
+        "reward_margin": float(s["margin"].mean()),
+        "reward_chosen": float(s["reward_chosen"].mean()),
+        "reward_rejected": float(s["reward_rejected"].mean()),
+        "preference_accuracy": float(correct.mean()),
+        "accuracy": float(correct.mean()),
+        "eval_loss": float(s["loss"].mean()),
+    }
+    per: dict[str, list[float]] = defaultdict(list)
+    for r, ok in zip(rows, correct.tolist(), strict=True):
+        per[f"accuracy/{r.get('domain', 'all')}"].append(ok)
+    metrics.update({k: sum(v) / len(v) for k, v in sorted(per.items())})
+    return metrics
+
+
+class HeldoutPreferences:
+    """The server's per-round DPO evaluation on held-out pairs.
+
+    The reference log-probabilities (the run's starting adapter) are computed once; each
+    round then scores only the policy.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, rows: list[Row], cfg: Any) -> None:
+        from fedllm_app.model import reference_adapter, set_adapter
+
+        self.rows, self.tokenizer, self.t, self.beta = rows, tokenizer, cfg.training, float(cfg.task.beta)
+        set_adapter(model, reference_adapter(cfg.model, model))
+        self.reference = pair_logps(model, tokenizer, rows, self.t)
+
+    def evaluate(self, model: Any) -> dict[str, float]:
+        """Metrics of the model's current adapter against the reference."""
+        return preference_metrics(
+            pair_logps(model, self.tokenizer, self.rows, self.t), self.reference, self.rows, self.beta
+        )
