@@ -1,0 +1,124 @@
+"""A SuperExec for a SuperNode that forks each ClientApp from a warm process.
+
+With Flower 1.42 a SuperNode runs every message in a fresh ``flwr-clientapp``
+process, which imports torch, transformers, peft and TRL and loads the base model
+again, every round. This entry point is Flower's ``flower-superexec`` with one
+change: it imports those libraries and loads the base model once, then starts each
+ClientApp task with ``os.fork()`` instead of a new interpreter, so every round finds
+them already in memory (copy-on-write; the parent's model is never modified).
+
+Run it beside a SuperNode started with ``--isolation process``::
+
+    flower-supernode --insecure --superlink 127.0.0.1:9092 --isolation process --port 9094 \\
+        --node-config "partition-id=0 num-partitions=2"
+    python -m fedllm_app.warm_superexec --insecure --runtime-api-address 127.0.0.1:9094 \\
+        --preload "model=tiny seed=0"
+
+``--preload`` takes the run's model overrides (the base model cached is the one for
+``model`` and ``seed``; a run with another model loads its own in each task, still
+without the imports). The ClientApp code used is the fedllm installed beside this
+process, not the copy in the run's app bundle: install the same version as the
+operator's. All other arguments are ``flower-superexec``'s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from flwr.supercore.constant import TaskType
+from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
+from flwr.supercore.superexec.executor.types import ExecutionSpec, LaunchResult
+
+
+class ForkExecutor(SubprocessExecutor):
+    """Flower's subprocess executor, but ClientApp tasks run in a fork of this process."""
+
+    def __init__(self) -> None:
+        self.children: set[int] = set()
+
+    def launch(self, spec: ExecutionSpec) -> LaunchResult:
+        if spec.task_type != TaskType.CLIENT_APP:
+            return super().launch(spec)
+        pid = os.fork()
+        if pid == 0:  # the child: run the one task, then leave without the parent's exit handlers
+            os._exit(_run_task(spec))
+        self.children.add(pid)
+        return LaunchResult.accepted()
+
+    def reconcile(self) -> None:
+        """Reap finished children."""
+        for pid in list(self.children):
+            done, _ = os.waitpid(pid, os.WNOHANG)
+            if done:
+                self.children.discard(pid)
+
+    def close(self) -> None:
+        for pid in self.children:
+            try:
+                os.kill(pid, 15)
+            except ProcessLookupError:
+                pass
+
+
+def _run_task(spec: ExecutionSpec) -> int:
+    import flwr.supercore.exit.exit_handler as handlers
+    from flwr.supernode.runtime.run_clientapp import run_clientapp
+
+    handlers.registered_exit_handlers.clear()  # the SuperExec's own handlers must not run in the task
+    certificates = None
+    if not spec.insecure and spec.root_certificates_path:
+        with open(spec.root_certificates_path, "rb") as f:
+            certificates = f.read()
+    try:
+        run_clientapp(
+            runtime_api_address=spec.runtime_api_address,
+            token=spec.token,
+            insecure=spec.insecure,
+            certificates=certificates,
+            parent_pid=None,
+            runtime_dependency_install=False,
+        )
+    except SystemExit as done:
+        return int(done.code or 0)
+    except BaseException:  # noqa: BLE001 - a task must never fall back into the SuperExec's loop
+        return 1
+    return 0
+
+
+def preload(overrides: str) -> float:
+    """Import the ClientApp and its libraries and load the base model; return the seconds taken."""
+    start = time.perf_counter()
+    import fedllm_app.client_app  # noqa: F401 - the ClientApp the tasks will find in sys.modules
+    import fedllm_app.train  # noqa: F401
+    from fedllm_app.config import load_config
+    from fedllm_app.model import get_model
+
+    for lib in ("transformers", "peft", "trl", "datasets"):
+        __import__(lib)
+    cfg = load_config({"overrides": overrides})
+    get_model(cfg.model, cfg.seed)
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Preload, then run ``flower-superexec`` with the fork executor."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
+    parser.add_argument("--preload", default="", help="Hydra overrides naming the model to preload")
+    args, rest = parser.parse_known_args(argv)
+    seconds = preload(args.preload)
+    print(f"[fedllm] warm SuperExec: libraries and base model loaded in {seconds:.1f} s", flush=True)
+
+    import flwr.supercore.superexec.run_superexec as superexec
+    from flwr.supercore.cli.flower_superexec import flower_superexec
+
+    executor = ForkExecutor()
+    superexec.get_executor = lambda *a, **k: executor
+    sys.argv = ["flower-superexec", *rest]
+    flower_superexec()
+
+
+if __name__ == "__main__":
+    main()
