@@ -1,4 +1,4 @@
-"""A SuperExec for a SuperNode that forks each ClientApp from a warm process.
+r"""A SuperExec for a SuperNode that forks each ClientApp from a warm process.
 
 With Flower 1.42 a SuperNode runs every message in a fresh ``flwr-clientapp``
 process, which imports torch, transformers, peft and TRL and loads the base model
@@ -9,9 +9,9 @@ them already in memory (copy-on-write; the parent's model is never modified).
 
 Run it beside a SuperNode started with ``--isolation process``::
 
-    flower-supernode --insecure --superlink 127.0.0.1:9092 --isolation process --port 9094 \\
+    flower-supernode --insecure --superlink 127.0.0.1:9092 --isolation process --port 9094 \
         --node-config "partition-id=0 num-partitions=2"
-    python -m fedllm_app.warm_superexec --insecure --runtime-api-address 127.0.0.1:9094 \\
+    python -m fedllm_app.warm_superexec --insecure --runtime-api-address 127.0.0.1:9094 \
         --preload "model=tiny seed=0"
 
 ``--preload`` takes the run's model overrides (the base model cached is the one for
