@@ -73,7 +73,8 @@ def test_split_replies_names_the_node_and_keeps_errors_for_flower():
     bad = Message(faults.corrupt(good_content(), "nan"), reply_to=sent[1])
     kept, rejected = split_replies([good, bad], EXPECTED)
     assert kept == [good]
-    assert rejected == [{"node": 8, "partition": 0, "reason": "array 'm.lora_A.weight' of 'arrays' contains NaN or Inf"}]
+    reason = "array 'm.lora_A.weight' of 'arrays' contains NaN or Inf"
+    assert rejected == [{"node": 8, "partition": 0, "reason": reason}]
 
 
 def test_fault_entries_parse_and_bad_ones_are_named():
