@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedllm_app.flower_cli import REPO, free_port, kill_flower_processes
+from fedllm_app.flower_cli import REPO, pids_with_env, free_port, kill_flower_processes
 
 CONNECTION = "fedllm-deploy"
 
@@ -286,18 +286,49 @@ class Deployment:
             raise RuntimeError(f"flwr {' '.join(args)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
         return out.stdout + out.stderr
 
+    def run_command(self, overrides: str) -> list[str]:
+        return ["flwr", "run", str(self.app), CONNECTION, "--stream", "--run-config", f"overrides='{overrides}'"]
+
     def run(self, overrides: str, timeout: float = 600) -> RunResult:
         """``flwr run <app> <connection> --stream`` with these Hydra overrides; the real final status."""
-        cmd = ["flwr", "run", str(self.app), CONNECTION, "--stream", "--run-config", f"overrides='{overrides}'"]
+        return self.finish_run(self.start_run(overrides), timeout)
+
+    def start_run(self, overrides: str) -> subprocess.Popen:
+        """Start ``flwr run`` without waiting (e.g. to kill something mid-run); see :meth:`finish_run`."""
+        proc = subprocess.Popen(
+            self.run_command(overrides),
+            env=self.env,
+            cwd=self.root,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        self.processes.append(proc)
+        return proc
+
+    def finish_run(self, proc: subprocess.Popen, timeout: float = 600) -> RunResult:
+        """Wait for a started ``flwr run``; return the run's final status as the SuperLink reports it."""
         try:
-            out = subprocess.run(cmd, env=self.env, cwd=self.root, capture_output=True, text=True, timeout=timeout)
-            text = out.stdout + out.stderr
-        except subprocess.TimeoutExpired as err:
-            text = _text(err.stdout) + _text(err.stderr) + f"\n[deploy] flwr run timed out after {timeout} s"
-        match = re.search(r"Successfully started run (\d+)", text)
+            text, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc, signal.SIGKILL)
+            text = _text(proc.communicate()[0]) + f"\n[deploy] flwr run timed out after {timeout} s"
+        match = re.search(r"Successfully started run (\d+)", text or "")
         if not match:
-            return RunResult("not-started", None, text)
+            return RunResult("not-started", None, text or "")
         return RunResult(self.status(match.group(1)), match.group(1), text)
+
+    def serverapp_pids(self) -> list[int]:
+        """The running ``flwr-serverapp`` processes of this deployment (to kill the server mid-run)."""
+        pids = []
+        for pid in pids_with_env(f"FLWR_HOME={self.home}"):
+            try:
+                if b"flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    pids.append(pid)
+            except OSError:
+                continue
+        return pids
 
     def status(self, run_id: str) -> str:
         """A run's status from ``flwr ls`` (e.g. ``finished:completed``, ``finished:failed``, ``running``)."""
