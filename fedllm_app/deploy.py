@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedllm_app.flower_cli import REPO, pids_with_env, free_port, kill_flower_processes
+from fedllm_app.flower_cli import REPO, free_port, kill_flower_processes, pids_with_env
 
 CONNECTION = "fedllm-deploy"
 
