@@ -251,11 +251,20 @@ def _in_client_order(replies: list[Message]) -> list[Message]:
 
 
 def _client_timing(replies: list[Any]) -> dict[str, float]:
-    """Sums of the clients' reported train and optimizer-step seconds, and their peak RSS."""
-    out = {"client_train_seconds": 0.0, "client_optimizer_seconds": 0.0, "client_peak_rss_mb": 0.0}
+    """Sums over the clients of their reported seconds (train call, optimizer steps, process start-up
+    before the call, base-model load, set-up before the first step) and their peak RSS.
+    """
+    sums = {
+        "client_train_seconds": "train_seconds",
+        "client_optimizer_seconds": "optimizer_seconds",
+        "client_startup_seconds": "process_age_seconds",
+        "client_model_load_seconds": "model_load_seconds",
+        "client_setup_seconds": "setup_seconds",
+    }
+    out = dict.fromkeys([*sums, "client_peak_rss_mb"], 0.0)
     for m in replies:
         metrics = m.content[METRICS_KEY]
-        out["client_train_seconds"] += float(metrics.get("train_seconds", 0.0))
-        out["client_optimizer_seconds"] += float(metrics.get("optimizer_seconds", 0.0))
+        for key, reported in sums.items():
+            out[key] += float(metrics.get(reported, 0.0))
         out["client_peak_rss_mb"] = max(out["client_peak_rss_mb"], float(metrics.get("peak_rss_mb", 0.0)))
     return out

@@ -48,6 +48,24 @@ def build_strategy(cfg: DictConfig) -> Any:
         raise ConfigError(f"strategy={cfg.strategy.name}: {cause}") from None
 
 
+def check_nodes(grid: Grid, cfg: DictConfig) -> None:
+    """Fail clearly if, after ``node_wait_timeout`` s, the federation has not num_clients SuperNodes.
+
+    Called before anything is loaded, so a missing SuperNode costs seconds, not a model load.
+    """
+    wait_seconds = cfg.node_wait_timeout
+    deadline = time.time() + wait_seconds
+    while len(nodes := list(grid.get_node_ids())) < cfg.num_clients and time.time() < deadline:
+        time.sleep(0.1)
+    if len(nodes) != cfg.num_clients:
+        raise ValueError(
+            f"{len(nodes)} SuperNodes are connected after waiting node_wait_timeout={wait_seconds} s but "
+            f"num_clients={cfg.num_clients}; run with "
+            f'--federation-config "num-supernodes={cfg.num_clients}" (simulation), start '
+            f"{cfg.num_clients} SuperNodes, or set num_clients={len(nodes)}"
+        )
+
+
 class FederatedRun:
     """One run's state on the server: config, model, held-out data, outputs."""
 
@@ -79,20 +97,6 @@ class FederatedRun:
         if rnd % self.cfg.save_every == 0 or rnd == self.cfg.num_rounds:
             set_adapter(self.model, from_record(arrays))
             self.writer.save_adapter(self.model, rnd)
-
-    def check_nodes(self, grid: Grid) -> None:
-        """Fail clearly if, after ``node_wait_timeout`` s, the federation has not num_clients SuperNodes."""
-        wait_seconds = self.cfg.node_wait_timeout
-        deadline = time.time() + wait_seconds
-        while len(nodes := list(grid.get_node_ids())) < self.cfg.num_clients and time.time() < deadline:
-            time.sleep(0.1)
-        if len(nodes) != self.cfg.num_clients:
-            raise ValueError(
-                f"{len(nodes)} SuperNodes are connected after waiting node_wait_timeout={wait_seconds} s but "
-                f"num_clients={self.cfg.num_clients}; run with "
-                f'--federation-config "num-supernodes={self.cfg.num_clients}" (simulation), start '
-                f"{self.cfg.num_clients} SuperNodes, or set num_clients={len(nodes)}"
-            )
 
     def _rounds(
         self, grid: Grid, strategy: Any, arrays: ArrayRecord | None = None, **kwargs: Any
@@ -136,7 +140,6 @@ class FederatedRun:
 
     def federated(self, grid: Grid) -> None:
         """The configured strategy's rounds; for ``strategy=local`` the final metrics are the clients' mean."""
-        self.check_nodes(grid)
         if isinstance(self.strategy, LocalOnly):
             self.summary["initial"] = self.evaluate(self.initial)
             self.summary["startup_seconds"] = time.perf_counter() - self.started

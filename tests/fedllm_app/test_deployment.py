@@ -48,11 +48,19 @@ def adapter(dep, run, rnd):
     return load_file(dep.root / "out" / run / "checkpoints" / f"round-{rnd}" / "adapter_model.safetensors")
 
 
-def test_two_rounds_on_loopback_train_and_account_bytes(plain):
-    result = plain.run(f"num_rounds=2 save_every=1 {FAST} output_dir=out run_name=loop")
+@pytest.fixture(scope="module")
+def uninterrupted(plain):
+    """A 4-round FedAdam run: the loopback test's subject and the resume test's reference."""
+    result = plain.run(f"strategy=fedadam num_rounds=4 save_every=1 {FAST} output_dir=out run_name=whole")
     assert result.status == "finished:completed", result.output[-3000:]
-    rows = metrics(plain, "loop")
-    assert [(r["round"], r["replied"], r["failed"], r["rejected"]) for r in rows] == [(1, 2, 0, []), (2, 2, 0, [])]
+    return result
+
+
+def test_rounds_on_loopback_train_and_account_bytes(plain, uninterrupted):
+    rows = metrics(plain, "whole")
+    assert [(r["round"], r["replied"], r["failed"], r["rejected"]) for r in rows] == [
+        (rnd, 2, 0, []) for rnd in (1, 2, 3, 4)
+    ]
     for r in rows:
         assert np.isfinite(r["train_loss"]) and 0 <= r["accuracy"] <= 1
         by_node = r["bytes_by_node"]
@@ -60,12 +68,13 @@ def test_two_rounds_on_loopback_train_and_account_bytes(plain):
         assert all(e["sent"] > 100_000 and e["received"] > 100_000 for e in by_node.values())
         assert r["bytes_sent"] == sum(e["sent"] for e in by_node.values())
     assert rows[1]["bytes_sent_total"] == rows[0]["bytes_sent"] + rows[1]["bytes_sent"]
-    first, final = adapter(plain, "loop", 1), adapter(plain, "loop", 2)
+    first, final = adapter(plain, "whole", 1), adapter(plain, "whole", 4)
     b_keys = [k for k in final if "lora_B" in k]
     assert b_keys and all(np.abs(final[k]).max() > 0 for k in b_keys), "the global adapter did not move"
     assert any(not np.array_equal(first[k], final[k]) for k in final)
-    summary = json.loads((plain.root / "out" / "loop" / "summary.json").read_text())
-    assert summary["bytes_received_total"] == rows[1]["bytes_received_total"]
+    summary = json.loads((plain.root / "out" / "whole" / "summary.json").read_text())
+    assert summary["bytes_received_total"] == rows[-1]["bytes_received_total"]
+    assert "[fedllm] fedadam round 4/4 | clients 2 sampled, 2 replied, 0 failed" in uninterrupted.output
 
 
 def test_bad_updates_are_rejected_and_an_empty_round_keeps_the_model(plain):
@@ -92,11 +101,8 @@ def test_waiting_for_nodes_that_never_come_fails_clearly(plain):
     assert time.monotonic() - start < 120
 
 
-def test_resume_after_the_server_is_killed_matches_an_uninterrupted_run(plain):
-    common = f"strategy=fedadam num_rounds=4 {FAST} output_dir=out"
-    whole = plain.run(f"{common} run_name=whole")
-    assert whole.status == "finished:completed", whole.output[-3000:]
-
+def test_resume_after_the_server_is_killed_matches_an_uninterrupted_run(plain, uninterrupted):
+    common = f"strategy=fedadam num_rounds=4 save_every=1 {FAST} output_dir=out"
     run = plain.start_run(f"{common} run_name=cut")
     state = plain.root / "out" / "cut" / "resume_state.npz"
     deadline = time.monotonic() + 300
