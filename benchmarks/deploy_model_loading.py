@@ -67,7 +67,7 @@ def main() -> None:
     print("|---|" + "---|" * len(args.modes))
     for key in next(iter(results.values())):
         cells = " | ".join(
-            f"{results[m][key]:.0%}" if "/" in key.split("(")[0] else f"{results[m][key]:.2f}" for m in args.modes
+            f"{results[m][key]:.0%}" if key.startswith("loading") else f"{results[m][key]:.2f}" for m in args.modes
         )
         print(f"| {key} | {cells} |")
 
