@@ -5,12 +5,13 @@ once per mode, runs the tiny default for a few rounds and reads metrics.jsonl:
 
 - ``subprocess``: Flower's default; each message runs in a fresh ``flwr-clientapp``
   process (interpreter, imports, base model, every round).
-- ``warm``: ``flower-supernode --isolation process`` + ``python -m fedllm_app.warm_superexec``;
-  each message runs in a fork of a process that already holds the libraries and the model.
+- ``inline`` / ``fork``: ``flower-supernode --isolation process`` + ``python -m fedllm_app.warm_superexec
+  --mode inline|fork``; each message runs inside, or in a fork of, a process that already holds the
+  libraries and the model (inline: also the tokenised data and trainer, across rounds).
 
 Usage::
 
-    python benchmarks/deploy_model_loading.py [--rounds 4] [--modes subprocess warm] [--overrides ""]
+    python benchmarks/deploy_model_loading.py [--rounds 4] [--modes subprocess fork inline] [--overrides ""]
 
 Not a test: it prints a markdown table to paste into docs/benchmarks.md.
 """
@@ -46,7 +47,7 @@ def measure(mode: str, rounds: int, overrides: str) -> dict[str, float]:
     return {
         "round 1 training phase (s)": rows[0]["train_phase_seconds"],
         "later rounds: training phase (s)": mean("train_phase_seconds"),
-        "per client: process start-up + imports before the call (s)": mean("client_startup_seconds", True),
+        "per client: start-up before the call (s)": mean("client_startup_seconds", True),
         "per client: base model load (s)": mean("client_model_load_seconds", True),
         "per client: set-up before the first step, incl. model load and trainer (s)": mean(
             "client_setup_seconds", True
@@ -59,7 +60,7 @@ def measure(mode: str, rounds: int, overrides: str) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--modes", nargs="+", default=["subprocess", "warm"])
+    parser.add_argument("--modes", nargs="+", default=["subprocess", "fork", "inline"])
     parser.add_argument("--overrides", default="")
     args = parser.parse_args()
     results = {mode: measure(mode, args.rounds, args.overrides) for mode in args.modes}

@@ -74,7 +74,8 @@ def process_age() -> float:
 
 def train_one_round(cfg: DictConfig, pid: int, msg: Message, state: Any) -> RecordDict:
     """Load the adapter to start from, train this round, and build the reply's content."""
-    age, start = process_age(), time.perf_counter()
+    # Start-up before this call: a fresh process's age, or (warm process) the time since the server sent it.
+    age, start = min(process_age(), max(0.0, time.time() - msg.metadata.created_at)), time.perf_counter()
     if cfg.training.num_threads:
         torch.set_num_threads(cfg.training.num_threads)
     plan = RoundPlan.from_message(msg)
@@ -105,7 +106,7 @@ def train_one_round(cfg: DictConfig, pid: int, msg: Message, state: Any) -> Reco
         "train_seconds": result.seconds,
         "optimizer_seconds": result.optimizer_seconds,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "process_age_seconds": age,  # start-up before this call: interpreter, imports (fresh process)
+        "process_age_seconds": age,
         "model_load_seconds": model_load,  # 0 when the base model was already in this process
         "setup_seconds": setup,  # model, adapter, trainer and data before the first step
     }

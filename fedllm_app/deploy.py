@@ -36,6 +36,7 @@ from typing import Any
 from fedllm_app.flower_cli import REPO, free_port, kill_flower_processes, pids_with_env
 
 CONNECTION = "fedllm-deploy"
+ISOLATIONS = ("subprocess", "inline", "fork")
 
 
 @dataclass
@@ -84,22 +85,22 @@ class Deployment:
         Enable SuperNode authentication (needs ``tls``): only nodes whose public key was
         registered with ``flwr supernode register`` may join.
     isolation : str
-        The SuperNodes' ``--isolation`` mode: ``subprocess`` (Flower's default: the SuperNode
-        starts ``flower-superexec``, which starts one ``flwr-clientapp`` process per message)
-        or ``warm`` (``--isolation process`` plus fedllm's ``fedllm-superexec``, which forks each
-        ClientApp from a process that already imported the libraries and loaded the base model;
-        see :mod:`fedllm_app.warm_superexec`).
+        How the SuperNodes run the ClientApp: ``subprocess`` (Flower's default: the SuperNode
+        starts ``flower-superexec``, which starts one ``flwr-clientapp`` process per message),
+        or ``inline`` / ``fork`` (``--isolation process`` plus fedllm's warm SuperExec, which
+        imported the libraries and loaded the base model once and runs each message inside
+        itself or in a fork of itself; see :mod:`fedllm_app.warm_superexec`).
     app : Path
         The Flower app to run (this repository).
     """
 
     def __init__(
-        self, root: Path, *, tls: bool = False, auth: bool = False, isolation: str = "subprocess", app: Path = REPO
+        self, root: Path, *, tls: bool = False, auth: bool = False, isolation: str = "inline", app: Path = REPO
     ) -> None:
         if auth and not tls:
             raise ValueError("SuperNode authentication needs TLS: use Deployment(root, tls=True, auth=True)")
-        if isolation not in ("subprocess", "warm"):
-            raise ValueError(f"isolation={isolation!r} must be 'subprocess' or 'warm'")
+        if isolation not in ISOLATIONS:
+            raise ValueError(f"isolation={isolation!r} must be one of {', '.join(ISOLATIONS)}")
         self.root, self.tls, self.auth, self.isolation, self.app = Path(root).resolve(), tls, auth, isolation, app
         self.home = self.root / "flwr-home"
         for sub in ("flwr-home", "logs", "certs", "keys"):
@@ -208,7 +209,7 @@ class Deployment:
         if key is not None:
             cmd += ["--auth-supernode-private-key", str(key)]
         cmd += ["--node-config", node_config_arg(node_config)]
-        if self.isolation == "warm":
+        if self.isolation != "subprocess":
             cmd += ["--isolation", "process"]
         return cmd
 
@@ -233,9 +234,9 @@ class Deployment:
         cmd = self.supernode_command(node_config, key or None, tls)
         proc, log = self._start(name, cmd, node_env)
         node = Node(name, proc, log, dict(node_config), key or None)
-        if self.isolation == "warm":
+        if self.isolation != "subprocess":
             runtime = cmd[cmd.index("--port") + 1]
-            exec_cmd = [sys.executable, "-m", "fedllm_app.warm_superexec", "--insecure"]
+            exec_cmd = [sys.executable, "-m", "fedllm_app.warm_superexec", "--mode", self.isolation, "--insecure"]
             exec_cmd += ["--runtime-api-address", f"127.0.0.1:{runtime}"]
             node.extra.append(self._start(f"{name}-superexec", exec_cmd, node_env)[0])
         self.nodes[name] = node

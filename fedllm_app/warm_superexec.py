@@ -1,11 +1,18 @@
-r"""A SuperExec for a SuperNode that forks each ClientApp from a warm process.
+r"""A SuperExec for a SuperNode that keeps the ClientApp warm across rounds.
 
 With Flower 1.42 a SuperNode runs every message in a fresh ``flwr-clientapp``
-process, which imports torch, transformers, peft and TRL and loads the base model
-again, every round. This entry point is Flower's ``flower-superexec`` with one
-change: it imports those libraries and loads the base model once, then starts each
-ClientApp task with ``os.fork()`` instead of a new interpreter, so every round finds
-them already in memory (copy-on-write; the parent's model is never modified).
+process, which imports torch, transformers, peft and TRL, loads the base model and
+tokenises the client's data again, every round. This entry point is Flower's
+``flower-superexec`` with another executor: it imports those libraries and loads the
+base model once, then runs each ClientApp task either
+
+- ``--mode inline`` (default): inside this process, one task after the other, so the
+  ClientApp's caches (base model, tokenised partition, trainer) persist across rounds
+  as they do in simulation; or
+- ``--mode fork``: in an ``os.fork()`` of this process (imports and model shared
+  copy-on-write; the tokenised data is rebuilt each round). A crashing task cannot take
+  the SuperExec down. On a CUDA machine the model is then not preloaded (a forked
+  child cannot use CUDA initialised by its parent).
 
 Run it beside a SuperNode started with ``--isolation process``::
 
@@ -15,20 +22,21 @@ Run it beside a SuperNode started with ``--isolation process``::
         --preload "model=tiny seed=0"
 
 ``--preload`` takes the run's model overrides (the base model cached is the one for
-``model`` and ``seed``; a run with another model loads its own in each task, still
-without the imports). The ClientApp code used is the fedllm installed beside this
-process, not the copy in the run's app bundle: install the same version as the
-operator's. All other arguments are ``flower-superexec``'s.
+``model`` and ``seed``; a run with another model loads its own, once). The ClientApp
+code used is the fedllm installed beside this process, not the copy in the run's app
+bundle: install the operator's version. All other arguments are ``flower-superexec``'s.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 
 from flwr.supercore.constant import TaskType
+from flwr.supercore.exit import flwr_exit
 from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
 from flwr.supercore.superexec.executor.types import ExecutionSpec, LaunchResult
 
@@ -63,11 +71,49 @@ class ForkExecutor(SubprocessExecutor):
                 pass
 
 
+class InlineExecutor(SubprocessExecutor):
+    """Flower's subprocess executor, but ClientApp tasks run inside this process, one after the other.
+
+    The ClientApp's module-level caches (the base model, the tokenised partition and
+    its trainer) then persist across rounds, as in simulation. A task that crashes the
+    interpreter (segfault, out of memory) takes this SuperExec down with it.
+    """
+
+    def launch(self, spec: ExecutionSpec) -> LaunchResult:
+        if spec.task_type != TaskType.CLIENT_APP:
+            return super().launch(spec)
+        _run_inline(spec)
+        return LaunchResult.accepted()
+
+
+def _run_inline(spec: ExecutionSpec) -> None:
+    """One task in this process, with Flower's exit path confined to the task."""
+    import flwr.supercore.exit.exit_handler as handlers
+    import flwr.supernode.runtime.run_clientapp as runtime
+
+    def task_exit(code: int, *args: object, **kwargs: object) -> None:
+        handlers.trigger_exit_handlers(run_before_force_exit=True)
+        handlers.trigger_exit_handlers(run_before_force_exit=False)
+        raise SystemExit(code)
+
+    saved_handlers = list(handlers.registered_exit_handlers)
+    handlers.registered_exit_handlers.clear()
+    saved_signals = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT)}
+    runtime.flwr_exit = task_exit  # Flower's would start a force-exit timer that ends this whole process
+    try:
+        _run_task(spec)
+    finally:
+        runtime.flwr_exit = flwr_exit
+        handlers.registered_exit_handlers[:] = saved_handlers
+        for sig, handler in saved_signals.items():
+            signal.signal(sig, handler)
+
+
 def _run_task(spec: ExecutionSpec) -> int:
     import flwr.supercore.exit.exit_handler as handlers
     from flwr.supernode.runtime.run_clientapp import run_clientapp
 
-    handlers.registered_exit_handlers.clear()  # the SuperExec's own handlers must not run in the task
+    handlers.registered_exit_handlers.clear()  # the SuperExec's own handlers must not run in a forked task
     certificates = None
     if not spec.insecure and spec.root_certificates_path:
         with open(spec.root_certificates_path, "rb") as f:
@@ -88,7 +134,7 @@ def _run_task(spec: ExecutionSpec) -> int:
     return 0
 
 
-def preload(overrides: str) -> float:
+def preload(overrides: str, load_model: bool = True) -> float:
     """Import the ClientApp and its libraries and load the base model; return the seconds taken."""
     start = time.perf_counter()
     import fedllm_app.client_app  # noqa: F401 - the ClientApp the tasks will find in sys.modules
@@ -99,7 +145,8 @@ def preload(overrides: str) -> float:
     for lib in ("transformers", "peft", "trl", "datasets"):
         __import__(lib)
     cfg = load_config({"overrides": overrides})
-    get_model(cfg.model, cfg.seed)
+    if load_model:
+        get_model(cfg.model, cfg.seed)
     return time.perf_counter() - start
 
 
@@ -107,14 +154,23 @@ def main(argv: list[str] | None = None) -> None:
     """Preload, then run ``flower-superexec`` with the fork executor."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
     parser.add_argument("--preload", default="", help="Hydra overrides naming the model to preload")
+    parser.add_argument(
+        "--mode",
+        choices=("inline", "fork"),
+        default="inline",
+        help="inline: run each task in this process (caches persist); fork: in a fork of it",
+    )
     args, rest = parser.parse_known_args(argv)
-    seconds = preload(args.preload)
-    print(f"[fedllm] warm SuperExec: libraries and base model loaded in {seconds:.1f} s", flush=True)
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # asking about CUDA must not initialise it
+    import torch
+
+    seconds = preload(args.preload, load_model=args.mode == "inline" or not torch.cuda.is_available())
+    print(f"[fedllm] warm SuperExec ({args.mode}): libraries and base model loaded in {seconds:.1f} s", flush=True)
 
     import flwr.supercore.superexec.run_superexec as superexec
     from flwr.supercore.cli.flower_superexec import flower_superexec
 
-    executor = ForkExecutor()
+    executor = InlineExecutor() if args.mode == "inline" else ForkExecutor()
     superexec.get_executor = lambda *a, **k: executor
     sys.argv = ["flower-superexec", *rest]
     flower_superexec()

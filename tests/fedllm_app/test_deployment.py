@@ -32,7 +32,7 @@ def nodes(n=2):
 
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory):
-    with Deployment(tmp_path_factory.mktemp("plain"), isolation="warm") as dep:
+    with Deployment(tmp_path_factory.mktemp("plain")) as dep:
         dep.start_superlink()
         for p, config in enumerate(nodes()):
             dep.start_node(f"node{p}", config)
@@ -147,7 +147,7 @@ def test_a_supernode_killed_mid_round_the_run_completes_with_the_survivor(plain)
 
 @pytest.fixture(scope="module")
 def secure(tmp_path_factory):
-    with Deployment(tmp_path_factory.mktemp("secure"), tls=True, auth=True, isolation="warm") as dep:
+    with Deployment(tmp_path_factory.mktemp("secure"), tls=True, auth=True) as dep:
         dep.start_superlink()
         for p, config in enumerate(nodes()):
             dep.start_node(f"node{p}", config)
