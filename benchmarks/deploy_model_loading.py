@@ -43,17 +43,15 @@ def measure(mode: str, rounds: int, overrides: str) -> dict[str, float]:
     def mean(key: str, per_client: bool = False) -> float:
         return statistics.mean(r[key] / (r["replied"] if per_client else 1) for r in later)
 
-    loading = mean("client_startup_seconds", True) + mean("client_model_load_seconds", True)
     return {
         "round 1 training phase (s)": rows[0]["train_phase_seconds"],
         "later rounds: training phase (s)": mean("train_phase_seconds"),
         "per client: start-up before the call (s)": mean("client_startup_seconds", True),
         "per client: base model load (s)": mean("client_model_load_seconds", True),
-        "per client: set-up before the first step, incl. model load and trainer (s)": mean(
-            "client_setup_seconds", True
-        ),
+        "per client: set-up before the first step (s)": mean("client_setup_seconds", True),
         "per client: optimizer steps (s)": mean("client_optimizer_seconds", True),
-        "loading (start-up + model load) / training phase": loading / mean("train_phase_seconds"),
+        "loading (set-up before the first step) / training phase": mean("client_setup_seconds", True)
+        / mean("train_phase_seconds"),
     }
 
 

@@ -64,8 +64,10 @@ def node_config_arg(config: dict[str, Any]) -> str:
     """``{"partition-id": 0, "data-path": "/x.jsonl"}`` -> ``partition-id=0 data-path="/x.jsonl"``."""
     parts = []
     for key, value in config.items():
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            value = json.dumps(str(value).lower() if isinstance(value, bool) else str(value))
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        elif not isinstance(value, int | float):
+            value = json.dumps(str(value))  # a TOML basic string, as Flower parses it
         parts.append(f"{key}={value}")
     return " ".join(parts)
 

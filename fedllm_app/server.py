@@ -173,6 +173,7 @@ class FederatedRun:
 
     def _local_rounds(self, grid: Grid, strategy: LocalOnly, phase: str, metrics_path: str) -> dict[str, float]:
         """Run local-only rounds, evaluate every client's adapter; return (and record) their mean."""
+        (self.writer.dir / metrics_path).unlink(missing_ok=True)  # a resumed run repeats the baseline
         self._rounds(grid, strategy, phase=phase, metrics_path=metrics_path)
         self.local = {pid: self.evaluate(arrays) for pid, arrays in sorted(strategy.client_arrays.items())}
         keys = sorted({k for m in self.local.values() for k in m})
