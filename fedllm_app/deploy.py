@@ -97,7 +97,7 @@ class Deployment:
     """
 
     def __init__(
-        self, root: Path, *, tls: bool = False, auth: bool = False, isolation: str = "inline", app: Path = REPO
+        self, root: Path, *, tls: bool = False, auth: bool = False, isolation: str = "fork", app: Path = REPO
     ) -> None:
         if auth and not tls:
             raise ValueError("SuperNode authentication needs TLS: use Deployment(root, tls=True, auth=True)")

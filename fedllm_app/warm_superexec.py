@@ -6,13 +6,14 @@ tokenises the client's data again, every round. This entry point is Flower's
 ``flower-superexec`` with another executor: it imports those libraries and loads the
 base model once, then runs each ClientApp task either
 
-- ``--mode inline`` (default): inside this process, one task after the other, so the
-  ClientApp's caches (base model, tokenised partition, trainer) persist across rounds
-  as they do in simulation; or
-- ``--mode fork``: in an ``os.fork()`` of this process (imports and model shared
-  copy-on-write; the tokenised data is rebuilt each round). A crashing task cannot take
-  the SuperExec down. On a CUDA machine the model is then not preloaded (a forked
-  child cannot use CUDA initialised by its parent).
+- ``--mode fork`` (default): in an ``os.fork()`` of this process (imports and model
+  shared copy-on-write; the tokenised data is rebuilt each round). A crashing task
+  cannot take the SuperExec down. On a CUDA machine the model is not preloaded (a
+  forked child cannot use CUDA initialised by its parent); or
+- ``--mode inline`` (experimental): inside this process, one task after the other, so
+  the ClientApp's caches (base model, tokenised partition, trainer) persist across
+  rounds as they do in simulation. Known problem: once, after a run's ServerApp was
+  killed and the run resumed on the same SuperNodes, the next task hung.
 
 Run it beside a SuperNode started with ``--isolation process``::
 
@@ -157,8 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--mode",
         choices=("inline", "fork"),
-        default="inline",
-        help="inline: run each task in this process (caches persist); fork: in a fork of it",
+        default="fork",
+        help="fork: run each task in a fork of this process; inline (experimental): in this process",
     )
     args, rest = parser.parse_known_args(argv)
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # asking about CUDA must not initialise it
