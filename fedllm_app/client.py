@@ -17,8 +17,11 @@ only the adapter and metrics travel.
 
 from __future__ import annotations
 
+import os
 import resource
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -87,17 +90,31 @@ def _trainer(
     return client_trainer(model, tokenizer, rows, cfg, key=f"{name} ({cfg_key(cfg)})")
 
 
+def process_age() -> float:
+    """Seconds since this process started (Linux; 0.0 elsewhere): the ClientApp's start-up cost."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+
+
 def train_one_round(cfg: DictConfig, pid: int, msg: Message, state: Any, data_path: str | None = None) -> RecordDict:
     """Load the adapter to start from, train this round, and build the reply's content."""
+    # Start-up before this call: a fresh process's age, or (warm process) the time since the server sent it.
+    age, start = min(process_age(), max(0.0, time.time() - msg.metadata.created_at)), time.perf_counter()
     if cfg.training.num_threads:
         torch.set_num_threads(cfg.training.num_threads)
     plan = RoundPlan.from_message(msg)
     model, tokenizer = get_model(cfg.model, cfg.seed)
+    model_load = time.perf_counter() - start
     global_ = from_record(msg.content[ARRAYS_KEY])
     kept = state.get(LOCAL_STATE_KEY) if plan.mode == "local" else None
     set_adapter(model, from_record(kept) if kept is not None else global_)
     trainer = _trainer(cfg, pid, plan, model, tokenizer, data_path)
     scaffold = ScaffoldClient.from_message(msg, state)
+    setup = time.perf_counter() - start
     result = trainer.train_round(
         round_indices(len(trainer.dataset), cfg, plan.server_round, pid, plan.multiplier),
         plan.lr,
@@ -117,6 +134,9 @@ def train_one_round(cfg: DictConfig, pid: int, msg: Message, state: Any, data_pa
         "train_seconds": result.seconds,
         "optimizer_seconds": result.optimizer_seconds,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "process_age_seconds": age,
+        "model_load_seconds": model_load,  # 0 when the base model was already in this process
+        "setup_seconds": setup,  # model, adapter, trainer and data before the first step
     }
     content = RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: MetricRecord(metrics)})
     if scaffold:

@@ -5,8 +5,10 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from fedllm_app import faults
 from fedllm_app.client import DATA_PATH_KEY, train_one_round
 from fedllm_app.config import ConfigError, load_config
+from strategies.fedavg import CONFIG_KEY
 from strategies.local import PARTITION_KEY
 
 app = ClientApp()
@@ -23,4 +25,8 @@ def train(msg: Message, context: Context) -> Message:
         )
     pid = int(context.node_config[PARTITION_KEY])
     data_path = context.node_config.get(DATA_PATH_KEY)
-    return Message(train_one_round(cfg, pid, msg, context.state, str(data_path) if data_path else None), reply_to=msg)
+    content = train_one_round(cfg, pid, msg, context.state, str(data_path) if data_path else None)
+    fault = faults.parse(cfg.fault_injection).get((int(msg.content[CONFIG_KEY]["server-round"]), pid))
+    if fault:  # tests only: reply with a deliberately bad update
+        content = faults.corrupt(content, fault)
+    return Message(content, reply_to=msg)

@@ -22,6 +22,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 
+from fedllm_app import faults
 from fedllm_app.templates import check_template
 
 OVERRIDES_KEY = "overrides"
@@ -116,6 +117,15 @@ def validate(cfg: DictConfig) -> None:
     )
     _check(cfg.save_every >= 1, f"save_every={cfg.save_every} must be at least 1; e.g. save_every=5")
     _check(cfg.round_timeout > 0, f"round_timeout={cfg.round_timeout} must be positive (seconds)")
+    _check(
+        1 <= cfg.min_replies <= cfg.sample_clients,
+        f"min_replies={cfg.min_replies} must be between 1 and sample_clients={cfg.sample_clients}",
+    )
+    _check(cfg.node_wait_timeout > 0, f"node_wait_timeout={cfg.node_wait_timeout} must be positive (seconds)")
+    try:
+        faults.parse(cfg.fault_injection)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     _check(cfg.poll_interval > 0, f"poll_interval={cfg.poll_interval} must be positive (seconds); e.g. 0.05")
     _check(cfg.baseline in BASELINES, f"baseline={cfg.baseline!r} is not one of {', '.join(BASELINES)}")
     _check(bool(cfg.strategy.get("name")), "strategy.name is missing; every strategy file must set name")

@@ -27,7 +27,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _pids_with_env(marker: str) -> list[int]:
+def pids_with_env(marker: str) -> list[int]:
     pids = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
@@ -44,7 +44,7 @@ def kill_flower_processes(flwr_home: str) -> None:
     """End the SuperLink, SuperExec, simulation and Ray processes started under ``flwr_home``."""
     marker = f"FLWR_HOME={flwr_home}"
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in _pids_with_env(marker):
+        for pid in pids_with_env(marker):
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:

@@ -16,11 +16,19 @@ class RunWriter:
     """Writes everything a run produces under ``<output_dir>/<run_name>/``."""
 
     def __init__(self, cfg: DictConfig) -> None:
-        self.dir = (Path(cfg.output_dir).expanduser() / run_name(cfg)).resolve()
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "metrics.jsonl").write_text("")
-        (self.dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        if cfg.get("resume"):
+            self.dir = Path(cfg.resume).expanduser().resolve()
+        else:
+            self.dir = (Path(cfg.output_dir).expanduser() / run_name(cfg)).resolve()
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / "metrics.jsonl").write_text("")
+            (self.dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
         self.rounds: list[dict[str, Any]] = []
+
+    def restore_rounds(self, rows: list[dict[str, Any]]) -> None:
+        """Rewrite metrics.jsonl with the rows of the rounds completed before a resume."""
+        (self.dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        self.rounds = list(rows)
 
     def log_round(self, record: dict[str, Any], path: str = "metrics.jsonl") -> None:
         target = self.dir / path
@@ -73,9 +81,11 @@ def format_round(r: dict[str, Any]) -> str:
         acc += f" margin {r['reward_margin']:.3f}"
     ev = f" | eval_loss {r['eval_loss']:.3f}{acc}" if "eval_loss" in r else ""
     loss = r.get("train_loss")
+    rejected = f", {len(r['rejected'])} rejected" if r.get("rejected") else ""
+    skipped = "" if r.get("aggregated", True) else " | NOT aggregated"
     return (
         f"[fedllm] {r['phase']} round {r['round']}/{r['num_rounds']} | clients {r['sampled']} sampled, "
-        f"{r['replied']} replied, {r['failed']} failed | train_loss "
+        f"{r['replied']} replied, {r['failed']} failed{rejected}{skipped} | train_loss "
         f"{'n/a' if loss is None else f'{loss:.3f}'}{ev} | {r['seconds']:.1f} s | "
         f"sent {r['bytes_sent'] / 1e6:.2f} MB, received {r['bytes_received'] / 1e6:.2f} MB"
     )

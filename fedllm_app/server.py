@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,7 +20,8 @@ from fedllm_app.config import ConfigError
 from fedllm_app.model import get_adapter, get_model, set_adapter
 from fedllm_app.outputs import RunWriter, comparison_table
 from fedllm_app.preferences import HeldoutPreferences
-from fedllm_app.rounds import run_rounds
+from fedllm_app.resume import ResumeState, load_state, restore_rng, save_state
+from fedllm_app.rounds import TOTAL_KEYS, run_rounds
 from strategies.local import LocalOnly
 from strategies.records import from_record, to_record
 
@@ -48,6 +50,24 @@ def build_strategy(cfg: DictConfig) -> Any:
         raise ConfigError(f"strategy={cfg.strategy.name}: {cause}") from None
 
 
+def check_nodes(grid: Grid, cfg: DictConfig) -> None:
+    """Fail clearly if, after ``node_wait_timeout`` s, the federation has not num_clients SuperNodes.
+
+    Called before anything is loaded, so a missing SuperNode costs seconds, not a model load.
+    """
+    wait_seconds = cfg.node_wait_timeout
+    deadline = time.time() + wait_seconds
+    while len(nodes := list(grid.get_node_ids())) < cfg.num_clients and time.time() < deadline:
+        time.sleep(0.1)
+    if len(nodes) != cfg.num_clients:
+        raise ValueError(
+            f"{len(nodes)} SuperNodes are connected after waiting node_wait_timeout={wait_seconds} s but "
+            f"num_clients={cfg.num_clients}; run with "
+            f'--federation-config "num-supernodes={cfg.num_clients}" (simulation), start '
+            f"{cfg.num_clients} SuperNodes, or set num_clients={len(nodes)}"
+        )
+
+
 class FederatedRun:
     """One run's state on the server: config, model, held-out data, outputs."""
 
@@ -56,6 +76,7 @@ class FederatedRun:
         self.started = started
         self.strategy = build_strategy(cfg)  # validates the hyperparameters before anything is loaded
         check_round_benchmarks(cfg)
+        self.resumed = resume_point(cfg) if cfg.resume else None
         if cfg.training.num_threads:
             torch.set_num_threads(cfg.training.num_threads)
         self.writer = RunWriter(cfg)
@@ -76,6 +97,7 @@ class FederatedRun:
         self.summary: dict[str, Any] = {"run": self.writer.dir.name, "strategy": cfg.strategy.name}
         self.final: dict[str, float] = {}
         self.local: dict[int, dict[str, float]] = {}
+        self.totals = dict.fromkeys(TOTAL_KEYS, 0)
 
     def evaluate(self, arrays: ArrayRecord) -> dict[str, float]:
         set_adapter(self.model, from_record(arrays))
@@ -95,45 +117,72 @@ class FederatedRun:
             set_adapter(self.model, from_record(arrays))
             self.writer.save_adapter(self.model, rnd)
 
-    def check_nodes(self, grid: Grid, wait_seconds: float = 60.0) -> None:
-        """Fail clearly if the federation has a different number of SuperNodes than num_clients."""
-        deadline = time.time() + wait_seconds
-        while len(nodes := list(grid.get_node_ids())) < self.cfg.num_clients and time.time() < deadline:
-            time.sleep(0.1)
-        if len(nodes) != self.cfg.num_clients:
-            raise ValueError(
-                f"{len(nodes)} SuperNodes are connected but num_clients={self.cfg.num_clients}; run with "
-                f'--federation-config "num-supernodes={self.cfg.num_clients}" (simulation), start '
-                f"{self.cfg.num_clients} SuperNodes, or set num_clients={len(nodes)}"
-            )
-
-    def _rounds(self, grid: Grid, strategy: Any, **kwargs: Any) -> tuple[ArrayRecord, dict[str, float]]:
+    def _rounds(
+        self, grid: Grid, strategy: Any, arrays: ArrayRecord | None = None, **kwargs: Any
+    ) -> tuple[ArrayRecord, dict[str, float]]:
         return run_rounds(
             grid,
             strategy,
-            self.initial,
+            self.initial if arrays is None else arrays,
             self.cfg.num_rounds,
             self.cfg.round_timeout,
             self.writer,
             poll_interval=self.cfg.poll_interval,
+            min_replies=self.cfg.min_replies,
+            node_wait=self.cfg.node_wait_timeout,
             **kwargs,
         )
 
+    def save_state(self, rnd: int, arrays: ArrayRecord, record: dict[str, Any]) -> None:
+        """After each federated round: everything :mod:`fedllm_app.resume` needs to continue from here."""
+        save_state(
+            self.writer.dir,
+            phase=self.cfg.strategy.name,
+            server_round=rnd,
+            arrays=arrays,
+            strategy_state=self.strategy.state_dict(),
+            totals=self.totals,
+            summary=self.summary,
+            last_eval={k: record[k] for k in record if k == "eval_loss" or k.startswith("accuracy")},
+            metrics=self.writer.rounds,
+        )
+
+    def _resume_rounds(self, state: ResumeState) -> dict[str, Any]:
+        """Restore the saved state; return the arguments that continue the round loop after it."""
+        self.strategy.load_state_dict(state.strategy)
+        self.totals.update(state.totals)
+        self.summary = {**state.summary, "resumed_from_round": state.round}
+        self.writer.restore_rounds(state.metrics)
+        restore_rng(state.rng)
+        print(f"[fedllm] resuming {self.writer.dir} after round {state.round}", flush=True)
+        return {"start_round": state.round + 1}
+
     def federated(self, grid: Grid) -> None:
         """The configured strategy's rounds; for ``strategy=local`` the final metrics are the clients' mean."""
-        self.check_nodes(grid)
-        self.summary["initial"] = self.evaluate(self.initial)
-        self.summary["startup_seconds"] = time.perf_counter() - self.started
         if isinstance(self.strategy, LocalOnly):
+            self.summary["initial"] = self.evaluate(self.initial)
+            self.summary["startup_seconds"] = time.perf_counter() - self.started
             self.final = self._local_rounds(grid, self.strategy, self.cfg.strategy.name, "metrics.jsonl")
+            self.summary["final"] = self.final
+            return
+        arrays, resume = self.initial, {}
+        if self.resumed is not None:
+            arrays, resume = self.resumed.arrays, self._resume_rounds(self.resumed)
         else:
-            _, self.final = self._rounds(
-                grid,
-                self.strategy,
-                phase=self.cfg.strategy.name,
-                evaluate=self.evaluate_round,
-                after_round=self.checkpoint,
-            )
+            self.summary["initial"] = self.evaluate(self.initial)
+            self.summary["startup_seconds"] = time.perf_counter() - self.started
+        _, final = self._rounds(
+            grid,
+            self.strategy,
+            arrays,
+            phase=self.cfg.strategy.name,
+            evaluate=self.evaluate_round,
+            after_round=self.checkpoint,
+            totals=self.totals,
+            on_round_end=self.save_state,
+            **resume,
+        )
+        self.final = final or (self.resumed.last_eval if self.resumed else {})
         self.summary["final"] = self.final
 
     def local_baseline(self, grid: Grid) -> None:
@@ -143,6 +192,7 @@ class FederatedRun:
 
     def _local_rounds(self, grid: Grid, strategy: LocalOnly, phase: str, metrics_path: str) -> dict[str, float]:
         """Run local-only rounds, evaluate every client's adapter; return (and record) their mean."""
+        (self.writer.dir / metrics_path).unlink(missing_ok=True)  # a resumed run repeats the baseline
         self._rounds(grid, strategy, phase=phase, metrics_path=metrics_path)
         self.local = {pid: self.evaluate(arrays) for pid, arrays in sorted(strategy.client_arrays.items())}
         keys = sorted({k for m in self.local.values() for k in m})
@@ -151,6 +201,7 @@ class FederatedRun:
         return mean
 
     def finish(self) -> None:
+        self.summary.update(self.totals)
         mean_acc = self.summary.get("baseline_local", {}).get("mean", {}).get("accuracy")
         self.summary["total_seconds"] = time.perf_counter() - self.started
         self.writer.write_summary(self.summary)
@@ -162,3 +213,31 @@ class FederatedRun:
             print("\n" + table + "\n", flush=True)
         print(f"[fedllm] final: {self.final}", flush=True)
         print(f"[fedllm] done in {self.summary['total_seconds']:.0f} s; outputs in {self.writer.dir}", flush=True)
+
+
+# Keys that may differ between an interrupted run and its resumption.
+RESUMABLE_CHANGES = ("num_rounds", "round_timeout", "node_wait_timeout", "min_replies", "poll_interval", "resume")
+
+
+def resume_point(cfg: DictConfig) -> ResumeState:
+    """The saved state of ``cfg.resume``, after checking that the run's config matches the saved one."""
+    run_dir = Path(cfg.resume).expanduser()
+    if cfg.strategy.name == "local":
+        raise ConfigError("resume is not supported for strategy=local: each client's adapter lives on its node")
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        raise ConfigError(f"resume={cfg.resume}: no config.yaml there; give the folder of an earlier run")
+    saved, now = OmegaConf.to_container(OmegaConf.load(saved_path)), OmegaConf.to_container(cfg, resolve=True)
+    differ = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+    if differ:
+        raise ConfigError(
+            f"resume={cfg.resume}: the run was made with other values of {', '.join(differ)}; "
+            f"resume with the same overrides as the interrupted run (only {', '.join(RESUMABLE_CHANGES)} may change)"
+        )
+    try:
+        state = load_state(run_dir)
+    except FileNotFoundError as err:
+        raise ConfigError(str(err)) from None
+    if state.round > cfg.num_rounds:
+        raise ConfigError(f"resume={cfg.resume}: the run already completed {state.round} > num_rounds={cfg.num_rounds}")
+    return state

@@ -10,7 +10,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedllm_app.config import load_config
-from fedllm_app.server import FederatedRun
+from fedllm_app.server import FederatedRun, check_nodes
 
 app = ServerApp()
 
@@ -22,6 +22,7 @@ def main(grid: Grid, context: Context) -> None:
     cfg = load_config(context.run_config)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
+    check_nodes(grid, cfg)
     run = FederatedRun(cfg, started=start)
     run.federated(grid)
     if cfg.baseline == "local":

@@ -22,7 +22,10 @@ def test_two_round_simulation_trains_saves_and_reloads(flower, tmp_path):
     for r in lines:
         assert r["sampled"] == 2 and r["replied"] == 2 and r["failed"] == 0
         assert r["bytes_sent"] > 0 and r["bytes_received"] > 0 and r["seconds"] > 0
+        assert sorted(e["partition"] for e in r["bytes_by_node"].values()) == [0, 1]
+        assert r["bytes_received"] == sum(e["received"] for e in r["bytes_by_node"].values())
         assert np.isfinite(r["train_loss"]) and 0 <= r["accuracy"] <= 1
+    assert lines[1]["bytes_sent_total"] == lines[0]["bytes_sent"] + lines[1]["bytes_sent"]
     assert "[fedllm] fedavg round 2/2 | clients 2 sampled, 2 replied, 0 failed" in log
 
     from peft import PeftModel
