@@ -145,21 +145,43 @@ def test_a_supernode_killed_mid_round_the_run_completes_with_the_survivor(plain)
     assert "only 1 of 2 SuperNodes connected" in result.output
 
 
+PRIVATE_ROWS = (
+    [{"prompt": f"Say {w}.", "response": w} for w in "red blue green amber".split()],
+    [{"prompt": f"Count to {n}.", "response": str(n)} for n in range(1, 8)],
+)
+
+
 @pytest.fixture(scope="module")
 def secure(tmp_path_factory):
-    with Deployment(tmp_path_factory.mktemp("secure"), tls=True, auth=True) as dep:
+    """TLS + SuperNode auth, as in production; each SuperNode trains on its own private file (``data-path``)."""
+    root = tmp_path_factory.mktemp("secure")
+    with Deployment(root, tls=True, auth=True) as dep:
         dep.start_superlink()
         for p, config in enumerate(nodes()):
-            dep.start_node(f"node{p}", config)
+            private = root / f"private{p}.jsonl"
+            private.write_text("".join(json.dumps(r) + "\n" for r in PRIVATE_ROWS[p]))
+            dep.start_node(f"node{p}", {**config, "data-path": str(private)})
         dep.wait_for_nodes(2)
         yield dep
 
 
-def test_tls_and_supernode_auth_run(secure):
+def test_tls_and_supernode_auth_run_on_each_nodes_own_file(secure):
     assert "--insecure" not in secure.superlink_command() and "--enable-supernode-auth" in secure.superlink_command()
     result = secure.run(f"num_rounds=2 {FAST} output_dir=out run_name=tls")
     assert result.status == "finished:completed", result.output[-3000:]
-    assert [(r["replied"], r["failed"]) for r in metrics(secure, "tls")] == [(2, 0), (2, 0)]
+    rows = metrics(secure, "tls")
+    assert [(r["replied"], r["failed"]) for r in rows] == [(2, 0), (2, 0)]
+    for p, private in enumerate(PRIVATE_ROWS):
+        log = "\n".join(
+            (secure.root / "logs" / f"{name}.log").read_text(errors="replace")
+            for name in (f"node{p}", f"node{p}-superexec")
+            if (secure.root / "logs" / f"{name}.log").exists()
+        )
+        path = secure.root / f"private{p}.jsonl"
+        assert f"client {p}: training on its own file '{path}' ({len(private)} rows, never sent)" in log
+    # Both nodes' replies were counted (the per-node byte accounting names each partition).
+    by_node = rows[0]["bytes_by_node"].values()
+    assert sorted(e["partition"] for e in by_node) == [0, 1]
 
 
 def test_an_unregistered_supernode_is_refused(secure):
