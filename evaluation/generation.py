@@ -106,35 +106,54 @@ class Generator:
             tok.padding_side = side
         return out
 
-    @torch.no_grad()
     def loglikelihoods(self, pairs: list[tuple[str, str]], desc: str = "score") -> list[float]:
         """Sum of log-probabilities of each continuation given its context, ``[(context, continuation)]``."""
-        model, tok = self.model, self.tokenizer
-        model.eval()
-        device = next(model.parameters()).device
-        scores: list[float] = []
         with self._bar(len(pairs), desc) as bar:
-            for i in range(0, len(pairs), self.batch_size):
-                batch = pairs[i : i + self.batch_size]
-                seqs, starts = [], []
-                for ctx, cont in batch:
-                    c = tok(ctx, add_special_tokens=self.add_bos)["input_ids"]
-                    x = tok(cont, add_special_tokens=False)["input_ids"]
-                    seqs.append(c + x)
-                    starts.append(len(c))
-                width = max(map(len, seqs))
-                ids = torch.full((len(seqs), width), tok.pad_token_id)
-                attn = torch.zeros_like(ids)
-                for j, s in enumerate(seqs):
-                    ids[j, : len(s)] = torch.tensor(s)
-                    attn[j, : len(s)] = 1
-                logp = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.float().log_softmax(-1)
-                for j, s in enumerate(seqs):
-                    targets = torch.tensor(s[starts[j] :], device=device)
-                    rows = logp[j, starts[j] - 1 : len(s) - 1]
-                    scores.append(float(rows.gather(1, targets[:, None]).sum()))
-                bar.update(len(batch))
-        return scores
+            return continuation_logps(
+                self.model, self.tokenizer, pairs, self.batch_size, add_bos=self.add_bos, progress=bar.update
+            )
+
+
+@torch.no_grad()
+def continuation_logps(
+    model: Any,
+    tokenizer: Any,
+    pairs: list[tuple[str, str]],
+    batch_size: int,
+    *,
+    add_bos: bool = False,
+    max_length: int | None = None,
+    progress: Any = None,
+) -> list[float]:
+    """Summed log-probability of each continuation given its context, in right-padded batches.
+
+    The context gets the tokenizer's special tokens when ``add_bos``; the continuation never does.
+    With ``max_length`` each sequence is cut to that many tokens, and a continuation cut away
+    entirely scores 0.0. ``progress(n)`` is called after each batch of ``n`` pairs.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[float] = []
+    for i in range(0, len(pairs), batch_size):
+        batch = pairs[i : i + batch_size]
+        seqs, starts = [], []
+        for ctx, cont in batch:
+            c = tokenizer(ctx, add_special_tokens=add_bos)["input_ids"]
+            seq = (c + tokenizer(cont, add_special_tokens=False)["input_ids"])[:max_length]
+            seqs.append(seq)
+            starts.append(max(1, min(len(c), len(seq))))
+        ids = torch.full((len(seqs), max(map(len, seqs))), tokenizer.pad_token_id)
+        mask = torch.zeros_like(ids)
+        for j, seq in enumerate(seqs):
+            ids[j, : len(seq)] = torch.tensor(seq)
+            mask[j, : len(seq)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
+        for j, seq in enumerate(seqs):
+            out.append(float(logp[j, starts[j] - 1 : len(seq) - 1].sum()) if starts[j] < len(seq) else 0.0)
+        if progress is not None:
+            progress(len(batch))
+    return out
 
 
 def _next_turn(template: str, question: str) -> str:

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from evaluation.generation import continuation_logps
+
 Row = dict[str, Any]
 
 
@@ -67,32 +69,12 @@ def pair_texts(row: Row, template: str, tokenizer: Any) -> tuple[str, str, str]:
     return out[0], out[1], out[2]
 
 
-@torch.no_grad()
 def completion_logps(
     model: Any, tokenizer: Any, prompts: list[str], completions: list[str], batch_size: int, max_length: int
 ) -> torch.Tensor:
     """Summed log-probability of each completion given its prompt (kept within ``max_length`` tokens)."""
-    model.eval()
-    device = next(model.parameters()).device
-    out: list[float] = []
-    for i in range(0, len(prompts), batch_size):
-        seqs, starts = [], []
-        for p, c in zip(prompts[i : i + batch_size], completions[i : i + batch_size], strict=True):
-            p_ids = tokenizer(p, add_special_tokens=False)["input_ids"]
-            c_ids = tokenizer(c, add_special_tokens=False)["input_ids"]
-            seqs.append((p_ids + c_ids)[:max_length])
-            starts.append(min(len(p_ids), max_length))
-        width = max(map(len, seqs))
-        ids = torch.full((len(seqs), width), tokenizer.pad_token_id)
-        mask = torch.zeros_like(ids)
-        for j, s in enumerate(seqs):
-            ids[j, : len(s)] = torch.tensor(s)
-            mask[j, : len(s)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
-        for j, s in enumerate(seqs):
-            out.append(float(logp[j, starts[j] - 1 : len(s) - 1].sum()) if starts[j] < len(s) else 0.0)
-    return torch.tensor(out)
+    pairs = list(zip(prompts, completions, strict=True))
+    return torch.tensor(continuation_logps(model, tokenizer, pairs, batch_size, max_length=max_length))
 
 
 def pair_logps(model: Any, tokenizer: Any, rows: list[Row], t: Any) -> tuple[torch.Tensor, torch.Tensor]:
