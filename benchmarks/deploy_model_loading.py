@@ -24,7 +24,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from fedllm_app.deploy import Deployment
+from fedllm_app.ops.deploy import Deployment
 
 
 def measure(mode: str, rounds: int, overrides: str) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""Wall time of ``fedllm-eval CHECKPOINT --bench all --data-dir tests/evaluation/fixtures`` on a demo checkpoint.
+"""Wall time of ``fedllm-eval CHECKPOINT --bench all --data-dir tests/fixtures/evaluation`` on a demo checkpoint.
 
 Makes the checkpoint with a real 1-round demo run through ``flwr run`` (own FLWR_HOME, free ports), then
 runs the CLI as a user would. Usage::
@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedllm_app.flower_cli import FlowerRunner, kill_flower_processes
+from fedllm_app.ops.flower_run import FlowerRunner, kill_flower_processes
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -39,13 +39,13 @@ def main() -> None:
         if status != "finished:completed":
             raise SystemExit(f"demo run failed ({status}):\n{log[-3000:]}")
         ckpt = sorted((out / "demo" / "checkpoints").iterdir())[-1]
-        cmd = ["fedllm-eval", str(ckpt), "--bench", "all", "--data-dir", str(REPO / "tests/evaluation/fixtures")]
+        cmd = ["fedllm-eval", str(ckpt), "--bench", "all", "--data-dir", str(REPO / "tests/fixtures/evaluation")]
         start = time.perf_counter()
         subprocess.run([*cmd, "--no-progress"], check=True, capture_output=True)
         wall = time.perf_counter() - start
         report = json.loads((ckpt / "eval" / "all.json").read_text())
         print("| figure | value |\n|---|---|")
-        shown = "fedllm-eval <checkpoint> --bench all --data-dir tests/evaluation/fixtures"
+        shown = "fedllm-eval <checkpoint> --bench all --data-dir tests/fixtures/evaluation"
         print(f"| `{shown}` wall time | {wall:.1f} s |")
         print(f"| of which benchmarks (model loaded) | {report['total_seconds']:.1f} s |")
         slowest = sorted(report["benchmarks"].items(), key=lambda kv: -kv[1]["seconds"])[:3]

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedllm_app.flower_cli import FlowerRunner, kill_flower_processes
+from fedllm_app.ops.flower_run import FlowerRunner, kill_flower_processes
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from fedllm_app.templates import STRING_TEMPLATES, prompt_text
+from fedllm_app.data.templates import STRING_TEMPLATES, prompt_text
 
 
 @dataclass

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from fedllm_app.templates import prompt_text
+from fedllm_app.data.templates import prompt_text
 
 
 def _batches(items: list[Any], size: int) -> list[list[Any]]:

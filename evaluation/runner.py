@@ -141,11 +141,11 @@ def heldout_metrics(gen: Generator, run_cfg: Any, limit: int | None) -> dict[str
     import math
 
     from evaluation.heldout import evaluate_adapter
-    from fedllm_app import data
     from fedllm_app.config import load_config
+    from fedllm_app.data import pipeline
 
     cfg = run_cfg if run_cfg is not None else load_config({})
-    rows = data.heldout(cfg)[:limit] if limit else data.heldout(cfg)
+    rows = pipeline.heldout(cfg)[:limit] if limit else pipeline.heldout(cfg)
     metrics: dict[str, Any] = evaluate_adapter(gen.model, gen.tokenizer, rows, cfg.training)
     metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
     metrics["n"] = len(rows)

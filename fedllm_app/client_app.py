@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from flwr.app import Context, Message
-from flwr.clientapp import ClientApp
+from fedllm_app.console import quiet_library_warnings, setup_console
 
-from fedllm_app import faults
-from fedllm_app.client import DATA_PATH_KEY, train_one_round
-from fedllm_app.config import ConfigError, load_config
-from strategies.fedavg import CONFIG_KEY
-from strategies.local import PARTITION_KEY
+quiet_library_warnings()  # before torch and transformers are imported: some warn at import
+
+from flwr.app import Context, Message  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+
+from fedllm_app.client import faults  # noqa: E402
+from fedllm_app.client.round import DATA_PATH_KEY, train_one_round  # noqa: E402
+from fedllm_app.config import ConfigError, load_config, parse_faults  # noqa: E402
+from strategies.fedavg import CONFIG_KEY  # noqa: E402
+from strategies.local import PARTITION_KEY  # noqa: E402
 
 app = ClientApp()
 
@@ -18,6 +22,7 @@ app = ClientApp()
 def train(msg: Message, context: Context) -> Message:
     """Parse the run config, train this node's round (on its own ``data-path`` file if set), reply."""
     cfg = load_config(context.run_config)
+    setup_console(cfg.logging.verbose, progress=False)
     if PARTITION_KEY not in context.node_config:
         raise ConfigError(
             f'node config has no {PARTITION_KEY}; start the SuperNode with --node-config "{PARTITION_KEY}=0 '
@@ -26,7 +31,7 @@ def train(msg: Message, context: Context) -> Message:
     pid = int(context.node_config[PARTITION_KEY])
     data_path = context.node_config.get(DATA_PATH_KEY)
     content = train_one_round(cfg, pid, msg, context.state, str(data_path) if data_path else None)
-    fault = faults.parse(cfg.fault_injection).get((int(msg.content[CONFIG_KEY]["server-round"]), pid))
+    fault = parse_faults(cfg.fault_injection).get((int(msg.content[CONFIG_KEY]["server-round"]), pid))
     if fault:  # tests only: reply with a deliberately bad update
         content = faults.corrupt(content, fault)
     return Message(content, reply_to=msg)

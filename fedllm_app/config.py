@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -22,15 +22,16 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 
-from fedllm_app import faults
-from fedllm_app.templates import check_template
-
 OVERRIDES_KEY = "overrides"
 GROUPS = ("model", "dataset", "partition", "task", "strategy", "training")
 TASKS = ("sft", "dpo")
 BASELINES = ("local", "none")
 QUANTIZATIONS = (None, "4bit", "8bit")
 DTYPES = ("float32", "bfloat16", "float16")
+TEMPLATE_NAMES = ("alpaca", "vicuna", "chat")
+# Tests only: the ways a client can corrupt its reply (fault_injection; applied by fedllm_app.client.faults).
+FAULT_KINDS = ("names", "shape", "nan", "inf", "zero_examples", "negative_examples")
+_FAULT_ENTRY = re.compile(r"^([a-z_]+)-r(\d+)-p(\d+)$")
 
 
 class ConfigError(ValueError):
@@ -38,9 +39,15 @@ class ConfigError(ValueError):
 
 
 def conf_dir() -> Path:
-    """``$FEDLLM_CONF_DIR`` or the ``conf/`` folder beside the package."""
+    """Hydra's config folder: ``$FEDLLM_CONF_DIR``, else the copy installed inside the package (a wheel:
+    ``fedllm_app/conf``), else ``conf/`` beside the package (a source checkout or a Flower app bundle).
+    """
     env = os.environ.get("FEDLLM_CONF_DIR")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "conf"
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent
+    installed = here / "conf"
+    return installed if (installed / "config.yaml").is_file() else here.parent / "conf"
 
 
 def group_options(group: str) -> list[str]:
@@ -122,18 +129,15 @@ def validate(cfg: DictConfig) -> None:
         f"min_replies={cfg.min_replies} must be between 1 and sample_clients={cfg.sample_clients}",
     )
     _check(cfg.node_wait_timeout > 0, f"node_wait_timeout={cfg.node_wait_timeout} must be positive (seconds)")
-    try:
-        faults.parse(cfg.fault_injection)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+    parse_faults(cfg.fault_injection)
     _check(cfg.poll_interval > 0, f"poll_interval={cfg.poll_interval} must be positive (seconds); e.g. 0.05")
     _check(cfg.baseline in BASELINES, f"baseline={cfg.baseline!r} is not one of {', '.join(BASELINES)}")
     _check(bool(cfg.strategy.get("name")), "strategy.name is missing; every strategy file must set name")
     t = cfg.training
-    try:
-        check_template(t.template)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+    _check(
+        t.template in TEMPLATE_NAMES,
+        f"unknown template {t.template!r}; set training.template to one of {', '.join(TEMPLATE_NAMES)}",
+    )
     for key in ("batch_size", "grad_accum", "max_steps", "max_length", "eval_batch_size", "max_new_tokens"):
         _check(t[key] >= 1, f"training.{key}={t[key]} must be at least 1")
     _check(t.learning_rate > 0, f"training.learning_rate={t.learning_rate} must be positive; e.g. 5e-5")
@@ -186,6 +190,25 @@ def _looks_like_path(name: str) -> bool:
     return (
         name.startswith(("/", ".", "~")) or os.sep in name and Path(name).expanduser().exists() or name.count("/") > 1
     )
+
+
+def parse_faults(entries: Iterable[str]) -> dict[tuple[int, int], str]:
+    """``fault_injection``: ``["nan-r1-p0"]`` -> ``{(1, 0): "nan"}``; a bad entry raises a ConfigError naming it."""
+    out = {}
+    for entry in entries:
+        match = _FAULT_ENTRY.match(str(entry))
+        if not match or match.group(1) not in FAULT_KINDS:
+            raise ConfigError(
+                f"fault_injection entry {entry!r} must be <kind>-r<round>-p<partition> with kind one of "
+                f"{', '.join(FAULT_KINDS)}; e.g. fault_injection=[nan-r1-p0]"
+            )
+        out[(int(match.group(2)), int(match.group(3)))] = match.group(1)
+    return out
+
+
+def task_name(cfg: DictConfig) -> str:
+    """``sft`` or ``dpo`` (``sft`` for a config without a task group)."""
+    return str(cfg.task.name) if "task" in cfg else "sft"
 
 
 def run_name(cfg: DictConfig) -> str:

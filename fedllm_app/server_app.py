@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-import random
-import time
+from fedllm_app.console import quiet_library_warnings, setup_console
 
-import torch
-from flwr.app import Context
-from flwr.serverapp import Grid, ServerApp
+quiet_library_warnings()  # before torch and transformers are imported: some warn at import
 
-from fedllm_app.config import load_config
-from fedllm_app.server import FederatedRun, check_nodes
+import random  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+from flwr.app import Context  # noqa: E402
+from flwr.serverapp import Grid, ServerApp  # noqa: E402
+
+from fedllm_app.config import load_config  # noqa: E402
+from fedllm_app.server.run import FederatedRun, check_nodes  # noqa: E402
 
 app = ServerApp()
 
@@ -20,6 +24,7 @@ def main(grid: Grid, context: Context) -> None:
     """Parse the config, build the run, train, then the local-only baseline if asked."""
     start = time.perf_counter()
     cfg = load_config(context.run_config)
+    setup_console(cfg.logging.verbose)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     check_nodes(grid, cfg)

@@ -2,7 +2,7 @@
 
 ``python -m fedllm_app.tiny_model --out DIR`` builds it from scratch: a random
 Llama, then a short central pre-training on generic text of the task's surface
-form (:func:`fedllm_app.synthetic.pretraining_corpus`, no task answers), because
+form (:func:`fedllm_app.data.synthetic.pretraining_corpus`, no task answers), because
 LoRA on a purely random base does not learn. :func:`ensure_tiny_model` builds it
 once into a cache directory keyed on the build spec and returns the path.
 """
@@ -91,8 +91,9 @@ def build_tokenizer():  # noqa: ANN201 - transformers' fast tokenizer class
 
 
 def _pretraining_texts(spec: TinySpec, tokenizer) -> list[str]:  # noqa: ANN001
-    from fedllm_app.synthetic import pretraining_corpus
-    from fedllm_app.templates import TEMPLATE_NAMES, prompt_text
+    from fedllm_app.config import TEMPLATE_NAMES
+    from fedllm_app.data.synthetic import pretraining_corpus
+    from fedllm_app.data.templates import prompt_text
 
     rng = random.Random(spec.seed)
     texts = []

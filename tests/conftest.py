@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 
-from fedllm_app.flower_cli import FlowerRunner, kill_flower_processes
+from fedllm_app.ops.flower_run import FlowerRunner, kill_flower_processes
+
+
+@pytest.fixture(autouse=True)
+def fedllm_info_logs(caplog):
+    """Tests read the ``fedllm`` logger's INFO lines (what a user sees on the console) through ``caplog``."""
+    caplog.set_level(logging.INFO, logger="fedllm")
 
 
 @pytest.fixture

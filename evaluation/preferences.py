@@ -1,0 +1,113 @@
+"""DPO metrics on held-out preference pairs, as DPO scores them.
+
+The implicit reward of a completion is ``beta * (log p_policy - log p_reference)``;
+the DPO loss is ``-log sigmoid(r_chosen - r_rejected)``, the reward margin
+``r_chosen - r_rejected`` and the preference accuracy the share of pairs with a
+positive margin. :class:`HeldoutPreferences` is the server's per-round DPO evaluation.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+from evaluation.generation import continuation_logps
+from fedllm_app.data.rows import Row
+from fedllm_app.data.trl_form import to_preference
+from fedllm_app.model import reference_adapter, set_adapter
+
+
+def pair_texts(row: Row, template: str, tokenizer: Any) -> tuple[str, str, str]:
+    """(prompt, chosen completion, rejected completion) as text, rendered as TRL renders them."""
+    trl_row = to_preference(row, template)
+    if template != "chat":
+        eos = tokenizer.eos_token or ""
+        return trl_row["prompt"], trl_row["chosen"] + eos, trl_row["rejected"] + eos
+    prompt = tokenizer.apply_chat_template(trl_row["prompt"], tokenize=False, add_generation_prompt=True)
+    out = [prompt]
+    for key in ("chosen", "rejected"):
+        full = tokenizer.apply_chat_template(trl_row["prompt"] + trl_row[key], tokenize=False)
+        out.append(full[len(prompt) :] if full.startswith(prompt) else trl_row[key][0]["content"])
+    return out[0], out[1], out[2]
+
+
+def completion_logps(
+    model: Any, tokenizer: Any, prompts: list[str], completions: list[str], batch_size: int, max_length: int
+) -> torch.Tensor:
+    """Summed log-probability of each completion given its prompt (kept within ``max_length`` tokens)."""
+    pairs = list(zip(prompts, completions, strict=True))
+    return torch.tensor(continuation_logps(model, tokenizer, pairs, batch_size, max_length=max_length))
+
+
+def pair_logps(model: Any, tokenizer: Any, rows: list[Row], t: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of the chosen and rejected completions of ``rows`` (training config ``t``)."""
+    texts = [pair_texts(r, t.template, tokenizer) for r in rows]
+    prompts = [x[0] for x in texts]
+    chosen = completion_logps(model, tokenizer, prompts, [x[1] for x in texts], t.eval_batch_size, t.max_length)
+    rejected = completion_logps(model, tokenizer, prompts, [x[2] for x in texts], t.eval_batch_size, t.max_length)
+    return chosen, rejected
+
+
+def dpo_scores(
+    policy: tuple[torch.Tensor, torch.Tensor], reference: tuple[torch.Tensor, torch.Tensor], beta: float
+) -> dict[str, torch.Tensor]:
+    """Per-pair DPO rewards, margin and loss (sigmoid loss) from chosen/rejected log-probabilities."""
+    r_chosen = beta * (policy[0] - reference[0])
+    r_rejected = beta * (policy[1] - reference[1])
+    margin = r_chosen - r_rejected
+    return {
+        "reward_chosen": r_chosen,
+        "reward_rejected": r_rejected,
+        "margin": margin,
+        "loss": -torch.nn.functional.logsigmoid(margin),
+    }
+
+
+def preference_metrics(
+    policy: tuple[torch.Tensor, torch.Tensor],
+    reference: tuple[torch.Tensor, torch.Tensor],
+    rows: list[Row],
+    beta: float,
+) -> dict[str, float]:
+    """Held-out ``dpo_loss``, ``reward_margin``, ``preference_accuracy`` (also as ``accuracy`` and per domain).
+
+    ``accuracy``/``accuracy/<domain>`` repeat the preference accuracy so the run's plot and
+    comparison table (written for exact match) show it for DPO runs too. A tie counts as wrong.
+    """
+    s = dpo_scores(policy, reference, beta)
+    correct = (s["margin"] > 0).float()
+    metrics = {
+        "dpo_loss": float(s["loss"].mean()),
+        "reward_margin": float(s["margin"].mean()),
+        "reward_chosen": float(s["reward_chosen"].mean()),
+        "reward_rejected": float(s["reward_rejected"].mean()),
+        "preference_accuracy": float(correct.mean()),
+        "accuracy": float(correct.mean()),
+        "eval_loss": float(s["loss"].mean()),
+    }
+    per: dict[str, list[float]] = defaultdict(list)
+    for r, ok in zip(rows, correct.tolist(), strict=True):
+        per[f"accuracy/{r.get('domain', 'all')}"].append(ok)
+    metrics.update({k: sum(v) / len(v) for k, v in sorted(per.items())})
+    return metrics
+
+
+class HeldoutPreferences:
+    """The server's per-round DPO evaluation on held-out pairs.
+
+    The reference log-probabilities (the run's starting adapter) are computed once; each
+    round then scores only the policy.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, rows: list[Row], cfg: Any) -> None:
+        self.rows, self.tokenizer, self.t, self.beta = rows, tokenizer, cfg.training, float(cfg.task.beta)
+        set_adapter(model, reference_adapter(cfg.model, model))
+        self.reference = pair_logps(model, tokenizer, rows, self.t)
+
+    def evaluate(self, model: Any) -> dict[str, float]:
+        """Metrics of the model's current adapter against the reference."""
+        return preference_metrics(
+            pair_logps(model, self.tokenizer, self.rows, self.t), self.reference, self.rows, self.beta
+        )

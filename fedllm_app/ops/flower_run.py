@@ -1,0 +1,124 @@
+"""The one Flower-run helper: ``flwr run`` as a subprocess with its own FLWR_HOME, and its real final status.
+
+``flwr run --stream`` exits 0 even when the run failed, so :func:`run_status` reads the
+status with ``flwr ls``. :func:`flower_env` gives a runner its own FLWR_HOME (and, for the
+local simulation connection, free ports), so concurrent or stale SuperLinks do not
+interfere; :func:`kill_flower_processes` ends everything started under that FLWR_HOME.
+:class:`FlowerRunner` runs simulations (tests, benchmarks, sweeps);
+:class:`fedllm_app.ops.deploy.Deployment` uses the same pieces for a real deployment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# The app that ``flwr run`` bundles: the source checkout this package lives in.
+REPO = Path(__file__).resolve().parents[2]
+
+
+def flower_env(home: Path, **extra: str) -> dict[str, str]:
+    """The current environment with its own ``FLWR_HOME``, no runtime dependency installs, and this
+    Python's ``bin`` first on PATH (so ``flwr`` and ``flower-*`` come from the same environment).
+    """
+    bindir = str(Path(sys.executable).parent)
+    return {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
+        **extra,
+    }
+
+
+def run_id_from(output: str) -> str | None:
+    """The run id in ``flwr run``'s output ("Successfully started run <id>"), or None if none started."""
+    match = re.search(r"Successfully started run (\d+)", output or "")
+    return match.group(1) if match else None
+
+
+def run_status(env: dict[str, str], cwd: Path, run_id: str, connection: str | None = None) -> str:
+    """A run's status from ``flwr ls`` (e.g. ``finished:completed``, ``finished:failed``, ``running``)."""
+    cmd = ["flwr", "ls", *([connection] if connection else []), "--run-id", run_id, "--format", "json"]
+    out = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=60)
+    text = out.stdout + out.stderr
+    if "{" not in text:
+        raise RuntimeError(f"flwr ls --run-id {run_id} failed ({out.returncode}):\n{text[-3000:]}")
+    return json.loads(text[text.index("{") :])["runs"][0]["status"]
+
+
+def free_port() -> int:
+    """A free TCP port on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pids_with_env(marker: str) -> list[int]:
+    """Processes (other than this one) whose environment contains ``marker``, e.g. ``FLWR_HOME=<dir>``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if marker.encode() in (proc / "environ").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def kill_flower_processes(flwr_home: str) -> None:
+    """End the SuperLink, SuperExec, simulation and Ray processes started under ``flwr_home``."""
+    marker = f"FLWR_HOME={flwr_home}"
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids_with_env(marker):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        time.sleep(1.0)
+
+
+class FlowerRunner:
+    """Runs ``flwr run .`` on the local simulation connection with its own FLWR_HOME and ports."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.env = flower_env(
+            home,
+            FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
+            FLWR_LOCAL_CONTROL_API_PORT=str(free_port()),
+        )
+
+    def run(
+        self,
+        overrides: str,
+        num_supernodes: int = 2,
+        timeout: int = 600,
+        federation_extra: str = "client-resources-num-cpus=1",
+    ) -> tuple[str, str]:
+        """Run to completion; return (final status, output). Status comes from ``flwr ls``, not the exit code."""
+        cmd = [
+            "flwr",
+            "run",
+            str(REPO),
+            "--stream",
+            "--federation-config",
+            f"num-supernodes={num_supernodes} {federation_extra}",
+            "--run-config",
+            f"overrides='{overrides}'",
+        ]
+        out = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout, cwd=self.home)
+        text = out.stdout + out.stderr
+        run_id = run_id_from(text)
+        if run_id is None:
+            raise RuntimeError(f"flwr run did not start a run:\n{text[-3000:]}")
+        return run_status(self.env, self.home, run_id), text

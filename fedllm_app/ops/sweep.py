@@ -1,0 +1,136 @@
+"""Sweeps: a Hydra multirun in which every job is one real ``flwr run`` simulation.
+
+    python -m fedllm_app.ops.sweep -m strategy=fedavg,fedprox,scaffold,fedavgm,fedadagrad,fedyogi,fedadam,local,central
+
+Each job runs the app through Flower (its own FLWR_HOME and ports, ``num_clients``
+SuperNodes with one CPU each) into ``<sweep dir>/runs/<job>/``; after every job the
+sweep folder's ``comparison.md``, ``comparison.csv`` and ``comparison.png`` are
+rewritten from all finished runs, so the last job leaves the full comparison.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from fedllm_app.config import conf_dir
+from fedllm_app.ops.flower_run import FlowerRunner, kill_flower_processes
+
+
+def job_name(overrides: list[str]) -> str:
+    """A folder name from the job's overrides: ``strategy=fedprox strategy.mu=0.1`` -> ``fedprox_mu-0.1``."""
+    parts = []
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key not in ("output_dir", "run_name"):
+            parts.append(value if "." not in key else f"{key.rsplit('.', 1)[1]}-{value}")
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", "_".join(parts)) or "default"
+
+
+def run_job(overrides: list[str], num_clients: int, sweep_dir: Path) -> str:
+    """Run one job through Flower; return its final status."""
+    name = job_name(overrides)
+    home = sweep_dir / ".flwr-home" / name
+    home.mkdir(parents=True, exist_ok=True)
+    runner = FlowerRunner(home)
+    # The local-only baseline is a sweep entry of its own (strategy=local), not repeated in every job.
+    flower_overrides = " ".join(
+        ["baseline=none", *map(shlex.quote, overrides), f"output_dir={sweep_dir / 'runs'}", f"run_name={name}"]
+    )
+    try:
+        status, log = runner.run(flower_overrides, num_supernodes=num_clients, timeout=3600)
+    finally:
+        kill_flower_processes(str(home))
+    (sweep_dir / "runs" / f"{name}.log").parent.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / "runs" / f"{name}.log").write_text(log)
+    print(f"[fedllm-sweep] {name}: {status}", flush=True)
+    return status
+
+
+def collect(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Final metrics and per-round accuracy of every finished run under ``sweep_dir/runs``."""
+    runs = []
+    for summary_path in sorted((sweep_dir / "runs").glob("*/summary.json")):
+        summary = json.loads(summary_path.read_text())
+        rounds = [json.loads(x) for x in (summary_path.parent / "metrics.jsonl").read_text().splitlines()]
+        runs.append({"name": summary_path.parent.name, "summary": summary, "rounds": rounds})
+    return runs
+
+
+def write_comparison(sweep_dir: Path) -> None:
+    runs = collect(sweep_dir)
+    if not runs:
+        return
+    keys = sorted({k for r in runs for k in r["summary"]["final"] if k.startswith("accuracy")})
+    local = next((r["summary"]["final"] for r in runs if r["summary"]["strategy"] == "local"), None)
+    header = ["run", "strategy", *keys, "eval_loss", "vs local-only mean", "seconds"]
+    rows = []
+    for r in runs:
+        final = r["summary"]["final"]
+        gap = final.get("accuracy", math.nan) - local["accuracy"] if local else math.nan
+        cells = [final.get(k, math.nan) for k in keys]
+        rows.append(
+            [
+                r["name"],
+                r["summary"]["strategy"],
+                *cells,
+                final.get("eval_loss", math.nan),
+                gap,
+                r["summary"].get("total_seconds", math.nan),
+            ]
+        )
+    with (sweep_dir / "comparison.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+    fmt = [
+        str(c) if isinstance(c, str) else f"{c:+.3f}" if h == "vs local-only mean" else f"{c:.3f}"
+        for h, c in zip(header * len(rows), [c for row in rows for c in row], strict=True)
+    ]
+    width = len(header)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * width]
+    lines += ["| " + " | ".join(fmt[i : i + width]) + " |" for i in range(0, len(fmt), width)]
+    (sweep_dir / "comparison.md").write_text("\n".join(lines) + "\n")
+    _plot(runs, sweep_dir / "comparison.png")
+
+
+def _plot(runs: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in runs:
+        acc = [(x["round"], x["accuracy"]) for x in r["rounds"] if "accuracy" in x]
+        if acc:
+            ax.plot(*zip(*acc, strict=True), marker=".", label=r["name"])
+        else:  # local-only: one final mean over its clients
+            ax.axhline(r["summary"]["final"].get("accuracy", math.nan), linestyle="--", color="gray", label=r["name"])
+    ax.set(xlabel="round", ylabel="held-out exact match", ylim=(0, 1), title="Held-out accuracy per round")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+@hydra.main(version_base=None, config_path=str(conf_dir()), config_name="config")
+def main(cfg: DictConfig) -> None:
+    hc = HydraConfig.get()
+    sweep_dir = Path(hc.sweep.dir if hc.mode.name == "MULTIRUN" else hc.run.dir).resolve()
+    status = run_job(list(hc.overrides.task), cfg.num_clients, sweep_dir)
+    write_comparison(sweep_dir)
+    print(f"[fedllm-sweep] comparison: {sweep_dir / 'comparison.md'}", flush=True)
+    if status != "finished:completed":
+        raise RuntimeError(f"run {job_name(list(hc.overrides.task))} ended {status}; see {sweep_dir / 'runs'}")
+
+
+if __name__ == "__main__":
+    main()

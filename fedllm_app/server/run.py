@@ -1,0 +1,244 @@
+"""One federated run on the server, step by step: strategy, model, evaluation, checkpoints, baseline, summary."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord
+from flwr.serverapp import Grid
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from evaluation.heldout import evaluate_adapter
+from evaluation.preferences import HeldoutPreferences
+from evaluation.runner import check_round_benchmarks, round_benchmarks
+from fedllm_app.config import ConfigError
+from fedllm_app.data import pipeline
+from fedllm_app.model import get_adapter, get_model, set_adapter
+from fedllm_app.server.outputs import RunWriter, comparison_table
+from fedllm_app.server.resume import ResumeState, load_state, restore_rng, save_state
+from fedllm_app.server.rounds import TOTAL_KEYS, run_rounds, wait_for_nodes
+from strategies.local import LocalOnly
+from strategies.records import from_record, to_record
+
+log = logging.getLogger("fedllm")
+
+
+def strategy_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    return {
+        "num_clients": cfg.num_clients,
+        "sample_clients": cfg.sample_clients,
+        "num_rounds": cfg.num_rounds,
+        "lr_max": cfg.training.learning_rate,
+        "lr_min": cfg.training.min_learning_rate,
+    }
+
+
+def build_strategy(cfg: DictConfig) -> Any:
+    """Instantiate ``cfg.strategy`` through its ``_target_`` (``name`` is only a label).
+
+    Hyperparameters are validated by each strategy's dataclass; a bad value raises a
+    ConfigError that names it.
+    """
+    params = {k: v for k, v in OmegaConf.to_container(cfg.strategy, resolve=True).items() if k != "name"}
+    try:
+        return instantiate(params, **strategy_kwargs(cfg))
+    except InstantiationException as err:
+        cause = err.__cause__ if isinstance(err.__cause__, ValueError) else err
+        raise ConfigError(f"strategy={cfg.strategy.name}: {cause}") from None
+
+
+def check_nodes(grid: Grid, cfg: DictConfig) -> None:
+    """Fail clearly if, after ``node_wait_timeout`` s, the federation has not num_clients SuperNodes.
+
+    Called before anything is loaded, so a missing SuperNode costs seconds, not a model load.
+    """
+    wait_seconds = cfg.node_wait_timeout
+    connected = wait_for_nodes(grid, cfg.num_clients, wait_seconds, interval=0.1)
+    if connected != cfg.num_clients:
+        raise ValueError(
+            f"{connected} SuperNodes are connected after waiting node_wait_timeout={wait_seconds} s but "
+            f"num_clients={cfg.num_clients}; run with "
+            f'--federation-config "num-supernodes={cfg.num_clients}" (simulation), start '
+            f"{cfg.num_clients} SuperNodes, or set num_clients={connected}"
+        )
+
+
+class FederatedRun:
+    """One run's state on the server: config, model, held-out data, outputs."""
+
+    def __init__(self, cfg: DictConfig, started: float) -> None:
+        self.cfg = cfg
+        self.started = started
+        self.strategy = build_strategy(cfg)  # validates the hyperparameters before anything is loaded
+        check_round_benchmarks(cfg)
+        self.resumed = resume_point(cfg) if cfg.resume else None
+        if cfg.training.num_threads:
+            torch.set_num_threads(cfg.training.num_threads)
+        self.writer = RunWriter(cfg)
+        log.info(f"run '{self.writer.dir.name}': outputs in {self.writer.dir}")
+        log.info(f"strategy: {self.strategy.describe()}")
+        self.model, self.tokenizer = get_model(cfg.model, cfg.seed)
+        self.initial = to_record(get_adapter(self.model))
+        self.test = pipeline.heldout(cfg)
+        by = cfg.partition.by
+        log.info(f"data: {cfg.dataset.name} ({cfg.task.name}), partition {cfg.partition.name}")
+        for pid, rows in enumerate(pipeline.all_partitions(cfg)):
+            log.info(f"client {pid}: {len(rows)} rows, {by} mix {pipeline.domain_mix(rows, by)}")
+        log.info(f"server held-out: {len(self.test)} rows")
+        # DPO is evaluated on held-out pairs (loss, reward margin, preference accuracy) against the reference.
+        self.preferences = (
+            HeldoutPreferences(self.model, self.tokenizer, self.test, cfg) if cfg.task.name == "dpo" else None
+        )
+        self.summary: dict[str, Any] = {"run": self.writer.dir.name, "strategy": cfg.strategy.name}
+        self.final: dict[str, float] = {}
+        self.local: dict[int, dict[str, float]] = {}
+        self.totals = dict.fromkeys(TOTAL_KEYS, 0)
+
+    def evaluate(self, arrays: ArrayRecord) -> dict[str, float]:
+        set_adapter(self.model, from_record(arrays))
+        if self.preferences is not None:
+            return self.preferences.evaluate(self.model)
+        return evaluate_adapter(self.model, self.tokenizer, self.test, self.cfg.training)
+
+    def evaluate_round(self, arrays: ArrayRecord) -> dict[str, float]:
+        """Held-out metrics, plus the ``eval.benches`` every ``eval.every`` rounds (called once per round)."""
+        metrics = self.evaluate(arrays)
+        rnd = len(self.writer.rounds) + 1
+        metrics.update(round_benchmarks(self.cfg, self.model, self.tokenizer, rnd, self.writer.dir))
+        return metrics
+
+    def checkpoint(self, rnd: int, arrays: ArrayRecord) -> None:
+        if rnd % self.cfg.save_every == 0 or rnd == self.cfg.num_rounds:
+            set_adapter(self.model, from_record(arrays))
+            self.writer.save_adapter(self.model, rnd)
+
+    def _rounds(
+        self, grid: Grid, strategy: Any, arrays: ArrayRecord | None = None, **kwargs: Any
+    ) -> tuple[ArrayRecord, dict[str, float]]:
+        return run_rounds(
+            grid,
+            strategy,
+            self.initial if arrays is None else arrays,
+            self.cfg.num_rounds,
+            self.cfg.round_timeout,
+            self.writer,
+            poll_interval=self.cfg.poll_interval,
+            min_replies=self.cfg.min_replies,
+            node_wait=self.cfg.node_wait_timeout,
+            **kwargs,
+        )
+
+    def save_state(self, rnd: int, arrays: ArrayRecord, record: dict[str, Any]) -> None:
+        """After each federated round: everything :mod:`fedllm_app.server.resume` needs to continue from here."""
+        save_state(
+            self.writer.dir,
+            phase=self.cfg.strategy.name,
+            server_round=rnd,
+            arrays=arrays,
+            strategy_state=self.strategy.state_dict(),
+            totals=self.totals,
+            summary=self.summary,
+            last_eval={k: record[k] for k in record if k == "eval_loss" or k.startswith("accuracy")},
+            metrics=self.writer.rounds,
+        )
+
+    def _resume_rounds(self, state: ResumeState) -> dict[str, Any]:
+        """Restore the saved state; return the arguments that continue the round loop after it."""
+        self.strategy.load_state_dict(state.strategy)
+        self.totals.update(state.totals)
+        self.summary = {**state.summary, "resumed_from_round": state.round}
+        self.writer.restore_rounds(state.metrics)
+        restore_rng(state.rng)
+        log.info(f"resuming {self.writer.dir} after round {state.round}")
+        return {"start_round": state.round + 1}
+
+    def federated(self, grid: Grid) -> None:
+        """The configured strategy's rounds; for ``strategy=local`` the final metrics are the clients' mean."""
+        if isinstance(self.strategy, LocalOnly):
+            self.summary["initial"] = self.evaluate(self.initial)
+            self.summary["startup_seconds"] = time.perf_counter() - self.started
+            self.final = self._local_rounds(grid, self.strategy, self.cfg.strategy.name, "metrics.jsonl")
+            self.summary["final"] = self.final
+            return
+        arrays, resume = self.initial, {}
+        if self.resumed is not None:
+            arrays, resume = self.resumed.arrays, self._resume_rounds(self.resumed)
+        else:
+            self.summary["initial"] = self.evaluate(self.initial)
+            self.summary["startup_seconds"] = time.perf_counter() - self.started
+        _, final = self._rounds(
+            grid,
+            self.strategy,
+            arrays,
+            phase=self.cfg.strategy.name,
+            evaluate=self.evaluate_round,
+            after_round=self.checkpoint,
+            totals=self.totals,
+            on_round_end=self.save_state,
+            **resume,
+        )
+        self.final = final or (self.resumed.last_eval if self.resumed else {})
+        self.summary["final"] = self.final
+
+    def local_baseline(self, grid: Grid) -> None:
+        """Each client trains alone for the same rounds and steps (skipped when that is the main run)."""
+        if not isinstance(self.strategy, LocalOnly):
+            self._local_rounds(grid, LocalOnly(**strategy_kwargs(self.cfg)), "local", "baseline_local/metrics.jsonl")
+
+    def _local_rounds(self, grid: Grid, strategy: LocalOnly, phase: str, metrics_path: str) -> dict[str, float]:
+        """Run local-only rounds, evaluate every client's adapter; return (and record) their mean."""
+        (self.writer.dir / metrics_path).unlink(missing_ok=True)  # a resumed run repeats the baseline
+        self._rounds(grid, strategy, phase=phase, metrics_path=metrics_path)
+        self.local = {pid: self.evaluate(arrays) for pid, arrays in sorted(strategy.client_arrays.items())}
+        keys = sorted({k for m in self.local.values() for k in m})
+        mean = {k: sum(m.get(k, 0.0) for m in self.local.values()) / len(self.local) for k in keys}
+        self.summary["baseline_local"] = {"mean": mean, "clients": {str(k): v for k, v in self.local.items()}}
+        return mean
+
+    def finish(self) -> None:
+        self.summary.update(self.totals)
+        mean_acc = self.summary.get("baseline_local", {}).get("mean", {}).get("accuracy")
+        self.summary["total_seconds"] = time.perf_counter() - self.started
+        self.writer.write_summary(self.summary)
+        self.writer.plot(mean_acc)
+        if self.local:
+            metric = "held-out preference accuracy" if self.preferences is not None else "held-out exact match"
+            table = comparison_table(self.final, self.local, self.cfg.strategy.name, metric)
+            (self.writer.dir / "comparison.md").write_text(table + "\n")
+            log.info("\n" + table + "\n")
+        log.info(f"final: {self.final}")
+        log.info(f"done in {self.summary['total_seconds']:.0f} s; outputs in {self.writer.dir}")
+
+
+# Keys that may differ between an interrupted run and its resumption.
+RESUMABLE_CHANGES = ("num_rounds", "round_timeout", "node_wait_timeout", "min_replies", "poll_interval", "resume")
+
+
+def resume_point(cfg: DictConfig) -> ResumeState:
+    """The saved state of ``cfg.resume``, after checking that the run's config matches the saved one."""
+    run_dir = Path(cfg.resume).expanduser()
+    if cfg.strategy.name == "local":
+        raise ConfigError("resume is not supported for strategy=local: each client's adapter lives on its node")
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        raise ConfigError(f"resume={cfg.resume}: no config.yaml there; give the folder of an earlier run")
+    saved, now = OmegaConf.to_container(OmegaConf.load(saved_path)), OmegaConf.to_container(cfg, resolve=True)
+    differ = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+    if differ:
+        raise ConfigError(
+            f"resume={cfg.resume}: the run was made with other values of {', '.join(differ)}; "
+            f"resume with the same overrides as the interrupted run (only {', '.join(RESUMABLE_CHANGES)} may change)"
+        )
+    try:
+        state = load_state(run_dir)
+    except FileNotFoundError as err:
+        raise ConfigError(str(err)) from None
+    if state.round > cfg.num_rounds:
+        raise ConfigError(f"resume={cfg.resume}: the run already completed {state.round} > num_rounds={cfg.num_rounds}")
+    return state

@@ -1,0 +1,29 @@
+"""The deployment harness's pure parts: node-config quoting as Flower parses it, argument checks."""
+
+import pytest
+from flwr.common.config import parse_config_args
+
+from fedllm_app.ops.deploy import Deployment, node_config_arg
+
+
+def test_node_config_survives_flowers_parser():
+    config = {"partition-id": 1, "num-partitions": 2, "data-path": "/data/my file.jsonl", "lr": 0.5, "dp": True}
+    assert parse_config_args([node_config_arg(config)]) == config
+
+
+def test_bad_arguments_are_named(tmp_path):
+    with pytest.raises(ValueError, match="SuperNode authentication needs TLS"):
+        Deployment(tmp_path, auth=True)
+    with pytest.raises(ValueError, match="isolation='warm' must be one of subprocess, inline, fork"):
+        Deployment(tmp_path, isolation="warm")
+
+
+def test_tls_deployment_writes_certificates_and_a_connection(tmp_path):
+    dep = Deployment(tmp_path, tls=True, auth=True)
+    assert (tmp_path / "certs" / "ca.crt").is_file() and (tmp_path / "certs" / "server.pem").is_file()
+    toml = (tmp_path / "flwr-home" / "config.toml").read_text()
+    assert f'address = "{dep.address}"' in toml and f'root-certificates = "{dep.ca}"' in toml
+    assert "insecure" not in toml.split("[superlink.fedllm-deploy]")[1]
+    assert "--enable-supernode-auth" in dep.superlink_command()
+    node = dep.supernode_command({"partition-id": 0}, key=tmp_path / "k", tls=False)
+    assert "--insecure" in node and "--root-certificates" not in node

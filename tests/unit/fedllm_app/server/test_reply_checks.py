@@ -1,0 +1,92 @@
+"""The server's checks on client replies, and the test-only fault injection that produces bad ones."""
+
+import numpy as np
+import pytest
+from flwr.app import Message, MetricRecord, RecordDict
+
+from fedllm_app.client import faults
+from fedllm_app.server.reply_checks import reply_problem, shapes_of, split_replies
+from strategies.fedavg import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
+from strategies.records import to_record
+from strategies.scaffold import C_DELTA_KEY
+
+ADAPTER = {
+    "m.lora_A.weight": np.ones((2, 4), dtype=np.float32),
+    "m.lora_B.weight": np.zeros((4, 2), dtype=np.float32),
+}
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+
+
+def good_content(n=10):
+    return RecordDict(
+        {ARRAYS_KEY: to_record(ADAPTER), METRICS_KEY: MetricRecord({NUM_EXAMPLES_KEY: n, "partition-id": 0})}
+    )
+
+
+EXPECTED = shapes_of(to_record(ADAPTER))
+
+
+def test_a_sound_reply_passes():
+    assert reply_problem(good_content(), EXPECTED) is None
+
+
+@pytest.mark.parametrize(
+    ("kind", "words"),
+    [
+        ("names", "array names differ"),
+        ("shape", "has shape"),
+        ("nan", "NaN or Inf"),
+        ("inf", "NaN or Inf"),
+        ("zero_examples", "'num-examples' is 0"),
+        ("negative_examples", "'num-examples' is -5"),
+    ],
+)
+def test_each_fault_is_caught_with_its_reason(kind, words):
+    bad = faults.corrupt(good_content(), kind)
+    problem = reply_problem(bad, EXPECTED)
+    assert problem is not None and words in problem
+
+
+def test_nan_in_an_extra_array_record_is_caught():
+    content = good_content()
+    delta = {k: v.copy() for k, v in ADAPTER.items()}
+    delta["m.lora_B.weight"][0, 0] = np.inf
+    content[C_DELTA_KEY] = to_record(delta)
+    assert "of 'c-delta'" in reply_problem(content, EXPECTED)
+
+
+def test_missing_arrays_or_examples_are_caught():
+    assert "no ArrayRecord" in reply_problem(RecordDict({METRICS_KEY: MetricRecord({NUM_EXAMPLES_KEY: 1})}), EXPECTED)
+    content = RecordDict({ARRAYS_KEY: to_record(ADAPTER), METRICS_KEY: MetricRecord({"train_loss": 1.0})})
+    assert "'num-examples' is None" in reply_problem(content, EXPECTED)
+
+
+def test_split_replies_names_the_node_and_keeps_errors_for_flower():
+    sent = [Message(good_content(), dst_node_id=node, message_type="train") for node in (7, 8)]
+    good = Message(good_content(), reply_to=sent[0])
+    bad = Message(faults.corrupt(good_content(), "nan"), reply_to=sent[1])
+    kept, rejected = split_replies([good, bad], EXPECTED)
+    assert kept == [good]
+    reason = "array 'm.lora_A.weight' of 'arrays' contains NaN or Inf"
+    assert rejected == [{"node": 8, "partition": 0, "reason": reason}]
+
+
+def test_fault_entries_parse_and_bad_ones_are_named():
+    from fedllm_app.config import ConfigError, parse_faults
+
+    assert parse_faults(["nan-r1-p0", "zero_examples-r2-p1"]) == {(1, 0): "nan", (2, 1): "zero_examples"}
+    with pytest.raises(ConfigError, match="'bogus-r1-p0'"):
+        parse_faults(["bogus-r1-p0"])
+
+
+def test_fault_injection_is_validated_in_the_config():
+    from fedllm_app.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="fault_injection entry 'nan-1-0'"):
+        load_config({"overrides": "fault_injection=[nan-1-0]"})

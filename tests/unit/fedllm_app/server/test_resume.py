@@ -1,0 +1,63 @@
+"""The server's saved state: a round trip restores arrays, strategy state, RNGs, totals and metrics."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from fedllm_app.config import ConfigError, load_config
+from fedllm_app.server.resume import STATE_FILE, load_state, restore_rng, save_state
+from fedllm_app.server.run import resume_point
+from strategies.fedadam import FedAdam
+from strategies.records import from_record, to_record
+
+FEDADAM = {"num_clients": 2, "sample_clients": 2, "num_rounds": 4, "lr_max": 1e-3, "lr_min": 1e-4}
+FEDADAM.update(eta=1e-2, beta_1=0.9, beta_2=0.99, tau=1e-3)
+
+
+def test_state_round_trip(tmp_path):
+    arrays = {"a.lora_A.weight": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    strategy = FedAdam(**FEDADAM)
+    strategy.load_state_dict({"m": {"a.lora_A.weight": np.full((2, 3), 0.5, np.float32)}, "v": None})
+    random.seed(3)
+    np.random.seed(4)
+    torch.manual_seed(5)
+    rows = [{"round": 1, "accuracy": 0.25}, {"round": 2, "accuracy": 0.5}]
+    save_state(
+        tmp_path, phase="fedadam", server_round=2, arrays=to_record(arrays), strategy_state=strategy.state_dict(),
+        totals={"bytes_sent_total": 10, "bytes_received_total": 20}, summary={"initial": {"accuracy": 0.0}},
+        last_eval={"accuracy": 0.5}, metrics=rows,
+    )  # fmt: skip
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(99)
+    np.random.seed(99)
+    torch.manual_seed(99)
+
+    state = load_state(tmp_path)
+    restore_rng(state.rng)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+    assert state.round == 2 and state.phase == "fedadam" and state.metrics == rows
+    np.testing.assert_array_equal(from_record(state.arrays)["a.lora_A.weight"], arrays["a.lora_A.weight"])
+    fresh = FedAdam(**FEDADAM)
+    fresh.load_state_dict(state.strategy)
+    assert fresh.state_dict()["v"] is None
+    np.testing.assert_array_equal(fresh.state_dict()["m"]["a.lora_A.weight"], 0.5)
+    assert state.totals == {"bytes_sent_total": 10, "bytes_received_total": 20}
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_resume_refuses_a_folder_without_state_or_with_other_settings(tmp_path):
+    from omegaconf import OmegaConf
+
+    cfg = load_config({"overrides": f"resume={tmp_path}"})
+    with pytest.raises(ConfigError, match="no config.yaml there"):
+        resume_point(cfg)
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(load_config({"overrides": "seed=1"})))
+    with pytest.raises(ConfigError, match="other values of seed"):
+        resume_point(cfg)
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(load_config({})))
+    with pytest.raises(ConfigError, match=f"no {STATE_FILE} there"):
+        resume_point(cfg)
+    with pytest.raises(ConfigError, match="strategy=local"):
+        resume_point(load_config({"overrides": f"strategy=local resume={tmp_path}"}))
