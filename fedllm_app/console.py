@@ -51,11 +51,11 @@ class _ConsoleFormatter(logging.Formatter):
 
 
 class _DropFlowerRoundNoise(logging.Filter):
-    """Drops Flower's per-round INFO lines and its repeated notices; keeps everything else."""
+    """Drops Flower's per-round INFO lines (and its empty INFO lines) and its repeated notices; keeps the rest."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = str(record.msg).lstrip()
-        if record.levelno <= logging.INFO and message.startswith(FLOWER_ROUND_NOISE):
+        message = record.getMessage().strip()
+        if record.levelno <= logging.INFO and (not message or message.startswith(FLOWER_ROUND_NOISE)):
             return False
         return not any(notice in message for notice in FLOWER_NOTICES)
 

@@ -14,6 +14,7 @@ import dataclasses
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -22,6 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+log = logging.getLogger("fedllm")
 BUILDER_VERSION = 1
 SPECIALS = ("<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>")
 CHAT_TEMPLATE = (
@@ -147,7 +149,7 @@ def build_tiny_model(out_dir: Path, spec: TinySpec = TinySpec()) -> Path:
         sched.step()
         opt.zero_grad()
         if step % 50 == 0 or step == spec.pretrain_steps - 1:
-            print(f"[tiny-model] pre-training step {step + 1}/{spec.pretrain_steps} loss {loss.item():.3f}")
+            log.info("tiny model: pre-training step %d/%d, loss %.3f", step + 1, spec.pretrain_steps, loss.item())
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -172,18 +174,22 @@ def ensure_tiny_model(spec: TinySpec = TinySpec()) -> Path:
         if (target / "config.json").exists():
             return target
         start = time.time()
-        print(f"[tiny-model] building the embedded default model into {target} (once, ~20 s)")
+        log.info("building the embedded tiny model into %s (once, ~20 s)", target)
         tmp = Path(tempfile.mkdtemp(prefix="tiny-llama-", dir=root))
         try:
             build_tiny_model(tmp, spec)
             tmp.rename(target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        print(f"[tiny-model] built in {time.time() - start:.1f} s")
+        log.info("tiny model built in %.1f s", time.time() - start)
     return target
 
 
 def main() -> None:
+    """Entry point of ``fedllm-build-tiny``: build the tiny model and print its folder."""
+    from fedllm_app.console import setup_console
+
+    setup_console()
     parser = argparse.ArgumentParser(description="Build the embedded tiny model (offline).")
     parser.add_argument("--out", type=Path, default=None, help="directory to write; default: the cache")
     args = parser.parse_args()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import re
 import shlex
@@ -23,7 +24,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from fedllm_app.config import conf_dir
+from fedllm_app.console import setup_console
 from fedllm_app.ops.flower_run import FlowerRunner, kill_flower_processes
+
+log = logging.getLogger("fedllm")
 
 
 def job_name(overrides: list[str]) -> str:
@@ -47,12 +51,12 @@ def run_job(overrides: list[str], num_clients: int, sweep_dir: Path) -> str:
         ["baseline=none", *map(shlex.quote, overrides), f"output_dir={sweep_dir / 'runs'}", f"run_name={name}"]
     )
     try:
-        status, log = runner.run(flower_overrides, num_supernodes=num_clients, timeout=3600)
+        status, output = runner.run(flower_overrides, num_supernodes=num_clients, timeout=3600)
     finally:
         kill_flower_processes(str(home))
     (sweep_dir / "runs" / f"{name}.log").parent.mkdir(parents=True, exist_ok=True)
-    (sweep_dir / "runs" / f"{name}.log").write_text(log)
-    print(f"[fedllm-sweep] {name}: {status}", flush=True)
+    (sweep_dir / "runs" / f"{name}.log").write_text(output)
+    log.info("sweep job %s: %s", name, status)
     return status
 
 
@@ -67,45 +71,63 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
 
 
 def write_comparison(sweep_dir: Path) -> None:
+    """``comparison.csv``, ``comparison.md`` and ``comparison.png`` from every finished run under ``sweep_dir``.
+
+    The "vs local-only mean" column is there only when a ``strategy=local`` run is among them; a metric a
+    run does not have reads ``n/a``.
+    """
     runs = collect(sweep_dir)
     if not runs:
         return
-    keys = sorted({k for r in runs for k in r["summary"]["final"] if k.startswith("accuracy")})
-    local = next((r["summary"]["final"] for r in runs if r["summary"]["strategy"] == "local"), None)
-    header = ["run", "strategy", *keys, "eval_loss", "vs local-only mean", "seconds"]
-    rows = []
-    for r in runs:
-        final = r["summary"]["final"]
-        gap = final.get("accuracy", math.nan) - local["accuracy"] if local else math.nan
-        cells = [final.get(k, math.nan) for k in keys]
-        rows.append(
-            [
-                r["name"],
-                r["summary"]["strategy"],
-                *cells,
-                final.get("eval_loss", math.nan),
-                gap,
-                r["summary"].get("total_seconds", math.nan),
-            ]
-        )
+    header, rows = comparison_rows(runs)
     with (sweep_dir / "comparison.csv").open("w", newline="") as f:
         csv.writer(f).writerows([header, *rows])
-    fmt = [
-        str(c) if isinstance(c, str) else f"{c:+.3f}" if h == "vs local-only mean" else f"{c:.3f}"
-        for h, c in zip(header * len(rows), [c for row in rows for c in row], strict=True)
-    ]
-    width = len(header)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * width]
-    lines += ["| " + " | ".join(fmt[i : i + width]) + " |" for i in range(0, len(fmt), width)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(h, c) for h, c in zip(header, row, strict=True)) + " |" for row in rows]
     (sweep_dir / "comparison.md").write_text("\n".join(lines) + "\n")
     _plot(runs, sweep_dir / "comparison.png")
 
 
+def comparison_rows(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """The comparison's header and one row per run (numbers as they are; NaN where a run lacks a metric)."""
+    keys = sorted({k for r in runs for k in r["summary"]["final"] if k.startswith("accuracy")})
+    local = next((r["summary"]["final"] for r in runs if r["summary"]["strategy"] == "local"), None)
+    header = ["run", "strategy", *keys, "eval_loss", *(["vs local-only mean"] if local else []), "seconds"]
+    rows = []
+    for r in runs:
+        final = r["summary"]["final"]
+        gap = [final.get("accuracy", math.nan) - local.get("accuracy", math.nan)] if local else []
+        cells = [final.get(k, math.nan) for k in keys]
+        seconds = r["summary"].get("total_seconds", math.nan)
+        rows.append([r["name"], r["summary"]["strategy"], *cells, final.get("eval_loss", math.nan), *gap, seconds])
+    return header, rows
+
+
+def _cell(header: str, value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if value is None or math.isnan(value):
+        return "n/a"
+    if header == "seconds":
+        return f"{value:.0f}"
+    return f"{value:+.3f}" if header == "vs local-only mean" else f"{value:.3f}"
+
+
 def _plot(runs: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = accuracy_figure(runs)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def accuracy_figure(runs: list[dict[str, Any]]) -> Any:
+    """Held-out accuracy per (whole) round of every run; a local-only run is its final mean, dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in runs:
@@ -115,19 +137,21 @@ def _plot(runs: list[dict[str, Any]], path: Path) -> None:
         else:  # local-only: one final mean over its clients
             ax.axhline(r["summary"]["final"].get("accuracy", math.nan), linestyle="--", color="gray", label=r["name"])
     ax.set(xlabel="round", ylabel="held-out exact match", ylim=(0, 1), title="Held-out accuracy per round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 @hydra.main(version_base=None, config_path=str(conf_dir()), config_name="config")
 def main(cfg: DictConfig) -> None:
+    """Entry point of ``fedllm-sweep``: one Flower run per job, then the comparison."""
+    setup_console()
     hc = HydraConfig.get()
     sweep_dir = Path(hc.sweep.dir if hc.mode.name == "MULTIRUN" else hc.run.dir).resolve()
     status = run_job(list(hc.overrides.task), cfg.num_clients, sweep_dir)
     write_comparison(sweep_dir)
-    print(f"[fedllm-sweep] comparison: {sweep_dir / 'comparison.md'}", flush=True)
+    log.info("sweep comparison: %s", sweep_dir / "comparison.md")
     if status != "finished:completed":
         raise RuntimeError(f"run {job_name(list(hc.overrides.task))} ended {status}; see {sweep_dir / 'runs'}")
 

@@ -31,6 +31,7 @@ bundle: install the operator's version. All other arguments are ``flower-superex
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -40,6 +41,10 @@ from flwr.supercore.constant import TaskType
 from flwr.supercore.exit import flwr_exit
 from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
 from flwr.supercore.superexec.executor.types import ExecutionSpec, LaunchResult
+
+from fedllm_app.console import setup_console
+
+log = logging.getLogger("fedllm")
 
 
 class ForkExecutor(SubprocessExecutor):
@@ -162,12 +167,13 @@ def main(argv: list[str] | None = None) -> None:
         help="fork: run each task in a fork of this process; inline (experimental): in this process",
     )
     args, rest = parser.parse_known_args(argv)
+    setup_console()
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # asking about CUDA must not initialise it
     os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")  # Flower's 1 s adds idle time to a round
     import torch
 
     seconds = preload(args.preload, load_model=args.mode == "inline" or not torch.cuda.is_available())
-    print(f"[fedllm] warm SuperExec ({args.mode}): libraries and base model loaded in {seconds:.1f} s", flush=True)
+    log.info("warm SuperExec (%s): libraries and base model loaded in %.1f s", args.mode, seconds)
 
     import flwr.supercore.superexec.run_superexec as superexec
     from flwr.supercore.cli.flower_superexec import flower_superexec

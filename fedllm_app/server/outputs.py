@@ -53,6 +53,7 @@ class RunWriter:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
 
         rounds = [r["round"] for r in self.rounds]
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -67,6 +68,8 @@ class RunWriter:
             ax2.axhline(local_mean_accuracy, color="gray", linestyle="--", label="local-only mean (final)")
         ax2.set(xlabel="round", ylabel="exact match", title="Held-out accuracy", ylim=(0, 1))
         ax2.legend()
+        for ax in (ax1, ax2):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         fig.tight_layout()
         path = self.dir / "metrics.png"
         fig.savefig(path, dpi=100)

@@ -212,7 +212,7 @@ class FederatedRun:
             table = comparison_table(self.final, self.local, self.cfg.strategy.name, metric)
             (self.writer.dir / "comparison.md").write_text(table + "\n")
             log.info("\n" + table + "\n")
-        log.info(f"final: {self.final}")
+        log.info("final: " + ", ".join(f"{k} {v:.3f}" for k, v in self.final.items() if isinstance(v, int | float)))
         log.info(f"done in {self.summary['total_seconds']:.0f} s; outputs in {self.writer.dir}")
 
 
