@@ -1,23 +1,142 @@
 """``fedllm-eval``: score a checkpoint on the benchmarks; ``fedllm-eval merge`` (or ``fedllm-merge``) merges it.
 
     fedllm-eval outputs/fedavg-synthetic-seed0/checkpoints/round-15 --bench finance
-    fedllm-eval CHECKPOINT --bench all --data-dir tests/evaluation/fixtures
+    fedllm-eval CHECKPOINT --bench all --data-dir tests/fixtures/evaluation
+    fedllm-eval CHECKPOINT --config eval.yaml      # flag values from a YAML/JSON file; command-line flags win
     fedllm-eval merge CHECKPOINT OUT_DIR
 
-The same runs as a Hydra-configured module: ``python -m evaluation checkpoint=CHECKPOINT bench=finance``
-(config ``conf/eval.yaml``).
+The flags are derived by ``transformers.HfArgumentParser`` from :class:`evaluation.runner.EvalSettings` (each
+field a flag: ``max_new_tokens`` is ``--max-new-tokens``) and :class:`evaluation.judge.JudgeConfig` (each field
+``judge_<field>``: ``--judge-base-url``, ``--judge-model``...), so every default and help text is written once,
+in those dataclasses. :data:`ALIASES` keeps the flag names of the earlier hand-written parser working.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import logging
 import sys
 import time
+from dataclasses import MISSING, Field, asdict, field, fields, make_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin, get_type_hints
 
-from evaluation.judge import JudgeConfig
-from evaluation.runner import GROUPS, EvalSettings, expand, run_suite, write_results
+import yaml
+from transformers import HfArgumentParser
+
+from evaluation.judge import JudgeConfig, JudgeError
+from evaluation.runner import EvalSettings, expand, run_suite, write_results
+from evaluation.sources import DataSourceError
+from fedllm_app.config import ConfigError
+from fedllm_app.console import setup_console
+
+log = logging.getLogger("fedllm")
+
+JUDGE_PREFIX = "judge_"
+# Flag names of the earlier hand-written parser, kept so that existing commands and docs stay valid.
+ALIASES: dict[str, list[str]] = {
+    "overrides": ["--override"],
+    "judge_api_key_env": ["--judge-key-env"],
+    "judge_cache_dir": ["--judge-cache"],
+}
+
+
+def _flag_field(name: str, hint: Any, source: Field) -> tuple[str, Any, Field]:
+    """``source`` as the field ``name`` of a flag dataclass: same default and help, plus the flag's aliases.
+
+    A list is declared as its item type with ``action="append"``: one item per flag, repeatable
+    (``--override a=1 --override b=2``). A required field (the judge's URL and model) is optional as a flag.
+    """
+    metadata = {**source.metadata, "aliases": ALIASES.get(name, [])}
+    if get_origin(hint) is list:
+        hint, metadata["action"] = get_args(hint)[0], "append"
+    if source.default_factory is not MISSING:
+        return name, hint, field(default_factory=source.default_factory, metadata=metadata)
+    if source.default is MISSING:
+        return name, hint | None, field(default=None, metadata=metadata)
+    return name, hint, field(default=source.default, metadata=metadata)
+
+
+def flag_dataclass(name: str, source: type, prefix: str = "", skip: tuple[str, ...] = (), group: str = "") -> type:
+    """A flat dataclass of ``source``'s fields (named ``<prefix><field>``) for ``HfArgumentParser``."""
+    hints = get_type_hints(source)
+    specs = [_flag_field(prefix + f.name, hints[f.name], f) for f in fields(source) if f.name not in skip]
+    return make_dataclass(name, specs, namespace={"_argument_group_name": group} if group else {})
+
+
+EvalFlags = flag_dataclass("EvalFlags", EvalSettings, skip=("judge",))
+JudgeFlags = flag_dataclass("JudgeFlags", JudgeConfig, JUDGE_PREFIX, group="judge (MT-Bench, Vicuna)")
+
+
+def eval_parser() -> HfArgumentParser:
+    """``fedllm-eval``'s parser: the positional checkpoint, ``--config`` and one flag per settings field."""
+    parser = HfArgumentParser(
+        (EvalFlags, JudgeFlags),
+        prog="fedllm-eval",
+        description="Score a fedllm checkpoint (PEFT adapter folder or merged model) on benchmarks. "
+        "'fedllm-eval merge CHECKPOINT OUT' writes the adapter merged into its base model.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("checkpoint", help="checkpoints/round-N folder (adapter) or a merged model folder")
+    parser.add_argument(
+        "--config",
+        help="YAML or JSON file of flag values, keyed by flag name (bench: math, max_new_tokens: 64, "
+        "overrides: [model.quantization=4bit]); flags on the command line win",
+    )
+    return parser
+
+
+def config_argv(path: str) -> list[str]:
+    """The flags written in a ``--config`` file, as ``--name=value`` (a list repeats a list flag; null skips)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"--config {path!r} is not a file; give a YAML or JSON file such as 'bench: math'")
+    try:
+        data = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--config {path!r} is not YAML or JSON: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path!r} must map flag names to values, e.g. 'bench: math'")
+    flag_fields = {f.name: f for f in (*fields(EvalFlags), *fields(JudgeFlags))}
+    argv = []
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in flag_fields:
+            near = difflib.get_close_matches(name, flag_fields, n=1)
+            fix = f"did you mean {near[0]!r}?" if near else "the keys are the flag names (fedllm-eval --help)"
+            raise ConfigError(f"--config {path!r}: unknown key {key!r}; {fix}")
+        if isinstance(value, list) and "action" not in flag_fields[name].metadata:
+            raise ConfigError(f"--config {path!r}: {key!r} takes one value, not a list")
+        argv += [f"--{name}={item}" for item in (value if isinstance(value, list) else [value]) if item is not None]
+    return argv
+
+
+def parse_eval_args(argv: list[str]) -> tuple[str, EvalSettings]:
+    """The checkpoint and settings of ``fedllm-eval CHECKPOINT [--config FILE] [flags]``."""
+    parser = eval_parser()
+    config = argparse.ArgumentParser(prog="fedllm-eval", add_help=False, allow_abbrev=False)
+    config.add_argument("--config")
+    path = config.parse_known_args(argv)[0].config
+    file_argv = config_argv(path) if path else []
+    flags, judge, extra, rest = parser.parse_args_into_dataclasses(
+        [*file_argv, *argv], return_remaining_strings=True, look_for_args_file=False
+    )
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return extra.checkpoint, settings_from_flags(flags, judge)
+
+
+def settings_from_flags(flags: Any, judge: Any) -> EvalSettings:
+    """:class:`EvalSettings` from the parsed ``EvalFlags`` and ``JudgeFlags`` (the judge only with a URL and model)."""
+    values = asdict(flags)
+    judged = {f.name.removeprefix(JUDGE_PREFIX): getattr(judge, f.name) for f in fields(judge)}
+    if bool(judged["base_url"]) != bool(judged["model"]):
+        raise ConfigError(
+            "give both --judge-base-url and --judge-model to grade MT-Bench and Vicuna (or neither to only save "
+            "their answers)"
+        )
+    return EvalSettings(**values, judge=JudgeConfig(**judged) if judged["base_url"] else None)
 
 
 def evaluate_checkpoint(checkpoint: str | Path, settings: EvalSettings) -> dict[str, Any]:
@@ -46,88 +165,34 @@ def evaluate_checkpoint(checkpoint: str | Path, settings: EvalSettings) -> dict[
         "total_seconds": round(time.perf_counter() - start, 2),
     }
     js, md = write_results(out_dir, settings.bench, results, meta)
-    print(f"[fedllm-eval] wrote {js} and {md} in {meta['total_seconds']:.0f} s", flush=True)
+    log.info("wrote %s and %s in %.0f s", js, md, meta["total_seconds"])
     return results
 
 
-def eval_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="fedllm-eval",
-        description="Score a fedllm checkpoint (PEFT adapter folder or merged model) on benchmarks. "
-        "'fedllm-eval merge CHECKPOINT OUT' writes the adapter merged into its base model.",
-    )
-    p.add_argument("checkpoint", help="checkpoints/round-N folder (adapter) or a merged model folder")
-    p.add_argument(
-        "--bench", default="all", help=f"{', '.join(GROUPS)}, all, or comma-separated benchmark names (default all)"
-    )
-    p.add_argument("--data-dir", help="read <benchmark>.jsonl files from this folder instead of the Hub")
-    p.add_argument("--limit", type=int, help="at most this many rows per benchmark")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shots", type=int, default=0, help="solved examples before each MMLU question (e.g. 5)")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="for math, code and open-ended answers")
-    p.add_argument("--code-samples", type=int, default=1, help="samples per coding problem (pass@k for k <= n)")
-    p.add_argument("--code-temperature", type=float, default=0.8)
-    p.add_argument("--code-timeout", type=float, default=10.0, help="seconds per program in the sandbox")
-    p.add_argument("--judge-base-url", help="OpenAI-compatible API root for MT-Bench/Vicuna grading")
-    p.add_argument("--judge-model", help="judge model name")
-    p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable with the API key")
-    p.add_argument("--judge-cache", default="~/.cache/fedllm/judge", help="folder of cached judgements")
-    p.add_argument("--judge-workers", type=int, default=8, help="judge requests in flight at once")
-    p.add_argument("--override", action="append", default=[], help="run-config override, e.g. model.quantization=4bit")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: the run's training.num_threads)")
-    p.add_argument("--no-progress", action="store_true")
-    return p
-
-
-def settings_from_args(a: argparse.Namespace) -> EvalSettings:
-    judge = None
-    if a.judge_base_url or a.judge_model:
-        if not (a.judge_base_url and a.judge_model):
-            raise SystemExit("fedllm-eval: give both --judge-base-url and --judge-model (or neither)")
-        judge = JudgeConfig(a.judge_base_url, a.judge_model, a.judge_key_env, a.judge_cache, workers=a.judge_workers)
-    return EvalSettings(
-        bench=a.bench,
-        data_dir=a.data_dir,
-        limit=a.limit,
-        batch_size=a.batch_size,
-        seed=a.seed,
-        progress=not a.no_progress,
-        code_samples=a.code_samples,
-        code_temperature=a.code_temperature,
-        code_timeout=a.code_timeout,
-        max_new_tokens=a.max_new_tokens,
-        judge=judge,
-        overrides=list(a.override),
-        threads=a.threads,
-        shots=a.shots,
-    )
-
-
 def merge_main(argv: list[str]) -> None:
+    """``fedllm-eval merge CHECKPOINT OUT [--override KEY=VALUE]``."""
     from evaluation.checkpoint import merge
 
+    overrides_help = next(f for f in fields(EvalSettings) if f.name == "overrides").metadata["help"]
     p = argparse.ArgumentParser(prog="fedllm-eval merge", description="Merge a LoRA checkpoint into its base model.")
-    p.add_argument("checkpoint")
-    p.add_argument("out")
-    p.add_argument("--override", action="append", default=[], help="run-config override, e.g. model.dtype=bfloat16")
-    a = p.parse_args(argv)
-    print(f"[fedllm-eval] merged model written to {merge(a.checkpoint, a.out, a.override)}", flush=True)
+    p.add_argument("checkpoint", help="checkpoints/round-N folder (a PEFT adapter)")
+    p.add_argument("out", help="folder for the merged model")
+    p.add_argument("--override", "--overrides", dest="overrides", action="append", default=[], help=overrides_help)
+    args = p.parse_args(argv)
+    setup_console()
+    log.info("merged model written to %s", merge(args.checkpoint, args.out, args.overrides))
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``fedllm-eval``."""
-    from evaluation.judge import JudgeError
-    from evaluation.sources import DataSourceError
-    from fedllm_app.config import ConfigError
-
+    """Entry point of ``fedllm-eval``: a bad input ends with a one-line message and exit status 1 (2 for flags)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if argv and argv[0] == "merge":
+        if argv[:1] == ["merge"]:
             merge_main(argv[1:])
             return
-        args = eval_parser().parse_args(argv)
-        evaluate_checkpoint(args.checkpoint, settings_from_args(args))
+        checkpoint, settings = parse_eval_args(argv)
+        setup_console(progress=settings.progress)
+        evaluate_checkpoint(checkpoint, settings)
     except (ConfigError, DataSourceError, JudgeError) as err:
         raise SystemExit(f"fedllm-eval: {err}") from None
 

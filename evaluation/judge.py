@@ -15,9 +15,11 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from evaluation.documented import documented
 
 SYSTEM = (
     "You are an impartial, careful grader of AI assistant answers. You judge helpfulness, relevance, "
@@ -44,45 +46,38 @@ class JudgeError(RuntimeError):
     """The judge endpoint failed for good (after retries, or a non-transient error)."""
 
 
+@documented
 @dataclass
 class JudgeConfig:
-    """How to reach the judge.
+    """How to reach the judge (``fedllm-eval``'s ``--judge-*`` flags)."""
 
-    Attributes
-    ----------
-    base_url : str
-        OpenAI-compatible API root, e.g. ``https://api.openai.com/v1`` or ``http://localhost:8000/v1``
-        (``/chat/completions`` is appended).
-    model : str
-        Judge model name sent in each request.
-    api_key_env : str
-        Environment variable holding the API key; no ``Authorization`` header is sent if it is unset.
-    cache_dir : str
-        Folder of cached replies (one JSON file per request).
-    retries : int
-        Extra attempts after a transient failure (HTTP 408/409/425/429/5xx, connection errors, timeouts).
-    backoff : float
-        Seconds before the first retry, doubled each time.
-    timeout : float
-        Seconds per HTTP request.
-    temperature : float
-        Sampling temperature of the judge (0: deterministic grading).
-    max_tokens : int
-        Longest judgement.
-    workers : int
-        Judge requests in flight at once.
-    """
-
-    base_url: str
-    model: str
-    api_key_env: str = "OPENAI_API_KEY"
-    cache_dir: str = "~/.cache/fedllm/judge"
-    retries: int = 4
-    backoff: float = 2.0
-    timeout: float = 120.0
-    temperature: float = 0.0
-    max_tokens: int = 1024
-    workers: int = 8
+    base_url: str = field(
+        metadata={
+            "help": "OpenAI-compatible API root, e.g. https://api.openai.com/v1 or http://localhost:8000/v1 "
+            "(/chat/completions is appended)."
+        }
+    )
+    model: str = field(metadata={"help": "Judge model name sent in each request."})
+    api_key_env: str = field(
+        default="OPENAI_API_KEY",
+        metadata={"help": "Environment variable holding the API key; no Authorization header is sent if it is unset."},
+    )
+    cache_dir: str = field(
+        default="~/.cache/fedllm/judge", metadata={"help": "Folder of cached replies (one JSON file per request)."}
+    )
+    retries: int = field(
+        default=4,
+        metadata={
+            "help": "Extra attempts after a transient failure (HTTP 408/409/425/429/5xx, connection errors, timeouts)."
+        },
+    )
+    backoff: float = field(default=2.0, metadata={"help": "Seconds before the first retry, doubled each time."})
+    timeout: float = field(default=120.0, metadata={"help": "Seconds per HTTP request."})
+    temperature: float = field(
+        default=0.0, metadata={"help": "Sampling temperature of the judge (0: deterministic grading)."}
+    )
+    max_tokens: int = field(default=1024, metadata={"help": "Longest judgement, in tokens."})
+    workers: int = field(default=8, metadata={"help": "Judge requests in flight at once."})
 
 
 def parse_rating(text: str) -> float | None:

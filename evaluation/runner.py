@@ -7,16 +7,20 @@ and ``<checkpoint>/eval/<bench>.md`` (one table row per metric).
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from evaluation import coding, finance, maths, multiple_choice, open_ended, safety
+from evaluation.documented import documented
 from evaluation.generation import Generator
 from evaluation.judge import JudgeClient, JudgeConfig
 from evaluation.sources import DataSourceError, Source, load_rows
 from fedllm_app.config import ConfigError
+
+log = logging.getLogger("fedllm")
 
 GROUPS: dict[str, tuple[str, ...]] = {
     "finance": tuple(finance.SOURCES),
@@ -38,56 +42,58 @@ SOURCES: dict[str, Source] = {
 BENCHMARKS: tuple[str, ...] = tuple(b for names in GROUPS.values() for b in names)
 
 
+@documented
 @dataclass
 class EvalSettings:
-    """What ``fedllm-eval`` runs and how.
-
-    Attributes
-    ----------
-    bench : str
-        A group (finance, general, medical, code, math, safety, heldout, all) or comma-separated benchmark names.
-    data_dir : str | None
-        Folder of local benchmark files (``<benchmark>.jsonl``...); None loads each from the Hub.
-    limit : int | None
-        At most this many rows per benchmark (None: all).
-    batch_size : int
-        Prompts per generation / scoring batch.
-    seed : int
-        Torch seed (sampled answers of MT-Bench / Vicuna categories with temperature > 0, pass@k samples).
-    progress : bool
-        Show progress bars.
-    code_samples : int
-        Samples per coding problem (1: greedy pass@1; n > 1: sampled, pass@k for k <= n).
-    code_temperature : float
-        Sampling temperature when ``code_samples > 1``.
-    code_timeout : float
-        Wall-clock seconds per program in the sandbox.
-    max_new_tokens : int
-        Generation length for math, code and open-ended answers.
-    judge : JudgeConfig | None
-        LLM judge for MT-Bench / Vicuna; None generates and saves the answers only.
-    overrides : list[str]
-        Hydra-style ``key=value`` overrides of the checkpoint's run config (e.g. ``model.quantization=4bit``).
-    shots : int
-        Solved examples before each MMLU question (5 is the usual setting; other benchmarks stay zero-shot).
-    threads : int | None
-        Torch CPU threads; None uses the run's ``training.num_threads`` (0 there: torch's default).
+    """What ``fedllm-eval`` runs and how; each field is one of its flags (``--max-new-tokens`` for
+    ``max_new_tokens``), with this default and help text.
     """
 
-    bench: str = "all"
-    data_dir: str | None = None
-    limit: int | None = None
-    batch_size: int = 8
-    seed: int = 0
-    progress: bool = True
-    code_samples: int = 1
-    code_temperature: float = 0.8
-    code_timeout: float = 10.0
-    max_new_tokens: int = 512
-    judge: JudgeConfig | None = None
-    overrides: list[str] = field(default_factory=list)
-    shots: int = 0
-    threads: int | None = None
+    bench: str = field(
+        default="all",
+        metadata={"help": f"A group ({', '.join(GROUPS)}, all) or comma-separated benchmark names (e.g. gsm8k,mmlu)."},
+    )
+    data_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder of local benchmark files (<benchmark>.jsonl, .json, .parquet, .csv); unset: the Hub."
+        },
+    )
+    limit: int | None = field(default=None, metadata={"help": "At most this many rows per benchmark (unset: all)."})
+    batch_size: int = field(default=8, metadata={"help": "Prompts per generation / scoring batch."})
+    seed: int = field(
+        default=0,
+        metadata={"help": "Torch seed (sampled MT-Bench / Vicuna answers at temperature > 0, pass@k samples)."},
+    )
+    progress: bool = field(default=True, metadata={"help": "Show progress bars (--no-progress hides them)."})
+    code_samples: int = field(
+        default=1,
+        metadata={"help": "Samples per coding problem (1: greedy pass@1; n > 1: sampled, pass@k for k <= n)."},
+    )
+    code_temperature: float = field(default=0.8, metadata={"help": "Sampling temperature when code_samples > 1."})
+    code_timeout: float = field(default=10.0, metadata={"help": "Wall-clock seconds per program in the sandbox."})
+    max_new_tokens: int = field(
+        default=512, metadata={"help": "Generation length for math, code and open-ended answers."}
+    )
+    judge: JudgeConfig | None = field(
+        default=None,
+        metadata={"help": "LLM judge for MT-Bench / Vicuna (the --judge-* flags); unset: answers are only saved."},
+    )
+    overrides: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Hydra-style key=value override of the checkpoint's run config, e.g. model.quantization=4bit "
+            "(repeatable)."
+        },
+    )
+    shots: int = field(
+        default=0,
+        metadata={"help": "Solved examples before each MMLU question (5 is usual; other benchmarks stay zero-shot)."},
+    )
+    threads: int | None = field(
+        default=None,
+        metadata={"help": "Torch CPU threads; unset: the run's training.num_threads (0 there: torch's default)."},
+    )
 
 
 def expand(bench: str) -> list[str]:
@@ -175,7 +181,7 @@ def run_suite(
             (out_dir / f"{name}_generations.jsonl").write_text(lines)
         metrics["seconds"] = round(time.perf_counter() - start, 2)
         results[name] = metrics
-        print(f"[fedllm-eval] {name}: {summary_line(metrics)}", flush=True)
+        log.info("%s: %s", name, summary_line(metrics))
     return results
 
 
