@@ -10,8 +10,8 @@ from flwr.app import Context, Message  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
 from fedllm_app.client import faults  # noqa: E402
-from fedllm_app.client.round import DATA_PATH_KEY, train_one_round  # noqa: E402
-from fedllm_app.config import ConfigError, load_config, parse_faults  # noqa: E402
+from fedllm_app.client.round import DATA_PATH_KEY, round_config, train_one_round  # noqa: E402
+from fedllm_app.config import ConfigError, parse_faults  # noqa: E402
 from strategies.fedavg import CONFIG_KEY  # noqa: E402
 from strategies.local import PARTITION_KEY  # noqa: E402
 
@@ -21,7 +21,7 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Parse the run config, train this node's round (on its own ``data-path`` file if set), reply."""
-    cfg = load_config(context.run_config)
+    cfg = round_config(context.run_config, msg)
     setup_console(cfg.logging.verbose, progress=False)
     if PARTITION_KEY not in context.node_config:
         raise ConfigError(

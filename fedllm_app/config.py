@@ -1,11 +1,14 @@
 """The one bridge from Flower's run config to the composed Hydra config.
 
-Flower's run config carries Hydra overrides in a single string key, ``overrides``::
+Flower's run config sets the most used options through declared kebab-case keys
+(:data:`RUN_CONFIG_KEYS`, the one table of them; ``[tool.flwr.app.config]`` declares the
+same keys) and any Hydra key through the string key ``overrides``::
 
-    flwr run . --run-config "overrides='strategy=fedavg model=tiny seed=7 num_rounds=3'"
+    flwr run . --run-config "num-server-rounds=3 strategy='fedprox' overrides='training.grad_accum=2'"
 
-:func:`load_config` composes ``conf/config.yaml`` with them and validates the
-result, so a bad value fails at start with a sentence that names it and the fix.
+A declared key left at its ``""`` default is unset: Hydra's default (``conf/``) applies.
+:func:`load_config` composes ``conf/config.yaml`` with both and validates the result, so a
+bad value fails at start with a sentence that names it and the fix.
 """
 
 from __future__ import annotations
@@ -14,15 +17,19 @@ import os
 import re
 import shlex
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir
-from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 
 OVERRIDES_KEY = "overrides"
+# The default of every declared run-config key: not given, so Hydra's default applies.
+UNSET = ""
 GROUPS = ("model", "dataset", "partition", "task", "strategy", "training")
 TASKS = ("sft", "dpo")
 BASELINES = ("local", "none")
@@ -36,6 +43,48 @@ _FAULT_ENTRY = re.compile(r"^([a-z_]+)-r(\d+)-p(\d+)$")
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names it and the fix."""
+
+
+@dataclass(frozen=True)
+class RunConfigKey:
+    """A Flower run-config key declared in ``[tool.flwr.app.config]`` and the Hydra key it sets."""
+
+    name: str  # kebab-case, as Flower apps name their run-config keys
+    target: str  # the Hydra key (or config group) it sets
+    kind: type  # the value type it accepts: int, float, bool or str
+    example: str  # a value as typed in --run-config (strings quoted, as Flower requires)
+    meaning: str
+
+
+RUN_CONFIG_KEYS: tuple[RunConfigKey, ...] = (
+    RunConfigKey("num-server-rounds", "num_rounds", int, "3", "federated rounds"),
+    RunConfigKey(
+        "num-clients", "num_clients", int, "4", "clients (SuperNodes); unset in a simulation: as many as it simulates"
+    ),
+    RunConfigKey("sample-clients", "sample_clients", int, "2", "clients sampled each round (default: all)"),
+    RunConfigKey("strategy", "strategy", str, "'fedprox'", "FL algorithm or baseline (`conf/strategy/`)"),
+    RunConfigKey("model", "model", str, "'llama2-7b'", "base model (`conf/model/`)"),
+    RunConfigKey("dataset", "dataset", str, "'alpaca_gpt4'", "dataset (`conf/dataset/`)"),
+    RunConfigKey("task", "task", str, "'dpo'", "`sft` or `dpo`"),
+    RunConfigKey(
+        "partition", "partition", str, "'dirichlet'", "how the data is split over clients (`conf/partition/`)"
+    ),
+    RunConfigKey("seed", "seed", int, "7", "seed of data, sampling and model initialisation"),
+    RunConfigKey("local-steps", "training.max_steps", int, "10", "optimizer steps per client and round"),
+    RunConfigKey(
+        "learning-rate",
+        "training.learning_rate",
+        float,
+        "2e-3",
+        "peak learning rate (cosine down to `training.min_learning_rate`)",
+    ),
+    RunConfigKey("lora-r", "model.lora.r", int, "16", "LoRA rank"),
+    RunConfigKey("baseline", "baseline", str, "'none'", "`local`: also train each client alone; `none`: skip"),
+    RunConfigKey("output-dir", "output_dir", str, "'outputs'", "folder for the run's outputs"),
+    RunConfigKey("run-name", "run_name", str, "'my-run'", "the run's folder in output-dir"),
+    RunConfigKey("verbose", "logging.verbose", bool, "true", "show Flower's and the libraries' own output too"),
+)
+_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a quoted string"}
 
 
 def conf_dir() -> Path:
@@ -56,9 +105,78 @@ def group_options(group: str) -> list[str]:
 
 
 def load_config(run_config: Mapping[str, Any] | None = None, extra: list[str] | None = None) -> DictConfig:
-    """Compose the Hydra config from Flower's run config (and optional extra overrides)."""
-    raw = str((run_config or {}).get(OVERRIDES_KEY, "") or "")
-    return compose_config(tuple(shlex.split(raw)) + tuple(extra or ()))
+    """Compose the Hydra config from Flower's run config (and optional extra overrides, applied last)."""
+    return compose_config(tuple(hydra_overrides(run_config or {})) + tuple(extra or ()))
+
+
+def hydra_overrides(run_config: Mapping[str, Any]) -> list[str]:
+    """The Hydra overrides a Flower run config asks for: its set declared keys, then ``overrides``.
+
+    The one place a run-config key becomes a Hydra key (through :data:`RUN_CONFIG_KEYS`).
+    A key given both ways with different values is a ConfigError naming both.
+    """
+    given = {key: _typed(key, run_config[key.name]) for key in RUN_CONFIG_KEYS if _is_set(run_config, key.name)}
+    raw = str(run_config.get(OVERRIDES_KEY, "") or "")
+    user = shlex.split(raw)
+    parsed = {o.key_or_group: o for o in _parse_overrides(user, raw)}
+    for key, value in given.items():
+        other = parsed.get(key.target)
+        if other is not None and (other.is_delete() or other.value() != value):
+            raise ConfigError(
+                f"run-config key {key.name}={value!r} and {other.input_line!r} in overrides set {key.target} to "
+                f"different values; give it once: drop {other.input_line!r} from overrides or unset {key.name}"
+            )
+    return [f"{key.target}={_hydra_value(value)}" for key, value in given.items()] + user
+
+
+def user_set_keys(run_config: Mapping[str, Any]) -> set[str]:
+    """The Hydra keys (and groups) the run config sets, by a declared key or in ``overrides``."""
+    raw = str(run_config.get(OVERRIDES_KEY, "") or "")
+    from_keys = {key.target for key in RUN_CONFIG_KEYS if _is_set(run_config, key.name)}
+    return from_keys | {o.key_or_group for o in _parse_overrides(shlex.split(raw), raw)}
+
+
+def _is_set(run_config: Mapping[str, Any], name: str) -> bool:
+    return name in run_config and run_config[name] != UNSET
+
+
+def _typed(key: RunConfigKey, value: Any) -> Any:
+    """The value if it is of the key's kind (an int is a valid float); else a ConfigError naming it."""
+    ok = isinstance(value, key.kind) and not (key.kind is int and isinstance(value, bool))
+    if key.kind is float and isinstance(value, int) and not isinstance(value, bool):
+        ok, value = True, float(value)
+    if not ok:
+        raise ConfigError(
+            f"run-config key {key.name}={value!r} must be {_KINDS[key.kind]}; e.g. --run-config "
+            f'"{key.name}={key.example}"'
+        )
+    return value
+
+
+def _hydra_value(value: Any) -> str:
+    """A run-config value as a Hydra override value: strings quoted (so '7' or 'null' stay strings)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):  # Hydra's quoting: \' is a quote, and backslashes before a quote are doubled
+        return "'" + re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), value) + "'"
+    return str(value)
+
+
+def _parse_overrides(overrides: list[str], raw: str) -> list[Any]:
+    try:
+        return OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as err:
+        raise ConfigError(
+            f"overrides={raw!r} is not valid Hydra override syntax ({str(err).splitlines()[0]}); "
+            f"write key=value pairs, e.g. overrides='num_rounds=3 training.max_steps=10'"
+        ) from None
+
+
+def run_config_table() -> str:
+    """The declared run-config keys as the README's Markdown table (a test keeps the README equal to it)."""
+    rows = ["| run-config key | sets | e.g. | meaning |", "|---|---|---|---|"]
+    rows += [f"| `{k.name}` | `{k.target}` | `{k.name}={k.example}` | {k.meaning} |" for k in RUN_CONFIG_KEYS]
+    return "\n".join(rows)
 
 
 @lru_cache(maxsize=8)

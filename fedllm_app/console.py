@@ -50,6 +50,16 @@ class _ConsoleFormatter(logging.Formatter):
         return f"[fedllm] {level}{message}"
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is at the time (a redirected or captured stdout included)."""
+
+    _fedllm = True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stdout
+        super().emit(record)
+
+
 class _DropFlowerRoundNoise(logging.Filter):
     """Drops Flower's per-round INFO lines (and its empty INFO lines) and its repeated notices; keeps the rest."""
 
@@ -93,10 +103,9 @@ def setup_console(verbose: bool = False, progress: bool = True) -> logging.Logge
     verbose = is_verbose(verbose)
     log.setLevel(logging.INFO)
     log.propagate = False
-    if not any(getattr(h, "_fedllm", False) for h in log.handlers):
-        handler = logging.StreamHandler(sys.stdout)
+    if not any(isinstance(h, _StdoutHandler) for h in log.handlers):
+        handler = _StdoutHandler(sys.stdout)
         handler.setFormatter(_ConsoleFormatter())
-        handler._fedllm = True  # type: ignore[attr-defined]
         log.addHandler(handler)
     _quiet_flower(verbose)
     if verbose:

@@ -14,20 +14,21 @@ from flwr.app import Context  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
 from fedllm_app.config import load_config  # noqa: E402
-from fedllm_app.server.run import FederatedRun, check_nodes  # noqa: E402
+from fedllm_app.server.nodes import check_nodes  # noqa: E402
+from fedllm_app.server.run import FederatedRun  # noqa: E402
 
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Parse the config, build the run, train, then the local-only baseline if asked."""
+    """Parse the config, check the SuperNodes (a simulation sets num_clients), build the run, train, baseline."""
     start = time.perf_counter()
     cfg = load_config(context.run_config)
     setup_console(cfg.logging.verbose)
+    cfg = check_nodes(grid, cfg, context.run_config)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    check_nodes(grid, cfg)
     run = FederatedRun(cfg, started=start)
     run.federated(grid)
     if cfg.baseline == "local":

@@ -7,7 +7,9 @@ need each round.
 Client contract
 ---------------
 Each train message carries ``arrays`` (the global adapter) and ``config`` with
-``server-round``, ``lr`` (constant within the round) and ``mode`` ("federated").
+``server-round``, ``lr`` (constant within the round), ``mode`` ("federated") and
+``num-clients`` (the run's number of clients, which a simulation may have adapted to its
+SuperNodes: clients compute their data partition from it).
 Each reply carries one ArrayRecord ``arrays`` (the trained adapter) and one
 MetricRecord ``metrics`` with ``num-examples`` and ``train_loss``.
 """
@@ -28,6 +30,7 @@ ARRAYS_KEY = "arrays"
 CONFIG_KEY = "config"
 METRICS_KEY = "metrics"
 NUM_EXAMPLES_KEY = "num-examples"
+NUM_CLIENTS_KEY = "num-clients"
 
 
 class FedAvgLoRA(FedAvg):
@@ -77,5 +80,12 @@ class FedAvgLoRA(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        config = ConfigRecord({**dict(config), "lr": self.learning_rate(server_round), "mode": self.mode})
+        config = ConfigRecord(
+            {
+                **dict(config),
+                "lr": self.learning_rate(server_round),
+                "mode": self.mode,
+                NUM_CLIENTS_KEY: self.num_clients,
+            }
+        )
         return super().configure_train(server_round, arrays, config, grid)

@@ -12,8 +12,15 @@ from fedllm_app.ops.flower_run import FlowerRunner, kill_flower_processes
 
 @pytest.fixture(autouse=True)
 def fedllm_info_logs(caplog):
-    """Tests read the ``fedllm`` logger's INFO lines (what a user sees on the console) through ``caplog``."""
+    """Tests read the ``fedllm`` logger's INFO lines through ``caplog`` (or, once code under test has set up
+    the console, through ``capsys``); the logger is put back as it was after each test.
+    """
+    fed = logging.getLogger("fedllm")
+    saved = list(fed.handlers), fed.propagate, fed.level
     caplog.set_level(logging.INFO, logger="fedllm")
+    yield
+    fed.handlers[:], fed.propagate = saved[0], saved[1]
+    fed.setLevel(saved[2])
 
 
 @pytest.fixture

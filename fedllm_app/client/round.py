@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import resource
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,13 +31,13 @@ from omegaconf import DictConfig
 
 from fedllm_app.client.gradient_terms import ScaffoldClient
 from fedllm_app.client.trainer import ClientTrainer, client_trainer
-from fedllm_app.config import ConfigError, cfg_key
+from fedllm_app.config import ConfigError, cfg_key, load_config
 from fedllm_app.data.pipeline import local_rows, partition, pooled
 from fedllm_app.data.rows import Row
 from fedllm_app.data.sampling import round_indices
 from fedllm_app.model import get_adapter, get_model, set_adapter
 from strategies.central import STEPS_MULTIPLIER_KEY
-from strategies.fedavg import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
+from strategies.fedavg import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_CLIENTS_KEY, NUM_EXAMPLES_KEY
 from strategies.fedprox import PROXIMAL_MU_KEY
 from strategies.local import PARTITION_KEY
 from strategies.records import from_record, to_record
@@ -67,6 +68,17 @@ class RoundPlan:
             mu=float(conf.get(PROXIMAL_MU_KEY, 0.0)),
             multiplier=int(conf.get(STEPS_MULTIPLIER_KEY, 1)),
         )
+
+
+def round_config(run_config: Mapping[str, Any], msg: Message) -> DictConfig:
+    """The run's config as the server runs it: the run config with the server's ``num_clients``.
+
+    A simulation may adapt ``num_clients`` to its SuperNodes (:mod:`fedllm_app.server.nodes`);
+    the train message carries the value, so every client computes the server's partitions.
+    """
+    conf = msg.content[CONFIG_KEY]
+    extra = [f"num_clients={int(conf[NUM_CLIENTS_KEY])}"] if NUM_CLIENTS_KEY in conf else []
+    return load_config(run_config, extra)
 
 
 def client_rows(

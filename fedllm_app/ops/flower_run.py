@@ -104,8 +104,12 @@ class FlowerRunner:
         num_supernodes: int = 2,
         timeout: int = 600,
         federation_extra: str = "client-resources-num-cpus=1",
+        run_config: str = "",
     ) -> tuple[str, str]:
-        """Run to completion; return (final status, output). Status comes from ``flwr ls``, not the exit code."""
+        """Run to completion; return (final status, output). Status comes from ``flwr ls``, not the exit code.
+
+        ``run_config`` adds declared run-config keys, e.g. ``"num-server-rounds=2 strategy='fedprox'"``.
+        """
         cmd = [
             "flwr",
             "run",
@@ -114,7 +118,7 @@ class FlowerRunner:
             "--federation-config",
             f"num-supernodes={num_supernodes} {federation_extra}",
             "--run-config",
-            f"overrides='{overrides}'",
+            f"overrides='{overrides}' {run_config}".strip(),
         ]
         out = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout, cwd=self.home)
         text = out.stdout + out.stderr

@@ -157,7 +157,7 @@ def preload(overrides: str, load_model: bool = True) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Preload, then run ``flower-superexec`` with the fork executor."""
+    """Preload, then run ``flower-superexec`` with the fork executor; ``argv`` defaults to ``sys.argv[1:]``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
     parser.add_argument("--preload", default="", help="Hydra overrides naming the model to preload")
     parser.add_argument(
@@ -167,6 +167,13 @@ def main(argv: list[str] | None = None) -> None:
         help="fork: run each task in a fork of this process; inline (experimental): in this process",
     )
     args, rest = parser.parse_known_args(argv)
+    from flwr.supercore.cli.flower_superexec import flower_superexec
+
+    if {"-h", "--help"} & set(rest):  # ours, then flower-superexec's (which exits), before anything is loaded
+        parser.print_help()
+        print("\nAll other arguments are flower-superexec's:\n", flush=True)
+        sys.argv = ["flower-superexec", "--help"]
+        flower_superexec()
     setup_console()
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # asking about CUDA must not initialise it
     os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")  # Flower's 1 s adds idle time to a round
@@ -176,7 +183,6 @@ def main(argv: list[str] | None = None) -> None:
     log.info("warm SuperExec (%s): libraries and base model loaded in %.1f s", args.mode, seconds)
 
     import flwr.supercore.superexec.run_superexec as superexec
-    from flwr.supercore.cli.flower_superexec import flower_superexec
 
     executor = InlineExecutor() if args.mode == "inline" else ForkExecutor()
     superexec.get_executor = lambda *a, **k: executor

@@ -22,7 +22,7 @@ class RunWriter:
             self.dir = (Path(cfg.output_dir).expanduser() / run_name(cfg)).resolve()
             self.dir.mkdir(parents=True, exist_ok=True)
             (self.dir / "metrics.jsonl").write_text("")
-            (self.dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+            (self.dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         self.rounds: list[dict[str, Any]] = []
 
     def restore_rounds(self, rows: list[dict[str, Any]]) -> None:

@@ -22,7 +22,7 @@ from fedllm_app.data import pipeline
 from fedllm_app.model import get_adapter, get_model, set_adapter
 from fedllm_app.server.outputs import RunWriter, comparison_table
 from fedllm_app.server.resume import ResumeState, load_state, restore_rng, save_state
-from fedllm_app.server.rounds import TOTAL_KEYS, run_rounds, wait_for_nodes
+from fedllm_app.server.rounds import TOTAL_KEYS, run_rounds
 from strategies.local import LocalOnly
 from strategies.records import from_record, to_record
 
@@ -51,22 +51,6 @@ def build_strategy(cfg: DictConfig) -> Any:
     except InstantiationException as err:
         cause = err.__cause__ if isinstance(err.__cause__, ValueError) else err
         raise ConfigError(f"strategy={cfg.strategy.name}: {cause}") from None
-
-
-def check_nodes(grid: Grid, cfg: DictConfig) -> None:
-    """Fail clearly if, after ``node_wait_timeout`` s, the federation has not num_clients SuperNodes.
-
-    Called before anything is loaded, so a missing SuperNode costs seconds, not a model load.
-    """
-    wait_seconds = cfg.node_wait_timeout
-    connected = wait_for_nodes(grid, cfg.num_clients, wait_seconds, interval=0.1)
-    if connected != cfg.num_clients:
-        raise ValueError(
-            f"{connected} SuperNodes are connected after waiting node_wait_timeout={wait_seconds} s but "
-            f"num_clients={cfg.num_clients}; run with "
-            f'--federation-config "num-supernodes={cfg.num_clients}" (simulation), start '
-            f"{cfg.num_clients} SuperNodes, or set num_clients={connected}"
-        )
 
 
 class FederatedRun:
@@ -228,7 +212,8 @@ def resume_point(cfg: DictConfig) -> ResumeState:
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
         raise ConfigError(f"resume={cfg.resume}: no config.yaml there; give the folder of an earlier run")
-    saved, now = OmegaConf.to_container(OmegaConf.load(saved_path)), OmegaConf.to_container(cfg, resolve=True)
+    saved = OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True)
+    now = OmegaConf.to_container(cfg, resolve=True)
     differ = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
     if differ:
         raise ConfigError(

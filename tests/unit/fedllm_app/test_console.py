@@ -22,7 +22,7 @@ def restored_loggers():
 def console_text(records: list[tuple[int, str]], monkeypatch) -> str:
     out = io.StringIO()
     monkeypatch.setattr(console.sys, "stdout", out)
-    logging.getLogger("fedllm").handlers = [h for h in logging.getLogger("fedllm").handlers if not h._fedllm]
+    logging.getLogger("fedllm").handlers = []
     log = console.setup_console(verbose=True)
     for level, message in records:
         log.log(level, message)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from strategies.fedavg import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, FedAvgLoRA
+from strategies.fedavg import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_CLIENTS_KEY, NUM_EXAMPLES_KEY, FedAvgLoRA
 from strategies.local import LocalOnly
 from strategies.records import from_record, to_record
 
@@ -60,13 +60,14 @@ def test_fedavg_unweighted_when_counts_are_equal():
     np.testing.assert_allclose(from_record(arrays)["w"], [1.0, 2.0])
 
 
-def test_configure_train_samples_clients_and_sends_round_lr():
+def test_configure_train_samples_clients_and_sends_round_lr_and_num_clients():
     strategy = FedAvgLoRA(**KW)
     arrays = to_record({"w": np.zeros(2, dtype=np.float32)})
     msgs = list(strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid(4)))
     assert len(msgs) == 2 and len({m.metadata.dst_node_id for m in msgs}) == 2
     conf = msgs[0].content[CONFIG_KEY]
     assert conf["lr"] == pytest.approx(1e-2) and conf["server-round"] == 1 and conf["mode"] == "federated"
+    assert conf[NUM_CLIENTS_KEY] == KW["num_clients"]
     later = list(strategy.configure_train(10, arrays, ConfigRecord(), FakeGrid(4)))[0].content[CONFIG_KEY]
     assert 1e-3 < later["lr"] < 1e-2
 

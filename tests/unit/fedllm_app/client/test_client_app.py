@@ -67,15 +67,15 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def test_two_supernodes_each_train_on_their_own_file(tmp_path, caplog):
+def test_two_supernodes_each_train_on_their_own_file(tmp_path, capsys):
     a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"Say {w}.", "response": w} for w in "red blue green".split()])
     b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"Count to {n}.", "response": str(n)} for n in range(1, 7)])
     over = f"{SMALL} training.max_steps=2"  # 4 rows per round
     _, end_a, replies_a = run_rounds(over, {"partition-id": 0, "num-partitions": 2, DATA_PATH_KEY: str(a)})
     _, end_b, replies_b = run_rounds(over, {"partition-id": 1, "num-partitions": 2, DATA_PATH_KEY: str(b)})
-    out = caplog.text
-    assert f"client 0: training on its own file '{a}' (3 rows, never sent)" in out
-    assert f"client 1: training on its own file '{b}' (6 rows, never sent)" in out
+    out = capsys.readouterr().out  # the ClientApp set up the console: what the node's operator sees
+    assert f"[fedllm] client 0: training on its own file '{a}' (3 rows, never sent)" in out
+    assert f"[fedllm] client 1: training on its own file '{b}' (6 rows, never sent)" in out
     # Node a has 3 rows (all of them each round), node b 6 (4 sampled per round): not the synthetic partitions.
     assert [r.content[METRICS_KEY][NUM_EXAMPLES_KEY] for r in replies_a] == [3, 3]
     assert [r.content[METRICS_KEY][NUM_EXAMPLES_KEY] for r in replies_b] == [4, 4]
