@@ -6,8 +6,9 @@ prints ``[fedllm] <message>`` (``[fedllm] WARNING: <message>`` for warnings). Un
 (``logging.verbose=true`` in the run config, or ``FEDLLM_VERBOSE=1`` in the environment), it also quiets
 what other libraries print on every round or in every worker, none of it a problem of the run:
 
-- Flower's per-round INFO lines (``configure_train: Sampled ...``, ``aggregate_train: Received ...``) and
-  its "fraction_evaluate is set to 0.0" notice (fedllm evaluates on the server);
+- Flower's per-round INFO lines (``configure_train: Sampled ...``, ``aggregate_train: Received ...``), its
+  "fraction_evaluate is set to 0.0" notice (fedllm evaluates on the server) and the "Manually terminating
+  ClientAppActor" line each simulation worker prints when the run ends;
 - deprecation notices (``FutureWarning``, ``DeprecationWarning``) raised inside torch, transformers, PEFT,
   TRL, datasets, accelerate, Ray and Flower, and Ray's accelerator-variable tip;
 - transformers' per-process "Loading weights" bar and its info messages (``progress=False`` also turns off
@@ -30,7 +31,7 @@ VERBOSE_ENV = "FEDLLM_VERBOSE"
 NOISY_MODULES = r"(torch|transformers|peft|trl|datasets|accelerate|ray|flwr|huggingface_hub)(\.|$)"
 # Flower's INFO/WARNING lines that repeat every round (or every strategy) and say nothing about this run.
 FLOWER_ROUND_NOISE = ("configure_train:", "aggregate_train:", "configure_evaluate:", "aggregate_evaluate:")
-FLOWER_NOTICES = ("fraction_evaluate is set to 0.0",)
+FLOWER_NOTICES = ("fraction_evaluate is set to 0.0", "Manually terminating ClientAppActor")
 
 log = logging.getLogger(LOGGER)
 

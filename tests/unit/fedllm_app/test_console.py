@@ -61,6 +61,7 @@ def flower_lines(verbose: bool) -> list[str]:
         flwr.info("%s: Received %s results and %s failures", "aggregate_train", 4, 0)
         flwr.info("")
         flwr.warning("fraction_evaluate is set to 0.0. Federated evaluation will be skipped.")
+        flwr.warning("Manually terminating %s", "ClientAppActor")
         flwr.info("Starting Flower Simulation")
         flwr.warning("Node 7 is unavailable")
     finally:
@@ -73,7 +74,7 @@ def test_flowers_per_round_lines_are_dropped_and_its_other_lines_kept(restored_l
 
 
 def test_verbose_brings_flowers_per_round_lines_back(restored_loggers):
-    assert len(flower_lines(verbose=True)) == 6
+    assert len(flower_lines(verbose=True)) == 7
 
 
 def warned(module: str) -> list[str]:
