@@ -28,8 +28,8 @@ def main(grid: Grid, context: Context) -> None:
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     check_nodes(grid, cfg)
-    run = FederatedRun(cfg, started=start)
-    run.federated(grid)
-    if cfg.baseline == "local":
-        run.local_baseline(grid)
-    run.finish()
+    with FederatedRun(cfg, started=start) as run:  # ends the trackers' runs, as failed if this raises
+        run.federated(grid)
+        if cfg.baseline == "local":
+            run.local_baseline(grid)
+        run.finish()
