@@ -39,6 +39,10 @@ TEMPLATE_NAMES = ("alpaca", "vicuna", "chat")
 # Tests only: the ways a client can corrupt its reply (fault_injection; applied by fedllm_app.client.faults).
 FAULT_KINDS = ("names", "shape", "nan", "inf", "zero_examples", "negative_examples")
 _FAULT_ENTRY = re.compile(r"^([a-z_]+)-r(\d+)-p(\d+)$")
+# logging.report_to: the experiment trackers (fedllm_app.server.trackers implements one class per name).
+TRACKER_NAMES = ("tensorboard", "wandb", "mlflow")
+# hub.repo_id: <user or org>/<name>, or <name> in the token's own namespace.
+_HUB_REPO_ID = re.compile(r"^([\w.-]+/)?[\w.-]+$")
 
 
 class ConfigError(ValueError):
@@ -265,6 +269,7 @@ def validate(cfg: DictConfig) -> None:
         f"training.learning_rate={t.learning_rate}",
     )
     _validate_data(cfg)
+    _validate_reporting(cfg)
     m = cfg.model
     adapter = m.get("adapter")
     _check(
@@ -302,6 +307,39 @@ def _validate_data(cfg: DictConfig) -> None:
         _check(d.sample >= 1, f"dataset.sample={d.sample} must be at least 1 (or null for every row)")
     if d.get("heldout") is not None:
         _check(d.heldout >= 1, f"dataset.heldout={d.heldout} must be at least 1 (the server evaluates on it)")
+
+
+def _validate_reporting(cfg: DictConfig) -> None:
+    """``logging.report_to`` names and ``hub.*`` values; packages, folders and the Hub token are checked when
+    the run starts (:mod:`fedllm_app.server.trackers`, :mod:`fedllm_app.server.hub`).
+    """
+    report_to = cfg.logging.report_to
+    _check(
+        OmegaConf.is_list(report_to),
+        f"logging.report_to={report_to!r} must be a list of trackers; e.g. logging.report_to=[{report_to}]",
+    )
+    for name in report_to:
+        _check(
+            name in TRACKER_NAMES,
+            f"unknown tracker {name!r} in logging.report_to; choose from {', '.join(TRACKER_NAMES)} "
+            f"(e.g. logging.report_to=[tensorboard])",
+        )
+    hub = cfg.hub
+    if hub.push:
+        _check(
+            bool(hub.repo_id),
+            "hub.push=true needs hub.repo_id; set hub.repo_id=<user or org>/<name> or hub.push=false",
+        )
+        _check(
+            bool(_HUB_REPO_ID.match(str(hub.repo_id))),
+            f"hub.repo_id={hub.repo_id!r} is not a Hub repository id; use <user or org>/<name>, e.g. "
+            f"hub.repo_id=alice/fedllm-adapter",
+        )
+        _check(
+            cfg.strategy.name != "local",
+            "hub.push=true with strategy=local: each client keeps its own adapter and there is no global one "
+            "to push; set hub.push=false or choose a federated strategy",
+        )
 
 
 def _looks_like_path(name: str) -> bool:

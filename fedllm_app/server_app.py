@@ -29,8 +29,8 @@ def main(grid: Grid, context: Context) -> None:
     cfg = check_nodes(grid, cfg, context.run_config)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    run = FederatedRun(cfg, started=start)
-    run.federated(grid)
-    if cfg.baseline == "local":
-        run.local_baseline(grid)
-    run.finish()
+    with FederatedRun(cfg, started=start) as run:  # ends the trackers' runs, as failed if this raises
+        run.federated(grid)
+        if cfg.baseline == "local":
+            run.local_baseline(grid)
+        run.finish()

@@ -1,4 +1,6 @@
-"""Run outputs: metrics.jsonl, summary.json, PEFT checkpoints, a plot and the final table."""
+"""Run outputs: metrics.jsonl (mirrored to the experiment trackers), summary.json, PEFT checkpoints, a plot and the
+final table.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +12,16 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from fedllm_app.config import run_name
+from fedllm_app.server.trackers import open_trackers
 
 
 class RunWriter:
-    """Writes everything a run produces under ``<output_dir>/<run_name>/``."""
+    """Writes everything a run produces under ``<output_dir>/<run_name>/``.
+
+    Every metrics row also goes to the trackers of ``logging.report_to`` (:mod:`fedllm_app.server.trackers`),
+    opened here, before the model is loaded, so a missing package or an unwritable folder fails first;
+    :meth:`close` ends their runs.
+    """
 
     def __init__(self, cfg: DictConfig) -> None:
         if cfg.get("resume"):
@@ -24,6 +32,7 @@ class RunWriter:
             (self.dir / "metrics.jsonl").write_text("")
             (self.dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         self.rounds: list[dict[str, Any]] = []
+        self.trackers = open_trackers(cfg, self.dir)
 
     def restore_rounds(self, rows: list[dict[str, Any]]) -> None:
         """Rewrite metrics.jsonl with the rows of the rounds completed before a resume."""
@@ -37,6 +46,11 @@ class RunWriter:
             f.write(json.dumps(record) + "\n")
         if path == "metrics.jsonl":
             self.rounds.append(record)
+        self.trackers.log_row(record, path)
+
+    def close(self, failed: bool = False) -> None:
+        """End the trackers' runs (marked failed if the run raised); safe to call twice."""
+        self.trackers.close(failed)
 
     def save_adapter(self, model: Any, server_round: int) -> Path:
         out = self.dir / "checkpoints" / f"round-{server_round}"

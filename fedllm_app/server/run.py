@@ -1,4 +1,6 @@
-"""One federated run on the server, step by step: strategy, model, evaluation, checkpoints, baseline, summary."""
+"""One federated run on the server, step by step: strategy, model, evaluation, checkpoints, baseline, summary,
+model card (and Hub upload); the experiment trackers are closed when the run ends, failed or not.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ from evaluation.runner import check_round_benchmarks, round_benchmarks
 from fedllm_app.config import ConfigError
 from fedllm_app.data import pipeline
 from fedllm_app.model import get_adapter, get_model, set_adapter
+from fedllm_app.server.hub import check_hub, push_adapter
+from fedllm_app.server.model_card import write_model_card
 from fedllm_app.server.outputs import RunWriter, comparison_table
 from fedllm_app.server.resume import ResumeState, load_state, restore_rng, save_state
 from fedllm_app.server.rounds import TOTAL_KEYS, run_rounds
@@ -54,17 +58,36 @@ def build_strategy(cfg: DictConfig) -> Any:
 
 
 class FederatedRun:
-    """One run's state on the server: config, model, held-out data, outputs."""
+    """One run's state on the server: config, model, held-out data, outputs.
+
+    Use it as a context manager: leaving the ``with`` block ends the experiment trackers' runs, marked failed
+    if an exception left it.
+    """
 
     def __init__(self, cfg: DictConfig, started: float) -> None:
         self.cfg = cfg
         self.started = started
         self.strategy = build_strategy(cfg)  # validates the hyperparameters before anything is loaded
         check_round_benchmarks(cfg)
+        check_hub(cfg)
         self.resumed = resume_point(cfg) if cfg.resume else None
         if cfg.training.num_threads:
             torch.set_num_threads(cfg.training.num_threads)
-        self.writer = RunWriter(cfg)
+        self.writer = RunWriter(cfg)  # opens the trackers: a missing package fails here, before the model loads
+        try:
+            self._load(cfg)
+        except BaseException:
+            self.writer.close(failed=True)
+            raise
+
+    def __enter__(self) -> FederatedRun:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        self.writer.close(failed=exc_type is not None)
+
+    def _load(self, cfg: DictConfig) -> None:
+        """Model, held-out data and the run's records."""
         log.info(f"run '{self.writer.dir.name}': outputs in {self.writer.dir}")
         log.info(f"strategy: {self.strategy.describe()}")
         self.model, self.tokenizer = get_model(cfg.model, cfg.seed)
@@ -196,12 +219,34 @@ class FederatedRun:
             table = comparison_table(self.final, self.local, self.cfg.strategy.name, metric)
             (self.writer.dir / "comparison.md").write_text(table + "\n")
             log.info("\n" + table + "\n")
+        self.publish()
         log.info("final: " + ", ".join(f"{k} {v:.3f}" for k, v in self.final.items() if isinstance(v, int | float)))
         log.info(f"done in {self.summary['total_seconds']:.0f} s; outputs in {self.writer.dir}")
 
+    def publish(self) -> None:
+        """The model card beside the final global adapter, then its upload if ``hub.push`` (strategy=local has no
+        global adapter).
+        """
+        folder = self.writer.dir / "checkpoints" / f"round-{self.cfg.num_rounds}"
+        if not folder.is_dir():
+            return
+        card = write_model_card(folder, self.cfg, self.summary)
+        log.info(f"model card: {card}")
+        if self.cfg.hub.push:
+            push_adapter(folder, self.cfg.hub)
+
 
 # Keys that may differ between an interrupted run and its resumption.
-RESUMABLE_CHANGES = ("num_rounds", "round_timeout", "node_wait_timeout", "min_replies", "poll_interval", "resume")
+RESUMABLE_CHANGES = (
+    "num_rounds",
+    "round_timeout",
+    "node_wait_timeout",
+    "min_replies",
+    "poll_interval",
+    "resume",
+    "logging",
+    "hub",
+)
 
 
 def resume_point(cfg: DictConfig) -> ResumeState:
