@@ -11,7 +11,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 def test_two_round_simulation_trains_saves_and_reloads(flower, tmp_path):
     out = tmp_path / "outputs"
     overrides = (
-        f"num_rounds=2 num_clients=2 sample_clients=2 save_every=1 training.max_steps=5 output_dir={out} run_name=it"
+        f"num_rounds=2 num_clients=2 sample_clients=2 save_every=1 training.max_steps=5 output_dir={out} run_name=it "
+        "logging.report_to=[tensorboard]"
     )
     status, log = flower.run(overrides, num_supernodes=2)
     assert status == "finished:completed", log[-3000:]
@@ -56,6 +57,34 @@ def test_two_round_simulation_trains_saves_and_reloads(flower, tmp_path):
     assert "| held-out exact match | fedavg | local-only mean |" in (run / "comparison.md").read_text()
     local_lines = (run / "baseline_local" / "metrics.jsonl").read_text().splitlines()
     assert len(local_lines) == 2
+    assert_tensorboard_has_every_round(run, lines, log)
+    assert_the_card_names_the_run(run, lines)
+
+
+def assert_tensorboard_has_every_round(run, rows, log):
+    """logging.report_to=[tensorboard]: one point per round of each metric, equal to metrics.jsonl."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    for key in ("train_loss", "accuracy", "eval_loss", "bytes_sent_total"):
+        got = [(e.step, e.value) for e in events.Scalars(key)]
+        assert got == [(r["round"], pytest.approx(r[key], rel=1e-6)) for r in rows], key
+    assert len(events.Scalars("baseline_local/train_loss")) == 2
+    assert f"[fedllm] trackers: tensorboard in {run}" in log
+
+
+def assert_the_card_names_the_run(run, rows):
+    """The model card beside the final checkpoint: tags and the final accuracy."""
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(run / "checkpoints" / "round-2" / "README.md")
+    assert {"federated-learning", "flower", "lora", "fedavg"} <= set(card.data.tags)
+    line = next(x for x in card.text.splitlines() if x.startswith("| accuracy |"))
+    _, before, final, local_mean = (cell.strip() for cell in line.strip("|").split("|"))
+    assert float(final) == pytest.approx(rows[-1]["accuracy"], abs=5e-5) and before
+    summary = json.loads((run / "summary.json").read_text())
+    assert float(local_mean) == pytest.approx(summary["baseline_local"]["mean"]["accuracy"], abs=5e-5)
 
 
 def test_bad_override_fails_the_run_with_the_message(flower, tmp_path):
