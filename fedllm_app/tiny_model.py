@@ -174,7 +174,7 @@ def ensure_tiny_model(spec: TinySpec = TinySpec()) -> Path:
         if (target / "config.json").exists():
             return target
         start = time.time()
-        log.info("building the embedded tiny model into %s (once, ~20 s)", target)
+        log.info("building the embedded tiny model into %s (once, about a minute on 2 CPU cores)", target)
         tmp = Path(tempfile.mkdtemp(prefix="tiny-llama-", dir=root))
         try:
             build_tiny_model(tmp, spec)
