@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from fedllm_app.ops.flower_run import (
-    REPO,
+    app_dir,
     flower_env,
     free_port,
     kill_flower_processes,
@@ -100,18 +100,19 @@ class Deployment:
         or ``inline`` / ``fork`` (``--isolation process`` plus fedllm's warm SuperExec, which
         imported the libraries and loaded the base model once and runs each message inside
         itself or in a fork of itself; see :mod:`fedllm_app.ops.warm_superexec`).
-    app : Path
-        The Flower app to run (this repository).
+    app : Path | None
+        The Flower app to run; by default this checkout, or the current folder (:func:`app_dir`).
     """
 
     def __init__(
-        self, root: Path, *, tls: bool = False, auth: bool = False, isolation: str = "fork", app: Path = REPO
+        self, root: Path, *, tls: bool = False, auth: bool = False, isolation: str = "fork", app: Path | None = None
     ) -> None:
         if auth and not tls:
             raise ValueError("SuperNode authentication needs TLS: use Deployment(root, tls=True, auth=True)")
         if isolation not in ISOLATIONS:
             raise ValueError(f"isolation={isolation!r} must be one of {', '.join(ISOLATIONS)}")
-        self.root, self.tls, self.auth, self.isolation, self.app = Path(root).resolve(), tls, auth, isolation, app
+        self.root, self.tls, self.auth, self.isolation = Path(root).resolve(), tls, auth, isolation
+        self.app = app or app_dir()
         self.home = self.root / "flwr-home"
         for sub in ("flwr-home", "logs", "certs", "keys"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-# The app that ``flwr run`` bundles: the source checkout this package lives in.
+# The source checkout this package lives in, when it does (an editable install or a clone).
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -52,6 +52,33 @@ def run_status(env: dict[str, str], cwd: Path, run_id: str, connection: str | No
     if "{" not in text:
         raise RuntimeError(f"flwr ls --run-id {run_id} failed ({out.returncode}):\n{text[-3000:]}")
     return json.loads(text[text.index("{") :])["runs"][0]["status"]
+
+
+def is_fedllm_app(folder: Path) -> bool:
+    """Whether ``folder`` holds fedllm's Flower app (a pyproject.toml of project ``fedllm`` with [tool.flwr.app])."""
+    import tomllib
+
+    try:
+        conf = tomllib.loads((folder / "pyproject.toml").read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return False
+    return conf.get("project", {}).get("name") == "fedllm" and "app" in conf.get("tool", {}).get("flwr", {})
+
+
+def app_dir(cwd: Path | None = None) -> Path:
+    """The folder ``flwr run`` bundles: the checkout this package lives in, else the current folder.
+
+    A non-editable install has no app folder of its own (``flwr run`` builds the app from a source folder),
+    so the sweep and the harnesses then need to be started from a fedllm checkout.
+    """
+    cwd = Path.cwd() if cwd is None else cwd
+    for candidate in (REPO, cwd):
+        if is_fedllm_app(candidate):
+            return candidate
+    raise RuntimeError(
+        f"no fedllm app to run: {REPO} is an installed package, not a checkout, and the current folder {cwd} "
+        f"has no fedllm pyproject.toml; run from the fedllm source folder (the one with pyproject.toml)"
+    )
 
 
 def free_port() -> int:
@@ -113,7 +140,7 @@ class FlowerRunner:
         cmd = [
             "flwr",
             "run",
-            str(REPO),
+            str(app_dir()),
             "--stream",
             "--federation-config",
             f"num-supernodes={num_supernodes} {federation_extra}",

@@ -27,3 +27,18 @@ def test_tls_deployment_writes_certificates_and_a_connection(tmp_path):
     assert "--enable-supernode-auth" in dep.superlink_command()
     node = dep.supernode_command({"partition-id": 0}, key=tmp_path / "k", tls=False)
     assert "--insecure" in node and "--root-certificates" not in node
+
+
+def test_the_app_folder_is_this_checkout_else_the_current_folder_else_a_clear_error(tmp_path, monkeypatch):
+    from fedllm_app.ops import flower_run
+
+    assert flower_run.app_dir() == flower_run.REPO  # the tests run from a checkout
+    installed = tmp_path / "site-packages"
+    installed.mkdir()
+    monkeypatch.setattr(flower_run, "REPO", installed)  # as in a non-editable install
+    checkout = tmp_path / "fedllm"
+    checkout.mkdir()
+    (checkout / "pyproject.toml").write_text('[project]\nname = "fedllm"\n\n[tool.flwr.app]\npublisher = "x"\n')
+    assert flower_run.app_dir(cwd=checkout) == checkout
+    with pytest.raises(RuntimeError, match="run from the fedllm source folder"):
+        flower_run.app_dir(cwd=tmp_path)
