@@ -10,7 +10,8 @@ what other libraries print on every round or in every worker, none of it a probl
   "fraction_evaluate is set to 0.0" notice (fedllm evaluates on the server) and the "Manually terminating
   ClientAppActor" line each simulation worker prints when the run ends;
 - deprecation notices (``FutureWarning``, ``DeprecationWarning``) raised inside torch, transformers, PEFT,
-  TRL, datasets, accelerate, Ray and Flower, and Ray's accelerator-variable tip;
+  TRL, datasets, accelerate, Ray, Flower and MLflow, and Ray's accelerator-variable tip; MLflow's and Alembic's
+  INFO lines;
 - transformers' per-process "Loading weights" bar and its info messages (``progress=False`` also turns off
   the datasets bars, for the ClientApp's workers).
 
@@ -28,7 +29,9 @@ import warnings
 LOGGER = "fedllm"
 VERBOSE_ENV = "FEDLLM_VERBOSE"
 # Libraries whose own deprecation notices are not the user's to act on.
-NOISY_MODULES = r"(torch|transformers|peft|trl|datasets|accelerate|ray|flwr|huggingface_hub)(\.|$)"
+NOISY_MODULES = r"(torch|transformers|peft|trl|datasets|accelerate|ray|flwr|huggingface_hub|mlflow)(\.|$)"
+# Libraries whose INFO lines say nothing about the run (MLflow's and Alembic's "Creating initial tables...").
+CHATTY_LOGGERS = ("mlflow", "alembic")
 # Flower's INFO/WARNING lines that repeat every round (or every strategy) and say nothing about this run.
 FLOWER_ROUND_NOISE = ("configure_train:", "aggregate_train:", "configure_evaluate:", "aggregate_evaluate:")
 FLOWER_NOTICES = ("fraction_evaluate is set to 0.0", "Manually terminating ClientAppActor")
@@ -113,6 +116,8 @@ def setup_console(verbose: bool = False, progress: bool = True) -> logging.Logge
         warnings.resetwarnings()
         return log
     quiet_library_warnings()
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     _quiet_hugging_face(progress)
     return log
 

@@ -25,7 +25,6 @@ import logging
 import os
 import tempfile
 import time
-import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -217,10 +216,6 @@ class MlflowTracker(Tracker):
         from mlflow import MlflowClient
         from mlflow.entities import Param
 
-        if not run.verbose:  # "Creating initial MLflow database tables...", Alembic's lines, SQLAlchemy's notices
-            for name in ("mlflow", "alembic"):
-                logging.getLogger(name).setLevel(logging.WARNING)
-            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"mlflow(\.|$)")
         store = run.dir / "mlruns"
         uri = os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:
