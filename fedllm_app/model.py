@@ -52,14 +52,38 @@ def quantization_config(model_cfg: DictConfig) -> Any:
     )
 
 
+def load_tokenizer(name: str, model_cfg: DictConfig) -> Any:
+    """The tokenizer of model folder or Hub id ``name``, in the older SentencePiece form too.
+
+    A folder with only ``tokenizer.model`` (``tokenizer_class: LlamaTokenizer``, as transformers 4.3x
+    saved Llama-2 derivatives) is converted on the fly by the ``sentencepiece`` package. When that fails,
+    transformers falls back to reading the file as tiktoken and says only that tiktoken is missing; this
+    names the real cause instead.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=model_cfg.trust_remote_code)
+    except ValueError as err:
+        if "tiktoken" not in str(err):
+            raise
+        raise ModelLoadError(
+            f"cannot read the SentencePiece tokenizer of model.name={model_cfg.name!r} "
+            "(tokenizer.model, no tokenizer.json): the file is not a SentencePiece model the installed "
+            "sentencepiece can read. Reinstall fedllm so it brings sentencepiece>=0.2,<0.2.3 (0.2.3 needs "
+            "protobuf 7, which Flower 1.42 forbids), or re-save the tokenizer with a tokenizer.json "
+            "(AutoTokenizer.from_pretrained(folder).save_pretrained(folder) where it loads)."
+        ) from err
+
+
 def load_base(model_cfg: DictConfig) -> tuple[Any, Any]:
     """Load the base causal LM and tokenizer (Hub id or local folder); quantised if configured."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     name = resolve_name(str(model_cfg.name))
     device_map = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=model_cfg.trust_remote_code)
+        tokenizer = load_tokenizer(name, model_cfg)
         model = AutoModelForCausalLM.from_pretrained(
             name,
             dtype=_dtype(model_cfg.dtype),
