@@ -72,6 +72,13 @@ class EvalSettings:
     )
     code_temperature: float = field(default=0.8, metadata={"help": "Sampling temperature when code_samples > 1."})
     code_timeout: float = field(default=10.0, metadata={"help": "Wall-clock seconds per program in the sandbox."})
+    allow_weak_sandbox: bool = field(
+        default=False,
+        metadata={
+            "help": "Run generated code even where neither bubblewrap nor Linux namespaces can isolate it (only "
+            "resource limits, Landlock and an audit hook hold then); off: the code benchmarks refuse to run."
+        },
+    )
     max_new_tokens: int = field(
         default=512, metadata={"help": "Generation length for math, code and open-ended answers."}
     )
@@ -133,9 +140,8 @@ def run_one(name: str, gen: Generator, settings: EvalSettings, out_dir: Path, ru
     if name in maths.SOURCES:
         return maths.evaluate(gen, name, rows, max_new_tokens=s.max_new_tokens)
     if name in coding.SOURCES:
-        return coding.evaluate(
-            gen, name, rows, s.code_samples, s.code_temperature, s.code_timeout, max_new_tokens=s.max_new_tokens
-        )
+        code = {"max_new_tokens": s.max_new_tokens, "allow_weak_sandbox": s.allow_weak_sandbox}
+        return coding.evaluate(gen, name, rows, s.code_samples, s.code_temperature, s.code_timeout, **code)
     if name in open_ended.SOURCES:
         judge = JudgeClient(s.judge) if s.judge else None
         return open_ended.evaluate(gen, name, rows, judge, out_dir, s.max_new_tokens)

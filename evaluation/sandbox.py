@@ -103,12 +103,7 @@ def run_program(
     name = resolve_backend(backend, allow_weak)
     job = _Job(answer, tests, timeout, memory_mb, file_mb, output_kb, audit_hook)
     with tempfile.TemporaryDirectory(prefix="fedllm-sandbox-") as tmp:
-        work = Path(tmp, "work")
-        work.mkdir()
-        if name != "weak" and os.geteuid() == 0:
-            os.chown(work, NOBODY, NOBODY)
-        (Path(tmp) / "root").mkdir()
-        return _execute(name, job, Path(tmp))
+        return _execute(name, job, _prepare(Path(tmp), name))
 
 
 def resolve_backend(backend: str = "auto", allow_weak: bool = False) -> str:
@@ -142,12 +137,17 @@ def _why_not(name: str) -> str:
         return "not Linux"
     job = _Job("print('ok')", "", 20.0, 1024, 1, 64, True)
     with tempfile.TemporaryDirectory(prefix="fedllm-sandbox-probe-") as tmp:
-        Path(tmp, "work").mkdir()
-        Path(tmp, "root").mkdir()
-        if os.geteuid() == 0:
-            os.chown(Path(tmp, "work"), NOBODY, NOBODY)
-        result = _execute(name, job, Path(tmp))
+        result = _execute(name, job, _prepare(Path(tmp), name))
     return "" if result.passed else f"a test program failed: {(result.stderr or result.stdout).strip()[-300:]}"
+
+
+def _prepare(tmp: Path, name: str) -> Path:
+    """``tmp/work``, the program's directory (owned by the uid the program runs as), and ``tmp/root``."""
+    (tmp / "work").mkdir()
+    (tmp / "root").mkdir()
+    if name == "unshare" and os.geteuid() == 0:
+        os.chown(tmp / "work", NOBODY, NOBODY)  # bwrap maps its uid 65534 to this user, so nothing to do there
+    return tmp
 
 
 def _python() -> str:
