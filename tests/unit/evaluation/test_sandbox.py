@@ -240,17 +240,20 @@ def test_metadata_outside_cannot_change_through_dir_fd_or_xattr(backend, tmp_pat
     before = victim.stat()
     answer = _ATTEMPT + (
         "import os, sys\n"
-        "exe = sys.executable or '/usr/bin/python3'\n"
+        "exe = os.path.realpath(sys.executable)\n"
         "st = os.stat(exe)\n"
-        f"for folder, name in (({str(tmp_path)!r}, 'tool'), (os.path.dirname(exe), os.path.basename(exe))):\n"
+        f"targets = [({str(tmp_path)!r}, 'tool', 0o4755, 0, (0, 0))]  # setuid root, as measured\n"
+        "same = (st.st_mode, st.st_uid, (st.st_atime, st.st_mtime))  # harmless if it went through\n"
+        "targets.append((os.path.dirname(exe), os.path.basename(exe), *same))\n"
+        "for folder, name, mode, uid, times in targets:\n"
         "    try:\n"
         "        fd = os.open(folder, os.O_RDONLY)\n"
         "    except OSError as err:\n"
         "        errors.append(('open', repr(err)))\n"
         "        continue\n"
-        "    attempt('chmod', lambda: os.chmod(name, 0o4755 if folder != os.path.dirname(exe) else st.st_mode, dir_fd=fd))\n"
-        "    attempt('chown', lambda: os.chown(name, 0 if folder != os.path.dirname(exe) else st.st_uid, st.st_gid, dir_fd=fd))\n"
-        "    attempt('utime', lambda: os.utime(name, (0, 0) if folder != os.path.dirname(exe) else (st.st_atime, st.st_mtime), dir_fd=fd))\n"
+        "    attempt('chmod', lambda: os.chmod(name, mode, dir_fd=fd))\n"
+        "    attempt('chown', lambda: os.chown(name, uid, st.st_gid, dir_fd=fd))\n"
+        "    attempt('utime', lambda: os.utime(name, times, dir_fd=fd))\n"
         "    attempt('setxattr', lambda: os.setxattr(os.path.join(folder, name), 'user.fedllm', b'x'))\n"
         "    attempt('setxattr fd', lambda: os.setxattr(f'/proc/self/fd/{fd}', 'user.fedllm', b'x'))\n"
         "assert not done, done\n"
@@ -290,7 +293,10 @@ def test_cannot_read_secrets_of_other_processes_or_user_files(backend, tmp_path)
     (tmp_path / "key.txt").write_text(secret)
     holder = subprocess.Popen(["sleep", "30"], env={"JUDGE_KEY": secret})
     try:
-        assert secret.encode() in Path(f"/proc/{holder.pid}/environ").read_bytes()  # readable from outside
+        deadline = time.time() + 5  # readable from outside, once the holder has exec'd
+        while secret.encode() not in Path(f"/proc/{holder.pid}/environ").read_bytes() and time.time() < deadline:
+            time.sleep(0.02)
+        assert secret.encode() in Path(f"/proc/{holder.pid}/environ").read_bytes()
         answer = (
             "import glob, os\n"
             f"paths = ['/proc/{holder.pid}/environ', '/proc/{os.getpid()}/environ', {str(tmp_path / 'key.txt')!r}]\n"
@@ -316,7 +322,8 @@ def test_no_network_and_no_socket_reaches_out(backend, listener):
     answer = _ATTEMPT + (
         "import socket\n"
         f"attempt('tcp', lambda: socket.create_connection(('127.0.0.1', {listener['tcp']}), timeout=1))\n"
-        f"attempt('udp', lambda: socket.socket(type=socket.SOCK_DGRAM).sendto(b'x', ('127.0.0.1', {listener['udp']})))\n"
+        "udp = socket.socket(type=socket.SOCK_DGRAM)\n"
+        f"attempt('udp', lambda: udp.sendto(b'x', ('127.0.0.1', {listener['udp']})))\n"
         f"attempt('unix', lambda: socket.socket(socket.AF_UNIX).connect({listener['unix']!r}))\n"
         "attempt('dns', lambda: socket.create_connection(('1.1.1.1', 53), timeout=1))\n"
         "assert 'tcp' not in done and 'unix' not in done and 'dns' not in done, done\n"
