@@ -1,17 +1,18 @@
 """Execute untrusted generated code: in a throw-away directory, isolated by the kernel, under a hard deadline.
 
-Three backends, the first that works here is used (``backend="auto"``):
+Three backends; ``backend="auto"`` takes the first that works here:
 
 ``bwrap``
     `bubblewrap <https://github.com/containers/bubblewrap>`_ (Debian package ``bubblewrap``): new user, mount,
-    PID, network, IPC, UTS and cgroup namespaces; the program sees ``/usr``, the Python installation (both
-    read-only) and its own directory at ``/sandbox``, nothing else (no ``/proc``, ``/dev``, ``/sys``, ``/tmp``),
-    runs as uid 65534 of its user namespace with no capabilities, cannot create another user namespace, and
-    dies with its parent.
+    PID, network, IPC, UTS and cgroup namespaces. The program sees ``/usr`` and the Python installation
+    (read-only) and its own directory ``/sandbox`` (a small tmpfs), nothing else: no ``/proc``, ``/dev``,
+    ``/sys`` or ``/tmp``. It runs as uid 65534 of its user namespace with no capabilities, cannot create
+    another user namespace, and dies with its parent. (Started by root, that uid is root's outside the
+    namespace, powerless there: every file it can reach outside ``/sandbox`` is on a read-only mount.)
 ``unshare``
-    The same isolation without bubblewrap, done by :mod:`evaluation.sandbox_child` with Linux system calls
-    (``unshare``, ``mount``, ``pivot_root``); started by root it also switches to the unprivileged uid/gid
-    65534, otherwise it uses a user namespace.
+    The same without bubblewrap, done by :mod:`evaluation.sandbox_child` with Linux system calls
+    (``unshare``, ``mount``, ``pivot_root``). Started by root it runs the program as the real unprivileged
+    uid/gid 65534; otherwise it uses a user namespace.
 ``weak``
     No namespaces: resource limits, Landlock where the kernel has it and a Python audit hook. It does not
     hold against a program that means harm, so it runs only with ``allow_weak=True``
@@ -78,6 +79,7 @@ class _Job:
     timeout: float
     memory_mb: int
     file_mb: int
+    disk_mb: int
     output_kb: int
     audit_hook: bool
 
@@ -88,6 +90,7 @@ def run_program(
     timeout: float = 10.0,
     memory_mb: int = 1024,
     file_mb: int = 16,
+    disk_mb: int = 64,
     output_kb: int = 1024,
     backend: str = "auto",
     allow_weak: bool = False,
@@ -96,12 +99,13 @@ def run_program(
     """Run Python ``answer`` then ``tests`` (in one namespace, not as ``__main__``) in the sandbox.
 
     Passes if both finish without an exception (``SystemExit`` counts as one) within ``timeout`` wall-clock
-    seconds and ``output_kb`` KiB of output per stream. ``backend``: ``auto`` (the strongest that works
+    seconds and ``output_kb`` KiB of output per stream. Its directory (``/sandbox``) is a fresh ``disk_mb``
+    MiB tmpfs in the strong backends (nothing reaches the host's disk). ``backend``: ``auto`` (the strongest that works
     here), ``bwrap``, ``unshare`` or ``weak`` (refused unless ``allow_weak``). ``audit_hook`` switches off the
     interpreter-level layer, for tests showing that the kernel holds alone.
     """
     name = resolve_backend(backend, allow_weak)
-    job = _Job(answer, tests, timeout, memory_mb, file_mb, output_kb, audit_hook)
+    job = _Job(answer, tests, timeout, memory_mb, file_mb, disk_mb, output_kb, audit_hook)
     with tempfile.TemporaryDirectory(prefix="fedllm-sandbox-") as tmp:
         return _execute(name, job, _prepare(Path(tmp), name))
 
@@ -135,18 +139,16 @@ def _why_not(name: str) -> str:
         return "not installed"
     if not sys.platform.startswith("linux"):
         return "not Linux"
-    job = _Job("print('ok')", "", 20.0, 1024, 1, 64, True)
+    job = _Job("print('ok')", "", 20.0, 1024, 1, 1, 64, True)
     with tempfile.TemporaryDirectory(prefix="fedllm-sandbox-probe-") as tmp:
         result = _execute(name, job, _prepare(Path(tmp), name))
     return "" if result.passed else f"a test program failed: {(result.stderr or result.stdout).strip()[-300:]}"
 
 
 def _prepare(tmp: Path, name: str) -> Path:
-    """``tmp/work``, the program's directory (owned by the uid the program runs as), and ``tmp/root``."""
+    """``tmp/work`` (the weak backend's program directory) and ``tmp/root`` (where ``unshare`` builds its root)."""
     (tmp / "work").mkdir()
     (tmp / "root").mkdir()
-    if name == "unshare" and os.geteuid() == 0:
-        os.chown(tmp / "work", NOBODY, NOBODY)  # bwrap maps its uid 65534 to this user, so nothing to do there
     return tmp
 
 
@@ -163,16 +165,18 @@ def _read_only_paths() -> list[str]:
     return [p for p in dict.fromkeys(paths) if os.path.lexists(p)]
 
 
-def _command(name: str, work: Path, newroot: Path) -> tuple[list[str], dict[str, str] | None, Path]:
+def _command(name: str, tmp: Path, disk_mb: int) -> tuple[list[str], dict[str, str] | None, Path]:
     """argv, environment and cwd that start ``sandbox_child`` in ``run`` mode under backend ``name``."""
+    work, size = tmp / "work", str(disk_mb * 2**20)
     source = CHILD.read_text()
     run = [_python(), "-I", "-S", "-c", source, "run"]
     if name == "weak":
         return run, {**_ENV, "HOME": str(work), "TMPDIR": str(work)}, work
     if name == "unshare":
-        cfg = {"workdir": str(work), "newroot": str(newroot), "ro": _read_only_paths(), "uid": NOBODY}
-        cfg |= {"gid": NOBODY, "python": _python(), "source": source}
-        return [_python(), "-I", "-S", "-c", source, "isolate", json.dumps(cfg)], {}, work
+        root = os.geteuid() == 0
+        cfg = {"newroot": str(tmp / "root"), "ro": _read_only_paths(), "size": size, "python": _python()}
+        cfg |= {"uid": NOBODY if root else os.getuid(), "gid": NOBODY if root else os.getgid(), "source": source}
+        return [_python(), "-I", "-S", "-c", source, "isolate", json.dumps(cfg)], {}, tmp
     argv = ["bwrap", "--unshare-all", "--unshare-user", "--disable-userns", "--uid", str(NOBODY), "--gid", str(NOBODY)]
     argv += ["--die-with-parent", "--new-session", "--clearenv"]
     for path in _read_only_paths():
@@ -180,15 +184,15 @@ def _command(name: str, work: Path, newroot: Path) -> tuple[list[str], dict[str,
             argv += ["--symlink", os.readlink(path), path]
         else:
             argv += ["--ro-bind", path, path]
-    argv += ["--bind", str(work), INSIDE, "--remount-ro", "/", "--chdir", INSIDE]
+    argv += ["--size", size, "--perms", "0700", "--tmpfs", INSIDE, "--remount-ro", "/", "--chdir", INSIDE]
     for key, value in _ENV.items():
         argv += ["--setenv", key, value]
-    return argv + ["--", *run], {}, work
+    return argv + ["--", *run], {}, tmp
 
 
 def _execute(name: str, job: _Job, tmp: Path) -> SandboxResult:
     sentinel = secrets.token_hex(16)
-    argv, env, cwd = _command(name, tmp / "work", tmp / "root")
+    argv, env, cwd = _command(name, tmp, job.disk_mb)
     payload = {"answer": job.answer, "tests": job.tests, "sentinel": sentinel, "audit_hook": job.audit_hook}
     payload |= {"cpu_seconds": max(1, int(job.timeout) + 1), "memory_bytes": job.memory_mb * 2**20}
     payload |= {"file_bytes": job.file_mb * 2**20, "processes": 256, "landlock": name == "weak"}

@@ -13,10 +13,10 @@ Two modes:
     The Python-only isolation used when bubblewrap is missing: new mount, PID, network, IPC and UTS
     namespaces (plus a user namespace when not started by root); a PID 1 that dies with its parent and so
     takes every process of the namespace with it; a fresh read-only root holding only ``/usr`` (and the
-    ``/lib``-style links), the Python installation and the program's directory (the only writable place,
-    at ``/sandbox``), with no ``/proc``, ``/dev`` or ``/sys``; then, as root, an unprivileged uid/gid with no
-    supplementary groups and no new privileges; then ``run`` in a fresh interpreter (``execve`` also clears
-    any capability left in a user namespace).
+    ``/lib``-style links), the Python installation and the program's directory ``/sandbox`` (a small tmpfs,
+    the only writable place), with no ``/proc``, ``/dev`` or ``/sys``; then, as root, an unprivileged
+    uid/gid with no supplementary groups and no new privileges; then ``run`` in a fresh interpreter
+    (``execve`` also clears any capability left in a user namespace).
 """
 
 from __future__ import annotations
@@ -200,15 +200,16 @@ def _mount(libc: ctypes.CDLL, src: str | None, dst: str, fstype: str | None, fla
     _check(libc.mount(enc[0], enc[1], enc[2], flags, enc[3]), f"mount {dst}")
 
 
-def _bind(libc: ctypes.CDLL, src: str, dst: str, readonly: bool) -> None:
+def _bind_read_only(libc: ctypes.CDLL, src: str, dst: str) -> None:
     os.makedirs(dst, exist_ok=True)
     _mount(libc, src, dst, None, _MS_BIND | _MS_REC)
-    ro = _MS_RDONLY if readonly else 0
-    _mount(libc, None, dst, None, _MS_REMOUNT | _MS_BIND | _MS_NOSUID | _MS_NODEV | ro)
+    _mount(libc, None, dst, None, _MS_REMOUNT | _MS_BIND | _MS_NOSUID | _MS_NODEV | _MS_RDONLY)
 
 
 def build_root(libc: ctypes.CDLL, cfg: dict) -> None:
-    """A fresh root: ``cfg['ro']`` read-only at the same paths, ``cfg['workdir']`` writable at ``/sandbox``."""
+    """A fresh root: ``cfg['ro']`` read-only at the same paths, a ``cfg['size']``-byte tmpfs owned by the
+    program's uid at ``/sandbox``, nothing else (no ``/proc``, ``/dev``, ``/sys``, ``/tmp``).
+    """
     new = cfg["newroot"]
     _mount(libc, None, "/", None, _MS_REC | _MS_PRIVATE)
     _mount(libc, "tmpfs", new, "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=755,size=1m")
@@ -216,8 +217,10 @@ def build_root(libc: ctypes.CDLL, cfg: dict) -> None:
         if os.path.islink(path):
             os.symlink(os.readlink(path), new + path)
         elif os.path.isdir(path):
-            _bind(libc, path, new + path, readonly=True)
-    _bind(libc, cfg["workdir"], new + "/sandbox", readonly=False)
+            _bind_read_only(libc, path, new + path)
+    os.mkdir(new + "/sandbox")
+    data = f"mode=700,size={cfg['size']},uid={cfg['uid']},gid={cfg['gid']}"
+    _mount(libc, "tmpfs", new + "/sandbox", "tmpfs", _MS_NOSUID | _MS_NODEV, data)
     os.chdir(new)
     _check(libc.syscall(_SYS_PIVOT_ROOT[platform.machine()], b".", b"."), "pivot_root")
     _check(libc.umount2(b".", _MNT_DETACH), "umount the old root")

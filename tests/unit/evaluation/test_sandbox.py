@@ -287,6 +287,21 @@ def test_cannot_write_outside_its_directory(backend, tmp_path):
 
 
 @pytest.mark.parametrize("backend", STRONG)
+def test_its_directory_is_a_small_tmpfs_of_its_own(backend):
+    answer = (
+        "import os\n"
+        "assert os.getcwd() == os.environ['HOME'] == '/sandbox' and os.listdir('.') == []\n"
+        "open('a', 'wb').write(b'x' * 2**20)\n"
+        "try:\n"
+        "    open('b', 'wb').write(b'x' * 2**20)\n"
+        "except OSError as err:\n"
+        "    print('full:', err.strerror)\n"
+    )
+    r = run_program(answer, disk_mb=1, backend=backend)
+    assert r.passed and "full: No space left on device" in r.stdout, r.stderr
+
+
+@pytest.mark.parametrize("backend", STRONG)
 def test_cannot_read_secrets_of_other_processes_or_user_files(backend, tmp_path):
     """Measured before: the program read ``/proc/<ppid>/environ``, where a judge API key lives."""
     secret = f"sk-{secrets.token_hex(8)}"
