@@ -144,9 +144,9 @@ def test_the_sentinel_is_not_in_the_program_argv_or_environment():
 @pytest.mark.parametrize("backend", STRONG)
 def test_an_infinite_loop_is_killed_at_the_deadline(backend):
     start = time.perf_counter()
-    r = run_program("while True:\n    pass\n", timeout=1.5, backend=backend)
+    r = run_program("while True:\n    pass\n", timeout=1.0, backend=backend)
     assert r.timed_out and not r.passed
-    assert time.perf_counter() - start < 5
+    assert time.perf_counter() - start < 4
 
 
 def _alive(marker: str) -> list[int]:
@@ -175,8 +175,8 @@ def test_a_grandchild_in_its_own_session_neither_outlives_the_run_nor_holds_it(b
         "time.sleep(0.3)\n" + ("time.sleep(60)\n" if main_waits else "")
     )
     start = time.perf_counter()
-    r = run_program(answer, timeout=2.0, backend=backend, audit_hook=False)
-    assert time.perf_counter() - start < 4.0
+    r = run_program(answer, timeout=1.0 if main_waits else 5.0, backend=backend, audit_hook=False)
+    assert time.perf_counter() - start < 3.0  # the old sandbox: the timeout + the grandchild's whole life
     assert r.timed_out == main_waits and r.passed != main_waits
     time.sleep(0.2)
     assert _alive(marker) == []
@@ -223,7 +223,7 @@ def test_never_runs_with_root_powers(backend):
         "assert not done, done\n"
         f"os.execv('/bin/sleep', ['sleep', '{marker}'])\n"
     )
-    r = run_program(answer, timeout=2, backend=backend, audit_hook=False)
+    r = run_program(answer, timeout=1.5, backend=backend, audit_hook=False)
     watcher.join()
     assert r.timed_out and "AssertionError" not in r.stderr, r.stderr
     assert int(seen["CapEff"], 16) == 0 and int(seen["CapPrm"], 16) == 0
