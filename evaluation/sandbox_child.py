@@ -169,17 +169,22 @@ def run() -> None:
     tests = compile(job["tests"], "tests.py", "exec")
     if job["audit_hook"]:
         audit_guard(workdir)
+    # Bound now: the answer may replace builtins.exec, os._exit or os.write before the tests run.
+    run_code, exit_now, write, report, fails = exec, os._exit, os.write, traceback.print_exc, BaseException
     namespace = {"__name__": "answer", "__builtins__": __builtins__}
     try:
-        exec(answer, namespace)
-        exec(tests, namespace)
-    except BaseException:  # SystemExit and KeyboardInterrupt too: a program that exits has not passed
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
-    sys.stdout.flush()
-    os.write(1, b"\n" + sentinel + b"\n")
-    os._exit(0)
+        run_code(answer, namespace)
+        run_code(tests, namespace)
+    except fails:  # SystemExit and KeyboardInterrupt too: a program that exits has not passed
+        try:
+            report()
+        finally:
+            exit_now(1)
+    try:
+        sys.stdout.flush()
+    finally:
+        write(1, b"\n" + sentinel + b"\n")
+        exit_now(0)
 
 
 # ---------------------------------------------------------------- isolate: namespaces without bubblewrap

@@ -108,6 +108,17 @@ def test_tests_that_exit_early_fail():
     assert not run_program("def f(x):\n    return x\n", tests, allow_weak=True).passed
 
 
+def test_an_answer_that_replaces_exec_or_exit_does_not_skip_the_tests():
+    answer = (
+        "import builtins, os, sys, traceback\n"
+        "builtins.exec = lambda *args, **kwargs: None\n"
+        "os._exit = sys.exit = lambda *args: None\n"
+        "traceback.print_exc = lambda *args: None\n"
+        "def f(x):\n    return x\n"
+    )
+    assert not run_program(answer, "assert f(1) == 2\n", allow_weak=True).passed
+
+
 def test_the_answer_is_not_main_and_reads_an_empty_stdin():
     answer = (
         "def f(x):\n    return x + 1\n"
