@@ -156,9 +156,11 @@ def _empty_stdin() -> None:
     os.close(read)
 
 
-def run() -> None:
-    """Run the job read from standard input; exit 0 after writing the sentinel only if the tests finished."""
-    job = json.loads(sys.stdin.buffer.read())
+def run(raw: bytes | None = None) -> None:
+    """Run the job (``raw``, else read from standard input); exit 0 after writing the sentinel only if the
+    tests finished.
+    """
+    job = json.loads(sys.stdin.buffer.read() if raw is None else raw)
     _empty_stdin()
     sentinel = job.pop("sentinel").encode()
     workdir = os.getcwd()
@@ -241,6 +243,24 @@ def _drop(libc: ctypes.CDLL, cfg: dict) -> None:
     _check(libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
 
 
+def _program(libc: ctypes.CDLL, cfg: dict, job: bytes, read: int, write: int) -> None:
+    """The program's process: drop privileges and run the job. Root's ``setuid`` already cleared every
+    capability, so this interpreter goes on; in a user namespace ``execve`` of a fresh one clears them.
+    """
+    os.close(write)
+    os.dup2(read, 0)
+    os.close(read)
+    root = os.getuid() == 0
+    _drop(libc, cfg)
+    os.chdir("/sandbox")
+    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/sandbox", "TMPDIR": "/sandbox"}
+    if root:
+        os.environ.clear()
+        os.environ.update(env)
+        run(job)
+    os.execve(cfg["python"], [cfg["python"], "-I", "-S", "-c", cfg["source"], "run"], env)
+
+
 def _init(libc: ctypes.CDLL, cfg: dict, job: bytes) -> int:
     """PID 1 of the new namespace: build the root, start the program, reap until it ends, return its status."""
     _check(libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "parent-death signal")
@@ -248,19 +268,19 @@ def _init(libc: ctypes.CDLL, cfg: dict, job: bytes) -> int:
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:
-        os.close(write)
-        os.dup2(read, 0)
-        os.close(read)
-        _drop(libc, cfg)
-        os.chdir("/sandbox")
-        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/sandbox", "TMPDIR": "/sandbox"}
-        os.execve(cfg["python"], [cfg["python"], "-I", "-S", "-c", cfg["source"], "run"], env)
-    os.close(read)
-    with os.fdopen(write, "wb") as pipe:
         try:
-            pipe.write(job)
-        except BrokenPipeError:
-            pass
+            _program(libc, cfg, job, read, write)
+        finally:
+            os._exit(126)
+    os.close(read)
+    if os.getuid() != 0:  # the program is a fresh interpreter reading the job from this pipe
+        with os.fdopen(write, "wb") as pipe:
+            try:
+                pipe.write(job)
+            except BrokenPipeError:
+                pass
+    else:
+        os.close(write)
     while True:  # reap orphans too; leaving PID 1 kills whatever remains in the namespace
         child, status = os.wait()
         if child == pid:
