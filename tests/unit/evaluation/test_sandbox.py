@@ -5,12 +5,14 @@ skipped on a developer machine that cannot create namespaces, never when ``CI`` 
 run where bubblewrap is installed.
 """
 
+import json
 import os
 import secrets
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import tracemalloc
@@ -443,3 +445,51 @@ def test_auto_prefers_bubblewrap_then_namespaces():
             resolve_backend()
     else:
         assert resolve_backend() == expected
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not os.access("/usr/bin/python3", os.X_OK),
+    reason="needs root (to start an ordinary user) and a system Python that user can run",
+)
+def test_the_unshare_backend_started_by_an_ordinary_user_isolates_through_a_user_namespace():
+    """The ``isolate`` stage as a non-root user would start it: uid 65534 runs the system Python."""
+    from evaluation.sandbox import CHILD
+
+    source = CHILD.read_text()
+    with tempfile.TemporaryDirectory(prefix="fedllm-test-") as tmp:  # pytest's tmp_path is root's alone
+        tmp_path = Path(tmp)
+        tmp_path.chmod(0o755)
+        (tmp_path / "root").mkdir()
+        _isolate_as_nobody(source, tmp_path)
+
+
+def _isolate_as_nobody(source: str, tmp_path: Path) -> None:
+    python = os.path.realpath("/usr/bin/python3")
+    ro = [p for p in ("/usr", "/bin", "/lib", "/lib64") if os.path.lexists(p)]
+    cfg = {"newroot": str(tmp_path / "root"), "ro": ro, "size": str(2**20), "python": python}
+    cfg |= {"uid": 65534, "gid": 65534, "source": source}
+    answer = _ATTEMPT + (
+        "import os, socket\n"
+        f"attempt('write', lambda: open({str(tmp_path / 'pwned')!r}, 'w'))\n"
+        "attempt('net', lambda: socket.create_connection(('1.1.1.1', 53), timeout=1))\n"
+        "attempt('root', lambda: os.setuid(0))\n"
+        "open('inside', 'w').write('fine')\n"
+        "assert not done and os.getuid() == 65534, (done, os.getuid())\n"
+    )
+    job = {"answer": answer, "tests": "", "sentinel": "SENTINEL-1234", "audit_hook": False, "landlock": False}
+    job |= {"cpu_seconds": 5, "memory_bytes": 2**30, "file_bytes": 2**20, "processes": 256}
+    r = subprocess.run(
+        [python, "-I", "-S", "-c", source, "isolate", json.dumps(cfg)],
+        input=json.dumps(job).encode(),
+        capture_output=True,
+        user=65534,
+        group=65534,
+        extra_groups=[],
+        cwd=tmp_path,
+        env={},
+        timeout=30,
+    )
+    if r.returncode != 0 and b"sandbox: unshare:" in r.stderr:
+        pytest.skip(f"this machine allows no user namespace to an ordinary user: {r.stderr.decode()[-200:]}")
+    assert r.returncode == 0 and b"SENTINEL-1234" in r.stdout, r.stderr.decode()
+    assert not (tmp_path / "pwned").exists()
