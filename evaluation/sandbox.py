@@ -100,14 +100,14 @@ def run_program(
 
     Passes if both finish without an exception (``SystemExit`` counts as one) within ``timeout`` wall-clock
     seconds and ``output_kb`` KiB of output per stream. Its directory (``/sandbox``) is a fresh ``disk_mb``
-    MiB tmpfs in the strong backends (nothing reaches the host's disk). ``backend``: ``auto`` (the strongest that works
-    here), ``bwrap``, ``unshare`` or ``weak`` (refused unless ``allow_weak``). ``audit_hook`` switches off the
-    interpreter-level layer, for tests showing that the kernel holds alone.
+    MiB tmpfs in the strong backends (nothing reaches the host's disk). ``backend``: ``auto`` (the
+    strongest that works here), ``bwrap``, ``unshare`` or ``weak`` (refused unless ``allow_weak``).
+    ``audit_hook`` switches off the interpreter-level layer, for tests showing that the kernel holds alone.
     """
     name = resolve_backend(backend, allow_weak)
     job = _Job(answer, tests, timeout, memory_mb, file_mb, disk_mb, output_kb, audit_hook)
     with tempfile.TemporaryDirectory(prefix="fedllm-sandbox-") as tmp:
-        return _execute(name, job, _prepare(Path(tmp), name))
+        return _execute(name, job, _prepare(Path(tmp)))
 
 
 def resolve_backend(backend: str = "auto", allow_weak: bool = False) -> str:
@@ -141,11 +141,11 @@ def _why_not(name: str) -> str:
         return "not Linux"
     job = _Job("print('ok')", "", 20.0, 1024, 1, 1, 64, True)
     with tempfile.TemporaryDirectory(prefix="fedllm-sandbox-probe-") as tmp:
-        result = _execute(name, job, _prepare(Path(tmp), name))
+        result = _execute(name, job, _prepare(Path(tmp)))
     return "" if result.passed else f"a test program failed: {(result.stderr or result.stdout).strip()[-300:]}"
 
 
-def _prepare(tmp: Path, name: str) -> Path:
+def _prepare(tmp: Path) -> Path:
     """``tmp/work`` (the weak backend's program directory) and ``tmp/root`` (where ``unshare`` builds its root)."""
     (tmp / "work").mkdir()
     (tmp / "root").mkdir()

@@ -167,15 +167,14 @@ def run(raw: bytes | None = None) -> None:
     set_limits(job["cpu_seconds"], job["memory_bytes"], job["file_bytes"], job["processes"])
     if job["landlock"]:
         landlock(workdir, sorted({sys.base_prefix, "/usr", "/lib", "/lib64"}))
-    answer = compile(job["answer"], "answer.py", "exec")
-    tests = compile(job["tests"], "tests.py", "exec")
     if job["audit_hook"]:
         audit_guard(workdir)
     # Bound now: the answer may replace builtins.exec, os._exit or os.write before the tests run.
     run_code, exit_now, write, report, fails = exec, os._exit, os.write, traceback.print_exc, BaseException
     namespace = {"__name__": "answer", "__builtins__": __builtins__}
     try:
-        run_code(answer, namespace)
+        tests = compile(job["tests"], "tests.py", "exec")
+        run_code(compile(job["answer"], "answer.py", "exec"), namespace)
         run_code(tests, namespace)
     except fails:  # SystemExit and KeyboardInterrupt too: a program that exits has not passed
         try:

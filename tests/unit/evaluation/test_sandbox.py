@@ -96,6 +96,12 @@ def test_an_answer_passes_only_when_its_tests_ran_to_the_end(backend):
     assert not bad.passed and "AssertionError" in bad.stderr
 
 
+@pytest.mark.parametrize("backend", STRONG)
+def test_a_syntax_error_fails_with_its_traceback(backend):
+    r = run_program("def f(x) return x\n", "assert f(1) == 1\n", backend=backend)
+    assert not r.passed and "SyntaxError" in r.stderr
+
+
 @pytest.mark.parametrize(
     "exit_call",
     ["import sys\nsys.exit(0)", "raise SystemExit", "import os\nos._exit(0)", "import unittest\nunittest.main()"],
