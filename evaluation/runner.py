@@ -17,6 +17,7 @@ from evaluation import coding, finance, maths, multiple_choice, open_ended, safe
 from evaluation.documented import documented
 from evaluation.generation import Generator
 from evaluation.judge import JudgeClient, JudgeConfig
+from evaluation.sandbox import resolve_backend
 from evaluation.sources import DataSourceError, Source, load_rows
 from fedllm_app.config import ConfigError
 
@@ -247,8 +248,11 @@ def check_round_benchmarks(cfg: Any) -> None:
     if int(ev.every) < 0:
         raise ConfigError(f"eval.every={ev.every} must be >= 0 (0 = never); e.g. eval.every=5")
     if ev.every and ev.benches:
-        if {"mt_bench", "vicuna"} & set(expand(",".join(ev.benches))):
+        names = set(expand(",".join(ev.benches)))
+        if {"mt_bench", "vicuna"} & names:
             raise ConfigError("eval.benches: mt_bench and vicuna need a judge; run them with fedllm-eval instead")
+        if names & set(coding.SOURCES):
+            resolve_backend(allow_weak=bool(ev.get("allow_weak_sandbox", False)))  # fail now, not at round N
 
 
 def round_benchmarks(cfg: Any, model: Any, tokenizer: Any, rnd: int, out_dir: Path) -> dict[str, float]:
@@ -265,6 +269,7 @@ def round_benchmarks(cfg: Any, model: Any, tokenizer: Any, rnd: int, out_dir: Pa
         batch_size=ev.batch_size,
         max_new_tokens=ev.max_new_tokens,
         progress=False,
+        allow_weak_sandbox=bool(ev.get("allow_weak_sandbox", False)),
     )
     gen = Generator(model, tokenizer, cfg.training.template, ev.batch_size, cfg.training.max_new_tokens, False)
     start = time.perf_counter()

@@ -122,7 +122,8 @@ def resolve_backend(backend: str = "auto", allow_weak: bool = False) -> str:
             "no strong code sandbox works here (bubblewrap: "
             f"{_why_not('bwrap')}; Linux namespaces: {_why_not('unshare')}), so generated code could read, "
             "change or send anything this user can. Install bubblewrap (apt-get install bubblewrap) or allow "
-            "user namespaces, or accept the risk with --allow-weak-sandbox"
+            "user namespaces, or accept the risk with --allow-weak-sandbox (fedllm-eval) or "
+            "eval.allow_weak_sandbox=true (benchmarks during training)"
         )
     return name
 
