@@ -55,7 +55,7 @@ def listener():
     unix.bind(path)
     unix.listen(1)
     for s in (tcp, udp, unix):
-        s.settimeout(0.3)
+        s.settimeout(0.1)  # everything the program sent has long arrived when this is asked
     yield {"tcp": tcp.getsockname()[1], "udp": udp.getsockname()[1], "unix": path, "sockets": (tcp, udp, unix)}
     for s in (tcp, udp, unix):
         s.close()
