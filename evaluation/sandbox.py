@@ -116,11 +116,11 @@ def resolve_backend(backend: str = "auto", allow_weak: bool = False) -> str:
         raise ConfigError(f"sandbox backend {backend!r} is unknown; choose auto, {', '.join(BACKENDS)}")
     name = backend if backend != "auto" else next((b for b in STRONG if backend_works(b)), "weak")
     if name in STRONG and not backend_works(name):
-        raise SandboxUnavailable(f"sandbox backend {name!r} does not work on this machine ({_why_not(name)})")
+        raise SandboxUnavailable(f"sandbox backend {name!r} does not work on this machine ({backend_problem(name)})")
     if name == "weak" and not allow_weak:
         raise SandboxUnavailable(
             "no strong code sandbox works here (bubblewrap: "
-            f"{_why_not('bwrap')}; Linux namespaces: {_why_not('unshare')}), so generated code could read, "
+            f"{backend_problem('bwrap')}; Linux namespaces: {backend_problem('unshare')}), so generated code could read, "
             "change or send anything this user can. Install bubblewrap (apt-get install bubblewrap) or allow "
             "user namespaces, or accept the risk with --allow-weak-sandbox (fedllm-eval) or "
             "eval.allow_weak_sandbox=true (benchmarks during training)"
@@ -131,11 +131,12 @@ def resolve_backend(backend: str = "auto", allow_weak: bool = False) -> str:
 @functools.cache
 def backend_works(name: str) -> bool:
     """Whether ``name`` runs a trivial program here (checked once per process)."""
-    return _why_not(name) == ""
+    return backend_problem(name) == ""
 
 
 @functools.cache
-def _why_not(name: str) -> str:
+def backend_problem(name: str) -> str:
+    """Why backend ``name`` does not work here ("" if it does): it runs a trivial program once per process."""
     if name == "bwrap" and shutil.which("bwrap") is None:
         return "not installed"
     if not sys.platform.startswith("linux"):

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from evaluation.sandbox import SandboxUnavailable, _why_not, resolve_backend, run_program
+from evaluation.sandbox import SandboxUnavailable, backend_problem, resolve_backend, run_program
 
 
 def _backend(name: str, missing: str):
-    reason = _why_not(name)
+    reason = backend_problem(name)
     skip = bool(reason) and not (name == "unshare" and os.environ.get("CI"))
     return pytest.param(name, marks=pytest.mark.skipif(skip, reason=f"{name}: {reason}; {missing}"))
 
@@ -445,7 +445,7 @@ def test_an_unknown_backend_is_named_in_the_error():
 
 
 def test_auto_prefers_bubblewrap_then_namespaces():
-    expected = "bwrap" if not _why_not("bwrap") else "unshare" if not _why_not("unshare") else None
+    expected = "bwrap" if not backend_problem("bwrap") else "unshare" if not backend_problem("unshare") else None
     if expected is None:
         with pytest.raises(SandboxUnavailable, match="apt-get install bubblewrap"):
             resolve_backend()
