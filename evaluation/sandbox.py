@@ -119,8 +119,9 @@ def resolve_backend(backend: str = "auto", allow_weak: bool = False) -> str:
         raise SandboxUnavailable(f"sandbox backend {name!r} does not work on this machine ({backend_problem(name)})")
     if name == "weak" and not allow_weak:
         problems = f"bubblewrap: {backend_problem('bwrap')}; Linux namespaces: {backend_problem('unshare')}"
+        why = "the weak sandbox was asked for" if backend == "weak" else f"no strong sandbox works here ({problems})"
         raise SandboxUnavailable(
-            f"no strong code sandbox works here ({problems}), so generated code could read, "
+            f"{why}, so generated code could read, "
             "change or send anything this user can. Install bubblewrap (apt-get install bubblewrap) or allow "
             "user namespaces, or accept the risk with --allow-weak-sandbox (fedllm-eval) or "
             "eval.allow_weak_sandbox=true (benchmarks during training)"
