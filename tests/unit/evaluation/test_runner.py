@@ -77,3 +77,17 @@ def test_readme_lists_every_benchmark_with_its_data_source():
         hub = "vicuna_bench/question.jsonl" if source.hub_id.startswith("http") else f"`{source.hub_id}`"
         assert hub in section, name
         assert source.config is None or f"({source.config})" in section, name
+
+
+def test_training_with_code_benchmarks_stops_at_start_when_only_a_weak_sandbox_works(monkeypatch):
+    """Not at round N: the ServerApp checks its eval keys before the first round."""
+    from evaluation import sandbox
+    from evaluation.runner import check_round_benchmarks
+    from fedllm_app.config import load_config
+
+    monkeypatch.setattr(sandbox, "STRONG", ())  # as on a machine where neither bubblewrap nor namespaces work
+    cfg = load_config({}, ["eval.benches=[humaneval]", "eval.every=1"])
+    with pytest.raises(sandbox.SandboxUnavailable, match="eval.allow_weak_sandbox=true"):
+        check_round_benchmarks(cfg)
+    allowed = ["eval.benches=[humaneval]", "eval.every=1", "eval.allow_weak_sandbox=true"]
+    check_round_benchmarks(load_config({}, allowed))
