@@ -114,7 +114,6 @@ class Generator:
             )
 
 
-@torch.no_grad()
 def continuation_logps(
     model: Any,
     tokenizer: Any,
@@ -131,18 +130,33 @@ def continuation_logps(
     With ``max_length`` each sequence is cut to that many tokens, and a continuation cut away
     entirely scores 0.0. ``progress(n)`` is called after each batch of ``n`` pairs.
     """
+
+    def encode(text: str, special: bool) -> list[int]:
+        return tokenizer(text, add_special_tokens=special)["input_ids"]
+
+    ids = [(encode(ctx, add_bos), encode(cont, False)) for ctx, cont in pairs]
+    return sequence_logps(model, tokenizer.pad_token_id, ids, batch_size, max_length=max_length, progress=progress)
+
+
+@torch.no_grad()
+def sequence_logps(
+    model: Any,
+    pad_token_id: int,
+    pairs: list[tuple[list[int], list[int]]],
+    batch_size: int,
+    *,
+    max_length: int | None = None,
+    progress: Any = None,
+) -> list[float]:
+    """:func:`continuation_logps` over token ids: ``[(context ids, continuation ids)]``."""
     model.eval()
     device = next(model.parameters()).device
     out: list[float] = []
     for i in range(0, len(pairs), batch_size):
         batch = pairs[i : i + batch_size]
-        seqs, starts = [], []
-        for ctx, cont in batch:
-            c = tokenizer(ctx, add_special_tokens=add_bos)["input_ids"]
-            seq = (c + tokenizer(cont, add_special_tokens=False)["input_ids"])[:max_length]
-            seqs.append(seq)
-            starts.append(max(1, min(len(c), len(seq))))
-        ids = torch.full((len(seqs), max(map(len, seqs))), tokenizer.pad_token_id)
+        seqs = [(c + cont)[:max_length] for c, cont in batch]
+        starts = [max(1, min(len(c), len(seq))) for (c, _), seq in zip(batch, seqs, strict=True)]
+        ids = torch.full((len(seqs), max(map(len, seqs))), pad_token_id)
         mask = torch.zeros_like(ids)
         for j, seq in enumerate(seqs):
             ids[j, : len(seq)] = torch.tensor(seq)

@@ -1,4 +1,9 @@
-"""Held-out loss (response tokens only) and greedy exact-match accuracy per domain."""
+"""Held-out loss (response tokens only) and greedy exact-match accuracy per domain.
+
+Both see the tokens training sees: the loss scores each row as TRL's SFTTrainer tokenises it
+(:func:`fedllm_app.data.trl_form.trl_token_ids`: a string template's BOS included, the response
+tokenised together with its prompt, EOS appended), and generation starts from the same prompt ids.
+"""
 
 from __future__ import annotations
 
@@ -7,29 +12,38 @@ from typing import Any
 
 import torch
 
-from fedllm_app.data.templates import prompt_text
+from fedllm_app.data.templates import prompt_text, to_prompt_completion
+from fedllm_app.data.trl_form import trl_token_ids
 
 
 def _batches(items: list[Any], size: int) -> list[list[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+def sft_token_ids(tokenizer: Any, row: dict, template: str, max_length: int) -> tuple[list[int], list[int]]:
+    """Input ids and labels of an instruction/response row as SFTTrainer trains on it.
+
+    Labels are -100 outside the completion (completion-only loss); both are cut at ``max_length``.
+    """
+    trl_row = to_prompt_completion(row["instruction"], row["response"], template)
+    prompt, (completion,) = trl_token_ids(tokenizer, trl_row["prompt"], [trl_row["completion"]])
+    return (prompt + completion)[:max_length], ([-100] * len(prompt) + completion)[:max_length]
+
+
 @torch.no_grad()
 def heldout_loss(
     model: Any, tokenizer: Any, rows: list[dict], template: str, batch_size: int, max_length: int
 ) -> float:
-    """Mean cross-entropy over the response (+ end) tokens of ``rows``."""
+    """Mean cross-entropy over the response (+ end) tokens of ``rows``, tokenised as in training."""
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for batch in _batches(rows, batch_size):
         ids, labels = [], []
         for r in batch:
-            p = tokenizer(prompt_text(r["instruction"], template, tokenizer), add_special_tokens=False)["input_ids"]
-            c = tokenizer(r["response"] + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
-            seq = (p + c)[:max_length]
+            seq, lab = sft_token_ids(tokenizer, r, template, max_length)
             ids.append(seq)
-            labels.append(([-100] * len(p) + c)[:max_length])
+            labels.append(lab)
         width = max(map(len, ids))
         input_ids = torch.full((len(ids), width), tokenizer.pad_token_id)
         attn = torch.zeros_like(input_ids)
@@ -47,8 +61,14 @@ def heldout_loss(
 
 
 @torch.no_grad()
-def generate(model: Any, tokenizer: Any, prompts: list[str], batch_size: int, max_new_tokens: int) -> list[str]:
-    """Greedy, batched, left-padded generation; returns only the new text."""
+def generate(
+    model: Any, tokenizer: Any, prompts: list[str], batch_size: int, max_new_tokens: int, special_tokens: bool = False
+) -> list[str]:
+    """Greedy, batched, left-padded generation; returns only the new text.
+
+    ``special_tokens`` adds the tokenizer's special tokens (e.g. BOS) to each prompt, as TRL
+    does for a string template's prompt.
+    """
     model.eval()
     device = next(model.parameters()).device
     side = tokenizer.padding_side
@@ -56,7 +76,7 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], batch_size: int, ma
     out: list[str] = []
     try:
         for batch in _batches(prompts, batch_size):
-            enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=special_tokens).to(device)
             gen = model.generate(
                 **enc,
                 max_new_tokens=max_new_tokens,
@@ -73,9 +93,13 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], batch_size: int, ma
 def exact_match(
     model: Any, tokenizer: Any, rows: list[dict], template: str, batch_size: int, max_new_tokens: int
 ) -> dict[str, float]:
-    """``accuracy`` over all rows and ``accuracy/<domain>`` per domain (stripped exact match)."""
+    """``accuracy`` over all rows and ``accuracy/<domain>`` per domain (stripped exact match).
+
+    The prompt ids are the ones training uses: a string template's prompt gets the tokenizer's
+    special tokens (BOS), a chat template writes its own.
+    """
     prompts = [prompt_text(r["instruction"], template, tokenizer) for r in rows]
-    answers = generate(model, tokenizer, prompts, batch_size, max_new_tokens)
+    answers = generate(model, tokenizer, prompts, batch_size, max_new_tokens, special_tokens=template != "chat")
     hits: dict[str, list[int]] = defaultdict(list)
     for r, a in zip(rows, answers, strict=False):
         ok = int(a.strip() == r["response"].strip())

@@ -3,7 +3,8 @@
 The implicit reward of a completion is ``beta * (log p_policy - log p_reference)``;
 the DPO loss is ``-log sigmoid(r_chosen - r_rejected)``, the reward margin
 ``r_chosen - r_rejected`` and the preference accuracy the share of pairs with a
-positive margin. :class:`HeldoutPreferences` is the server's per-round DPO evaluation.
+positive margin. :class:`HeldoutPreferences` is the server's per-round DPO evaluation. Pairs
+are tokenised exactly as TRL's DPOTrainer tokenises them (:func:`pair_token_ids`).
 """
 
 from __future__ import annotations
@@ -13,41 +14,32 @@ from typing import Any
 
 import torch
 
-from evaluation.generation import continuation_logps
+from evaluation.generation import sequence_logps
 from fedllm_app.data.rows import Row
-from fedllm_app.data.trl_form import to_preference
+from fedllm_app.data.trl_form import to_preference, trl_token_ids
 from fedllm_app.model import reference_adapter, set_adapter
 
 
-def pair_texts(row: Row, template: str, tokenizer: Any) -> tuple[str, str, str]:
-    """(prompt, chosen completion, rejected completion) as text, rendered as TRL renders them."""
+def pair_token_ids(row: Row, template: str, tokenizer: Any) -> tuple[list[int], list[int], list[int]]:
+    """(prompt, chosen, rejected) token ids of a pair exactly as TRL's DPOTrainer tokenises it."""
     trl_row = to_preference(row, template)
-    if template != "chat":
-        eos = tokenizer.eos_token or ""
-        return trl_row["prompt"], trl_row["chosen"] + eos, trl_row["rejected"] + eos
-    prompt = tokenizer.apply_chat_template(trl_row["prompt"], tokenize=False, add_generation_prompt=True)
-    out = [prompt]
-    for key in ("chosen", "rejected"):
-        full = tokenizer.apply_chat_template(trl_row["prompt"] + trl_row[key], tokenize=False)
-        out.append(full[len(prompt) :] if full.startswith(prompt) else trl_row[key][0]["content"])
-    return out[0], out[1], out[2]
-
-
-def completion_logps(
-    model: Any, tokenizer: Any, prompts: list[str], completions: list[str], batch_size: int, max_length: int
-) -> torch.Tensor:
-    """Summed log-probability of each completion given its prompt (kept within ``max_length`` tokens)."""
-    pairs = list(zip(prompts, completions, strict=True))
-    return torch.tensor(continuation_logps(model, tokenizer, pairs, batch_size, max_length=max_length))
+    prompt, (chosen, rejected) = trl_token_ids(tokenizer, trl_row["prompt"], [trl_row["chosen"], trl_row["rejected"]])
+    return prompt, chosen, rejected
 
 
 def pair_logps(model: Any, tokenizer: Any, rows: list[Row], t: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probabilities of the chosen and rejected completions of ``rows`` (training config ``t``)."""
-    texts = [pair_texts(r, t.template, tokenizer) for r in rows]
-    prompts = [x[0] for x in texts]
-    chosen = completion_logps(model, tokenizer, prompts, [x[1] for x in texts], t.eval_batch_size, t.max_length)
-    rejected = completion_logps(model, tokenizer, prompts, [x[2] for x in texts], t.eval_batch_size, t.max_length)
-    return chosen, rejected
+    """Log-probabilities of the chosen and rejected completions of ``rows`` (training config ``t``).
+
+    Each sequence (prompt + completion) is kept within ``t.max_length`` tokens, as DPOTrainer's collator keeps it.
+    """
+    ids = [pair_token_ids(r, t.template, tokenizer) for r in rows]
+    pad = tokenizer.pad_token_id
+
+    def logps(which: int) -> torch.Tensor:
+        pairs = [(x[0], x[which]) for x in ids]
+        return torch.tensor(sequence_logps(model, pad, pairs, t.eval_batch_size, max_length=t.max_length))
+
+    return logps(1), logps(2)
 
 
 def dpo_scores(

@@ -137,6 +137,22 @@ def _cached(key: str, seed: int) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def keep_lora_float32(model: Any) -> int:
+    """Store every LoRA tensor (trainable and DPO's frozen ``ref``) in float32; return how many were recast.
+
+    TRL 1.16's SFTTrainer and DPOTrainer cast a quantised model's trainable parameters to
+    bfloat16 when they are built (QLoRA paper, section 3), and the process's cached model keeps
+    them so: AdamW then updates bf16 weights with no float32 master copy and small updates
+    vanish. PEFT keeps adapters in float32 by default; this puts them back after the trainer.
+    """
+    recast = 0
+    for name, param in model.named_parameters():
+        if "lora_" in name and param.dtype != torch.float32:
+            param.data = param.data.float()
+            recast += 1
+    return recast
+
+
 def load_saved_adapter(path: str) -> dict[str, np.ndarray]:
     """The weights of a saved PEFT adapter folder (e.g. an SFT run's ``checkpoints/round-N``)."""
     from safetensors.numpy import load_file

@@ -29,7 +29,7 @@ from fedllm_app.client.gradient_terms import GradientTerms
 from fedllm_app.config import task_name
 from fedllm_app.data.rows import Row
 from fedllm_app.data.trl_form import to_trl
-from fedllm_app.model import reference_adapter
+from fedllm_app.model import keep_lora_float32, reference_adapter
 from strategies.aggregation import Arrays
 
 log = logging.getLogger("fedllm")
@@ -117,6 +117,7 @@ def _trainer(model: Any, tokenizer: Any, dataset: Any, cfg: DictConfig, output_d
     else:
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, **kw)
     trainer.remove_callback(PrinterCallback)  # the server logs one line per round instead
+    keep_lora_float32(model)  # TRL casts a quantised model's LoRA weights to bf16; train them in float32
     return trainer
 
 

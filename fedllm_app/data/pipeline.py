@@ -3,10 +3,11 @@
 The data of a run is ``dataset`` (the built-in synthetic set or a catalogue entry,
 :mod:`fedllm_app.data.catalogue`), split into ``num_clients`` partitions by ``partition``
 (:mod:`fedllm_app.data.partitions`) after holding out the server's evaluation rows
-(:mod:`fedllm_app.data.holdout`). Every process rebuilds the same split from the seed, so
-no data travels. In a real federation a SuperNode can instead train on its own file, named
-in its node config (``data-path``, :func:`local_rows`): the whole file is its partition and
-never leaves it. Rows are described in :mod:`fedllm_app.data.rows`.
+(:mod:`fedllm_app.data.holdout`), whose prompts no client trains on. Every process
+rebuilds the same split from the seed, so no data travels. In a real federation a
+SuperNode can instead train on its own file, named in its node config (``data-path``,
+:func:`local_rows`): the whole file is its partition and never leaves it.
+Rows are described in :mod:`fedllm_app.data.rows`.
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ def _load(cfg: DictConfig) -> Split:
 def _build(cfg: DictConfig) -> Split:
     d = cfg.dataset
     if d.name == "synthetic":
-        train = [r.as_dict() for r in synthetic.generate(d.train_per_domain, cfg.seed)]
-        test = [r.as_dict() for r in synthetic.generate(d.test_per_domain, cfg.seed + 10_000)]
+        train_ex, test_ex = synthetic.train_test(d.train_per_domain, d.test_per_domain, cfg.seed)
+        train, test = [r.as_dict() for r in train_ex], [r.as_dict() for r in test_ex]
         if task_name(cfg) == "dpo":
             train, test = pairs.make_pairs(train, cfg.seed), pairs.make_pairs(test, cfg.seed + 10_000)
     else:

@@ -181,14 +181,14 @@ def test_unknown_dataset_lists_the_catalogue():
 
 def test_missing_column_names_file_column_and_mapping(tmp_path):
     f = tmp_path / "qa.jsonl"
-    f.write_text('{"question": "q", "output": "o"}\n' * 4)
+    f.write_text("".join(f'{{"question": "q{i}", "output": "o"}}\n' for i in range(4)))
     with pytest.raises(ConfigError) as err:
         data.all_partitions(cfg_for("alpaca_gpt4", path=f))
     msg = str(err.value)
     assert "qa.jsonl' has no column 'instruction'" in msg and "dataset.columns.instruction=<your column>" in msg
     # ... and the mapping fixes it (input is optional for the alpaca format).
     rows = data.pooled(cfg_for("alpaca_gpt4", "dataset.columns.instruction=question", "dataset.heldout=1", path=f))
-    assert rows[0]["instruction"] == "q" and rows[0]["response"] == "o"
+    assert rows[0]["instruction"].startswith("q") and rows[0]["response"] == "o"
 
 
 def test_empty_and_non_utf8_files(tmp_path):
@@ -221,3 +221,16 @@ def test_unparsable_and_empty_rows_are_counted_not_silently_dropped(tmp_path, ca
 def test_heldout_larger_than_the_data_is_refused():
     with pytest.raises(ConfigError, match=r"has 8 rows: dataset.heldout=8 would leave none for training"):
         data.all_partitions(cfg_for("wizardlm_evol", "dataset.heldout=8"))
+
+
+def test_training_rows_repeating_a_heldout_prompt_stay_out_of_training(caplog):
+    from fedllm_app.data.holdout import hold_out
+
+    rows = [{"instruction": f"q{i % 5}", "response": str(i)} for i in range(20)]  # every prompt 4 times
+    train, test = hold_out(rows, 2, seed=0, source="'dup.jsonl'")
+    assert len(test) == 2
+    assert not {r["instruction"] for r in test} & {r["instruction"] for r in train}
+    assert len(train) == 20 - 4 * len({r["instruction"] for r in test})
+    assert "training rows repeat a held-out prompt" in caplog.text
+    with pytest.raises(ConfigError, match="every training row repeats a held-out prompt"):
+        hold_out([{"instruction": "same", "response": str(i)} for i in range(5)], 1, seed=0, source="'one.jsonl'")

@@ -15,7 +15,8 @@ def parts_for(overrides: str):
 def test_default_synthetic_split_is_the_unchanged_dominance_benchmark():
     cfg = load_config({})
     assert cfg.partition.name == "dominance" and cfg.partition.dominance == 0.9
-    expected = split_by_dominance([r.as_dict() for r in synthetic.generate(800, 0)], 4, 0.9, 0)
+    train, _ = synthetic.train_test(800, 50, 0)
+    expected = split_by_dominance([r.as_dict() for r in train], 4, 0.9, 0)
     assert data.all_partitions(cfg) == expected
     for i, part in enumerate(data.all_partitions(cfg)):
         assert len(part) == 798

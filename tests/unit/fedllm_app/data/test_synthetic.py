@@ -71,3 +71,38 @@ def test_round_indices_are_openfedllm_sized_and_round_dependent():
 def test_partition_id_out_of_range_names_num_clients():
     with pytest.raises(ConfigError, match="partition-id=9.*num_clients=4"):
         data.partition(load_config({}), 9)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    ["", "task=dpo", "num_clients=8 sample_clients=2 partition=dirichlet partition.alpha=0.5", "partition=iid"],
+)
+def test_no_heldout_prompt_is_in_any_clients_training_rows(overrides):
+    from fedllm_app.data.catalogue import prompt_key
+
+    cfg = load_config({"overrides": overrides})
+    trained = {prompt_key(r) for part in data.all_partitions(cfg) for r in part}
+    heldout = data.heldout(cfg)
+    assert len(heldout) == cfg.dataset.test_per_domain * len(synthetic.DOMAINS)
+    assert {r["domain"] for r in heldout} == set(synthetic.DOMAINS)
+    assert [r for r in heldout if prompt_key(r) in trained] == []
+
+
+def test_prompt_space_holds_every_example_the_generator_draws():
+    import random
+
+    rng = random.Random(1)
+    for domain in synthetic.DOMAINS:
+        space = set(synthetic.prompt_space(domain))
+        assert len(space) == len(synthetic.prompt_space(domain))
+        assert all(synthetic.make_example(domain, rng).instruction in space for _ in range(300))
+
+
+def test_heldout_prompts_are_a_share_of_every_domain_and_follow_the_seed():
+    held = synthetic.heldout_prompts(0)
+    for domain in synthetic.DOMAINS:
+        space = synthetic.prompt_space(domain)
+        assert len(held & set(space)) == -(-len(space) // 4)  # a quarter, rounded up
+    assert held == synthetic.heldout_prompts(0) and held != synthetic.heldout_prompts(1)
+    with pytest.raises(ValueError, match="share 1.0"):
+        synthetic.heldout_prompts(0, share=1.0)
