@@ -1,4 +1,4 @@
-"""Multiple-choice knowledge and medical benchmarks: MMLU, MedQA, MedMCQA, PubMedQA and CareQA.
+r"""Multiple-choice knowledge and medical benchmarks: MMLU, MedQA, MedMCQA, PubMedQA and CareQA.
 
 The headline ``accuracy`` is EleutherAI lm-evaluation-harness's ``mmlu`` protocol (:data:`PROTOCOL`): the
 plain-text prompt ``<question>\nA. <option>\n...\nAnswer:`` (after MMLU's subject line and the solved
@@ -93,7 +93,7 @@ def to_item(bench: str, row: dict) -> Item:
 
 
 def harness_prompt(item: Item, examples: list[Item] = (), bench: str = "mmlu") -> str:
-    """lm-evaluation-harness's ``mmlu`` context: MMLU's subject line, the solved ``examples`` (each
+    r"""lm-evaluation-harness's ``mmlu`` context: MMLU's subject line, the solved ``examples`` (each
     followed by `` <letter>``) and the question, each ``<question>\nA. <option>\n...\nAnswer:``.
     """
     about = f" about {item.subject.replace('_', ' ')}" if bench == "mmlu" and item.subject else ""
