@@ -35,6 +35,7 @@ MATH_PROTOCOL = {
     "version": "math-verify 0.9",
     "headline": "accuracy: math_verify.verify(parse(gold), parse(generated solution))",
 }
+PROTOCOLS = {"gsm8k": GSM8K_PROTOCOL, "math": MATH_PROTOCOL}
 _STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
 _FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
 _IGNORED = (",", r"\$", r"(?s).*#### ", r"\.$")

@@ -31,7 +31,9 @@ PROTOCOL = {
 }
 
 SOURCES = {
-    "mmlu": Source("mmlu", "cais/mmlu", "all", "test", ("question", "subject", "choices", "answer")),
+    "mmlu": Source(
+        "mmlu", "cais/mmlu", "all", "test", ("question", "subject", "choices", "answer"), stratify="subject"
+    ),
     "medqa": Source("medqa", "GBaker/MedQA-USMLE-4-options", None, "test", ("question", "options", "answer_idx")),
     "medmcqa": Source(
         "medmcqa", "openlifescienceai/medmcqa", None, "validation", ("question", "opa", "opb", "opc", "opd", "cop")

@@ -1,7 +1,9 @@
 """Benchmark registry and suite runner: which benchmarks make up each ``--bench`` group, run them, write results.
 
-Results go to ``<checkpoint>/eval/<bench>.json`` (every metric, the data source of each benchmark, timings)
-and ``<checkpoint>/eval/<bench>.md`` (one table row per metric).
+Results go to ``<checkpoint>/eval/<bench>.json`` (every metric, timings, and for each benchmark its
+``protocol``, the reference implementation and version its headline number follows, and ``data``, where its
+rows really came from) and ``<checkpoint>/eval/<bench>.md`` (one table row per metric, then both). Two
+numbers belong in one table only when both agree.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from evaluation import coding, finance, maths, multiple_choice, open_ended, safe
 from evaluation.documented import documented
 from evaluation.generation import Generator
 from evaluation.judge import JudgeClient, JudgeConfig
-from evaluation.sources import DataSourceError, Source, load_rows
+from evaluation.sources import DataSourceError, Source, load_benchmark, load_rows
 from fedllm_app.config import ConfigError
 
 log = logging.getLogger("fedllm")
@@ -40,6 +42,25 @@ SOURCES: dict[str, Source] = {
     **safety.SOURCES,
 }
 BENCHMARKS: tuple[str, ...] = tuple(b for names in GROUPS.values() for b in names)
+OWN_PROTOCOL = {"reference": "fedllm's own prompt and scoring (see evaluation/{module}.py)", "version": "fedllm {v}"}
+
+
+def protocol(name: str) -> dict[str, str]:
+    """The protocol ``name``'s headline number follows: its reference implementation and version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for module in (finance, multiple_choice, maths, coding, open_ended, safety):
+        table = getattr(module, "PROTOCOLS", {})
+        if name in table:
+            return dict(table[name])
+        if name in module.SOURCES and hasattr(module, "PROTOCOL"):
+            return dict(module.PROTOCOL)
+    try:
+        own = version("fedllm")
+    except PackageNotFoundError:
+        own = "unknown"
+    module = next((m.__name__.split(".")[-1] for m in (coding, open_ended) if name in m.SOURCES), "heldout")
+    return {k: v.format(module=module, v=own) for k, v in OWN_PROTOCOL.items()}
 
 
 @documented
@@ -117,12 +138,17 @@ def expand(bench: str) -> list[str]:
 
 
 def run_one(name: str, gen: Generator, settings: EvalSettings, out_dir: Path, run_cfg: Any = None) -> dict[str, Any]:
-    """Load ``name``'s rows and score them."""
+    """Load ``name``'s rows and score them; the metrics name the protocol and where the rows came from."""
     if name == "heldout":
-        return heldout_metrics(gen, run_cfg, settings.limit)
-    rows = load_rows(SOURCES[name], settings.data_dir, settings.limit)
+        return {**heldout_metrics(gen, run_cfg, settings.limit), "protocol": protocol(name)}
+    rows, origin = load_benchmark(SOURCES[name], settings.data_dir, settings.limit, settings.seed)
     if not rows:
-        raise DataSourceError(f"benchmark {name!r} has no rows at {settings.data_dir or SOURCES[name].describe()}")
+        raise DataSourceError(f"benchmark {name!r} has no rows at {origin['location']}")
+    return {**score(name, gen, rows, settings, out_dir), "protocol": protocol(name), "data": origin}
+
+
+def score(name: str, gen: Generator, rows: list[dict], settings: EvalSettings, out_dir: Path) -> dict[str, Any]:
+    """Benchmark ``name``'s metrics on ``rows``."""
     s = settings
     if name in finance.SOURCES:
         return finance.evaluate(gen, name, rows)
@@ -207,18 +233,26 @@ def write_results(out_dir: Path, bench: str, results: dict[str, Any], meta: dict
     """``<out_dir>/<bench>.json`` and ``<out_dir>/<bench>.md``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = bench.replace(",", "+")
-    sources = {n: SOURCES[n].describe() for n in results if n in SOURCES}
-    payload = {**meta, "sources": sources, "benchmarks": results}
+    payload = {**meta, "benchmarks": results}
     js = out_dir / f"{stem}.json"
     js.write_text(json.dumps(payload, indent=2))
     md = out_dir / f"{stem}.md"
-    where = f"local files in `{meta['data_dir']}`, shaped like" if meta.get("data_dir") else "the Hugging Face Hub:"
-    data = "".join(f"- {n}: {where} {src}\n" for n, src in sources.items())
     md.write_text(
         f"# fedllm-eval: {bench}\n\nCheckpoint: `{meta.get('checkpoint')}`\n\n{markdown_table(results)}\n"
-        f"Data:\n\n{data}"
+        f"Protocols and data:\n\n{provenance_lines(results)}"
     )
     return js, md
+
+
+def provenance_lines(results: dict[str, Any]) -> str:
+    """One line per benchmark: its protocol's reference and version, and where its rows came from."""
+    lines = []
+    for name, metrics in results.items():
+        proto, data = metrics.get("protocol") or {}, metrics.get("data") or {}
+        where = f"{data.get('kind')} {data.get('location')}" if data else "the run's held-out split"
+        sample = f", {data['sample']}" if data.get("sample") else ""
+        lines.append(f"- {name}: {proto.get('reference')} ({proto.get('version')}); rows from {where}{sample}\n")
+    return "".join(lines)
 
 
 def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
