@@ -18,7 +18,7 @@ from typing import Any
 from evaluation import coding, finance, maths, multiple_choice, open_ended, safety
 from evaluation.documented import documented
 from evaluation.generation import Generator
-from evaluation.judge import JudgeClient, JudgeConfig
+from evaluation.judge import JudgeClient, JudgeConfig, load_prompts
 from evaluation.sources import DataSourceError, Source, load_benchmark, load_rows
 from fedllm_app.config import ConfigError
 
@@ -163,7 +163,7 @@ def score(name: str, gen: Generator, rows: list[dict], settings: EvalSettings, o
             gen, name, rows, s.code_samples, s.code_temperature, s.code_timeout, max_new_tokens=s.max_new_tokens
         )
     if name in open_ended.SOURCES:
-        judge = JudgeClient(s.judge) if s.judge else None
+        judge = JudgeClient(s.judge, load_prompts(s.data_dir)) if s.judge else None
         return open_ended.evaluate(gen, name, rows, judge, out_dir, s.max_new_tokens)
     return safety.evaluate(gen, name, rows)
 
