@@ -80,11 +80,20 @@ class EvalSettings:
             "help": "Folder of local benchmark files (<benchmark>.jsonl, .json, .parquet, .csv); unset: the Hub."
         },
     )
-    limit: int | None = field(default=None, metadata={"help": "At most this many rows per benchmark (unset: all)."})
+    limit: int | None = field(
+        default=None,
+        metadata={
+            "help": "A seeded random sample of this many rows per benchmark (MMLU: stratified by subject; "
+            "unset: all rows)."
+        },
+    )
     batch_size: int = field(default=8, metadata={"help": "Prompts per generation / scoring batch."})
     seed: int = field(
         default=0,
-        metadata={"help": "Torch seed (sampled MT-Bench / Vicuna answers at temperature > 0, pass@k samples)."},
+        metadata={
+            "help": "Seed of the --limit sample and of torch (sampled MT-Bench / Vicuna / AdvBench answers, "
+            "pass@k samples)."
+        },
     )
     progress: bool = field(default=True, metadata={"help": "Show progress bars (--no-progress hides them)."})
     code_samples: int = field(
