@@ -176,7 +176,7 @@ def test_the_command_evaluates_from_a_config_file_and_merges(checkpoint, fixture
     config = _write(tmp_path, f"bench: safety\ndata_dir: {fixtures_dir}\nmax_new_tokens: 8\nprogress: false\n")
     done = run_cli(str(checkpoint), "--config", str(config), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "[fedllm] advbench: refusal_rate " in done.stdout and "safety.json" in done.stdout
+    assert "[fedllm] advbench: harmless_rate_openfedllm " in done.stdout and "safety.json" in done.stdout
     assert "advbench" in json.loads((checkpoint / "eval" / "safety.json").read_text())["benchmarks"]
     main(["merge", str(checkpoint), str(tmp_path / "merged")])
     assert (tmp_path / "merged" / "config.json").is_file() and (tmp_path / "merged" / "tokenizer.json").is_file()
