@@ -3,7 +3,8 @@
 The same merged checkpoint (a local model folder) is scored by ``lm_eval`` (its ``HFLM`` on a custom task
 in the ``mmlu`` form, reading local JSON-lines files, offline) and by :func:`harness_choices`; every row's
 chosen option must be the same, zero-shot and 5-shot (where the tiny model's 256-token context cuts the
-prompt from the left, as the harness does).
+prompt from the left, as the harness does). Zero-shot also covers the medical benchmarks' fixture rows
+(MedQA, MedMCQA, PubMedQA with three options, CareQA), in the same form without MMLU's subject line.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import yaml
 pytestmark = pytest.mark.slow
 
 SUBJECTS = ("elementary_mathematics", "high_school_geography", "formal_logic")
+MEDICAL = ("medqa", "medmcqa", "pubmedqa", "careqa")
+MMLU_TEXT = "{{question.strip()}}\nA. {{choices[0]}}\nB. {{choices[1]}}\nC. {{choices[2]}}\nD. {{choices[3]}}\nAnswer:"
+ANY_TEXT = "{{question.strip()}}\n{% for c in choices %}{{ 'ABCDE'[loop.index0] }}. {{c}}\n{% endfor %}Answer:"
 
 
 def invented_rows(subject: str, n: int, rng: random.Random) -> list[dict]:
@@ -32,31 +36,35 @@ def invented_rows(subject: str, n: int, rng: random.Random) -> list[dict]:
     return rows
 
 
-def harness_task(folder: Path, subject: str, test: list[dict], dev: list[dict]) -> str:
-    """A task yaml in the harness's ``mmlu`` form over local files; returns the task's name."""
+def harness_task(folder: Path, name: str, test: list[dict], dev: list[dict], description: str = "") -> str:
+    """A task yaml in the harness's ``mmlu`` form over local files (rows shaped like cais/mmlu: question,
+    choices, answer); MMLU's own template for four options, the same lines for any number otherwise.
+    """
     files = {}
     for split, rows in (("test", test), ("dev", dev)):
-        files[split] = str(folder / f"{subject}_{split}.jsonl")
+        files[split] = str(folder / f"{name}_{split}.jsonl")
         Path(files[split]).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    name = f"xcheck_{subject}"
+    four = all(len(r["choices"]) == 4 for r in test + dev)
     task = {
-        "task": name,
+        "task": f"xcheck_{name}",
         "dataset_path": "json",
         "dataset_kwargs": {"data_files": files},
         "test_split": "test",
         "fewshot_split": "dev",
         "fewshot_config": {"sampler": "first_n"},
         "output_type": "multiple_choice",
-        "doc_to_text": "{{question.strip()}}\nA. {{choices[0]}}\nB. {{choices[1]}}\nC. {{choices[2]}}\n"
-        "D. {{choices[3]}}\nAnswer:",
-        "doc_to_choice": ["A", "B", "C", "D"],
+        "doc_to_text": MMLU_TEXT if four else ANY_TEXT,
+        "doc_to_choice": ["A", "B", "C", "D"] if four else "{{ ['A', 'B', 'C', 'D', 'E'][:choices|length] }}",
         "doc_to_target": "answer",
-        "description": f"The following are multiple choice questions (with answers) about "
-        f"{subject.replace('_', ' ')}.\n\n",
+        "description": description,
         "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
     }
-    (folder / f"{name}.yaml").write_text(yaml.safe_dump(task))
-    return name
+    (folder / f"xcheck_{name}.yaml").write_text(yaml.safe_dump(task))
+    return task["task"]
+
+
+def mmlu_description(subject: str) -> str:
+    return f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
 
 
 def harness_run(model_dir: Path, tasks_dir: Path, tasks: list[str], shots: int) -> dict[str, list[int]]:
@@ -70,13 +78,15 @@ def harness_run(model_dir: Path, tasks_dir: Path, tasks: list[str], shots: int) 
         model=lm,
         tasks=tasks,
         num_fewshot=shots,
-        task_manager=TaskManager(include_path=str(tasks_dir)),
+        task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False),
         log_samples=True,
     )
     chosen = {}
     for task in tasks:
         samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
-        chosen[task] = [max(range(4), key=lambda i, s=s: s["filtered_resps"][i][0]) for s in samples]
+        chosen[task] = [
+            max(range(len(s["filtered_resps"])), key=lambda i, s=s: s["filtered_resps"][i][0]) for s in samples
+        ]
     return chosen
 
 
@@ -99,18 +109,24 @@ def test_harness_choices_agree_with_lm_eval_row_by_row(merged, rows, tmp_path, m
     fixture = rows("mmlu")
     test = {s: [r for r in fixture if r["subject"] == s] + invented_rows(s, 12, rng) for s in SUBJECTS}
     dev = {s: invented_rows(s, 5, rng) for s in SUBJECTS}
-    tasks = [harness_task(tmp_path, s, test[s], dev[s]) for s in SUBJECTS]
-    theirs = harness_run(merged, tmp_path, tasks, shots)
+    tasks = {s: harness_task(tmp_path, s, test[s], dev[s], mmlu_description(s)) for s in SUBJECTS}
+    items = {s: [to_item("mmlu", r) for r in test[s]] for s in SUBJECTS}
+    examples = {s: few_shot_examples(items[s], dev[s], "mmlu", shots) if shots else None for s in SUBJECTS}
+    if not shots:  # the medical benchmarks are zero-shot
+        for bench in MEDICAL:
+            items[bench] = [to_item(bench, r) for r in rows(bench)]
+            shaped = [{"question": it.question, "choices": list(it.options), "answer": it.gold} for it in items[bench]]
+            tasks[bench] = harness_task(tmp_path, bench, shaped, shaped)
+    theirs = harness_run(merged, tmp_path, list(tasks.values()), shots)
 
     model, tok = load_for_eval(merged, checkpoint_config(merged))
     gen = Generator(model, tok, "chat", batch_size=8, progress=False)
     agree = total = 0
     picked: set[int] = set()
-    for subject, task in zip(SUBJECTS, tasks, strict=True):
-        items = [to_item("mmlu", r) for r in test[subject]]
-        shots_of = few_shot_examples(items, dev[subject], "mmlu", shots) if shots else [[] for _ in items]
-        ours = harness_choices(gen, items, shots_of, "mmlu")
-        assert ours == theirs[task], subject
+    for name, task in tasks.items():
+        shots_of = examples.get(name) or [[] for _ in items[name]]
+        ours = harness_choices(gen, items[name], shots_of, "mmlu" if name in SUBJECTS else name)
+        assert ours == theirs[task], name
         picked.update(ours)
         agree += sum(a == b for a, b in zip(ours, theirs[task], strict=True))
         total += len(ours)
