@@ -29,6 +29,15 @@ PROTOCOL = {
     "other_metrics": "accuracy_option_text(_norm): option-text log-likelihood after our prompt; "
     "accuracy_generated_letter: the generated letter",
 }
+# The medical benchmarks are scored in the same form (without MMLU's subject line), not by lm-eval's own
+# tasks of the same names, whose prompts differ.
+PROTOCOLS = {
+    name: {
+        **PROTOCOL,
+        "reference": f"EleutherAI lm-evaluation-harness mmlu form applied to {name} (not its {name} task)",
+    }
+    for name in ("medqa", "medmcqa", "pubmedqa", "careqa")
+}
 
 SOURCES = {
     "mmlu": Source(

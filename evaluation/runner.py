@@ -42,25 +42,28 @@ SOURCES: dict[str, Source] = {
     **safety.SOURCES,
 }
 BENCHMARKS: tuple[str, ...] = tuple(b for names in GROUPS.values() for b in names)
-OWN_PROTOCOL = {"reference": "fedllm's own prompt and scoring (see evaluation/{module}.py)", "version": "fedllm {v}"}
 
 
 def protocol(name: str) -> dict[str, str]:
-    """The protocol ``name``'s headline number follows: its reference implementation and version."""
+    """The protocol benchmark ``name``'s headline number follows: its reference implementation and version
+    (a module's ``PROTOCOLS[name]`` or ``PROTOCOL``; fedllm's own where the module names none).
+    """
+    for module in (finance, multiple_choice, maths, coding, open_ended, safety):
+        if name in module.SOURCES:
+            found = getattr(module, "PROTOCOLS", {}).get(name) or getattr(module, "PROTOCOL", None)
+            return dict(found) if found else own_protocol(module.__name__)
+    return own_protocol("evaluation.heldout")
+
+
+def own_protocol(module: str) -> dict[str, str]:
+    """The protocol of a benchmark scored by fedllm's own prompt and rules, versioned by fedllm's version."""
     from importlib.metadata import PackageNotFoundError, version
 
-    for module in (finance, multiple_choice, maths, coding, open_ended, safety):
-        table = getattr(module, "PROTOCOLS", {})
-        if name in table:
-            return dict(table[name])
-        if name in module.SOURCES and hasattr(module, "PROTOCOL"):
-            return dict(module.PROTOCOL)
     try:
         own = version("fedllm")
     except PackageNotFoundError:
         own = "unknown"
-    module = next((m.__name__.split(".")[-1] for m in (coding, open_ended) if name in m.SOURCES), "heldout")
-    return {k: v.format(module=module, v=own) for k, v in OWN_PROTOCOL.items()}
+    return {"reference": f"fedllm's own prompt and scoring ({module})", "version": f"fedllm {own}"}
 
 
 @documented
