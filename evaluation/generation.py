@@ -106,6 +106,11 @@ class Generator:
             tok.padding_side = side
         return out
 
+    def harness_loglikelihoods(self, pairs: list[tuple[str, str]], desc: str = "score") -> list[float]:
+        """:func:`harness_logps` of raw ``[(context, continuation)]`` texts (no prompt template)."""
+        with self._bar(len(pairs), desc) as bar:
+            return harness_logps(self.model, self.tokenizer, pairs, self.batch_size, progress=bar.update)
+
     def loglikelihoods(self, pairs: list[tuple[str, str]], desc: str = "score") -> list[float]:
         """Sum of log-probabilities of each continuation given its context, ``[(context, continuation)]``."""
         with self._bar(len(pairs), desc) as bar:
@@ -114,6 +119,75 @@ class Generator:
             )
 
 
+_SEQLEN_ATTRS = ("n_positions", "max_position_embeddings", "n_ctx")
+_TOKENIZER_INFINITY = 10**20
+
+
+def context_length(model: Any, tokenizer: Any, default: int = 2048) -> int:
+    """The model's context length as lm-evaluation-harness reads it: the config's ``n_positions``,
+    ``max_position_embeddings`` or ``n_ctx``, else the tokenizer's ``model_max_length``, else ``default``.
+    """
+    config = getattr(model, "config", None)
+    for cfg in (getattr(config, "text_config", None), config):
+        for attr in _SEQLEN_ATTRS:
+            if cfg is not None and getattr(cfg, attr, None):
+                return int(getattr(cfg, attr))
+    limit = getattr(tokenizer, "model_max_length", None)
+    return int(limit) if limit and limit < _TOKENIZER_INFINITY else default
+
+
+def harness_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) tokenised as lm-evaluation-harness does for a causal model: trailing
+    spaces of the context move to the continuation, the whole text is tokenised with the tokenizer's own
+    special tokens, and the continuation is what follows the separately tokenised context.
+    """
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer(context + continuation)["input_ids"]
+    ctx = tokenizer(context)["input_ids"]
+    return ctx, whole[len(ctx) :]
+
+
+@torch.no_grad()
+def harness_logps(
+    model: Any, tokenizer: Any, pairs: list[tuple[str, str]], batch_size: int, progress: Any = None
+) -> list[float]:
+    """Summed log-probability of each continuation as lm-evaluation-harness's ``loglikelihood`` computes it
+    (:func:`harness_pair` tokenisation; a sequence longer than the context length keeps its last tokens).
+    """
+    limit = context_length(model, tokenizer)
+    seqs, starts = [], []
+    for context, continuation in pairs:
+        ctx, cont = harness_pair(tokenizer, context, continuation)
+        seq = (ctx + cont)[-(limit + 1) :]
+        seqs.append(seq)
+        starts.append(len(seq) - len(cont))
+    return _scored(model, tokenizer.pad_token_id or 0, seqs, starts, batch_size, progress)
+
+
+def _scored(model: Any, pad_id: int, seqs: list, starts: list, batch_size: int, progress: Any) -> list[float]:
+    """Sum of the log-probabilities of ``seq[start:]`` for each token sequence, in right-padded batches."""
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[float] = []
+    for i in range(0, len(seqs), batch_size):
+        batch, first = seqs[i : i + batch_size], starts[i : i + batch_size]
+        ids = torch.full((len(batch), max(map(len, batch))), pad_id)
+        mask = torch.zeros_like(ids)
+        for j, seq in enumerate(batch):
+            ids[j, : len(seq)] = torch.tensor(seq)
+            mask[j, : len(seq)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
+        for j, seq in enumerate(batch):
+            out.append(float(logp[j, first[j] - 1 : len(seq) - 1].sum()) if first[j] < len(seq) else 0.0)
+        if progress is not None:
+            progress(len(batch))
+    return out
+
+
+@torch.no_grad()
 def continuation_logps(
     model: Any,
     tokenizer: Any,
@@ -149,25 +223,9 @@ def sequence_logps(
     progress: Any = None,
 ) -> list[float]:
     """:func:`continuation_logps` over token ids: ``[(context ids, continuation ids)]``."""
-    model.eval()
-    device = next(model.parameters()).device
-    out: list[float] = []
-    for i in range(0, len(pairs), batch_size):
-        batch = pairs[i : i + batch_size]
-        seqs = [(c + cont)[:max_length] for c, cont in batch]
-        starts = [max(1, min(len(c), len(seq))) for (c, _), seq in zip(batch, seqs, strict=True)]
-        ids = torch.full((len(seqs), max(map(len, seqs))), pad_token_id)
-        mask = torch.zeros_like(ids)
-        for j, seq in enumerate(seqs):
-            ids[j, : len(seq)] = torch.tensor(seq)
-            mask[j, : len(seq)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
-        for j, seq in enumerate(seqs):
-            out.append(float(logp[j, starts[j] - 1 : len(seq) - 1].sum()) if starts[j] < len(seq) else 0.0)
-        if progress is not None:
-            progress(len(batch))
-    return out
+    seqs = [(c + cont)[:max_length] for c, cont in pairs]
+    starts = [max(1, min(len(c), len(seq))) for (c, _), seq in zip(pairs, seqs, strict=True)]
+    return _scored(model, pad_token_id, seqs, starts, batch_size, progress)
 
 
 def _next_turn(template: str, question: str) -> str:

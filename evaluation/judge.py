@@ -1,8 +1,12 @@
 """An LLM judge over any OpenAI-compatible chat-completions endpoint, with retries and an on-disk cache.
 
-The judge is asked (in our wording) for MT-Bench's single-answer grading form: a short explanation, then a
-1-10 score written ``[[rating]]``. A reply without a readable score is reported as malformed (its text is
-kept), never scored as 0. Replies are cached on disk keyed by the full request, so a rerun sends nothing.
+The judge gets FastChat's MT-Bench single-answer grading prompts (:data:`PROTOCOL`): ``single-v1``, or
+``single-math-v1`` with the reference answer for the categories FastChat grades against one, and their
+``-multi-turn`` forms for a second turn. They are read at run time from FastChat's published
+``judge_prompts.jsonl`` (:data:`PROMPTS_SOURCE`), or from ``judge_prompts.jsonl`` under ``--data-dir``, as the
+questions are; nothing of their wording is stored here. The score is the rating the judgement ends with
+(:func:`parse_rating`); a reply without one is reported as malformed (its text is kept), never scored as 0.
+Replies are cached on disk keyed by the full request, so a rerun sends nothing.
 """
 
 from __future__ import annotations
@@ -20,25 +24,19 @@ from pathlib import Path
 from typing import Any
 
 from evaluation.documented import documented
+from evaluation.sources import DataSourceError, Source, load_benchmark
 
-SYSTEM = (
-    "You are an impartial, careful grader of AI assistant answers. You judge helpfulness, relevance, "
-    "accuracy, depth, creativity and level of detail, and you are not swayed by length or style."
+PROMPTS_URL = "https://raw.githubusercontent.com/lm-sys/FastChat/main/fastchat/llm_judge/data/judge_prompts.jsonl"
+PROMPTS_SOURCE = Source(
+    "judge_prompts", PROMPTS_URL, None, "train", ("name", "type", "system_prompt", "prompt_template")
 )
-SINGLE = (
-    "Grade the assistant's answer to the user's question.{reference}\n\n"
-    "[Question]\n{question}\n\n[Assistant's answer]\n{answer}\n\n"
-    "First explain your assessment in a few sentences. Then give the score, an integer from 1 (useless) to "
-    "10 (excellent), written in double square brackets exactly like this: [[7]]"
-)
-SECOND_TURN = (
-    "Below is a two-turn conversation. Grade only the assistant's SECOND answer, in the light of the whole "
-    "conversation.{reference}\n\n[First question]\n{q1}\n\n[Assistant's first answer]\n{a1}\n\n"
-    "[Second question]\n{q2}\n\n[Assistant's second answer]\n{a2}\n\n"
-    "First explain your assessment in a few sentences. Then give the score, an integer from 1 (useless) to "
-    "10 (excellent), written in double square brackets exactly like this: [[7]]"
-)
-REFERENCE = "\nA reference answer is given; judge correctness against it.\n\n[Reference answer]\n{reference}"
+PROMPT_NAMES = ("single-v1", "single-math-v1", "single-v1-multi-turn", "single-math-v1-multi-turn")
+# MT-Bench categories FastChat grades against a reference answer (NEED_REF_CATS in its common.py).
+REFERENCE_CATEGORIES = ("math", "reasoning", "coding", "arena-hard-200")
+PROTOCOL = {
+    "reference": "FastChat llm_judge (MT-Bench single-answer grading: single-v1, single-math-v1, -multi-turn)",
+    "version": "judge_prompts.jsonl of lm-sys/FastChat main, read at run time; score = the final rating",
+}
 RETRY_STATUS = (408, 409, 425, 429, 500, 502, 503, 504)
 
 
@@ -80,13 +78,32 @@ class JudgeConfig:
     workers: int = field(default=8, metadata={"help": "Judge requests in flight at once."})
 
 
-def parse_rating(text: str) -> float | None:
-    """The 1-10 score of a judgement: the last ``[[x]]`` (also ``[[x/10]]``, ``[[ 8.5 ]]``), else a lone ``[x]``;
-    None if there is none or it is out of range.
+def load_prompts(data_dir: str | Path | None = None) -> dict[str, dict[str, str]]:
+    """FastChat's judge prompts by name (from ``data_dir``'s ``judge_prompts.jsonl`` if given, else from
+    FastChat's published file); the four single-answer prompts must be there.
     """
-    found = re.findall(r"\[\[\s*(\d+(?:\.\d+)?)\s*(?:/\s*10\s*)?\]\]", text)
-    if not found:
-        found = re.findall(r"(?:rating|score)[^\[\n]{0,20}\[\s*(\d+(?:\.\d+)?)\s*(?:/\s*10\s*)?\]", text, re.I)
+    rows, origin = load_benchmark(PROMPTS_SOURCE, data_dir)
+    prompts = {r["name"]: r for r in rows}
+    missing = [name for name in PROMPT_NAMES if name not in prompts]
+    if missing:
+        raise DataSourceError(
+            f"judge prompts at {origin['location']} lack {missing}; give FastChat's judge_prompts.jsonl ({PROMPTS_URL})"
+        )
+    return prompts
+
+
+_NUM = r"\s*(\d+(?:\.\d+)?)\s*(?:/\s*10\s*)?"
+_LABEL = r"\b(?:rating|score)\b\s*(?:is|of)?\s*:?\s*"
+# [[x]] anywhere; "Rating: [x]" anywhere; "Rating: x" only as the judgement's last words.
+_RATING = re.compile(rf"\[\[{_NUM}\]\]|{_LABEL}\[{_NUM}\]|{_LABEL}(\d+(?:\.\d+)?)\s*(?:/\s*10)?\W*$", re.I)
+
+
+def parse_rating(text: str) -> float | None:
+    """The 1-10 rating a judgement ends with: the last ``[[x]]`` (also ``[[x/10]]``, ``[[ 8.5 ]]``) or
+    ``Rating: [x]`` / ``Rating: x`` in the text, whichever comes last, so a ``[[x]]`` the judge quotes
+    earlier does not count; None if there is none or it is out of range.
+    """
+    found = [next(g for g in groups if g) for groups in _RATING.findall(text.strip())]
     if not found:
         return None
     value = float(found[-1])
@@ -96,24 +113,27 @@ def parse_rating(text: str) -> float | None:
 class JudgeClient:
     """Sends grading prompts to the endpoint; caches every successful reply on disk."""
 
-    def __init__(self, cfg: JudgeConfig) -> None:
+    def __init__(self, cfg: JudgeConfig, prompts: dict[str, dict[str, str]]) -> None:
         self.cfg = cfg
+        self.prompts = prompts
         self.cache = Path(cfg.cache_dir).expanduser()
         self.requests_sent = 0
         self.cache_hits = 0
         self._lock = threading.Lock()
 
-    def _payload(self, prompt: str) -> dict[str, Any]:
+    def _payload(self, system: str, prompt: str) -> dict[str, Any]:
         return {
             "model": self.cfg.model,
-            "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}],
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": prompt}],
             "temperature": self.cfg.temperature,
             "max_tokens": self.cfg.max_tokens,
         }
 
-    def complete(self, prompt: str) -> str:
-        """The judge's reply text for ``prompt`` (from the cache if this exact request was answered)."""
-        payload = self._payload(prompt)
+    def complete(self, system: str, prompt: str) -> str:
+        """The judge's reply text for ``prompt`` after ``system`` (from the cache if this exact request was
+        answered).
+        """
+        payload = self._payload(system, prompt)
         key = hashlib.sha256(json.dumps([self.cfg.base_url, payload], sort_keys=True).encode()).hexdigest()
         path = self.cache / f"{key}.json"
         if path.is_file():
@@ -159,18 +179,26 @@ class JudgeClient:
                 delay *= 2
         raise JudgeError(f"judge at {url} failed {self.cfg.retries + 1} times; last error: {last}")
 
-    def grade(self, question: str, answer: str, reference: str | None = None) -> tuple[float | None, str]:
-        """(score or None if malformed, judgement text) for a single-turn answer."""
-        ref = REFERENCE.format(reference=reference) if reference else ""
-        text = self.complete(SINGLE.format(reference=ref, question=question, answer=answer))
+    def judged(self, name: str, **fields: str) -> tuple[float | None, str]:
+        """(rating or None if malformed, judgement text) with FastChat's prompt ``name`` filled with ``fields``."""
+        prompt = self.prompts[name]
+        text = self.complete(prompt["system_prompt"], prompt["prompt_template"].format(**fields))
         return parse_rating(text), text
 
+    def grade(self, question: str, answer: str, reference: str | None = None) -> tuple[float | None, str]:
+        """A single-turn answer, by ``single-math-v1`` when a reference answer is given, else ``single-v1``."""
+        if reference:
+            return self.judged("single-math-v1", question=question, answer=answer, ref_answer_1=reference)
+        return self.judged("single-v1", question=question, answer=answer)
+
     def grade_second_turn(
-        self, questions: list[str], answers: list[str], reference: str | None = None
+        self, questions: list[str], answers: list[str], references: list[str] | None = None
     ) -> tuple[float | None, str]:
-        """(score or None, judgement text) for the second answer of a two-turn conversation."""
-        ref = REFERENCE.format(reference=reference) if reference else ""
-        text = self.complete(
-            SECOND_TURN.format(reference=ref, q1=questions[0], a1=answers[0], q2=questions[1], a2=answers[1])
-        )
-        return parse_rating(text), text
+        """The second answer of a two-turn conversation, by ``single-math-v1-multi-turn`` with both turns'
+        reference answers, else ``single-v1-multi-turn``.
+        """
+        turns = {"question_1": questions[0], "answer_1": answers[0], "question_2": questions[1], "answer_2": answers[1]}
+        if references and any(references):
+            refs = {"ref_answer_1": references[0], "ref_answer_2": references[1] if len(references) > 1 else ""}
+            return self.judged("single-math-v1-multi-turn", **turns, **refs)
+        return self.judged("single-v1-multi-turn", **turns)

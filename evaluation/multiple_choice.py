@@ -1,8 +1,12 @@
-"""Multiple-choice knowledge and medical benchmarks: MMLU, MedQA, MedMCQA, PubMedQA and CareQA.
+r"""Multiple-choice knowledge and medical benchmarks: MMLU, MedQA, MedMCQA, PubMedQA and CareQA.
 
-Each question is scored two ways: by the log-likelihood the model gives each option's text after the
-question (``accuracy``, and ``accuracy_norm`` normalised by the option's length in characters), and by the
-option letter the model generates (``accuracy_letter``). MMLU also reports each subject and the four
+The headline ``accuracy`` is EleutherAI lm-evaluation-harness's ``mmlu`` protocol (:data:`PROTOCOL`): the
+plain-text prompt ``<question>\nA. <option>\n...\nAnswer:`` (after MMLU's subject line and the solved
+dev examples when few-shot, no chat template), and the option whose letter (`` A``, `` B``...) gets the highest
+log-likelihood. ``tests/unit/evaluation/test_lm_eval_agreement.py`` checks the per-row choices against the
+harness itself. Two more scores keep their own names: ``accuracy_option_text`` (and ``_norm``, per
+character), the log-likelihood of each option's *text* after our templated prompt, and
+``accuracy_generated_letter``, the letter the model writes. MMLU also reports each subject and the four
 subject groups (STEM, humanities, social sciences, other) of the MMLU paper.
 """
 
@@ -18,9 +22,27 @@ from evaluation.generation import Generator
 from evaluation.sources import Source
 
 LETTERS = string.ascii_uppercase
+PROTOCOL = {
+    "reference": "EleutherAI lm-evaluation-harness, task mmlu (output_type multiple_choice, acc)",
+    "version": "lm-eval 0.4.13, mmlu task version 1.0",
+    "headline": "accuracy: log-likelihood of ' A'/' B'/... after the harness's mmlu prompt",
+    "other_metrics": "accuracy_option_text(_norm): option-text log-likelihood after our prompt; "
+    "accuracy_generated_letter: the generated letter",
+}
+# The medical benchmarks are scored in the same form (without MMLU's subject line), not by lm-eval's own
+# tasks of the same names, whose prompts differ.
+PROTOCOLS = {
+    name: {
+        **PROTOCOL,
+        "reference": f"EleutherAI lm-evaluation-harness mmlu form applied to {name} (not its {name} task)",
+    }
+    for name in ("medqa", "medmcqa", "pubmedqa", "careqa")
+}
 
 SOURCES = {
-    "mmlu": Source("mmlu", "cais/mmlu", "all", "test", ("question", "subject", "choices", "answer")),
+    "mmlu": Source(
+        "mmlu", "cais/mmlu", "all", "test", ("question", "subject", "choices", "answer"), stratify="subject"
+    ),
     "medqa": Source("medqa", "GBaker/MedQA-USMLE-4-options", None, "test", ("question", "options", "answer_idx")),
     "medmcqa": Source(
         "medmcqa", "openlifescienceai/medmcqa", None, "validation", ("question", "opa", "opb", "opc", "opd", "cop")
@@ -79,6 +101,38 @@ def to_item(bench: str, row: dict) -> Item:
         opts = tuple(row[f"op{i}"] for i in range(1, 5))
         return Item(row["question"], opts, int(row["cop"]) - 1, row.get("category"))
     raise KeyError(bench)
+
+
+def harness_prompt(item: Item, examples: list[Item] = (), bench: str = "mmlu") -> str:
+    r"""lm-evaluation-harness's ``mmlu`` context: MMLU's subject line, the solved ``examples`` (each
+    followed by `` <letter>``) and the question, each ``<question>\nA. <option>\n...\nAnswer:``.
+    """
+    about = f" about {item.subject.replace('_', ' ')}" if bench == "mmlu" and item.subject else ""
+    head = f"The following are multiple choice questions (with answers){about}.\n\n" if bench == "mmlu" else ""
+    shots = "".join(f"{_harness_question(ex)} {LETTERS[ex.gold]}\n\n" for ex in examples)
+    return head + shots + _harness_question(item)
+
+
+def _harness_question(item: Item) -> str:
+    lines = [item.question.strip()] + [f"{LETTERS[i]}. {o}" for i, o in enumerate(item.options)]
+    return "\n".join(lines) + "\nAnswer:"
+
+
+def harness_choices(gen: Generator, items: list[Item], examples: list[list[Item]], bench: str) -> list[int]:
+    """Each item's chosen option under the harness protocol: the letter with the highest log-likelihood."""
+    prompts = [harness_prompt(it, ex, bench) for it, ex in zip(items, examples, strict=True)]
+    pairs = [(p, f" {LETTERS[i]}") for p, it in zip(prompts, items, strict=True) for i in range(len(it.options))]
+    scores = gen.harness_loglikelihoods(pairs, desc=f"{bench} letters (harness)")
+    out, k = [], 0
+    for it in items:
+        s = scores[k : k + len(it.options)]
+        k += len(it.options)
+        out.append(_argmax(s))
+    return out
+
+
+def _argmax(values: list[float]) -> int:
+    return max(range(len(values)), key=values.__getitem__)
 
 
 def question_block(item: Item, examples: list[Item] = ()) -> str:
@@ -142,27 +196,29 @@ _OPT_START = r"[A-Z0-9]"
 def evaluate(
     gen: Generator, bench: str, rows: list[dict], shots: int = 0, dev_rows: list[dict] | None = None
 ) -> dict[str, Any]:
-    """Log-likelihood and generated-letter accuracy (MMLU: also per subject and subject group), zero-shot or
-    with ``shots`` solved examples per question from ``dev_rows``.
+    """Harness (headline), option-text and generated-letter accuracy (MMLU: also per subject and subject
+    group), zero-shot or with ``shots`` solved examples per question from ``dev_rows``.
     """
     items = [to_item(bench, r) for r in rows]
     examples = few_shot_examples(items, dev_rows or [], bench, shots) if shots else [[] for _ in items]
+    chosen = harness_choices(gen, items, examples, bench)
     prompts = [gen.prompt(question_block(it, ex)) for it, ex in zip(items, examples, strict=True)]
     pairs = [(p, opt) for p, it in zip(prompts, items, strict=True) for opt in it.options]
     scores = gen.loglikelihoods(pairs, desc=f"{bench} options")
     answers = gen.generate(prompts, max_new_tokens=24, desc=f"{bench} letters")
     hits: dict[str, list[float]] = defaultdict(list)
     unparsed, k = 0, 0
-    for it, answer in zip(items, answers, strict=True):
+    for it, pick, answer in zip(items, chosen, answers, strict=True):
         s = scores[k : k + len(it.options)]
         k += len(it.options)
         norm = [v / max(len(o), 1) for v, o in zip(s, it.options, strict=True)]
         letter = extract_letter(answer, it.options)
         unparsed += letter is None
         row = {
-            "accuracy": float(max(range(len(s)), key=s.__getitem__) == it.gold),
-            "accuracy_norm": float(max(range(len(norm)), key=norm.__getitem__) == it.gold),
-            "accuracy_letter": float(letter == it.gold),
+            "accuracy": float(pick == it.gold),
+            "accuracy_option_text": float(_argmax(s) == it.gold),
+            "accuracy_option_text_norm": float(_argmax(norm) == it.gold),
+            "accuracy_generated_letter": float(letter == it.gold),
         }
         for key, value in row.items():
             hits[key].append(value)

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from evaluation.generation import Generator
-from evaluation.judge import JudgeClient
+from evaluation.judge import PROTOCOL as JUDGE_PROTOCOL
+from evaluation.judge import REFERENCE_CATEGORIES, JudgeClient
 from evaluation.sources import Source
 
 VICUNA_URL = (
@@ -35,6 +36,7 @@ TEMPERATURES = {
     "humanities": 0.1,
 }
 DEFAULT_TEMPERATURE = 0.7
+PROTOCOL = JUDGE_PROTOCOL
 
 
 def to_item(bench: str, row: dict) -> dict[str, Any]:
@@ -68,10 +70,11 @@ def generate_answers(gen: Generator, items: list[dict], max_new_tokens: int, tur
 
 
 def _judge(judge: JudgeClient, it: dict, ans: list[str], turn: int) -> tuple[float | None, str]:
-    ref = (it["reference"][turn] or None) if it["reference"] and turn < len(it["reference"]) else None
+    """FastChat's grading of answer ``turn``: against the reference answers in the categories that have them."""
+    refs = it["reference"] if it["category"] in REFERENCE_CATEGORIES and it["reference"] else None
     if turn == 0:
-        return judge.grade(it["turns"][0], ans[0], ref)
-    return judge.grade_second_turn(it["turns"][:2], ans[:2], ref)
+        return judge.grade(it["turns"][0], ans[0], refs[0] if refs else None)
+    return judge.grade_second_turn(it["turns"][:2], ans[:2], refs)
 
 
 def evaluate(

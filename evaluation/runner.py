@@ -1,7 +1,9 @@
 """Benchmark registry and suite runner: which benchmarks make up each ``--bench`` group, run them, write results.
 
-Results go to ``<checkpoint>/eval/<bench>.json`` (every metric, the data source of each benchmark, timings)
-and ``<checkpoint>/eval/<bench>.md`` (one table row per metric).
+Results go to ``<checkpoint>/eval/<bench>.json`` (every metric, timings, and for each benchmark its
+``protocol``, the reference implementation and version its headline number follows, and ``data``, where its
+rows really came from) and ``<checkpoint>/eval/<bench>.md`` (one table row per metric, then both). Two
+numbers belong in one table only when both agree.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ from typing import Any
 from evaluation import coding, finance, maths, multiple_choice, open_ended, safety
 from evaluation.documented import documented
 from evaluation.generation import Generator
-from evaluation.judge import JudgeClient, JudgeConfig
+from evaluation.judge import JudgeClient, JudgeConfig, load_prompts
 from evaluation.sandbox import resolve_backend
-from evaluation.sources import DataSourceError, Source, load_rows
+from evaluation.sources import DataSourceError, Source, load_benchmark, load_rows
 from fedllm_app.config import ConfigError
 
 log = logging.getLogger("fedllm")
@@ -43,6 +45,28 @@ SOURCES: dict[str, Source] = {
 BENCHMARKS: tuple[str, ...] = tuple(b for names in GROUPS.values() for b in names)
 
 
+def protocol(name: str) -> dict[str, str]:
+    """The protocol benchmark ``name``'s headline number follows: its reference implementation and version
+    (a module's ``PROTOCOLS[name]`` or ``PROTOCOL``; fedllm's own where the module names none).
+    """
+    for module in (finance, multiple_choice, maths, coding, open_ended, safety):
+        if name in module.SOURCES:
+            found = getattr(module, "PROTOCOLS", {}).get(name) or getattr(module, "PROTOCOL", None)
+            return dict(found) if found else own_protocol(module.__name__)
+    return own_protocol("evaluation.heldout")
+
+
+def own_protocol(module: str) -> dict[str, str]:
+    """The protocol of a benchmark scored by fedllm's own prompt and rules, versioned by fedllm's version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        own = version("fedllm")
+    except PackageNotFoundError:
+        own = "unknown"
+    return {"reference": f"fedllm's own prompt and scoring ({module})", "version": f"fedllm {own}"}
+
+
 @documented
 @dataclass
 class EvalSettings:
@@ -60,11 +84,20 @@ class EvalSettings:
             "help": "Folder of local benchmark files (<benchmark>.jsonl, .json, .parquet, .csv); unset: the Hub."
         },
     )
-    limit: int | None = field(default=None, metadata={"help": "At most this many rows per benchmark (unset: all)."})
+    limit: int | None = field(
+        default=None,
+        metadata={
+            "help": "A seeded random sample of this many rows per benchmark (MMLU: stratified by subject; "
+            "unset: all rows)."
+        },
+    )
     batch_size: int = field(default=8, metadata={"help": "Prompts per generation / scoring batch."})
     seed: int = field(
         default=0,
-        metadata={"help": "Torch seed (sampled MT-Bench / Vicuna answers at temperature > 0, pass@k samples)."},
+        metadata={
+            "help": "Seed of the --limit sample and of torch (sampled MT-Bench / Vicuna / AdvBench answers, "
+            "pass@k samples)."
+        },
     )
     progress: bool = field(default=True, metadata={"help": "Show progress bars (--no-progress hides them)."})
     code_samples: int = field(
@@ -125,12 +158,17 @@ def expand(bench: str) -> list[str]:
 
 
 def run_one(name: str, gen: Generator, settings: EvalSettings, out_dir: Path, run_cfg: Any = None) -> dict[str, Any]:
-    """Load ``name``'s rows and score them."""
+    """Load ``name``'s rows and score them; the metrics name the protocol and where the rows came from."""
     if name == "heldout":
-        return heldout_metrics(gen, run_cfg, settings.limit)
-    rows = load_rows(SOURCES[name], settings.data_dir, settings.limit)
+        return {**heldout_metrics(gen, run_cfg, settings.limit), "protocol": protocol(name)}
+    rows, origin = load_benchmark(SOURCES[name], settings.data_dir, settings.limit, settings.seed)
     if not rows:
-        raise DataSourceError(f"benchmark {name!r} has no rows at {settings.data_dir or SOURCES[name].describe()}")
+        raise DataSourceError(f"benchmark {name!r} has no rows at {origin['location']}")
+    return {**score(name, gen, rows, settings, out_dir), "protocol": protocol(name), "data": origin}
+
+
+def score(name: str, gen: Generator, rows: list[dict], settings: EvalSettings, out_dir: Path) -> dict[str, Any]:
+    """Benchmark ``name``'s metrics on ``rows``."""
     s = settings
     if name in finance.SOURCES:
         return finance.evaluate(gen, name, rows)
@@ -144,7 +182,7 @@ def run_one(name: str, gen: Generator, settings: EvalSettings, out_dir: Path, ru
         code = {"max_new_tokens": s.max_new_tokens, "allow_weak_sandbox": s.allow_weak_sandbox}
         return coding.evaluate(gen, name, rows, s.code_samples, s.code_temperature, s.code_timeout, **code)
     if name in open_ended.SOURCES:
-        judge = JudgeClient(s.judge) if s.judge else None
+        judge = JudgeClient(s.judge, load_prompts(s.data_dir)) if s.judge else None
         return open_ended.evaluate(gen, name, rows, judge, out_dir, s.max_new_tokens)
     return safety.evaluate(gen, name, rows)
 
@@ -214,18 +252,26 @@ def write_results(out_dir: Path, bench: str, results: dict[str, Any], meta: dict
     """``<out_dir>/<bench>.json`` and ``<out_dir>/<bench>.md``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = bench.replace(",", "+")
-    sources = {n: SOURCES[n].describe() for n in results if n in SOURCES}
-    payload = {**meta, "sources": sources, "benchmarks": results}
+    payload = {**meta, "benchmarks": results}
     js = out_dir / f"{stem}.json"
     js.write_text(json.dumps(payload, indent=2))
     md = out_dir / f"{stem}.md"
-    where = f"local files in `{meta['data_dir']}`, shaped like" if meta.get("data_dir") else "the Hugging Face Hub:"
-    data = "".join(f"- {n}: {where} {src}\n" for n, src in sources.items())
     md.write_text(
         f"# fedllm-eval: {bench}\n\nCheckpoint: `{meta.get('checkpoint')}`\n\n{markdown_table(results)}\n"
-        f"Data:\n\n{data}"
+        f"Protocols and data:\n\n{provenance_lines(results)}"
     )
     return js, md
+
+
+def provenance_lines(results: dict[str, Any]) -> str:
+    """One line per benchmark: its protocol's reference and version, and where its rows came from."""
+    lines = []
+    for name, metrics in results.items():
+        proto, data = metrics.get("protocol") or {}, metrics.get("data") or {}
+        where = f"{data.get('kind')} {data.get('location')}" if data else "the run's held-out split"
+        sample = f", {data['sample']}" if data.get("sample") else ""
+        lines.append(f"- {name}: {proto.get('reference')} ({proto.get('version')}); rows from {where}{sample}\n")
+    return "".join(lines)
 
 
 def flat_metrics(results: dict[str, Any]) -> dict[str, float]:

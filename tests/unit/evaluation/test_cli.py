@@ -150,11 +150,23 @@ def test_every_benchmark_on_the_fixtures_writes_json_and_markdown(checkpoint, fi
     assert results["mmlu"]["shots"] == 1 and results["medqa"]["shots"] == 0  # few-shot is MMLU's
     assert results["heldout"]["eval_loss"] > 0 and results["heldout"]["perplexity"] > 1
     assert results["mt_bench"]["judged"] == 0 and "judge" in results["mt_bench"]["note"]
-    assert report["sources"]["gsm8k"] == "openai/gsm8k (main), split test"
+    gsm8k = results["gsm8k"]
+    assert gsm8k["data"]["kind"] == "local file" and gsm8k["data"]["location"] == str(fixtures_dir / "gsm8k.jsonl")
+    assert (
+        gsm8k["data"]["shaped_like"] == "openai/gsm8k (main), split test"
+        and "strict-match" in gsm8k["protocol"]["reference"]
+    )
+    assert all(metrics["protocol"]["reference"] and metrics["protocol"]["version"] for metrics in results.values())
+    assert "lm-evaluation-harness" in results["mmlu"]["protocol"]["reference"]
     saved = [json.loads(x) for x in (checkpoint / "eval" / "gsm8k_generations.jsonl").read_text().splitlines()]
     assert len(saved) == 2 and "Ana has 3 boxes" in saved[0]["prompt"] and isinstance(saved[0]["output"], str)
     md = (checkpoint / "eval" / "all.md").read_text()
-    assert "| tfns | f1_macro |" in md and "| humaneval | pass@1 |" in md and "shaped like openai/gsm8k" in md
+    assert (
+        "| tfns | f1_macro |" in md
+        and "| humaneval | pass@1 |" in md
+        and "gsm8k: EleutherAI lm-evaluation-harness" in md
+        and f"rows from local file {fixtures_dir}" in md
+    )
     out = capsys.readouterr().out
     assert all(f"[fedllm] {name}: " in out for name in BENCHMARKS) and "[fedllm] wrote " in out
 
@@ -164,7 +176,7 @@ def test_the_command_evaluates_from_a_config_file_and_merges(checkpoint, fixture
     config = _write(tmp_path, f"bench: safety\ndata_dir: {fixtures_dir}\nmax_new_tokens: 8\nprogress: false\n")
     done = run_cli(str(checkpoint), "--config", str(config), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "[fedllm] advbench: refusal_rate " in done.stdout and "safety.json" in done.stdout
+    assert "[fedllm] advbench: harmless_rate_openfedllm " in done.stdout and "safety.json" in done.stdout
     assert "advbench" in json.loads((checkpoint / "eval" / "safety.json").read_text())["benchmarks"]
     main(["merge", str(checkpoint), str(tmp_path / "merged")])
     assert (tmp_path / "merged" / "config.json").is_file() and (tmp_path / "merged" / "tokenizer.json").is_file()

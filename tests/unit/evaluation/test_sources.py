@@ -48,3 +48,49 @@ def test_hub_arguments():
     fpb = SOURCES["fpb"].hub_kwargs()
     assert fpb["revision"] == "refs/convert/parquet" and fpb["data_dir"] == "sentences_50agree"
     assert SOURCES["vicuna"].hub_kwargs()["path"] == "json"
+
+
+def sorted_by_subject(subjects: int, per_subject: int) -> list[dict]:
+    """Rows sorted by subject, as cais/mmlu's test split is."""
+    return [{"subject": f"s{s:02d}", "i": s * per_subject + i} for s in range(subjects) for i in range(per_subject)]
+
+
+def test_limit_takes_a_seeded_sample_stratified_by_subject_not_the_first_rows():
+    from evaluation.sources import sample_rows
+
+    rows = sorted_by_subject(57, 100)
+    picked = sample_rows(rows, 200, seed=0, stratify="subject")
+    assert len(picked) == 200 and len({r["subject"] for r in picked}) == 57  # the first 200 hold two subjects
+    assert picked != rows[:200] and [r["i"] for r in picked] == sorted(r["i"] for r in picked)
+    assert sample_rows(rows, 200, seed=0, stratify="subject") == picked  # the same seed, the same rows
+    assert sample_rows(rows, 200, seed=1, stratify="subject") != picked
+    assert sample_rows(rows, 10, seed=0, stratify="subject") != rows[:10]
+    assert sample_rows(rows, None, seed=0) == rows and sample_rows(rows[:3], 5, seed=0) == rows[:3]
+
+
+def test_stratified_shares_follow_each_subjects_size():
+    from collections import Counter
+
+    from evaluation.sources import sample_rows
+
+    rows = [{"subject": "big", "i": i} for i in range(300)] + [{"subject": "small", "i": i} for i in range(100)]
+    assert Counter(r["subject"] for r in sample_rows(rows, 40, seed=3, stratify="subject")) == {"big": 30, "small": 10}
+
+
+def test_mmlu_limit_is_stratified_by_subject_through_load_benchmark(fixtures_dir):
+    from evaluation.sources import load_benchmark
+
+    rows, origin = load_benchmark(SOURCES["mmlu"], fixtures_dir, limit=2, seed=0)
+    assert len(rows) == 2 and len({r["subject"] for r in rows}) == 2
+    assert origin["rows"] == 2 and origin["of"] == 4 and "stratified by subject" in origin["sample"]
+
+
+def test_local_rows_name_the_local_file_and_its_hash_not_the_hub(fixtures_dir):
+    import hashlib
+
+    from evaluation.sources import load_benchmark
+
+    _, origin = load_benchmark(SOURCES["gsm8k"], fixtures_dir)
+    path = fixtures_dir / "gsm8k.jsonl"
+    assert origin["kind"] == "local file" and origin["location"] == str(path.resolve())
+    assert origin["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest() and "sample" not in origin
