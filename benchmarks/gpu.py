@@ -35,7 +35,6 @@ import json
 import platform
 import random
 import resource
-import statistics
 import string
 import subprocess
 import sys
@@ -87,6 +86,8 @@ class Setting:
         Simulated clients (SuperNodes), rounds and steps per round.
     gpus_per_client, cpus_per_client : float, int
         Ray resources per client (``client-resources-num-gpus``/``-num-cpus``).
+    isolate : bool
+        Measure each shape in a fresh process (its own GPU memory and cold load); off, in this one.
     """
 
     shapes: tuple[str, ...] = ("7b", "1b")
@@ -102,6 +103,7 @@ class Setting:
     sim_steps: int = 3
     gpus_per_client: float = 0.25
     cpus_per_client: int = 2
+    isolate: bool = True
 
 
 SMALL = Setting(
@@ -118,6 +120,7 @@ SMALL = Setting(
     sim_steps=2,
     gpus_per_client=0.0,
     cpus_per_client=1,
+    isolate=False,  # one shape, and the imports of a second interpreter would double its time
 )
 
 
@@ -447,7 +450,9 @@ def environment() -> dict[str, str]:
 
 
 def run_worker(name: str, setting: Setting, work: Path) -> dict[str, Any]:
-    """Measure one shape in a fresh Python process (its JSON comes back through a file)."""
+    """Measure one shape in a fresh Python process (its JSON comes back through a file), or in this one."""
+    if not setting.isolate:
+        return measure_shape(name, setting, work)
     out = work / f"shape-{name}.json"
     cmd = [sys.executable, __file__, "--worker", name, "--setting", json.dumps(dataclasses.asdict(setting))]
     subprocess.run([*cmd, "--work", str(work)], check=True)
@@ -489,6 +494,21 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def chosen_setting(args: argparse.Namespace) -> Setting:
+    """The small or GPU setting, with the command line's changes."""
+    setting = SMALL if args.small else Setting()
+    changes: dict[str, Any] = {}
+    if args.shapes:
+        changes["shapes"] = tuple(args.shapes)
+    if args.steps:
+        changes["steps"] = args.steps
+    if args.simulation is False:
+        changes["sim_shape"] = None
+    elif args.simulation and setting.sim_shape is None:
+        changes["sim_shape"] = (args.shapes or setting.shapes)[0]
+    return dataclasses.replace(setting, **changes)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("gpu-bench"))
@@ -500,25 +520,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--setting", help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.worker:
-        from fedllm_app.console import setup_console
+    from fedllm_app.console import setup_console
 
-        setup_console(progress=False)  # the client's own console: no loading bars or library notices
-        setting = Setting(**{**json.loads(args.setting), "shapes": tuple(json.loads(args.setting)["shapes"])})
-        result = measure_shape(args.worker, setting, args.work)
+    setup_console(progress=False)  # the client's own console: no loading bars or library notices
+    if args.worker:
+        given = json.loads(args.setting)
+        result = measure_shape(args.worker, Setting(**{**given, "shapes": tuple(given["shapes"])}), args.work)
         (args.work / f"shape-{args.worker}.json").write_text(json.dumps(result, indent=2))
         return
-    setting = SMALL if args.small else Setting()
-    changes: dict[str, Any] = {}
-    if args.shapes:
-        changes["shapes"] = tuple(args.shapes)
-    if args.steps:
-        changes["steps"] = args.steps
-    if args.simulation is False:
-        changes["sim_shape"] = None
-    elif args.simulation and setting.sim_shape is None:
-        changes["sim_shape"] = (args.shapes or setting.shapes)[0]
-    setting = dataclasses.replace(setting, **changes)
+    setting = chosen_setting(args)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fedllm-gpu-bench-") as tmp:
@@ -533,7 +543,6 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / "gpu.md").write_text(markdown(result))
     print(markdown(result))
     print(f"total {result['total_seconds']:.0f} s; wrote {args.out / 'gpu.json'} and {args.out / 'gpu.md'}")
-    print("ours / plain per shape:", statistics.mean(r["ours_vs_plain"] for r in result["shapes"]))
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def one_round_fedavg(overrides: str, start: dict) -> tuple[list[dict], dict]:
 @pytest.mark.usefixtures("_task_identity")
 def test_a_device_map_auto_client_trains_and_aggregates_like_a_one_device_client():
     model, _ = get_model(load_config({"overrides": "model.device_map=auto"}).model)
-    assert set(model.get_base_model().hf_device_map.values()) <= {"cpu", 0, "cuda:0"}
+    assert {p.device.type for p in model.parameters()} == {"cuda" if torch.cuda.is_available() else "cpu"}
     start = get_adapter(model)
     one_device, mean_one = one_round_fedavg(SMALL, start)
     spread, mean_spread = one_round_fedavg(f"{SMALL} model.device_map=auto", start)
