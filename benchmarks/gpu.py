@@ -459,6 +459,10 @@ def run_worker(name: str, setting: Setting, work: Path) -> dict[str, Any]:
     return json.loads(out.read_text())
 
 
+def size(parameters: int) -> str:
+    return f"{parameters / 1e9:.2f} B" if parameters >= 1e8 else f"{parameters / 1e6:.2f} M"
+
+
 def markdown(result: dict[str, Any]) -> str:
     env = result["environment"]
     lines = [
@@ -473,7 +477,7 @@ def markdown(result: dict[str, Any]) -> str:
     for r in result["shapes"]:
         memory = ", ".join(f"{k} {v:.2f}" for k, v in r["memory_training"].items())
         lines.append(
-            f"| {r['shape']} ({r['parameters'] / 1e9:.2f} B) | {r['quantization'] or 'none'} | "
+            f"| {r['shape']} ({size(r['parameters'])}) | {r['quantization'] or 'none'} | "
             f"{s['batch_size']} x {s['max_length']} | {r['ours']['tokens_per_s']:.0f} | "
             f"{r['plain']['tokens_per_s']:.0f} | {r['ours_vs_plain']:.0%} | {r['ours']['tokens']}, "
             f"{r['plain']['tokens']} | {r['model_load_cold_seconds']:.1f} | {r['model_load_warm_seconds']:.3f} | "

@@ -12,8 +12,10 @@ base model once, then runs each ClientApp task either
   forked child cannot use CUDA initialised by its parent); or
 - ``--mode inline`` (experimental): inside this process, one task after the other, so
   the ClientApp's caches (base model, tokenised partition, trainer) persist across
-  rounds as they do in simulation. Known problem: once, after a run's ServerApp was
-  killed and the run resumed on the same SuperNodes, the next task hung.
+  rounds as they do in simulation. Once, after a run's ServerApp was killed and the
+  run resumed on the same SuperNodes, the next task hung; a likely cause is fixed (a
+  task ended by Flower from inside, e.g. on a 401 from its SuperNode, force-exited this
+  whole process 5 s later: see :func:`_run_inline`).
 
 Run it beside a SuperNode started with ``--isolation process``::
 
