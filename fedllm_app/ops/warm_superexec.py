@@ -115,8 +115,8 @@ def _run_inline(spec: ExecutionSpec) -> None:
 
     Flower ends a task with ``flwr_exit``, which starts a timer that ``os._exit``s the process
     5 s later. It is reached from the task's end, and from the signal handlers the task installs:
-    Flower's HTTP client sends SIGINT to its own process when the SuperNode answers 401 (a task
-    whose run was stopped, e.g. a killed ServerApp's last round). Inline, that process is this
+    Flower's HTTP client sends SIGINT to its own process when the SuperNode answers 401 (it
+    dropped the task's token, e.g. after 60 s without the task's heartbeat). Inline, that process is this
     SuperExec: every module's ``flwr_exit`` (the signal handler's too) is swapped for
     :func:`_task_exit` while the task runs, so such a task ends alone and the SuperExec serves
     the next one (tests/unit/fedllm_app/ops/test_warm_superexec.py).

@@ -1,9 +1,9 @@
 """The warm SuperExec's inline mode: a task that Flower ends from inside must not end the SuperExec.
 
-Flower's HTTP client answers a 401 from the SuperNode (a task whose run was stopped, as after a killed
-ServerApp) with SIGINT to its own process, whose handler starts a force-exit timer. Inline, that process is
-the SuperExec: before the fix it died about 5 s later, and every later task on that SuperNode waited forever
-(the inline-mode hang after a kill-and-resume).
+Flower's HTTP client answers a 401 from the SuperNode (it dropped the task's token, e.g. after 60 s without
+the task's heartbeat) with SIGINT to its own process, whose handler starts a force-exit timer. Inline, that
+process is the SuperExec: before the fix it died about 5 s later, and every later task on that SuperNode
+waited until the round timeout (a likely cause of the inline-mode hang seen once after a kill-and-resume).
 """
 
 import os
