@@ -455,7 +455,10 @@ def run_worker(name: str, setting: Setting, work: Path) -> dict[str, Any]:
         return measure_shape(name, setting, work)
     out = work / f"shape-{name}.json"
     cmd = [sys.executable, __file__, "--worker", name, "--setting", json.dumps(dataclasses.asdict(setting))]
-    subprocess.run([*cmd, "--work", str(work)], check=True)
+    done = subprocess.run([*cmd, "--work", str(work)], stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0 or not out.exists():  # e.g. out of GPU memory: keep the other shapes' figures
+        print(done.stderr[-5000:], file=sys.stderr)
+        return {"shape": name, "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
     return json.loads(out.read_text())
 
 
@@ -475,6 +478,9 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     s = result["setting"]
     for r in result["shapes"]:
+        if "error" in r:
+            lines.append(f"| {r['shape']} | failed: {r['error']} |" + " |" * 8)
+            continue
         memory = ", ".join(f"{k} {v:.2f}" for k, v in r["memory_training"].items())
         lines.append(
             f"| {r['shape']} ({size(r['parameters'])}) | {r['quantization'] or 'none'} | "
@@ -495,6 +501,8 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {r['round']} | {r['seconds']:.1f} | {r.get('train_phase_seconds', 0):.1f} | {r['replied']} | "
                 f"{r.get('client_model_load_seconds', 0):.2f} |"
             )
+    if "simulation_error" in result:
+        lines += ["", f"Simulation failed: {result['simulation_error'].strip().splitlines()[-1]}"]
     return "\n".join(lines) + "\n"
 
 
@@ -541,7 +549,10 @@ def main(argv: list[str] | None = None) -> None:
         result: dict[str, Any] = {"setting": dataclasses.asdict(setting), "environment": environment()}
         result["shapes"] = [run_worker(name, setting, work) for name in setting.shapes]
         if setting.sim_shape:
-            result["simulation"] = simulate(setting, work)
+            try:
+                result["simulation"] = simulate(setting, work)
+            except (RuntimeError, OSError, subprocess.TimeoutExpired) as err:  # keep the shapes' figures
+                result["simulation_error"] = str(err)[-3000:]
     result["total_seconds"] = time.perf_counter() - start
     (args.out / "gpu.json").write_text(json.dumps(result, indent=2))
     (args.out / "gpu.md").write_text(markdown(result))
