@@ -35,6 +35,8 @@ TASKS = ("sft", "dpo")
 BASELINES = ("local", "none")
 QUANTIZATIONS = (None, "4bit", "8bit")
 DTYPES = ("float32", "bfloat16", "float16")
+# accelerate's device_map strategies (model.device_map); null = the client's one device.
+DEVICE_MAPS = (None, "auto", "balanced", "balanced_low_0", "sequential")
 TEMPLATE_NAMES = ("alpaca", "vicuna", "chat")
 # Tests only: the ways a client can corrupt its reply (fault_injection; applied by fedllm_app.client.faults).
 FAULT_KINDS = ("names", "shape", "nan", "inf", "zero_examples", "negative_examples")
@@ -279,6 +281,11 @@ def validate(cfg: DictConfig) -> None:
     )
     _check(m.quantization in QUANTIZATIONS, f"model.quantization={m.quantization!r} must be null, 4bit or 8bit")
     _check(m.dtype in DTYPES, f"model.dtype={m.dtype!r} must be one of {', '.join(DTYPES)}")
+    _check(
+        m.get("device_map") in DEVICE_MAPS,
+        f"model.device_map={m.get('device_map')!r} must be null (one device) or one of "
+        f"{', '.join(str(d) for d in DEVICE_MAPS[1:])} (accelerate spreads the model over the client's GPUs)",
+    )
     _check(m.lora.r >= 1, f"model.lora.r={m.lora.r} must be at least 1; e.g. model.lora.r=16")
     name = str(m.name)
     if _looks_like_path(name):

@@ -76,12 +76,27 @@ def load_tokenizer(name: str, model_cfg: DictConfig) -> Any:
         ) from err
 
 
+def placement(model_cfg: DictConfig) -> Any:
+    """The ``device_map`` for ``from_pretrained``: one device (GPU 0, else CPU), or accelerate's spread.
+
+    ``model.device_map=null`` puts the whole model on the client's one GPU (``{"": 0}``, CPU without one);
+    ``auto`` (or ``balanced``, ``balanced_low_0``, ``sequential``) lets accelerate split its layers over every
+    GPU the client sees (``client-resources-num-gpus=2`` in a simulation; ``CUDA_VISIBLE_DEVICES`` on a
+    SuperNode), for a base or sequence too large for one; the Trainer then runs the layers in turn
+    (model parallel), not data parallel. Without a GPU every choice is the CPU.
+    """
+    choice = model_cfg.get("device_map")
+    if choice is None:
+        return {"": 0} if torch.cuda.is_available() else {"": "cpu"}
+    return str(choice)
+
+
 def load_base(model_cfg: DictConfig) -> tuple[Any, Any]:
     """Load the base causal LM and tokenizer (Hub id or local folder); quantised if configured."""
     from transformers import AutoModelForCausalLM
 
     name = resolve_name(str(model_cfg.name))
-    device_map = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
+    device_map = placement(model_cfg)
     try:
         tokenizer = load_tokenizer(name, model_cfg)
         model = AutoModelForCausalLM.from_pretrained(

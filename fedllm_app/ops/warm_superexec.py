@@ -12,8 +12,10 @@ base model once, then runs each ClientApp task either
   forked child cannot use CUDA initialised by its parent); or
 - ``--mode inline`` (experimental): inside this process, one task after the other, so
   the ClientApp's caches (base model, tokenised partition, trainer) persist across
-  rounds as they do in simulation. Known problem: once, after a run's ServerApp was
-  killed and the run resumed on the same SuperNodes, the next task hung.
+  rounds as they do in simulation. Once, after a run's ServerApp was killed and the
+  run resumed on the same SuperNodes, the next task hung; a likely cause is fixed (a
+  task ended by Flower from inside, e.g. on a 401 from its SuperNode, force-exited this
+  whole process 5 s later: see :func:`_run_inline`).
 
 Run it beside a SuperNode started with ``--isolation process``::
 
@@ -92,24 +94,43 @@ class InlineExecutor(SubprocessExecutor):
         return LaunchResult.accepted()
 
 
-def _run_inline(spec: ExecutionSpec) -> None:
-    """One task in this process, with Flower's exit path confined to the task."""
+def _task_exit(code: int, *args: object, **kwargs: object) -> None:
+    """Flower's ``flwr_exit`` for a task run inline: its exit handlers, then SystemExit; no force-exit timer."""
     import flwr.supercore.exit.exit_handler as handlers
-    import flwr.supernode.runtime.run_clientapp as runtime
 
-    def task_exit(code: int, *args: object, **kwargs: object) -> None:
-        handlers.trigger_exit_handlers(run_before_force_exit=True)
-        handlers.trigger_exit_handlers(run_before_force_exit=False)
-        raise SystemExit(code)
+    handlers.trigger_exit_handlers(run_before_force_exit=True)
+    handlers.trigger_exit_handlers(run_before_force_exit=False)
+    raise SystemExit(code)
+
+
+def _swap_exit(old: object, new: object) -> None:
+    """Point every loaded module's ``flwr_exit`` that is ``old`` at ``new``."""
+    for module in list(sys.modules.values()):
+        if getattr(module, "flwr_exit", None) is old:
+            module.flwr_exit = new
+
+
+def _run_inline(spec: ExecutionSpec) -> None:
+    """One task in this process, with Flower's exit path confined to the task.
+
+    Flower ends a task with ``flwr_exit``, which starts a timer that ``os._exit``s the process
+    5 s later. It is reached from the task's end, and from the signal handlers the task installs:
+    Flower's HTTP client sends SIGINT to its own process when the SuperNode answers 401 (it
+    dropped the task's token, e.g. after 60 s without the task's heartbeat). Inline, that process is this
+    SuperExec: every module's ``flwr_exit`` (the signal handler's too) is swapped for
+    :func:`_task_exit` while the task runs, so such a task ends alone and the SuperExec serves
+    the next one (tests/unit/fedllm_app/ops/test_warm_superexec.py).
+    """
+    import flwr.supercore.exit.exit_handler as handlers
 
     saved_handlers = list(handlers.registered_exit_handlers)
     handlers.registered_exit_handlers.clear()
     saved_signals = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT)}
-    runtime.flwr_exit = task_exit  # Flower's would start a force-exit timer that ends this whole process
+    _swap_exit(flwr_exit, _task_exit)
     try:
         _run_task(spec)
     finally:
-        runtime.flwr_exit = flwr_exit
+        _swap_exit(_task_exit, flwr_exit)  # also in modules the task imported while swapped
         handlers.registered_exit_handlers[:] = saved_handlers
         for sig, handler in saved_signals.items():
             signal.signal(sig, handler)
