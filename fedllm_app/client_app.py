@@ -38,7 +38,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.query(RANK_QUERY.split(".")[1])
 def lora_rank(msg: Message, context: Context) -> Message:
-    """This node's LoRA rank (:func:`fedllm_app.model.client_rank`), for a server whose clients differ in rank."""
+    """Reply with this node's LoRA rank (:func:`fedllm_app.model.client_rank`), for a server of mixed ranks."""
     cfg = load_config(context.run_config)
     rank = node_rank(cfg, partition_id(context), context)
     return Message(RecordDict({METRICS_KEY: MetricRecord({RANK_KEY: rank})}), reply_to=msg)

@@ -50,6 +50,10 @@ def glob(r=4, seed=0):
     return {L + hr.A_SUFFIX: rng.normal(size=(r, 6)), L + hr.B_SUFFIX: rng.normal(size=(7, r))}
 
 
+def product(arrays):
+    return arrays[L + hr.B_SUFFIX] @ arrays[L + hr.A_SUFFIX]
+
+
 def build(strategy="fedavg", method="hetlora", extra=""):
     n = len(RANKS)
     overrides = f"strategy={strategy} num_clients={n} lora_aggregation={method} model.lora.r=4 {extra}"
@@ -84,7 +88,8 @@ def test_a_node_above_r_max_fails_the_run_naming_it_and_the_fix():
 
 def run_round(s, g, weights):
     msgs = list(s.configure_train(1, to_record(g), ConfigRecord(), RankGrid(RANKS)))
-    trained = {m.metadata.dst_node_id: glob(RANKS[m.metadata.dst_node_id], seed=10 + m.metadata.dst_node_id) for m in msgs}
+    nodes = [m.metadata.dst_node_id for m in msgs]
+    trained = {n: glob(RANKS[n], seed=10 + n) for n in nodes}
     replies = [reply_to(m, trained[m.metadata.dst_node_id], weights[m.metadata.dst_node_id]) for m in msgs]
     kept, rejected = split_replies(replies, shapes_of(to_record(g)), sent_shapes(msgs))
     assert rejected == []  # each reply matches the shapes of its own rank
@@ -128,7 +133,7 @@ def test_local_baseline_keeps_each_clients_adapter_padded_to_r_max():
         kept = from_record(s.client_arrays[pid])
         own = glob(RANKS[m.metadata.dst_node_id], seed=pid)
         assert kept[L + hr.A_SUFFIX].shape == (4, 6)
-        np.testing.assert_allclose(kept[L + hr.B_SUFFIX] @ kept[L + hr.A_SUFFIX], own[L + hr.B_SUFFIX] @ own[L + hr.A_SUFFIX])
+        np.testing.assert_allclose(product(kept), product(own))
 
 
 @pytest.mark.parametrize(
