@@ -137,4 +137,4 @@ def assert_each_rank_travels_alone(lines, saved):
     for r in lines:
         by_pid = {e["partition"]: e for e in r["bytes_by_node"].values()}
         for way in ("sent", "received"):
-            assert by_pid[0][way] / by_pid[1][way] == pytest.approx(0.25, abs=0.02), (way, r["bytes_by_node"])
+            assert by_pid[0][way] / by_pid[1][way] == pytest.approx(0.25, abs=0.03), (way, r["bytes_by_node"])
