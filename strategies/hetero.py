@@ -37,6 +37,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
@@ -102,6 +103,7 @@ class HeteroRank(FedAvgLoRA):
     def __init__(self, *, hetero: HeteroRankParams, **kwargs: Any) -> None:
         self.hetero = hetero
         self.node_ranks: dict[int, int] = {}
+        self.sent: dict | None = None  # the global adapter of the round (rank r_max)
         super().__init__(**kwargs)
 
     def describe(self) -> str:
@@ -112,7 +114,7 @@ class HeteroRank(FedAvgLoRA):
     ) -> Iterable[Message]:
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.learn_ranks(grid, [m.metadata.dst_node_id for m in messages])
-        global_ = from_record(arrays)
+        global_ = self.sent = from_record(arrays)
         out = []
         for msg in messages:
             rank = self.node_ranks.get(msg.metadata.dst_node_id)
@@ -158,14 +160,17 @@ class HeteroRank(FedAvgLoRA):
         clients = [from_record(m.content[ARRAYS_KEY]) for m in valid]
         n = [float(m.content[METRICS_KEY][NUM_EXAMPLES_KEY]) for m in valid]
         metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
-        return to_record(self.combine(clients, n)), metrics
+        return to_record(self.combine(clients, n, server_round)), metrics
 
-    def combine(self, clients: list[dict], num_examples: list[float]) -> dict:
-        """The rank-``r_max`` global from the clients' adapters of their own ranks."""
+    def combine(self, clients: list[dict], num_examples: list[float], server_round: int = 1) -> dict:
+        """The rank-``r_max`` global from the clients' adapters of their own ranks (ranks no client holds:
+        see :mod:`strategies.hetero_rank`).
+        """
         p = self.hetero
         if p.method == "flexlora":
-            return flexlora_aggregate(clients, num_examples, p.r_max)
-        return hetlora_aggregate(clients, hetlora_weights(clients, num_examples, p.weighting), p.r_max)
+            return flexlora_aggregate(clients, num_examples, p.r_max, np.random.default_rng(server_round))
+        weights = hetlora_weights(clients, num_examples, p.weighting)
+        return hetlora_aggregate(clients, weights, p.r_max, previous=self.sent)
 
 
 class HeteroLocalOnly(LocalOnly, HeteroRank):

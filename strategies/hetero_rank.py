@@ -22,8 +22,11 @@ proportional to the norm of the client's trained LoRA product; here
 ``s_k = sqrt(sum_layers ||B_k A_k||_F^2)`` over the whole adapter (:func:`hetlora_weights`,
 ``weighting="norm"``). ``weighting="examples"`` uses the clients' example counts instead
 (FedAvg's weights). Ranks above a client's ``r_k`` receive only the higher-rank clients'
-contributions, scaled by their (unrenormalised) share ``p_k``, as in the paper. The paper's
-rank self-pruning on the clients is NOT implemented.
+contributions, scaled by their (unrenormalised) share ``p_k``, as in the paper. One departure:
+ranks that no client of the round holds (every reply's rank is below them, e.g. when the only
+rank-``r_max`` client was not sampled or was rejected) keep the previous global's values instead
+of becoming zero: a rank whose ``A`` row and ``B`` column are both zero gets no gradient, so it
+would never train again. The paper's rank self-pruning on the clients is NOT implemented.
 
 FlexLoRA (Bai et al., NeurIPS 2024)
 -----------------------------------
@@ -34,7 +37,9 @@ split evenly between the factors, ``B = U_r S_r^(1/2)``, ``A = S_r^(1/2) V_r^T``
 does not change the product; the even split keeps both factors at equal norm; the choice is
 fedllm's). Singular triplets are kept in decreasing order, so the first ``r_k`` ranks of the
 global are exactly the rank-``r_k`` truncated SVD of ``W``: by Eckart-Young the best rank-``r_k``
-approximation, which is what FlexLoRA gives client ``k``. ``W`` is never formed: it is
+approximation, which is what FlexLoRA gives client ``k``. Ranks beyond the rank of ``W`` (when the
+round's ranks sum to less than ``r_max``) get LoRA's own start, a fresh random ``A`` row and a zero
+``B`` column: the product is unchanged and the rank can train again. ``W`` is never formed: it is
 ``[B_1 .. B_K] [A_1; ..; A_K]``, a product of thin factors, whose SVD comes from two QR
 decompositions and the SVD of a ``R x R`` core (``R = sum_k r_k``), :func:`low_rank_svd`.
 """
@@ -120,12 +125,23 @@ def hetlora_weights(clients: list[Arrays], num_examples: list[float], weighting:
     return [s / total for s in sizes]
 
 
-def hetlora_aggregate(clients: list[Arrays], weights: list[float], r_max: int) -> Arrays:
-    """``sum_k p_k pad(x_k)`` for every factor, at rank ``r_max`` (weights as :func:`hetlora_weights` gives)."""
+def hetlora_aggregate(
+    clients: list[Arrays], weights: list[float], r_max: int, previous: Arrays | None = None
+) -> Arrays:
+    """``sum_k p_k pad(x_k)`` for every factor, at rank ``r_max`` (weights as :func:`hetlora_weights` gives).
+
+    With ``previous`` (the global the clients started from), the ranks above every client's rank keep its values.
+    """
     if not clients:
         raise ValueError("no client adapters to aggregate")
     padded = [pad_rank(c, r_max) for c in clients]
-    return {k: sum(w * p[k] for p, w in zip(padded, weights, strict=True)) for k in padded[0]}
+    out = {k: sum(w * p[k] for p, w in zip(padded, weights, strict=True)) for k in padded[0]}
+    held = max(rank_of(c) for c in clients)
+    if previous is not None and held < r_max:
+        for layer in lora_layers(out):
+            out[layer + A_SUFFIX][held:] = previous[layer + A_SUFFIX][held:]
+            out[layer + B_SUFFIX][:, held:] = previous[layer + B_SUFFIX][:, held:]
+    return out
 
 
 def low_rank_svd(b: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -140,11 +156,15 @@ def low_rank_svd(b: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
     return q_b @ u_c, s, vt_c @ q_a.T
 
 
-def flexlora_aggregate(clients: list[Arrays], num_examples: list[float], r_max: int) -> Arrays:
+def flexlora_aggregate(
+    clients: list[Arrays], num_examples: list[float], r_max: int, rng: np.random.Generator | None = None
+) -> Arrays:
     """FlexLoRA: the rank-``r_max`` truncated SVD of ``sum_k n_k B_k A_k / sum_k n_k``, per layer.
 
-    Returns ``B = U S^(1/2)``, ``A = S^(1/2) V^T`` in decreasing singular-value order (zero-padded
-    when the average has rank below ``r_max``), in the clients' dtype.
+    Returns ``B = U S^(1/2)``, ``A = S^(1/2) V^T`` in decreasing singular-value order, in the clients'
+    dtype. Ranks beyond the SVD's (the clients' ranks sum to less than ``r_max``) have a zero ``B``
+    column and, with ``rng``, an ``A`` row drawn as PEFT starts LoRA (``U(-1/sqrt(in), 1/sqrt(in))``),
+    else a zero one.
     """
     if not clients:
         raise ValueError("no client adapters to aggregate")
@@ -161,5 +181,8 @@ def flexlora_aggregate(clients: list[Arrays], num_examples: list[float], r_max: 
         root = np.sqrt(s[:keep])
         new_b, new_a = np.zeros((b.shape[0], r_max)), np.zeros((r_max, a.shape[1]))
         new_b[:, :keep], new_a[:keep] = u[:, :keep] * root, root[:, None] * vt[:keep]
+        if rng is not None and keep < r_max:
+            bound = 1.0 / np.sqrt(a.shape[1])
+            new_a[keep:] = rng.uniform(-bound, bound, size=(r_max - keep, a.shape[1]))
         out[layer + A_SUFFIX], out[layer + B_SUFFIX] = new_a.astype(dtype), new_b.astype(dtype)
     return out

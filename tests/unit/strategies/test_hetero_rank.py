@@ -115,3 +115,22 @@ def test_every_layer_is_aggregated_on_its_own_and_exactly_when_the_ranks_sum_to_
 def test_an_adapter_with_an_unpaired_array_is_refused_by_name():
     with pytest.raises(ValueError, match="'x.lora_B.weight' is not half of a LoRA pair"):
         hr.lora_layers({"x.lora_B.weight": np.zeros((2, 1))})
+
+
+def test_hetlora_keeps_the_previous_global_in_ranks_no_client_of_the_round_holds():
+    previous = random_lora(3, seed=8)
+    small = lora([[1, 0, 0, 0, 0]], [[2], [0], [0], [0], [0], [0]])
+    got = hr.hetlora_aggregate([small], [1.0], r_max=3, previous=previous)
+    np.testing.assert_array_equal(got[L + hr.A_SUFFIX][0], [1, 0, 0, 0, 0])
+    np.testing.assert_array_equal(got[L + hr.A_SUFFIX][1:], previous[L + hr.A_SUFFIX][1:])
+    np.testing.assert_array_equal(got[L + hr.B_SUFFIX][:, 1:], previous[L + hr.B_SUFFIX][:, 1:])
+    # Without it (the paper's formula) those ranks would be zero in both factors: no gradient would revive them.
+    assert np.abs(hr.hetlora_aggregate([small], [1.0], r_max=3)[L + hr.A_SUFFIX][1:]).max() == 0
+
+
+def test_flexlora_starts_ranks_beyond_the_mean_as_lora_does_without_changing_the_product():
+    client = random_lora(1, seed=9)
+    got = hr.flexlora_aggregate([client], [1], r_max=3, rng=np.random.default_rng(0))
+    a, b = got[L + hr.A_SUFFIX], got[L + hr.B_SUFFIX]
+    assert np.abs(b[:, 1:]).max() == 0 and np.abs(a[1:]).min() > 0 and np.abs(a[1:]).max() <= 1 / np.sqrt(5)
+    np.testing.assert_allclose(product(got), product(client), atol=1e-10)
