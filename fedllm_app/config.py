@@ -27,9 +27,6 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 
-from strategies.hetero import AGGREGATIONS
-from strategies.hetero_rank import WEIGHTINGS
-
 OVERRIDES_KEY = "overrides"
 # The default of every declared run-config key: not given, so Hydra's default applies.
 UNSET = ""
@@ -42,6 +39,10 @@ TEMPLATE_NAMES = ("alpaca", "vicuna", "chat")
 # Tests only: the ways a client can corrupt its reply (fault_injection; applied by fedllm_app.client.faults).
 FAULT_KINDS = ("names", "shape", "nan", "inf", "zero_examples", "negative_examples")
 _FAULT_ENTRY = re.compile(r"^([a-z_]+)-r(\d+)-p(\d+)$")
+# lora_aggregation and hetlora_weighting (strategies.hetero.AGGREGATIONS, strategies.hetero_rank.WEIGHTINGS; a test
+# keeps them equal: config is imported by evaluation, which never imports the strategies).
+AGGREGATIONS = ("homogeneous", "hetlora", "flexlora")
+WEIGHTINGS = ("norm", "examples")
 # logging.report_to: the experiment trackers (fedllm_app.server.trackers implements one class per name).
 TRACKER_NAMES = ("tensorboard", "wandb", "mlflow")
 # hub.repo_id: <user or org>/<name>, or <name> in the token's own namespace.

@@ -155,6 +155,13 @@ def test_hetlora_composes_with_every_other_strategy(strategy):
     assert "hetlora up to r_max=4" in build(strategy).describe()
 
 
+def test_the_config_accepts_exactly_the_methods_and_weightings_the_strategies_implement():
+    from fedllm_app import config
+    from strategies import hetero
+
+    assert (config.AGGREGATIONS, config.WEIGHTINGS) == (hetero.AGGREGATIONS, hr.WEIGHTINGS)
+
+
 @pytest.mark.parametrize(
     ("overrides", "pattern"),
     [
