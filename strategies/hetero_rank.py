@@ -9,7 +9,7 @@ LoRA's scaling
 --------------
 PEFT applies ``(lora_alpha / r) B A``. fedllm gives every client the global's scaling
 ``alpha / r_max`` (a client of rank ``r_k`` is built with ``lora_alpha = alpha r_k / r_max``,
-:func:`fedllm_app.model.rank_model_config`), so the factors of every client and of the global
+:func:`fedllm_app.model.with_client_rank`), so the factors of every client and of the global
 are in the same units and no function here rescales them. Zero-padding then preserves a
 client's update exactly: ``pad(B) pad(A) = B A``.
 
