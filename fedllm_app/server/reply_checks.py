@@ -60,10 +60,10 @@ def reply_problem(content: RecordDict, expected: Shapes) -> str | None:
 def _names_and_shapes(got: Shapes, expected: Shapes) -> str | None:
     missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
     if missing or unexpected:
-        return f"array names differ from the global adapter: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        return f"array names differ from the adapter it was sent: missing {missing[:3]}, unexpected {unexpected[:3]}"
     for name, shape in expected.items():
         if got[name] != shape:
-            return f"array '{name}' has shape {got[name]}, the global adapter's is {shape}"
+            return f"array '{name}' has shape {got[name]}, the adapter it was sent has {shape}"
     return None
 
 
