@@ -80,7 +80,8 @@ class HeteroRankParams:
         HetLoRA's client weights: ``"norm"`` (the paper's, by the size of each client's ``B A``) or
         ``"examples"`` (FedAvg's example counts). FlexLoRA always weights by example counts.
     query_timeout : float
-        Seconds to wait for a node's answer to the rank query.
+        Seconds to wait for a node's answer to the rank query (the server passes ``round_timeout``); a node
+        that has not answered is left out of the round and asked again the next.
     """
 
     method: str

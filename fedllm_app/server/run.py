@@ -70,7 +70,12 @@ def hetero_params(cfg: DictConfig) -> HeteroRankParams | None:
     method = cfg.get("lora_aggregation", "homogeneous")
     if method == "homogeneous":
         return None
-    return HeteroRankParams(method=method, r_max=cfg.model.lora.r, weighting=cfg.get("hetlora_weighting", "norm"))
+    return HeteroRankParams(
+        method=method,
+        r_max=cfg.model.lora.r,
+        weighting=cfg.get("hetlora_weighting", "norm"),
+        query_timeout=cfg.round_timeout,  # a node that does not say its rank in time sits the round out
+    )
 
 
 def local_strategy(cfg: DictConfig) -> LocalOnly:
