@@ -42,6 +42,7 @@ def test_a_node_says_its_node_config_rank_else_its_client_ranks_entry_else_r():
     assert ask_rank(context(HET, **{"partition-id": 1})) == 4
     assert ask_rank(context(HET, **{"partition-id": 2})) == 2  # client_ranks[2 % 2]
     assert ask_rank(context("model.lora.r=8", **{"partition-id": 0})) == 8
+    assert ask_rank(context("model.lora.r=8", **{"partition-id": 0, "lora-rank": "8"})) == 8  # homogeneous, same r
 
 
 @pytest.mark.parametrize(
