@@ -41,6 +41,10 @@ TEMPLATE_NAMES = ("alpaca", "vicuna", "chat")
 # Tests only: the ways a client can corrupt its reply (fault_injection; applied by fedllm_app.client.faults).
 FAULT_KINDS = ("names", "shape", "nan", "inf", "zero_examples", "negative_examples")
 _FAULT_ENTRY = re.compile(r"^([a-z_]+)-r(\d+)-p(\d+)$")
+# lora_aggregation and hetlora_weighting (strategies.hetero.AGGREGATIONS, strategies.hetero_rank.WEIGHTINGS; a test
+# keeps them equal: config is imported by evaluation, which never imports the strategies).
+AGGREGATIONS = ("homogeneous", "hetlora", "flexlora")
+WEIGHTINGS = ("norm", "examples")
 # logging.report_to: the experiment trackers (fedllm_app.server.trackers implements one class per name).
 TRACKER_NAMES = ("tensorboard", "wandb", "mlflow")
 # hub.repo_id: <user or org>/<name>, or <name> in the token's own namespace.
@@ -287,6 +291,7 @@ def validate(cfg: DictConfig) -> None:
         f"{', '.join(str(d) for d in DEVICE_MAPS[1:])} (accelerate spreads the model over the client's GPUs)",
     )
     _check(m.lora.r >= 1, f"model.lora.r={m.lora.r} must be at least 1; e.g. model.lora.r=16")
+    _validate_lora_ranks(cfg)
     name = str(m.name)
     if _looks_like_path(name):
         _check(
@@ -314,6 +319,41 @@ def _validate_data(cfg: DictConfig) -> None:
         _check(d.sample >= 1, f"dataset.sample={d.sample} must be at least 1 (or null for every row)")
     if d.get("heldout") is not None:
         _check(d.heldout >= 1, f"dataset.heldout={d.heldout} must be at least 1 (the server evaluates on it)")
+
+
+def _validate_lora_ranks(cfg: DictConfig) -> None:
+    """``lora_aggregation``, ``hetlora_weighting`` and ``model.lora.client_ranks`` (each rank in 1..model.lora.r)."""
+    method, lora = cfg.get("lora_aggregation", "homogeneous"), cfg.model.lora
+    _check(
+        method in AGGREGATIONS,
+        f"lora_aggregation={method!r} must be one of {', '.join(AGGREGATIONS)}; e.g. lora_aggregation=hetlora",
+    )
+    weighting = cfg.get("hetlora_weighting", "norm")
+    _check(
+        weighting in WEIGHTINGS,
+        f"hetlora_weighting={weighting!r} must be one of {', '.join(WEIGHTINGS)}; e.g. hetlora_weighting=norm",
+    )
+    ranks = lora.get("client_ranks") or []
+    _check(
+        OmegaConf.is_list(ranks) or ranks == [],
+        f"model.lora.client_ranks={ranks!r} must be a list of ranks; e.g. model.lora.client_ranks=[4,8,16,32]",
+    )
+    for rank in ranks:
+        _check(
+            isinstance(rank, int) and not isinstance(rank, bool) and 1 <= rank <= lora.r,
+            f"model.lora.client_ranks={list(ranks)} holds {rank!r}, outside 1..model.lora.r={lora.r} (the global "
+            f"adapter's rank, r_max); lower it or raise model.lora.r to at least {max(ranks, default=lora.r)}",
+        )
+    _check(
+        method != "homogeneous" or all(r == lora.r for r in ranks),
+        f"model.lora.client_ranks={list(ranks)} differ from model.lora.r={lora.r} but lora_aggregation=homogeneous "
+        f"trains every client at model.lora.r; set lora_aggregation=hetlora or flexlora, or model.lora.client_ranks=[]",
+    )
+    _check(
+        method == "homogeneous" or not cfg.model.get("adapter"),
+        f"model.adapter={cfg.model.get('adapter')!r} with lora_aggregation={method}: starting clients of different "
+        f"ranks from a saved adapter is not supported; set model.adapter=null or lora_aggregation=homogeneous",
+    )
 
 
 def _validate_reporting(cfg: DictConfig) -> None:

@@ -16,7 +16,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from fedllm_app.config import ConfigError
+
 TINY = "builtin:tiny"
+# Node-config key of a SuperNode's LoRA rank (deployment): flower-supernode ... --node-config "lora-rank=8".
+RANK_NODE_KEY = "lora-rank"
 
 
 class ModelLoadError(RuntimeError):
@@ -197,6 +201,46 @@ def get_model(model_cfg: DictConfig, seed: int = 0) -> tuple[Any, Any]:
     """The process's LoRA-wrapped model and tokenizer for ``model_cfg`` (loaded once)."""
     key = json.dumps(OmegaConf.to_container(model_cfg, resolve=True), sort_keys=True)
     return _cached(key, seed)
+
+
+def client_rank(cfg: DictConfig, pid: int, node_rank: Any = None) -> int:
+    """The LoRA rank a client trains: its node config's ``lora-rank``, else ``model.lora.client_ranks[pid % len]``,
+    else ``model.lora.r``.
+
+    Raises a ConfigError naming the value when the rank is not in ``1..model.lora.r`` or when it
+    differs from ``model.lora.r`` in a homogeneous run.
+    """
+    lora = cfg.model.lora
+    ranks = list(lora.get("client_ranks") or [])
+    if node_rank is None or node_rank == "":
+        return int(ranks[pid % len(ranks)]) if ranks else int(lora.r)
+    rank = int(node_rank) if isinstance(node_rank, int) or str(node_rank).isdigit() else -1
+    if not 1 <= rank <= lora.r:
+        raise ConfigError(
+            f"node config {RANK_NODE_KEY}={node_rank!r} must be an integer in 1..model.lora.r={lora.r} (the global "
+            f"adapter's rank); start the SuperNode with a rank of at most {lora.r} or raise model.lora.r"
+        )
+    if rank != lora.r and cfg.get("lora_aggregation", "homogeneous") == "homogeneous":
+        raise ConfigError(
+            f"node config {RANK_NODE_KEY}={rank} but lora_aggregation=homogeneous trains every client at "
+            f"model.lora.r={lora.r}; run with overrides='lora_aggregation=hetlora' (or flexlora), or drop "
+            f"{RANK_NODE_KEY} from the node config"
+        )
+    return rank
+
+
+def with_client_rank(cfg: DictConfig, rank: int) -> DictConfig:
+    """``cfg`` whose LoRA has rank ``rank`` and ``lora_alpha = alpha rank / r``: the global's scaling ``alpha / r``.
+
+    Every client then adds ``(alpha / r) B A`` like the global adapter, so its factors are the
+    first ``rank`` ranks of the global's in the same units (:mod:`strategies.hetero_rank`), and
+    its saved adapter (``r=rank``, ``lora_alpha=alpha rank / r``) applies the update it trained.
+    ``cfg`` itself when ``rank`` is ``model.lora.r``.
+    """
+    lora = cfg.model.lora
+    if rank == lora.r:
+        return cfg
+    return OmegaConf.merge(cfg, {"model": {"lora": {"r": rank, "alpha": lora.alpha * rank / lora.r}}})
 
 
 def load_count() -> int:

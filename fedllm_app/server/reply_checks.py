@@ -1,7 +1,8 @@
 """Checks on a client's reply before it reaches the strategy's aggregation.
 
 A reply is rejected (and the round goes on with the others) when its adapter has
-other array names or shapes than the global adapter sent, when any array holds NaN
+other array names or shapes than the adapter sent to that node (the global adapter, or
+its slice of the node's own LoRA rank), when any array holds NaN
 or Inf, or when it claims zero, negative or non-finite examples. Flower's strategies
 would otherwise average such a reply in, or fail the whole round.
 """
@@ -22,6 +23,11 @@ Shapes = dict[str, tuple[int, ...]]
 def shapes_of(arrays: ArrayRecord) -> Shapes:
     """Names and shapes of an ArrayRecord (what a reply's adapter must match)."""
     return {name: tuple(array.shape) for name, array in arrays.items()}
+
+
+def sent_shapes(messages: list[Message]) -> dict[int, Shapes]:
+    """The names and shapes of the adapter each node was sent, by node id."""
+    return {m.metadata.dst_node_id: shapes_of(m.content[ARRAYS_KEY]) for m in messages if ARRAYS_KEY in m.content}
 
 
 def reply_problem(content: RecordDict, expected: Shapes) -> str | None:
@@ -54,10 +60,10 @@ def reply_problem(content: RecordDict, expected: Shapes) -> str | None:
 def _names_and_shapes(got: Shapes, expected: Shapes) -> str | None:
     missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
     if missing or unexpected:
-        return f"array names differ from the global adapter: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        return f"array names differ from the adapter it was sent: missing {missing[:3]}, unexpected {unexpected[:3]}"
     for name, shape in expected.items():
         if got[name] != shape:
-            return f"array '{name}' has shape {got[name]}, the global adapter's is {shape}"
+            return f"array '{name}' has shape {got[name]}, the adapter it was sent has {shape}"
     return None
 
 
@@ -69,14 +75,19 @@ def _non_finite(record: ArrayRecord) -> str | None:
     return None
 
 
-def split_replies(replies: list[Message], expected: Shapes) -> tuple[list[Message], list[dict[str, Any]]]:
+def split_replies(
+    replies: list[Message], expected: Shapes, by_node: dict[int, Shapes] | None = None
+) -> tuple[list[Message], list[dict[str, Any]]]:
     """Replies to aggregate (errors included, as Flower counts them as failures) and the rejected ones.
+
+    A reply must match ``by_node[<its node>]`` (what that node was sent) where given, else ``expected``.
 
     Each rejection is ``{"node": <node id>, "partition": <partition id or None>, "reason": ...}``.
     """
     kept, rejected = [], []
     for msg in replies:
-        problem = None if msg.has_error() else reply_problem(msg.content, expected)
+        shapes = (by_node or {}).get(msg.metadata.src_node_id, expected)
+        problem = None if msg.has_error() else reply_problem(msg.content, shapes)
         if problem is None:
             kept.append(msg)
             continue

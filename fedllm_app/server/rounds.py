@@ -19,7 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedllm_app.server.outputs import RunWriter, format_round
-from fedllm_app.server.reply_checks import shapes_of, split_replies
+from fedllm_app.server.reply_checks import sent_shapes, shapes_of, split_replies
 from strategies.fedavg import METRICS_KEY
 from strategies.local import PARTITION_KEY
 
@@ -67,7 +67,7 @@ def run_rounds(
         start, started_at = time.perf_counter(), time.time()
         messages = configure(strategy, rnd, arrays, grid, node_wait, min_replies, phase)
         replies = _in_client_order(send_and_receive(grid, messages, timeout, poll_interval))
-        kept, rejected = split_replies(replies, shapes_of(arrays))
+        kept, rejected = split_replies(replies, shapes_of(arrays), sent_shapes(messages))
         ok = [m for m in kept if not m.has_error()]
         failed = _failed_nodes(messages, replies)
         _log_problems(phase, rnd, rejected, failed, timeout)

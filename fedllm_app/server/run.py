@@ -27,6 +27,7 @@ from fedllm_app.server.model_card import write_model_card
 from fedllm_app.server.outputs import RunWriter, comparison_table
 from fedllm_app.server.resume import ResumeState, load_state, restore_rng, save_state
 from fedllm_app.server.rounds import TOTAL_KEYS, run_rounds
+from strategies.hetero import HeteroRankParams, with_lora_ranks
 from strategies.local import LocalOnly
 from strategies.records import from_record, to_record
 
@@ -47,14 +48,42 @@ def build_strategy(cfg: DictConfig) -> Any:
     """Instantiate ``cfg.strategy`` through its ``_target_`` (``name`` is only a label).
 
     Hyperparameters are validated by each strategy's dataclass; a bad value raises a
-    ConfigError that names it.
+    ConfigError that names it. With ``lora_aggregation`` hetlora or flexlora the class is combined
+    with :class:`strategies.hetero.HeteroRank` (a meaningless combination is a ConfigError too).
     """
     params = {k: v for k, v in OmegaConf.to_container(cfg.strategy, resolve=True).items() if k != "name"}
     try:
-        return instantiate(params, **strategy_kwargs(cfg))
+        if hetero_params(cfg) is None:
+            return instantiate(params, **strategy_kwargs(cfg))
+        make = instantiate(params, _partial_=True)
+        cls = with_lora_ranks(make.func, cfg.lora_aggregation)
+        return cls(*make.args, **make.keywords, **strategy_kwargs(cfg), hetero=hetero_params(cfg))
     except InstantiationException as err:
         cause = err.__cause__ if isinstance(err.__cause__, ValueError) else err
         raise ConfigError(f"strategy={cfg.strategy.name}: {cause}") from None
+    except ValueError as err:
+        raise ConfigError(f"strategy={cfg.strategy.name}: {err}") from None
+
+
+def hetero_params(cfg: DictConfig) -> HeteroRankParams | None:
+    """How clients of different LoRA ranks are combined, or None for a homogeneous run."""
+    method = cfg.get("lora_aggregation", "homogeneous")
+    if method == "homogeneous":
+        return None
+    return HeteroRankParams(
+        method=method,
+        r_max=cfg.model.lora.r,
+        weighting=cfg.get("hetlora_weighting", "norm"),
+        query_timeout=cfg.round_timeout,  # a node that does not say its rank in time sits the round out
+    )
+
+
+def local_strategy(cfg: DictConfig) -> LocalOnly:
+    """The local-only baseline's strategy (clients of different ranks keep their own ranks there too)."""
+    hetero = hetero_params(cfg)
+    if hetero is None:
+        return LocalOnly(**strategy_kwargs(cfg))
+    return with_lora_ranks(LocalOnly, hetero.method)(**strategy_kwargs(cfg), hetero=hetero)
 
 
 class FederatedRun:
@@ -196,7 +225,7 @@ class FederatedRun:
     def local_baseline(self, grid: Grid) -> None:
         """Each client trains alone for the same rounds and steps (skipped when that is the main run)."""
         if not isinstance(self.strategy, LocalOnly):
-            self._local_rounds(grid, LocalOnly(**strategy_kwargs(self.cfg)), "local", "baseline_local/metrics.jsonl")
+            self._local_rounds(grid, local_strategy(self.cfg), "local", "baseline_local/metrics.jsonl")
 
     def _local_rounds(self, grid: Grid, strategy: LocalOnly, phase: str, metrics_path: str) -> dict[str, float]:
         """Run local-only rounds, evaluate every client's adapter; return (and record) their mean."""

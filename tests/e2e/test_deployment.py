@@ -30,11 +30,19 @@ def nodes(n=2):
     return [{"partition-id": p, "num-partitions": n} for p in range(n)]
 
 
+def plain_nodes():
+    """The plain deployment's nodes; node 1 declares its LoRA rank (16 = model.lora.r, so homogeneous runs are
+    unaffected) for the run with mixed ranks."""
+    configs = nodes()
+    configs[1]["lora-rank"] = 16
+    return configs
+
+
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory):
     with Deployment(tmp_path_factory.mktemp("plain")) as dep:
         dep.start_superlink()
-        for p, config in enumerate(nodes()):
+        for p, config in enumerate(plain_nodes()):
             dep.start_node(f"node{p}", config)
         dep.wait_for_nodes(2)
         yield dep
@@ -78,8 +86,11 @@ def test_rounds_on_loopback_train_and_account_bytes(plain, uninterrupted):
 
 
 def test_bad_updates_are_rejected_and_an_empty_round_keeps_the_model(plain):
+    """Also with clients of different ranks (HetLoRA): node 0 at rank 4 by model.lora.client_ranks, node 1 at 16 by
+    its node config; each reply is checked against the shapes of its own rank."""
     faults = "fault_injection=[nan-r1-p0,shape-r1-p1,negative_examples-r2-p1]"
-    result = plain.run(f"num_rounds=2 save_every=1 {FAST} {faults} output_dir=out run_name=bad")
+    ranks = "lora_aggregation=hetlora model.lora.client_ranks=[4]"
+    result = plain.run(f"num_rounds=2 save_every=1 {FAST} {faults} {ranks} output_dir=out run_name=bad")
     assert result.status == "finished:completed", result.output[-3000:]
     r1, r2 = metrics(plain, "bad")
     assert (r1["replied"], r1["aggregated"], len(r1["rejected"])) == (0, False, 2)
@@ -90,7 +101,12 @@ def test_bad_updates_are_rejected_and_an_empty_round_keeps_the_model(plain):
     assert "the round is NOT aggregated and the global adapter is unchanged" in result.output
     after_empty_round = adapter(plain, "bad", 1)
     assert all(np.abs(v).max() == 0 for k, v in after_empty_round.items() if "lora_B" in k)  # still the init
-    assert any(np.abs(v).max() > 0 for k, v in adapter(plain, "bad", 2).items() if "lora_B" in k)
+    after_rank_4_alone = adapter(plain, "bad", 2)
+    assert any(np.abs(v).max() > 0 for k, v in after_rank_4_alone.items() if "lora_B" in k)
+    for k, v in after_rank_4_alone.items():  # rank 16; ranks 4..15, which only the rejected node trains, keep round 1's
+        upper, before = (v[:, 4:], after_empty_round[k][:, 4:]) if "lora_B" in k else (v[4:], after_empty_round[k][4:])
+        assert v.shape == after_empty_round[k].shape and 16 in v.shape
+        np.testing.assert_array_equal(upper, before)
 
 
 def test_waiting_for_nodes_that_never_come_fails_clearly(plain):

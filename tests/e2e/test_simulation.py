@@ -93,6 +93,14 @@ def test_bad_override_fails_the_run_with_the_message(flower, tmp_path):
     assert "unknown strategy 'nope'" in log
 
 
+# Two runs also train clients of different LoRA ranks (partition 0 at rank 4, partition 1 at 16 = r_max):
+# FlexLoRA under FedProx, HetLoRA under FedAvgM's server step (docs/heterogeneous.md).
+MIXED_RANKS = {
+    "fedprox": "lora_aggregation=flexlora model.lora.client_ranks=[4,16]",
+    "fedavgm": "lora_aggregation=hetlora model.lora.client_ranks=[4,16]",
+}
+
+
 @pytest.mark.parametrize(
     "name", ["fedprox", "scaffold", "fedavgm", "fedadagrad", "fedyogi", "fedadam", "local", "central"]
 )
@@ -100,7 +108,7 @@ def test_every_algorithm_runs_two_rounds_through_flower(flower, tmp_path, name):
     out = tmp_path / "outputs"
     overrides = (
         f"strategy={name} num_rounds=2 num_clients=2 sample_clients=2 training.max_steps=3 baseline=none "
-        f"dataset.test_per_domain=5 output_dir={out} run_name={name}"
+        f"dataset.test_per_domain=5 output_dir={out} run_name={name} {MIXED_RANKS.get(name, '')}"
     )
     verbose = name == "fedprox"  # one run shows that logging.verbose brings Flower's own round lines back
     status, log = flower.run(overrides + (" logging.verbose=true" if verbose else ""), num_supernodes=2)
@@ -118,3 +126,15 @@ def test_every_algorithm_runs_two_rounds_through_flower(flower, tmp_path, name):
 
     saved = load_file(out / name / "checkpoints" / "round-2" / "adapter_model.safetensors")
     assert all(np.abs(v).max() > 0 for k, v in saved.items() if "lora_B" in k), "the global adapter did not move"
+    if name in MIXED_RANKS:
+        assert_each_rank_travels_alone(lines, saved)
+
+
+def assert_each_rank_travels_alone(lines, saved):
+    """The checkpoint is a standard adapter at r_max=16; the rank-4 node sent and received about a quarter of the
+    rank-16 node's bytes (only its own rank's factors travel)."""
+    assert {v.shape[0] for k, v in saved.items() if "lora_A" in k} == {16}
+    for r in lines:
+        by_pid = {e["partition"]: e for e in r["bytes_by_node"].values()}
+        for way in ("sent", "received"):
+            assert by_pid[0][way] / by_pid[1][way] == pytest.approx(0.25, abs=0.03), (way, r["bytes_by_node"])

@@ -5,7 +5,7 @@ import pytest
 from flwr.app import Message, MetricRecord, RecordDict
 
 from fedllm_app.client import faults
-from fedllm_app.server.reply_checks import reply_problem, shapes_of, split_replies
+from fedllm_app.server.reply_checks import reply_problem, sent_shapes, shapes_of, split_replies
 from strategies.fedavg import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
 from strategies.records import to_record
 from strategies.scaffold import C_DELTA_KEY
@@ -90,3 +90,18 @@ def test_fault_injection_is_validated_in_the_config():
 
     with pytest.raises(ConfigError, match="fault_injection entry 'nan-1-0'"):
         load_config({"overrides": "fault_injection=[nan-1-0]"})
+
+
+def test_each_reply_must_match_what_its_own_node_was_sent():
+    """Clients of different LoRA ranks: node 7 was sent rank 1, node 8 the global's rank 2."""
+    rank_1 = {"m.lora_A.weight": np.ones((1, 4), dtype=np.float32), "m.lora_B.weight": np.zeros((4, 1), np.float32)}
+    sent = [
+        Message(RecordDict({ARRAYS_KEY: to_record(rank_1)}), dst_node_id=7, message_type="train"),
+        Message(good_content(), dst_node_id=8, message_type="train"),
+    ]
+    own_rank = Message(RecordDict({**good_content(), ARRAYS_KEY: to_record(rank_1)}), reply_to=sent[0])
+    global_rank = Message(good_content(), reply_to=sent[1])
+    wrong_rank = Message(good_content(), reply_to=sent[0])
+    kept, rejected = split_replies([own_rank, global_rank, wrong_rank], EXPECTED, sent_shapes(sent))
+    assert kept == [own_rank, global_rank]
+    assert rejected[0]["reason"] == "array 'm.lora_A.weight' has shape (2, 4), the adapter it was sent has (1, 4)"

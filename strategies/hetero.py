@@ -1,0 +1,222 @@
+"""Clients of different LoRA ranks under a FedAvg-based strategy (HetLoRA, FlexLoRA).
+
+:func:`with_lora_ranks` turns a strategy class into one whose server keeps a global adapter of
+rank ``r_max`` and sends each client only the first ``r_k`` ranks of it; the math is in
+:mod:`strategies.hetero_rank`. The combined class places :class:`HeteroRank` just above
+:class:`~strategies.fedavg.FedAvgLoRA` in the method order, so the strategy's own steps wrap it:
+FedProx adds its ``proximal-mu``; FedAvgM and the FedOpt family apply their server step to the
+rank-``r_max`` aggregate, as they do to FedAvg's mean.
+
+Which strategies compose
+------------------------
+- FedAvg, FedProx, local-only: with both methods (FedProx's proximal term acts on the client's own
+  ranks, anchored at the slice it received).
+- FedAvgM, FedAdagrad, FedAdam, FedYogi: with ``hetlora`` (the zero-padded factor average is in the
+  same coordinates every round, so a delta of factors means what it means for FedAvg). Refused with
+  ``flexlora``: its global factors are a fresh SVD each round, defined only up to the sign (and, for
+  equal singular values, the rotation) of each rank, so the difference of two rounds' factors is
+  not an update and a momentum over it is meaningless.
+- SCAFFOLD: refused; its control variates have the global's shapes and a client of rank ``r_k``
+  would correct with a slice of the others' gradients, which SCAFFOLD's analysis does not cover.
+- The central baseline: refused; it pools every client's data on one node, so there is no
+  per-client rank to honour.
+
+Client contract
+---------------
+FedAvg's, with ``arrays`` of the client's own rank. Before a node's first round the server sends it
+a ``query.lora_rank`` message; the client replies with a MetricRecord ``metrics`` holding
+``lora-rank`` (its node config's ``lora-rank``, else its entry of ``model.lora.client_ranks``).
+The client builds its adapter with that rank and ``lora_alpha = alpha r_k / r_max`` (the global's
+scaling, see :mod:`strategies.hetero_rank`), and replies with arrays of its own rank.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from strategies.central import Central
+from strategies.fedavg import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, FedAvgLoRA
+from strategies.fedopt import ServerOptimizer
+from strategies.hetero_rank import WEIGHTINGS, flexlora_aggregate, hetlora_aggregate, hetlora_weights, pad_rank
+from strategies.hetero_rank import slice_rank as slice_arrays
+from strategies.local import LocalOnly
+from strategies.records import from_record, to_record
+from strategies.scaffold import Scaffold
+
+log = logging.getLogger("fedllm")
+
+AGGREGATIONS = ("homogeneous", "hetlora", "flexlora")
+RANK_KEY = "lora-rank"
+RANK_QUERY = "query.lora_rank"  # Flower: the action after the dot must be an identifier
+
+
+def check_rank(rank: int, r_max: int, who: str) -> None:
+    """Raise a ValueError naming ``who`` unless ``1 <= rank <= r_max``."""
+    if not 1 <= rank <= r_max:
+        raise ValueError(
+            f"{who} has LoRA rank {rank}, outside 1..r_max={r_max} (model.lora.r, the global adapter's rank); "
+            f"give it a rank of at most {r_max} or raise model.lora.r"
+        )
+
+
+@dataclass(frozen=True)
+class HeteroRankParams:
+    """How clients of different ranks are combined.
+
+    Attributes
+    ----------
+    method : str
+        ``"hetlora"`` (zero-padded factor average) or ``"flexlora"`` (SVD of the mean product).
+    r_max : int
+        The global adapter's rank (``model.lora.r``); every client's rank is at most this.
+    weighting : str
+        HetLoRA's client weights: ``"norm"`` (the paper's, by the size of each client's ``B A``) or
+        ``"examples"`` (FedAvg's example counts). FlexLoRA always weights by example counts.
+    query_timeout : float
+        Seconds to wait for a node's answer to the rank query (the server passes ``round_timeout``); a node
+        that has not answered is left out of the round and asked again the next.
+    """
+
+    method: str
+    r_max: int
+    weighting: str = "norm"
+    query_timeout: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.method not in AGGREGATIONS[1:]:
+            raise ValueError(f"lora_aggregation={self.method!r} must be one of {', '.join(AGGREGATIONS)}")
+        if self.r_max < 1:
+            raise ValueError(f"model.lora.r={self.r_max} must be at least 1")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting={self.weighting!r} must be one of {', '.join(WEIGHTINGS)}")
+
+
+class HeteroRank(FedAvgLoRA):
+    """Sends each node its own rank's slice of the global; aggregates its replies back to ``r_max``."""
+
+    def __init__(self, *, hetero: HeteroRankParams, **kwargs: Any) -> None:
+        self.hetero = hetero
+        self.node_ranks: dict[int, int] = {}
+        self.sent: dict | None = None  # the global adapter of the round (rank r_max)
+        super().__init__(**kwargs)
+
+    def describe(self) -> str:
+        return f"{super().describe()}; LoRA ranks per client, {self.hetero.method} up to r_max={self.hetero.r_max}"
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.learn_ranks(grid, [m.metadata.dst_node_id for m in messages])
+        global_ = self.sent = from_record(arrays)
+        out = []
+        for msg in messages:
+            rank = self.node_ranks.get(msg.metadata.dst_node_id)
+            if rank is None:
+                continue  # no answer to the rank query: left out of the round (logged by learn_ranks)
+            content = RecordDict(dict(msg.content.items()))  # FedAvg's messages share one RecordDict
+            if rank != self.hetero.r_max:
+                content[ARRAYS_KEY] = to_record(slice_arrays(global_, rank))
+            msg.content = content
+            out.append(msg)
+        return out
+
+    def learn_ranks(self, grid: Grid, node_ids: list[int]) -> None:
+        """Ask the nodes whose rank is not known yet; a rank outside ``1..r_max`` raises a ValueError."""
+        unknown = [n for n in node_ids if n not in self.node_ranks]
+        if not unknown:
+            return
+        queries = [
+            Message(
+                RecordDict({CONFIG_KEY: ConfigRecord({"r-max": self.hetero.r_max})}),
+                dst_node_id=n,
+                message_type=RANK_QUERY,
+            )
+            for n in unknown
+        ]
+        for reply in grid.send_and_receive(queries, timeout=self.hetero.query_timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                raise ValueError(f"node {node} could not say its LoRA rank: {reply.error.reason}")
+            rank = int(reply.content[METRICS_KEY][RANK_KEY])
+            check_rank(rank, self.hetero.r_max, f"node {node}")
+            self.node_ranks[node] = rank
+        silent = sorted(set(unknown) - set(self.node_ranks))
+        if silent:
+            log.warning("nodes %s did not say their LoRA rank within %s s", silent, self.hetero.query_timeout)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid = [m for m in replies if not m.has_error()]
+        if not valid:
+            return None, None
+        clients = [from_record(m.content[ARRAYS_KEY]) for m in valid]
+        n = [float(m.content[METRICS_KEY][NUM_EXAMPLES_KEY]) for m in valid]
+        metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
+        return to_record(self.combine(clients, n, server_round)), metrics
+
+    def combine(self, clients: list[dict], num_examples: list[float], server_round: int = 1) -> dict:
+        """The rank-``r_max`` global from the clients' adapters of their own ranks (ranks no client holds:
+        see :mod:`strategies.hetero_rank`).
+        """
+        p = self.hetero
+        if p.method == "flexlora":
+            return flexlora_aggregate(clients, num_examples, p.r_max, np.random.default_rng(server_round))
+        weights = hetlora_weights(clients, num_examples, p.weighting)
+        return hetlora_aggregate(clients, weights, p.r_max, previous=self.sent)
+
+
+class HeteroLocalOnly(LocalOnly, HeteroRank):
+    """The local-only baseline with clients of different ranks.
+
+    Each client's adapter is kept zero-padded to ``r_max``: the same function of the input, since
+    every rank shares the global's scaling, so the server evaluates it with the global's model.
+    """
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        out = super().aggregate_train(server_round, replies)
+        r_max = self.hetero.r_max
+        self.client_arrays = {pid: to_record(pad_rank(from_record(a), r_max)) for pid, a in self.client_arrays.items()}
+        return out
+
+
+def with_lora_ranks(cls: type, method: str) -> type:
+    """``cls`` combined with :class:`HeteroRank` (instantiate it with ``hetero=HeteroRankParams(...)``).
+
+    Raises a ValueError naming the strategy, the method and the fix for the combinations that
+    are meaningless (module docstring).
+    """
+    name = cls.__name__
+    fix = "use lora_aggregation=homogeneous or another strategy"
+    if issubclass(cls, Scaffold):
+        raise ValueError(
+            f"{name} cannot run with lora_aggregation={method}: its control variates would have to be sliced "
+            f"and padded across ranks, which SCAFFOLD's correction does not define; {fix} (fedavg, fedprox, "
+            f"fedavgm, fedadam, fedyogi, fedadagrad)"
+        )
+    if issubclass(cls, Central):
+        raise ValueError(
+            f"{name} cannot run with lora_aggregation={method}: it trains one adapter on the pooled data of "
+            f"every client, so no client rank applies; {fix}"
+        )
+    if issubclass(cls, ServerOptimizer) and method == "flexlora":
+        raise ValueError(
+            f"{name} cannot run with lora_aggregation=flexlora: each round's SVD factors are defined only up to "
+            f"sign and rotation, so their difference is no update for a server optimiser; use "
+            f"lora_aggregation=hetlora with {name}, or flexlora with fedavg or fedprox"
+        )
+    if issubclass(cls, LocalOnly):
+        return HeteroLocalOnly
+    if cls is FedAvgLoRA:
+        return HeteroRank
+    return type(f"{name}WithLoRARanks", (cls, HeteroRank), {"__doc__": f"{name} with clients of different ranks."})

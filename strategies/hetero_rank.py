@@ -1,0 +1,188 @@
+"""Pure math of federated LoRA with a different rank on each client (HetLoRA, FlexLoRA).
+
+Arrays are PEFT's adapter state dicts: for every adapted layer a pair ``<layer>.lora_A.weight``
+(``A``, ``r x in``) and ``<layer>.lora_B.weight`` (``B``, ``out x r``). The server's global
+adapter has rank ``r_max``; a client of rank ``r_k <= r_max`` trains the first ``r_k`` ranks
+of it: ``A[:r_k]`` and ``B[:, :r_k]`` (:func:`slice_rank`).
+
+LoRA's scaling
+--------------
+PEFT applies ``(lora_alpha / r) B A``. fedllm gives every client the global's scaling
+``alpha / r_max`` (a client of rank ``r_k`` is built with ``lora_alpha = alpha r_k / r_max``,
+:func:`fedllm_app.model.with_client_rank`), so the factors of every client and of the global
+are in the same units and no function here rescales them. Zero-padding then preserves a
+client's update exactly: ``pad(B) pad(A) = B A``.
+
+HetLoRA (Cho et al., EMNLP 2024)
+--------------------------------
+Each client's factors are zero-padded to ``r_max`` (:func:`pad_rank`) and averaged with
+weights ``p_k`` summing to 1, factor by factor: ``A = sum_k p_k pad(A_k)``, ``B = sum_k p_k
+pad(B_k)`` (:func:`hetlora_aggregate`). The paper's "sparsity-weighted" ``p_k`` is
+proportional to the norm of the client's trained LoRA product; here
+``s_k = sqrt(sum_layers ||B_k A_k||_F^2)`` over the whole adapter (:func:`hetlora_weights`,
+``weighting="norm"``). ``weighting="examples"`` uses the clients' example counts instead
+(FedAvg's weights). Ranks above a client's ``r_k`` receive only the higher-rank clients'
+contributions, scaled by their (unrenormalised) share ``p_k``, as in the paper. One departure:
+ranks that no client of the round holds (every reply's rank is below them, e.g. when the only
+rank-``r_max`` client was not sampled or was rejected) keep the previous global's values instead
+of becoming zero: a rank whose ``A`` row and ``B`` column are both zero gets no gradient, so it
+would never train again. The paper's rank self-pruning on the clients is NOT implemented.
+
+FlexLoRA (Bai et al., NeurIPS 2024)
+-----------------------------------
+The server averages the full-size products weighted by example counts,
+``W = sum_k n_k B_k A_k / sum_k n_k`` per layer, and factorises ``W`` by a truncated SVD
+``W ~ U_r S_r V_r^T`` at rank ``r_max`` (:func:`flexlora_aggregate`). The singular values are
+split evenly between the factors, ``B = U_r S_r^(1/2)``, ``A = S_r^(1/2) V_r^T`` (the split
+does not change the product; the even split keeps both factors at equal norm; the choice is
+fedllm's). Singular triplets are kept in decreasing order, so the first ``r_k`` ranks of the
+global are exactly the rank-``r_k`` truncated SVD of ``W``: by Eckart-Young the best rank-``r_k``
+approximation, which is what FlexLoRA gives client ``k``. Ranks beyond the rank of ``W`` (when the
+round's ranks sum to less than ``r_max``) get LoRA's own start, a fresh random ``A`` row and a zero
+``B`` column: the product is unchanged and the rank can train again. ``W`` is never formed: it is
+``[B_1 .. B_K] [A_1; ..; A_K]``, a product of thin factors, whose SVD comes from two QR
+decompositions and the SVD of a ``R x R`` core (``R = sum_k r_k``), :func:`low_rank_svd`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from strategies.aggregation import Arrays
+
+A_SUFFIX = ".lora_A.weight"
+B_SUFFIX = ".lora_B.weight"
+WEIGHTINGS = ("norm", "examples")
+
+
+def lora_layers(arrays: Arrays) -> list[str]:
+    """The adapted layers' name prefixes (``<layer>`` of ``<layer>.lora_A.weight``), sorted.
+
+    Raises a ValueError naming the array when an ``A`` has no ``B`` (or the reverse) or another array is present.
+    """
+    layers = sorted(k[: -len(A_SUFFIX)] for k in arrays if k.endswith(A_SUFFIX))
+    expected = {name for layer in layers for name in (layer + A_SUFFIX, layer + B_SUFFIX)}
+    stray = sorted(set(arrays) - expected) or sorted(expected - set(arrays))
+    if stray:
+        raise ValueError(f"array {stray[0]!r} is not half of a LoRA pair <layer>{A_SUFFIX} / <layer>{B_SUFFIX}")
+    return layers
+
+
+def rank_of(arrays: Arrays) -> int:
+    """The LoRA rank of an adapter (the rows of its ``A`` matrices; they must all agree)."""
+    ranks = {arrays[layer + A_SUFFIX].shape[0] for layer in lora_layers(arrays)}
+    if len(ranks) != 1:
+        raise ValueError(f"the adapter's layers have different ranks {sorted(ranks)}; one rank per adapter")
+    return ranks.pop()
+
+
+def slice_rank(global_: Arrays, rank: int) -> Arrays:
+    """The first ``rank`` ranks of an adapter: ``A[:rank]`` and ``B[:, :rank]`` of every layer."""
+    r_max = rank_of(global_)
+    if not 1 <= rank <= r_max:
+        raise ValueError(f"rank {rank} must be between 1 and the global adapter's rank {r_max}")
+    out = {}
+    for layer in lora_layers(global_):
+        out[layer + A_SUFFIX] = global_[layer + A_SUFFIX][:rank].copy()
+        out[layer + B_SUFFIX] = global_[layer + B_SUFFIX][:, :rank].copy()
+    return out
+
+
+def pad_rank(client: Arrays, r_max: int) -> Arrays:
+    """A client's adapter zero-padded to rank ``r_max``: ``A`` gets zero rows, ``B`` zero columns."""
+    rank = rank_of(client)
+    if rank > r_max:
+        raise ValueError(f"the client's rank {rank} is above r_max={r_max}")
+    out = {}
+    for layer in lora_layers(client):
+        a, b = client[layer + A_SUFFIX], client[layer + B_SUFFIX]
+        out[layer + A_SUFFIX] = np.pad(a, ((0, r_max - rank), (0, 0)))
+        out[layer + B_SUFFIX] = np.pad(b, ((0, 0), (0, r_max - rank)))
+    return out
+
+
+def product_norm(client: Arrays) -> float:
+    """``sqrt(sum over layers of ||B A||_F^2)``: the size of the client's whole LoRA update."""
+    total = 0.0
+    for layer in lora_layers(client):  # ||B A||_F^2 = sum((B^T B) * (A A^T)), without forming B A
+        a, b = client[layer + A_SUFFIX].astype(np.float64), client[layer + B_SUFFIX].astype(np.float64)
+        total += float(np.sum((b.T @ b) * (a @ a.T)))
+    return max(total, 0.0) ** 0.5
+
+
+def hetlora_weights(clients: list[Arrays], num_examples: list[float], weighting: str = "norm") -> list[float]:
+    """HetLoRA's aggregation weights ``p_k`` (they sum to 1).
+
+    ``"norm"``: ``p_k = s_k / sum_j s_j`` with ``s_k`` :func:`product_norm` (the paper's sparsity
+    weighting; equal weights if every product is zero, as at the start). ``"examples"``: ``p_k = n_k / sum_j n_j``.
+    """
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting={weighting!r} must be one of {', '.join(WEIGHTINGS)}")
+    sizes = [product_norm(c) for c in clients] if weighting == "norm" else [float(n) for n in num_examples]
+    total = sum(sizes)
+    if total <= 0:
+        return [1.0 / len(clients)] * len(clients)
+    return [s / total for s in sizes]
+
+
+def hetlora_aggregate(
+    clients: list[Arrays], weights: list[float], r_max: int, previous: Arrays | None = None
+) -> Arrays:
+    """``sum_k p_k pad(x_k)`` for every factor, at rank ``r_max`` (weights as :func:`hetlora_weights` gives).
+
+    With ``previous`` (the global the clients started from), the ranks above every client's rank keep its values.
+    """
+    if not clients:
+        raise ValueError("no client adapters to aggregate")
+    padded = [pad_rank(c, r_max) for c in clients]
+    out = {k: sum(w * p[k] for p, w in zip(padded, weights, strict=True)) for k in padded[0]}
+    held = max(rank_of(c) for c in clients)
+    if previous is not None and held < r_max:
+        for layer in lora_layers(out):
+            out[layer + A_SUFFIX][held:] = previous[layer + A_SUFFIX][held:]
+            out[layer + B_SUFFIX][:, held:] = previous[layer + B_SUFFIX][:, held:]
+    return out
+
+
+def low_rank_svd(b: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The thin SVD ``U, S, Vt`` of ``b @ a`` (``b``: ``out x R``, ``a``: ``R x in``) without forming it.
+
+    ``b = Q_b R_b`` and ``a^T = Q_a R_a`` (QR); ``b a = Q_b (R_b R_a^T) Q_a^T``; the SVD of the
+    ``R x R`` core ``U_c S V_c^T`` gives ``U = Q_b U_c``, ``Vt = V_c^T Q_a^T``. Cost ``O((out + in) R^2)``.
+    """
+    q_b, r_b = np.linalg.qr(b.astype(np.float64))
+    q_a, r_a = np.linalg.qr(a.T.astype(np.float64))
+    u_c, s, vt_c = np.linalg.svd(r_b @ r_a.T)
+    return q_b @ u_c, s, vt_c @ q_a.T
+
+
+def flexlora_aggregate(
+    clients: list[Arrays], num_examples: list[float], r_max: int, rng: np.random.Generator | None = None
+) -> Arrays:
+    """FlexLoRA: the rank-``r_max`` truncated SVD of ``sum_k n_k B_k A_k / sum_k n_k``, per layer.
+
+    Returns ``B = U S^(1/2)``, ``A = S^(1/2) V^T`` in decreasing singular-value order, in the clients'
+    dtype. Ranks beyond the SVD's (the clients' ranks sum to less than ``r_max``) have a zero ``B``
+    column and, with ``rng``, an ``A`` row drawn as PEFT starts LoRA (``U(-1/sqrt(in), 1/sqrt(in))``),
+    else a zero one.
+    """
+    if not clients:
+        raise ValueError("no client adapters to aggregate")
+    total = float(sum(num_examples))
+    if total <= 0:
+        raise ValueError(f"example counts must sum to a positive number, got {num_examples}")
+    out: Arrays = {}
+    dtype = clients[0][lora_layers(clients[0])[0] + A_SUFFIX].dtype
+    for layer in lora_layers(clients[0]):
+        b = np.concatenate([(n / total) * c[layer + B_SUFFIX] for c, n in zip(clients, num_examples, strict=True)], 1)
+        a = np.concatenate([c[layer + A_SUFFIX] for c in clients], 0)
+        u, s, vt = low_rank_svd(b, a)
+        keep = min(r_max, s.size)
+        root = np.sqrt(s[:keep])
+        new_b, new_a = np.zeros((b.shape[0], r_max)), np.zeros((r_max, a.shape[1]))
+        new_b[:, :keep], new_a[:keep] = u[:, :keep] * root, root[:, None] * vt[:keep]
+        if rng is not None and keep < r_max:
+            bound = 1.0 / np.sqrt(a.shape[1])
+            new_a[keep:] = rng.uniform(-bound, bound, size=(r_max - keep, a.shape[1]))
+        out[layer + A_SUFFIX], out[layer + B_SUFFIX] = new_a.astype(dtype), new_b.astype(dtype)
+    return out
