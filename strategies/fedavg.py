@@ -1,8 +1,11 @@
-"""FedAvg over LoRA arrays, weighted by the clients' example counts.
+"""FedAvg over LoRA arrays, weighted by the clients' data sizes.
 
 Flower's FedAvg already computes the weighted mean we want
-(``sum_k n_k theta_k / sum_k n_k``); this subclass only adds what fedllm's clients
-need each round.
+(``sum_k n_k theta_k / sum_k n_k``), here with ``n_k`` the size of client k's data as
+McMahan et al. and OpenFedLLM weigh it, not the per-round sample (equal for every client
+whose partition holds one round's rows). The server writes ``n_k`` into each sound reply's
+metrics under :data:`WEIGHT_KEY` after judging it (``fedllm_app/server/guard.py``): a
+client never sets its own weight. This subclass only adds what fedllm's clients need each round.
 
 Client contract
 ---------------
@@ -11,7 +14,9 @@ Each train message carries ``arrays`` (the global adapter) and ``config`` with
 ``num-clients`` (the run's number of clients, which a simulation may have adapted to its
 SuperNodes: clients compute their data partition from it).
 Each reply carries one ArrayRecord ``arrays`` (the trained adapter) and one
-MetricRecord ``metrics`` with ``num-examples`` and ``train_loss``.
+MetricRecord ``metrics`` with ``num-examples`` (rows trained this round), ``data-size``
+(rows the client holds), ``partition-id`` and ``train_loss``. SCAFFOLD adds ArrayRecords
+(:attr:`FedAvgLoRA.reply_arrays`).
 """
 
 from __future__ import annotations
@@ -31,6 +36,10 @@ CONFIG_KEY = "config"
 METRICS_KEY = "metrics"
 NUM_EXAMPLES_KEY = "num-examples"
 NUM_CLIENTS_KEY = "num-clients"
+PARTITION_KEY = "partition-id"
+DATA_SIZE_KEY = "data-size"
+# Set by the server on each accepted reply (never by a client): the weight of the reply in the mean.
+WEIGHT_KEY = "server-weight"
 
 
 class FedAvgLoRA(FedAvg):
@@ -38,6 +47,7 @@ class FedAvgLoRA(FedAvg):
 
     mode = "federated"
     params: Any = None  # the algorithm's validated hyperparameter dataclass, if it has any
+    reply_arrays: tuple[str, ...] = ()  # ArrayRecords a reply carries besides the adapter, shaped like it
 
     def __init__(
         self,
@@ -53,7 +63,7 @@ class FedAvgLoRA(FedAvg):
             fraction_evaluate=0.0,
             min_train_nodes=sample_clients,
             min_available_nodes=num_clients,
-            weighted_by_key=NUM_EXAMPLES_KEY,
+            weighted_by_key=WEIGHT_KEY,
             arrayrecord_key=ARRAYS_KEY,
             configrecord_key=CONFIG_KEY,
         )

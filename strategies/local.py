@@ -16,9 +16,9 @@ from collections.abc import Iterable
 
 from flwr.app import ArrayRecord, Message, MetricRecord
 
-from strategies.fedavg import ARRAYS_KEY, METRICS_KEY, FedAvgLoRA
+from strategies.fedavg import ARRAYS_KEY, METRICS_KEY, PARTITION_KEY, FedAvgLoRA
 
-PARTITION_KEY = "partition-id"
+__all__ = ["PARTITION_KEY", "LocalOnly"]
 
 
 class LocalOnly(FedAvgLoRA):

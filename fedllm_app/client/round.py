@@ -37,7 +37,14 @@ from fedllm_app.data.rows import Row
 from fedllm_app.data.sampling import round_indices
 from fedllm_app.model import get_adapter, get_model, set_adapter
 from strategies.central import STEPS_MULTIPLIER_KEY
-from strategies.fedavg import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_CLIENTS_KEY, NUM_EXAMPLES_KEY
+from strategies.fedavg import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    DATA_SIZE_KEY,
+    METRICS_KEY,
+    NUM_CLIENTS_KEY,
+    NUM_EXAMPLES_KEY,
+)
 from strategies.fedprox import PROXIMAL_MU_KEY
 from strategies.local import PARTITION_KEY
 from strategies.records import from_record, to_record
@@ -143,6 +150,7 @@ def train_one_round(cfg: DictConfig, pid: int, msg: Message, state: Any, data_pa
         state[LOCAL_STATE_KEY] = arrays
     metrics = {
         NUM_EXAMPLES_KEY: result.num_examples,
+        DATA_SIZE_KEY: len(trainer.dataset) + trainer.dropped,  # the rows it holds: its weight, as the server plans
         "train_loss": result.loss,
         PARTITION_KEY: pid,
         "train_seconds": result.seconds,

@@ -22,6 +22,7 @@ from evaluation.runner import check_round_benchmarks, round_benchmarks
 from fedllm_app.config import ConfigError
 from fedllm_app.data import pipeline
 from fedllm_app.model import get_adapter, get_model, set_adapter
+from fedllm_app.server.guard import GuardParams, ReplyGuard
 from fedllm_app.server.hub import check_hub, push_adapter
 from fedllm_app.server.model_card import write_model_card
 from fedllm_app.server.outputs import RunWriter, comparison_table
@@ -68,6 +69,7 @@ class FederatedRun:
         self.cfg = cfg
         self.started = started
         self.strategy = build_strategy(cfg)  # validates the hyperparameters before anything is loaded
+        self.guard_params = GuardParams.from_config(cfg.get("robust"))
         check_round_benchmarks(cfg)
         check_hub(cfg)
         self.resumed = resume_point(cfg) if cfg.resume else None
@@ -95,8 +97,12 @@ class FederatedRun:
         self.test = pipeline.heldout(cfg)
         by = cfg.partition.by
         log.info(f"data: {cfg.dataset.name} ({cfg.task.name}), partition {cfg.partition.name}")
+        plan = {}
         for pid, rows in enumerate(pipeline.all_partitions(cfg)):
+            plan[pid] = len(rows)
             log.info(f"client {pid}: {len(rows)} rows, {by} mix {pipeline.domain_mix(rows, by)}")
+        # One judge of weights, update sizes and node -> partition for the whole run, baseline included.
+        self.guard = ReplyGuard(self.guard_params, plan)
         log.info(f"server held-out: {len(self.test)} rows")
         # DPO is evaluated on held-out pairs (loss, reward margin, preference accuracy) against the reference.
         self.preferences = (
@@ -138,6 +144,7 @@ class FederatedRun:
             poll_interval=self.cfg.poll_interval,
             min_replies=self.cfg.min_replies,
             node_wait=self.cfg.node_wait_timeout,
+            guard=self.guard,
             **kwargs,
         )
 

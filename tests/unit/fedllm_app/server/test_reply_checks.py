@@ -5,8 +5,8 @@ import pytest
 from flwr.app import Message, MetricRecord, RecordDict
 
 from fedllm_app.client import faults
-from fedllm_app.server.reply_checks import reply_problem, shapes_of, split_replies
-from strategies.fedavg import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
+from fedllm_app.server.reply_checks import ReplySpec, reply_problem, shapes_of, split_replies
+from strategies.fedavg import ARRAYS_KEY, DATA_SIZE_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
 from strategies.records import to_record
 from strategies.scaffold import C_DELTA_KEY
 
@@ -25,7 +25,10 @@ def _task_identity():
 
 def good_content(n=10):
     return RecordDict(
-        {ARRAYS_KEY: to_record(ADAPTER), METRICS_KEY: MetricRecord({NUM_EXAMPLES_KEY: n, "partition-id": 0})}
+        {
+            ARRAYS_KEY: to_record(ADAPTER),
+            METRICS_KEY: MetricRecord({NUM_EXAMPLES_KEY: n, DATA_SIZE_KEY: 20, "train_loss": 1.0, "partition-id": 0}),
+        }
     )
 
 
@@ -58,11 +61,12 @@ def test_nan_in_an_extra_array_record_is_caught():
     delta = {k: v.copy() for k, v in ADAPTER.items()}
     delta["m.lora_B.weight"][0, 0] = np.inf
     content[C_DELTA_KEY] = to_record(delta)
-    assert "of 'c-delta'" in reply_problem(content, EXPECTED)
+    assert "of 'c-delta'" in reply_problem(content, ReplySpec(EXPECTED, (C_DELTA_KEY,)))
 
 
 def test_missing_arrays_or_examples_are_caught():
-    assert "no ArrayRecord" in reply_problem(RecordDict({METRICS_KEY: MetricRecord({NUM_EXAMPLES_KEY: 1})}), EXPECTED)
+    no_arrays = reply_problem(RecordDict({METRICS_KEY: MetricRecord({NUM_EXAMPLES_KEY: 1})}), EXPECTED)
+    assert "missing ['arrays']" in no_arrays
     content = RecordDict({ARRAYS_KEY: to_record(ADAPTER), METRICS_KEY: MetricRecord({"train_loss": 1.0})})
     assert "'num-examples' is None" in reply_problem(content, EXPECTED)
 
@@ -73,7 +77,7 @@ def test_split_replies_names_the_node_and_keeps_errors_for_flower():
     bad = Message(faults.corrupt(good_content(), "nan"), reply_to=sent[1])
     kept, rejected = split_replies([good, bad], EXPECTED)
     assert kept == [good]
-    reason = "array 'm.lora_A.weight' of 'arrays' contains NaN or Inf"
+    reason = "array 'm.lora_A.weight' contains NaN or Inf"
     assert rejected == [{"node": 8, "partition": 0, "reason": reason}]
 
 
