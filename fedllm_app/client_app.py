@@ -1,4 +1,9 @@
-"""fedllm's ClientApp: parse, train one round, reply."""
+"""fedllm's ClientApp: check the run config against the node's policy, train one round, reply.
+
+Flower sends ``str(exception)`` of a failed ClientApp to the server, so nothing of a failure's details
+leaves the node: the server gets a short code and a generic sentence (:class:`NodeError`); the details
+are logged here, on the node.
+"""
 
 from __future__ import annotations
 
@@ -6,22 +11,50 @@ from fedllm_app.console import quiet_library_warnings, setup_console
 
 quiet_library_warnings()  # before torch and transformers are imported: some warn at import
 
+import logging  # noqa: E402
+import os  # noqa: E402
+
 from flwr.app import Context, Message  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
 from fedllm_app.client import faults  # noqa: E402
+from fedllm_app.client.policy import NodePolicy, PolicyError  # noqa: E402
 from fedllm_app.client.round import DATA_PATH_KEY, round_config, train_one_round  # noqa: E402
 from fedllm_app.config import ConfigError, parse_faults  # noqa: E402
 from strategies.fedavg import CONFIG_KEY  # noqa: E402
 from strategies.local import PARTITION_KEY  # noqa: E402
 
 app = ClientApp()
+log = logging.getLogger("fedllm")
+
+# What the server learns of a failure on this node: a code and a sentence, never the details.
+ERRORS = {
+    PolicyError: "E_POLICY: this node's policy refused the run config; its owner can read why in the node's log",
+    ConfigError: "E_CONFIG: the run config or node config is invalid on this node; see the node's log",
+    Exception: "E_TRAIN: the round failed on this node; see the node's log",
+}
+
+
+class NodeError(RuntimeError):
+    """A failure as the server sees it: one of :data:`ERRORS`."""
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Parse the run config, train this node's round (on its own ``data-path`` file if set), reply."""
-    cfg = round_config(context.run_config, msg)
+    """Train this node's round; any failure reaches the server only as a :class:`NodeError`."""
+    os.umask(0o077)  # what the round writes (trainer folders, caches) is the node owner's alone
+    try:
+        return _train(msg, context)
+    except Exception as err:  # noqa: BLE001 - every failure is logged here and sent as a code
+        log.error("this node refused or failed the round: %s: %s", type(err).__name__, err, exc_info=True)
+        kind = next(k for k in ERRORS if isinstance(err, k))
+        raise NodeError(ERRORS[kind]) from None
+
+
+def _train(msg: Message, context: Context) -> Message:
+    """Parse the run config within the node's policy, train (on the node's ``data-path`` if set), reply."""
+    policy = NodePolicy.from_node_config(context.node_config)
+    cfg = round_config(context.run_config, msg, policy)
     setup_console(cfg.logging.verbose, progress=False)
     if PARTITION_KEY not in context.node_config:
         raise ConfigError(
@@ -29,8 +62,7 @@ def train(msg: Message, context: Context) -> Message:
             f'num-partitions=2" (add {DATA_PATH_KEY}=<file> for its own data)'
         )
     pid = int(context.node_config[PARTITION_KEY])
-    data_path = context.node_config.get(DATA_PATH_KEY)
-    content = train_one_round(cfg, pid, msg, context.state, str(data_path) if data_path else None)
+    content = train_one_round(cfg, pid, msg, context.state, policy.data_path)
     fault = parse_faults(cfg.fault_injection).get((int(msg.content[CONFIG_KEY]["server-round"]), pid))
     if fault:  # tests only: reply with a deliberately bad update
         content = faults.corrupt(content, fault)

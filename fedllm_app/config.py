@@ -130,7 +130,7 @@ def hydra_overrides(run_config: Mapping[str, Any]) -> list[str]:
                 f"run-config key {key.name}={value!r} and {other.input_line!r} in overrides set {key.target} to "
                 f"different values; give it once: drop {other.input_line!r} from overrides or unset {key.name}"
             )
-    return [f"{key.target}={_hydra_value(value)}" for key, value in given.items()] + user
+    return [f"{key.target}={hydra_value(value)}" for key, value in given.items()] + user
 
 
 def user_set_keys(run_config: Mapping[str, Any]) -> set[str]:
@@ -157,7 +157,7 @@ def _typed(key: RunConfigKey, value: Any) -> Any:
     return value
 
 
-def _hydra_value(value: Any) -> str:
+def hydra_value(value: Any) -> str:
     """A run-config value as a Hydra override value: strings quoted (so '7' or 'null' stay strings)."""
     if isinstance(value, bool):
         return str(value).lower()

@@ -12,8 +12,6 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from evaluation.heldout import evaluate_adapter
@@ -28,6 +26,7 @@ from fedllm_app.server.model_card import write_model_card
 from fedllm_app.server.outputs import RunWriter, comparison_table
 from fedllm_app.server.resume import ResumeState, load_state, restore_rng, save_state
 from fedllm_app.server.rounds import TOTAL_KEYS, run_rounds
+from strategies import registry
 from strategies.local import LocalOnly
 from strategies.records import from_record, to_record
 
@@ -45,17 +44,17 @@ def strategy_kwargs(cfg: DictConfig) -> dict[str, Any]:
 
 
 def build_strategy(cfg: DictConfig) -> Any:
-    """Instantiate ``cfg.strategy`` through its ``_target_`` (``name`` is only a label).
+    """Build ``cfg.strategy`` from the fixed registry by its ``_target_`` (``name`` is only a label).
 
-    Hyperparameters are validated by each strategy's dataclass; a bad value raises a
-    ConfigError that names it.
+    Never Hydra's ``instantiate``: the run config is written by whoever starts the run
+    (:mod:`strategies.registry`). Hyperparameters are scalars validated by each strategy's
+    dataclass; a bad value raises a ConfigError that names it.
     """
     params = {k: v for k, v in OmegaConf.to_container(cfg.strategy, resolve=True).items() if k != "name"}
     try:
-        return instantiate(params, **strategy_kwargs(cfg))
-    except InstantiationException as err:
-        cause = err.__cause__ if isinstance(err.__cause__, ValueError) else err
-        raise ConfigError(f"strategy={cfg.strategy.name}: {cause}") from None
+        return registry.build(params, **strategy_kwargs(cfg))
+    except ValueError as err:
+        raise ConfigError(f"strategy={cfg.strategy.name}: {err}") from None
 
 
 class FederatedRun:
