@@ -6,6 +6,7 @@ must hold nothing of the node. The policy refuses before any model or data is lo
 """
 
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -145,3 +146,13 @@ def test_the_server_builds_strategies_only_from_its_registry():
     cfg = load_config({"overrides": "strategy=fedprox strategy.mu=[1,2]"})
     with pytest.raises(ConfigError, match=r"strategy.mu must be a number, a boolean or a string"):
         build_strategy(cfg)
+
+
+def test_the_client_app_writes_its_files_private_to_the_node_owner(tmp_path):
+    old = os.umask(0o022)
+    try:
+        server_sees({"overrides": "~seed"})
+        (tmp_path / "cache-file").write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "cache-file").stat().st_mode & 0o077 == 0
