@@ -25,10 +25,12 @@ from collections.abc import Iterable
 from dataclasses import asdict
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from strategies.records import from_record, to_record
+from strategies.robust import AggregatorParams, aggregate
 from strategies.schedule import cosine_lr
 
 ARRAYS_KEY = "arrays"
@@ -57,7 +59,11 @@ class FedAvgLoRA(FedAvg):
         num_rounds: int,
         lr_max: float,
         lr_min: float,
+        aggregator: str = "mean",
+        num_malicious: int = 0,
+        trim_fraction: float = 0.2,
     ) -> None:
+        self.aggregation = AggregatorParams(aggregator, num_malicious, trim_fraction)
         super().__init__(
             fraction_train=sample_clients / num_clients,
             fraction_evaluate=0.0,
@@ -82,10 +88,26 @@ class FedAvgLoRA(FedAvg):
     def describe(self) -> str:
         """One line with the algorithm and its hyperparameters, for the run log."""
         params = asdict(self.params) if self.params is not None else {}
+        if self.aggregation.aggregator != "mean":
+            params.update(asdict(self.aggregation))
         return f"{type(self).__name__} {params} sampling {self.sample_clients}/{self.num_clients} clients per round"
 
     def learning_rate(self, server_round: int) -> float:
         return cosine_lr(server_round, self.num_rounds, self.lr_max, self.lr_min)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Flower's weighted mean, or the robust rule of ``strategy.aggregator`` (:mod:`strategies.robust`)."""
+        if self.aggregation.aggregator == "mean":
+            return super().aggregate_train(server_round, replies)
+        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        if not valid:
+            return None, None
+        updates = [from_record(m.content[self.arrayrecord_key]) for m in valid]
+        weights = [float(m.content[METRICS_KEY][self.weighted_by_key]) for m in valid]
+        metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
+        return to_record(aggregate(updates, weights, self.aggregation)), metrics
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -12,8 +12,8 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedllm_app.client.round import DATA_PATH_KEY
-from fedllm_app.client_app import NodeError, app
-from fedllm_app.config import conf_dir, load_config
+from fedllm_app.client_app import ERRORS, NodeError, app
+from fedllm_app.config import ConfigError, conf_dir, load_config
 from fedllm_app.model import get_adapter, get_model
 from fedllm_app.server.reply_checks import ReplySpec, reply_problem, shapes_of
 from strategies.fedavg import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
@@ -96,7 +96,7 @@ def refused(caplog, details, *args, **kwargs):
     caplog.clear()
     with caplog.at_level(logging.ERROR, logger="fedllm"), pytest.raises(NodeError) as err:
         run_rounds(*args, **kwargs)
-    assert str(err.value).startswith("E_CONFIG: ") and "'" not in str(err.value)
+    assert str(err.value) == ERRORS[ConfigError]
     assert re.search(details, caplog.text), caplog.text
 
 
