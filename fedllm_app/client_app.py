@@ -20,9 +20,10 @@ from flwr.clientapp import ClientApp  # noqa: E402
 from fedllm_app.client import faults  # noqa: E402
 from fedllm_app.client.policy import NodePolicy, PolicyError  # noqa: E402
 from fedllm_app.client.round import DATA_PATH_KEY, round_config, train_one_round  # noqa: E402
-from fedllm_app.config import ConfigError, parse_faults  # noqa: E402
-from strategies.fedavg import CONFIG_KEY  # noqa: E402
+from fedllm_app.config import EVERY_ROUND, ConfigError, parse_faults  # noqa: E402
+from strategies.fedavg import ARRAYS_KEY, CONFIG_KEY  # noqa: E402
 from strategies.local import PARTITION_KEY  # noqa: E402
+from strategies.records import from_record  # noqa: E402
 
 app = ClientApp()
 log = logging.getLogger("fedllm")
@@ -63,7 +64,8 @@ def _train(msg: Message, context: Context) -> Message:
         )
     pid = int(context.node_config[PARTITION_KEY])
     content = train_one_round(cfg, pid, msg, context.state, policy.data_path)
-    fault = parse_faults(cfg.fault_injection).get((int(msg.content[CONFIG_KEY]["server-round"]), pid))
-    if fault:  # tests only: reply with a deliberately bad update
-        content = faults.corrupt(content, fault)
+    planned = parse_faults(cfg.fault_injection)
+    fault = planned.get((int(msg.content[CONFIG_KEY]["server-round"]), pid)) or planned.get((EVERY_ROUND, pid))
+    if fault:  # tests and the robustness benchmark only: reply with a deliberately bad update
+        content = faults.corrupt(content, fault, from_record(msg.content[ARRAYS_KEY]))
     return Message(content, reply_to=msg)

@@ -36,9 +36,11 @@ BASELINES = ("local", "none")
 QUANTIZATIONS = (None, "4bit", "8bit")
 DTYPES = ("float32", "bfloat16", "float16")
 TEMPLATE_NAMES = ("alpaca", "vicuna", "chat")
-# Tests only: the ways a client can corrupt its reply (fault_injection; applied by fedllm_app.client.faults).
-FAULT_KINDS = ("names", "shape", "nan", "inf", "zero_examples", "negative_examples")
-_FAULT_ENTRY = re.compile(r"^([a-z_]+)-r(\d+)-p(\d+)$")
+# Tests and the robustness benchmark only: the ways a client can corrupt its reply (fault_injection; applied
+# by fedllm_app.client.faults). scale and signflip are model-poisoning attacks on a sound-looking update.
+FAULT_KINDS = ("names", "shape", "nan", "inf", "zero_examples", "negative_examples", "scale", "signflip")
+_FAULT_ENTRY = re.compile(r"^([a-z_]+)-(?:r(\d+)|every)-p(\d+)$")
+EVERY_ROUND = 0  # the round of a fault_injection entry <kind>-every-p<partition>
 # logging.report_to: the experiment trackers (fedllm_app.server.trackers implements one class per name).
 TRACKER_NAMES = ("tensorboard", "wandb", "mlflow")
 # hub.repo_id: <user or org>/<name>, or <name> in the token's own namespace.
@@ -349,16 +351,20 @@ def _looks_like_path(name: str) -> bool:
 
 
 def parse_faults(entries: Iterable[str]) -> dict[tuple[int, int], str]:
-    """``fault_injection``: ``["nan-r1-p0"]`` -> ``{(1, 0): "nan"}``; a bad entry raises a ConfigError naming it."""
+    """``fault_injection``: ``["nan-r1-p0", "scale-every-p2"]`` -> ``{(1, 0): "nan", (EVERY_ROUND, 2): "scale"}``;
+    a bad entry raises a ConfigError naming it.
+    """
     out = {}
     for entry in entries:
         match = _FAULT_ENTRY.match(str(entry))
         if not match or match.group(1) not in FAULT_KINDS:
             raise ConfigError(
-                f"fault_injection entry {entry!r} must be <kind>-r<round>-p<partition> with kind one of "
+                f"fault_injection entry {entry!r} must be <kind>-r<round>-p<partition> (or <kind>-every-p<partition>) "
+                f"with kind one of "
                 f"{', '.join(FAULT_KINDS)}; e.g. fault_injection=[nan-r1-p0]"
             )
-        out[(int(match.group(2)), int(match.group(3)))] = match.group(1)
+        rnd = int(match.group(2)) if match.group(2) else EVERY_ROUND
+        out[(rnd, int(match.group(3)))] = match.group(1)
     return out
 
 

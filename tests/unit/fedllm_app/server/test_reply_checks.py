@@ -85,6 +85,7 @@ def test_fault_entries_parse_and_bad_ones_are_named():
     from fedllm_app.config import ConfigError, parse_faults
 
     assert parse_faults(["nan-r1-p0", "zero_examples-r2-p1"]) == {(1, 0): "nan", (2, 1): "zero_examples"}
+    assert parse_faults(["scale-every-p3"]) == {(0, 3): "scale"}
     with pytest.raises(ConfigError, match="'bogus-r1-p0'"):
         parse_faults(["bogus-r1-p0"])
 
@@ -94,3 +95,13 @@ def test_fault_injection_is_validated_in_the_config():
 
     with pytest.raises(ConfigError, match="fault_injection entry 'nan-1-0'"):
         load_config({"overrides": "fault_injection=[nan-1-0]"})
+
+
+def test_the_attacks_send_a_scaled_or_flipped_update():
+    global_ = {k: np.full_like(v, 0.5) for k, v in ADAPTER.items()}  # the adapter moved A by +0.5, B by -0.5
+    scaled = faults.corrupt(good_content(), "scale", global_)[ARRAYS_KEY]
+    flipped = faults.corrupt(good_content(), "signflip", global_)[ARRAYS_KEY]
+    np.testing.assert_allclose(scaled["m.lora_A.weight"].numpy(), 0.5 + faults.SCALE * 0.5)
+    np.testing.assert_allclose(flipped["m.lora_A.weight"].numpy(), 0.0)
+    np.testing.assert_allclose(flipped["m.lora_B.weight"].numpy(), 1.0)
+    assert reply_problem(faults.corrupt(good_content(), "scale", global_), EXPECTED) is None  # sound-looking
