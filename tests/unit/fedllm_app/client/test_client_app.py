@@ -3,7 +3,6 @@ trains 2 rounds from its Hub-shaped fixture, and a SuperNode with ``data-path`` 
 """
 
 import json
-import logging
 import re
 from pathlib import Path
 
@@ -91,26 +90,27 @@ def test_two_supernodes_each_train_on_their_own_file(tmp_path, capsys):
     assert any(not np.allclose(end_a[k], end_b[k]) for k in end_a)
 
 
-def refused(caplog, details, *args, **kwargs):
-    """The server sees only E_CONFIG; the node's log names the problem and the fix."""
-    caplog.clear()
-    with caplog.at_level(logging.ERROR, logger="fedllm"), pytest.raises(NodeError) as err:
+def refused(capsys, details, *args, **kwargs):
+    """The server sees only E_CONFIG; the node's log (its console) names the problem and the fix."""
+    capsys.readouterr()
+    with pytest.raises(NodeError) as err:
         run_rounds(*args, **kwargs)
     assert str(err.value) == ERRORS[ConfigError]
-    assert re.search(details, caplog.text), caplog.text
+    seen = capsys.readouterr()
+    assert re.search(details, seen.out + seen.err), seen
 
 
-def test_own_file_errors_name_the_client_and_the_fix_in_the_node_log(tmp_path, caplog):
+def test_own_file_errors_name_the_client_and_the_fix_in_the_node_log(tmp_path, capsys):
     missing = {"partition-id": 0, "num-partitions": 2, DATA_PATH_KEY: str(tmp_path / "none.jsonl")}
-    refused(caplog, r"client 0: dataset file '.*none.jsonl' does not exist", SMALL, missing, rounds=1)
+    refused(capsys, r"client 0: dataset file '.*none.jsonl' does not exist", SMALL, missing, rounds=1)
     f = write_jsonl(tmp_path / "qa.jsonl", [{"q": "x", "a": "y"}])
     node = {"partition-id": 0, "num-partitions": 2, DATA_PATH_KEY: str(f)}
-    refused(caplog, r"no column 'prompt'.*dataset=custom dataset.columns.prompt", SMALL, node, rounds=1)
+    refused(capsys, r"no column 'prompt'.*dataset=custom dataset.columns.prompt", SMALL, node, rounds=1)
     ok = write_jsonl(tmp_path / "ok.jsonl", [{"prompt": "p", "response": "r"}])
     pooled = {"partition-id": 0, DATA_PATH_KEY: str(ok)}
-    refused(caplog, r"private files cannot be pooled", SMALL, pooled, rounds=1, mode="central")
+    refused(capsys, r"private files cannot be pooled", SMALL, pooled, rounds=1, mode="central")
     no_pid = r"node config has no partition-id; start the SuperNode with --node-config"
-    refused(caplog, no_pid, SMALL, {DATA_PATH_KEY: str(ok)}, rounds=1)
+    refused(capsys, no_pid, SMALL, {DATA_PATH_KEY: str(ok)}, rounds=1)
 
 
 def test_custom_columns_map_a_node_file(tmp_path):
