@@ -125,6 +125,7 @@ def hydra_overrides(run_config: Mapping[str, Any]) -> list[str]:
     raw = str(run_config.get(OVERRIDES_KEY, "") or "")
     user = shlex.split(raw)
     parsed = {o.key_or_group: o for o in _parse_overrides(user, raw)}
+    _check_plain(run_config, parsed)
     for key, value in given.items():
         other = parsed.get(key.target)
         if other is not None and (other.is_delete() or other.value() != value):
@@ -133,6 +134,20 @@ def hydra_overrides(run_config: Mapping[str, Any]) -> list[str]:
                 f"different values; give it once: drop {other.input_line!r} from overrides or unset {key.name}"
             )
     return [f"{key.target}={hydra_value(value)}" for key, value in given.items()] + user
+
+
+def _check_plain(run_config: Mapping[str, Any], parsed: Mapping[str, Any]) -> None:
+    """A run config is data, written by whoever starts the run: no interpolation (``${oc.env:...}`` would read
+    the environment of the process composing it) and no ``hydra.*`` keys (``hydra.searchpath`` reads its files).
+    """
+    for name, value in run_config.items():
+        if isinstance(value, str) and "${" in value:
+            raise ConfigError(
+                f"run-config key {name!r} holds an interpolation ('${{...}}'); the run config takes plain values only"
+            )
+    for key in parsed:
+        if key == "hydra" or key.startswith("hydra."):
+            raise ConfigError(f"overrides set {key!r}; hydra.* keys cannot be set from the run config")
 
 
 def user_set_keys(run_config: Mapping[str, Any]) -> set[str]:

@@ -50,6 +50,7 @@ class FedAvgLoRA(FedAvg):
     mode = "federated"
     params: Any = None  # the algorithm's validated hyperparameter dataclass, if it has any
     reply_arrays: tuple[str, ...] = ()  # ArrayRecords a reply carries besides the adapter, shaped like it
+    averages = True  # the replies are combined into one global adapter (the server bounds each update's size)
 
     def __init__(
         self,

@@ -25,6 +25,7 @@ class LocalOnly(FedAvgLoRA):
     """The same sampling, steps and learning rates as FedAvg, without aggregation."""
 
     mode = "local"
+    averages = False  # each client's adapter stays its own: no update bound against the global adapter
 
     def __init__(self, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]

@@ -85,9 +85,12 @@ class ReplyGuard:
     pinned: dict[int, int] = field(default_factory=dict)
 
     def judge(
-        self, replies: list[Message], global_arrays: ArrayRecord, extra: tuple[str, ...]
+        self, replies: list[Message], global_arrays: ArrayRecord, extra: tuple[str, ...], bound: bool = True
     ) -> tuple[list[Message], list[dict[str, Any]], list[dict[str, Any]]]:
-        """(kept replies with their weights set, rejected, clipped); error replies pass through untouched."""
+        """(kept replies with their weights set, rejected, clipped); error replies pass through untouched.
+
+        ``bound=False`` (a strategy that averages nothing, e.g. the local-only baseline) skips the update bound.
+        """
         ok = [m for m in replies if not m.has_error()]
         rejected: list[dict[str, Any]] = []
         weighted = []
@@ -99,7 +102,7 @@ class ReplyGuard:
             msg.content[METRICS_KEY][WEIGHT_KEY] = weight
             weighted.append(msg)
         kept, clipped = weighted, []
-        for key in (ARRAYS_KEY, *extra):
+        for key in (ARRAYS_KEY, *extra) if bound else ():
             reference = from_record(global_arrays) if key == ARRAYS_KEY else None
             kept, out, clip = self._bound(kept, key, reference)
             rejected += out

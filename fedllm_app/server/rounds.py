@@ -127,7 +127,7 @@ def check_replies(
     spec = ReplySpec(shapes_of(arrays), tuple(getattr(strategy, "reply_arrays", ())), strategy.num_clients)
     sent_to = {m.metadata.dst_node_id for m in messages}
     kept, rejected = split_replies(replies, spec, sent_to, guard.book)
-    kept, refused, clipped = guard.judge(kept, arrays, spec.extra)
+    kept, refused, clipped = guard.judge(kept, arrays, spec.extra, bound=getattr(strategy, "averages", True))
     return _in_client_order(kept), rejected + refused, clipped
 
 

@@ -136,6 +136,14 @@ def test_a_simulation_keeps_the_run_configs_local_files(secrets):
         round_config({"overrides": "seed=${oc.env:HF_TOKEN}"}, message(), NodePolicy(trust_run_config=True))
 
 
+def test_the_server_composes_no_interpolation_and_no_hydra_keys_either(secrets):
+    with pytest.raises(ConfigError, match="holds an interpolation") as err:
+        load_config({"overrides": "run_name=${oc.env:HF_TOKEN}"})
+    assert SECRET not in str(err.value)
+    with pytest.raises(ConfigError, match="hydra.\\* keys cannot be set"):
+        load_config({"overrides": f"hydra.searchpath=[file://{secrets}/leak] +leak=secret"})
+
+
 def test_the_server_builds_strategies_only_from_its_registry():
     cfg = load_config({"overrides": "+strategy.x={_target_:pandas.read_pickle,filepath_or_buffer:/tmp/x.pkl}"})
     with pytest.raises(ConfigError, match="strategy.x is not a hyperparameter of FedAvgLoRA"):

@@ -286,3 +286,10 @@ def test_uniform_weights_ignore_the_sizes():
     grid = HostileGrid(2, data_size=lambda node: 30 if node == 1 else 10)
     w, _, _ = run(grid, guard=ReplyGuard(GuardParams(weights="uniform"), {0: 30, 1: 10}))
     np.testing.assert_allclose(w, [1.5] * 3)
+
+
+def test_the_local_only_baseline_keeps_each_clients_adapter_unclipped():
+    far = lambda c: with_array(c, Array(np.full(3, 1e3, np.float32)))  # noqa: E731
+    _, rows, strategy = run(HostileGrid(3, only(3, far)), LocalOnly(**kw(3)))
+    assert rows[0]["clipped"] == [] and rows[0]["rejected"] == []
+    np.testing.assert_array_equal(from_record(strategy.client_arrays[2])["w"], [1e3] * 3)
