@@ -1,4 +1,10 @@
-"""fedllm's ClientApp: parse, train one round, reply; and say this node's LoRA rank when asked."""
+"""fedllm's ClientApp: check the run config against the node's policy, train one round, reply; and say
+this node's LoRA rank when asked.
+
+Flower sends ``str(exception)`` of a failed ClientApp to the server, so nothing of a failure's details
+leaves the node: the server gets a short code and a generic sentence (:class:`NodeError`); the details
+are logged here, on the node.
+"""
 
 from __future__ import annotations
 
@@ -6,45 +12,85 @@ from fedllm_app.console import quiet_library_warnings, setup_console
 
 quiet_library_warnings()  # before torch and transformers are imported: some warn at import
 
+import logging  # noqa: E402
+import os  # noqa: E402
+
 from flwr.app import Context, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from fedllm_app.client import faults  # noqa: E402
+from fedllm_app.client.policy import NodePolicy, PolicyError  # noqa: E402
 from fedllm_app.client.round import DATA_PATH_KEY, round_config, train_one_round  # noqa: E402
-from fedllm_app.config import ConfigError, load_config, parse_faults  # noqa: E402
+from fedllm_app.config import EVERY_ROUND, ConfigError, load_config, parse_faults  # noqa: E402
 from fedllm_app.model import RANK_NODE_KEY, client_rank, with_client_rank  # noqa: E402
-from strategies.fedavg import CONFIG_KEY, METRICS_KEY  # noqa: E402
+from strategies.fedavg import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY  # noqa: E402
 from strategies.hetero import RANK_KEY, RANK_QUERY  # noqa: E402
 from strategies.local import PARTITION_KEY  # noqa: E402
+from strategies.records import from_record  # noqa: E402
 
 app = ClientApp()
+log = logging.getLogger("fedllm")
+
+# What the server learns of a failure on this node: a code and a sentence, never the details.
+ERRORS = {
+    PolicyError: "E_POLICY: this node's policy refused the run config; its owner can read why in the node's log",
+    ConfigError: "E_CONFIG: the run config or node config is invalid on this node; see the node's log",
+    Exception: "E_TRAIN: the round failed on this node; see the node's log",
+}
+
+
+class NodeError(RuntimeError):
+    """A failure as the server sees it: one of :data:`ERRORS`."""
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Parse the run config, train this node's round (on its own ``data-path`` file if set), reply."""
-    cfg = round_config(context.run_config, msg)
-    setup_console(cfg.logging.verbose, progress=False)
-    pid = partition_id(context)
-    cfg = with_client_rank(cfg, node_rank(cfg, pid, context))
-    data_path = context.node_config.get(DATA_PATH_KEY)
-    content = train_one_round(cfg, pid, msg, context.state, str(data_path) if data_path else None)
-    fault = parse_faults(cfg.fault_injection).get((int(msg.content[CONFIG_KEY]["server-round"]), pid))
-    if fault:  # tests only: reply with a deliberately bad update
-        content = faults.corrupt(content, fault)
-    return Message(content, reply_to=msg)
+    """Train this node's round; any failure reaches the server only as a :class:`NodeError`."""
+    os.umask(0o077)  # what the round writes (trainer folders, caches) is the node owner's alone
+    try:
+        return _train(msg, context)
+    except Exception as err:  # noqa: BLE001 - every failure is logged here and sent as a code
+        raise _node_error(err) from None
 
 
 @app.query(RANK_QUERY.split(".")[1])
 def lora_rank(msg: Message, context: Context) -> Message:
     """Reply with this node's LoRA rank (:func:`fedllm_app.model.client_rank`), for a server of mixed ranks."""
-    cfg = load_config(context.run_config)
-    rank = node_rank(cfg, partition_id(context), context)
+    try:
+        policy = NodePolicy.from_node_config(context.node_config)
+        policy.check_run_config(context.run_config)
+        cfg = load_config(context.run_config, policy.node_overrides())
+        rank = node_rank(cfg, partition_id(context), context)
+    except Exception as err:  # noqa: BLE001 - as in train: the details stay on the node
+        raise _node_error(err) from None
     return Message(RecordDict({METRICS_KEY: MetricRecord({RANK_KEY: rank})}), reply_to=msg)
 
 
+def _node_error(err: Exception) -> NodeError:
+    """Log ``err`` on the node; the error the server sees: a code and a generic sentence."""
+    log.error("this node refused or failed the request: %s: %s", type(err).__name__, err, exc_info=True)
+    kind = next(k for k in ERRORS if isinstance(err, k))
+    return NodeError(ERRORS[kind])
+
+
+def _train(msg: Message, context: Context) -> Message:
+    """Parse the run config within the node's policy, train (on the node's ``data-path`` if set), reply."""
+    policy = NodePolicy.from_node_config(context.node_config)
+    cfg = round_config(context.run_config, msg, policy)
+    setup_console(cfg.logging.verbose, progress=False)
+    pid = partition_id(context)
+    cfg = with_client_rank(cfg, node_rank(cfg, pid, context))
+    content = train_one_round(cfg, pid, msg, context.state, policy.data_path)
+    planned = parse_faults(cfg.fault_injection)
+    fault = planned.get((int(msg.content[CONFIG_KEY]["server-round"]), pid)) or planned.get((EVERY_ROUND, pid))
+    if fault:  # tests and the robustness benchmark only: reply with a deliberately bad update
+        content = faults.corrupt(content, fault, from_record(msg.content[ARRAYS_KEY]))
+    return Message(content, reply_to=msg)
+
+
 def partition_id(context: Context) -> int:
+    """The partition id in the node config."""
     if PARTITION_KEY not in context.node_config:
         raise ConfigError(
             f'node config has no {PARTITION_KEY}; start the SuperNode with --node-config "{PARTITION_KEY}=0 '
@@ -54,4 +100,5 @@ def partition_id(context: Context) -> int:
 
 
 def node_rank(cfg: DictConfig, pid: int, context: Context) -> int:
+    """The node's LoRA rank: node config ``lora-rank``, else the run's ``model.lora.client_ranks``, else r."""
     return client_rank(cfg, pid, context.node_config.get(RANK_NODE_KEY))

@@ -38,9 +38,11 @@ DTYPES = ("float32", "bfloat16", "float16")
 # accelerate's device_map strategies (model.device_map); null = the client's one device.
 DEVICE_MAPS = (None, "auto", "balanced", "balanced_low_0", "sequential")
 TEMPLATE_NAMES = ("alpaca", "vicuna", "chat")
-# Tests only: the ways a client can corrupt its reply (fault_injection; applied by fedllm_app.client.faults).
-FAULT_KINDS = ("names", "shape", "nan", "inf", "zero_examples", "negative_examples")
-_FAULT_ENTRY = re.compile(r"^([a-z_]+)-r(\d+)-p(\d+)$")
+# Tests and the robustness benchmark only: the ways a client can corrupt its reply (fault_injection; applied
+# by fedllm_app.client.faults). scale and signflip are model-poisoning attacks on a sound-looking update.
+FAULT_KINDS = ("names", "shape", "nan", "inf", "zero_examples", "negative_examples", "scale", "signflip")
+_FAULT_ENTRY = re.compile(r"^([a-z_]+)-(?:r(\d+)|every)-p(\d+)$")
+EVERY_ROUND = 0  # the round of a fault_injection entry <kind>-every-p<partition>
 # lora_aggregation and hetlora_weighting (strategies.hetero.AGGREGATIONS, strategies.hetero_rank.WEIGHTINGS; a test
 # keeps them equal: config is imported by evaluation, which never imports the strategies).
 AGGREGATIONS = ("homogeneous", "hetlora", "flexlora")
@@ -129,6 +131,7 @@ def hydra_overrides(run_config: Mapping[str, Any]) -> list[str]:
     raw = str(run_config.get(OVERRIDES_KEY, "") or "")
     user = shlex.split(raw)
     parsed = {o.key_or_group: o for o in _parse_overrides(user, raw)}
+    _check_plain(run_config, parsed)
     for key, value in given.items():
         other = parsed.get(key.target)
         if other is not None and (other.is_delete() or other.value() != value):
@@ -136,7 +139,21 @@ def hydra_overrides(run_config: Mapping[str, Any]) -> list[str]:
                 f"run-config key {key.name}={value!r} and {other.input_line!r} in overrides set {key.target} to "
                 f"different values; give it once: drop {other.input_line!r} from overrides or unset {key.name}"
             )
-    return [f"{key.target}={_hydra_value(value)}" for key, value in given.items()] + user
+    return [f"{key.target}={hydra_value(value)}" for key, value in given.items()] + user
+
+
+def _check_plain(run_config: Mapping[str, Any], parsed: Mapping[str, Any]) -> None:
+    """A run config is data, written by whoever starts the run: no interpolation (``${oc.env:...}`` would read
+    the environment of the process composing it) and no ``hydra.*`` keys (``hydra.searchpath`` reads its files).
+    """
+    for name, value in run_config.items():
+        if isinstance(value, str) and "${" in value:
+            raise ConfigError(
+                f"run-config key {name!r} holds an interpolation ('${{...}}'); the run config takes plain values only"
+            )
+    for key in parsed:
+        if key == "hydra" or key.startswith("hydra."):
+            raise ConfigError(f"overrides set {key!r}; hydra.* keys cannot be set from the run config")
 
 
 def user_set_keys(run_config: Mapping[str, Any]) -> set[str]:
@@ -163,7 +180,7 @@ def _typed(key: RunConfigKey, value: Any) -> Any:
     return value
 
 
-def _hydra_value(value: Any) -> str:
+def hydra_value(value: Any) -> str:
     """A run-config value as a Hydra override value: strings quoted (so '7' or 'null' stay strings)."""
     if isinstance(value, bool):
         return str(value).lower()
@@ -396,16 +413,20 @@ def _looks_like_path(name: str) -> bool:
 
 
 def parse_faults(entries: Iterable[str]) -> dict[tuple[int, int], str]:
-    """``fault_injection``: ``["nan-r1-p0"]`` -> ``{(1, 0): "nan"}``; a bad entry raises a ConfigError naming it."""
+    """``fault_injection``: ``["nan-r1-p0", "scale-every-p2"]`` -> ``{(1, 0): "nan", (EVERY_ROUND, 2): "scale"}``;
+    a bad entry raises a ConfigError naming it.
+    """
     out = {}
     for entry in entries:
         match = _FAULT_ENTRY.match(str(entry))
         if not match or match.group(1) not in FAULT_KINDS:
             raise ConfigError(
-                f"fault_injection entry {entry!r} must be <kind>-r<round>-p<partition> with kind one of "
+                f"fault_injection entry {entry!r} must be <kind>-r<round>-p<partition> (or <kind>-every-p<partition>) "
+                f"with kind one of "
                 f"{', '.join(FAULT_KINDS)}; e.g. fault_injection=[nan-r1-p0]"
             )
-        out[(int(match.group(2)), int(match.group(3)))] = match.group(1)
+        rnd = int(match.group(2)) if match.group(2) else EVERY_ROUND
+        out[(rnd, int(match.group(3)))] = match.group(1)
     return out
 
 

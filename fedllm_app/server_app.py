@@ -6,6 +6,7 @@ from fedllm_app.console import quiet_library_warnings, setup_console
 
 quiet_library_warnings()  # before torch and transformers are imported: some warn at import
 
+import os  # noqa: E402
 import random  # noqa: E402
 import time  # noqa: E402
 
@@ -15,6 +16,7 @@ from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
 from fedllm_app.config import load_config  # noqa: E402
 from fedllm_app.server.nodes import check_nodes  # noqa: E402
+from fedllm_app.server.outputs import PRIVATE_UMASK  # noqa: E402
 from fedllm_app.server.run import FederatedRun  # noqa: E402
 
 app = ServerApp()
@@ -24,6 +26,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Parse the config, check the SuperNodes (a simulation sets num_clients), build the run, train, baseline."""
     start = time.perf_counter()
+    os.umask(PRIVATE_UMASK)  # outputs, checkpoints, resume state and caches: 0600 files in 0700 folders
     cfg = load_config(context.run_config)
     setup_console(cfg.logging.verbose)
     cfg = check_nodes(grid, cfg, context.run_config)

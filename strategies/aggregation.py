@@ -13,9 +13,9 @@ the paper:
   (``strategy.first_moment=delta``) restores it;
 - the second moment starts at ``tau**2`` and is not bias-corrected (OpenFedLLM; Flower
   applies Adam's bias correction to eta);
-- the pseudo-gradient is the example-weighted mean of the client deltas (OpenFedLLM
-  uses an unweighted mean for the FedOpt family; the two agree when clients report
-  equal example counts, which OpenFedLLM's per-round sampling gives).
+- the pseudo-gradient is the mean of the client deltas weighted by the clients' data sizes
+  (the weights FedAvg uses; OpenFedLLM uses an unweighted mean for the FedOpt family; the
+  two agree when the clients hold equal data).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Server-side optimisers over the clients' mean update (the FedOpt family and FedAvgM).
 
 :class:`ServerOptimizer` keeps the current global adapter from ``configure_train``,
-lets Flower's FedAvg compute the example-weighted mean of the replies, and hands
+lets FedAvg compute the (data-size-weighted or robust) mean of the replies, and hands
 ``(global, mean - global)`` to :meth:`ServerOptimizer.step`, which each algorithm
 implements with a pure function from :mod:`strategies.aggregation`.
 

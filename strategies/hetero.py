@@ -42,7 +42,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 
 from strategies.central import Central
-from strategies.fedavg import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, FedAvgLoRA
+from strategies.fedavg import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, FedAvgLoRA
 from strategies.fedopt import ServerOptimizer
 from strategies.hetero_rank import WEIGHTINGS, flexlora_aggregate, hetlora_aggregate, hetlora_weights, pad_rank
 from strategies.hetero_rank import slice_rank as slice_arrays
@@ -159,7 +159,7 @@ class HeteroRank(FedAvgLoRA):
         if not valid:
             return None, None
         clients = [from_record(m.content[ARRAYS_KEY]) for m in valid]
-        n = [float(m.content[METRICS_KEY][NUM_EXAMPLES_KEY]) for m in valid]
+        n = [float(m.content[METRICS_KEY][self.weighted_by_key]) for m in valid]  # the server's weight
         metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
         return to_record(self.combine(clients, n, server_round)), metrics
 

@@ -16,15 +16,16 @@ from collections.abc import Iterable
 
 from flwr.app import ArrayRecord, Message, MetricRecord
 
-from strategies.fedavg import ARRAYS_KEY, METRICS_KEY, FedAvgLoRA
+from strategies.fedavg import ARRAYS_KEY, METRICS_KEY, PARTITION_KEY, FedAvgLoRA
 
-PARTITION_KEY = "partition-id"
+__all__ = ["PARTITION_KEY", "LocalOnly"]
 
 
 class LocalOnly(FedAvgLoRA):
     """The same sampling, steps and learning rates as FedAvg, without aggregation."""
 
     mode = "local"
+    averages = False  # each client's adapter stays its own: no update bound against the global adapter
 
     def __init__(self, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]

@@ -55,6 +55,8 @@ class ScaffoldParams:
 class Scaffold(FedAvgLoRA):
     """FedAvg plus server and client control variates that correct client drift."""
 
+    reply_arrays = (C_DELTA_KEY,)
+
     def __init__(self, *, server_lr: float, **kwargs: Any) -> None:
         self.params = ScaffoldParams(server_lr=server_lr)
         super().__init__(**kwargs)

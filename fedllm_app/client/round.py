@@ -30,6 +30,7 @@ from flwr.app import Message, MetricRecord, RecordDict
 from omegaconf import DictConfig
 
 from fedllm_app.client.gradient_terms import ScaffoldClient
+from fedllm_app.client.policy import DATA_PATH_KEY, NodePolicy
 from fedllm_app.client.trainer import ClientTrainer, client_trainer
 from fedllm_app.config import ConfigError, cfg_key, load_config
 from fedllm_app.data.pipeline import local_rows, partition, pooled
@@ -37,15 +38,21 @@ from fedllm_app.data.rows import Row
 from fedllm_app.data.sampling import round_indices
 from fedllm_app.model import get_adapter, get_model, set_adapter
 from strategies.central import STEPS_MULTIPLIER_KEY
-from strategies.fedavg import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_CLIENTS_KEY, NUM_EXAMPLES_KEY
+from strategies.fedavg import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    DATA_SIZE_KEY,
+    METRICS_KEY,
+    NUM_CLIENTS_KEY,
+    NUM_EXAMPLES_KEY,
+)
 from strategies.fedprox import PROXIMAL_MU_KEY
 from strategies.local import PARTITION_KEY
 from strategies.records import from_record, to_record
 from strategies.scaffold import C_DELTA_KEY
 
 LOCAL_STATE_KEY = "local-adapter"
-# Node-config key naming a SuperNode's own data file (deployment); absent in simulation.
-DATA_PATH_KEY = "data-path"
+__all__ = ["DATA_PATH_KEY", "round_config", "train_one_round"]
 
 
 @dataclass(frozen=True)
@@ -70,15 +77,21 @@ class RoundPlan:
         )
 
 
-def round_config(run_config: Mapping[str, Any], msg: Message) -> DictConfig:
-    """The run's config as the server runs it: the run config with the server's ``num_clients``.
+def round_config(run_config: Mapping[str, Any], msg: Message, policy: NodePolicy | None = None) -> DictConfig:
+    """The run's config as the server runs it, within this node's policy.
 
-    A simulation may adapt ``num_clients`` to its SuperNodes (:mod:`fedllm_app.server.nodes`);
-    the train message carries the value, so every client computes the server's partitions.
+    The run config is checked against ``policy`` (:mod:`fedllm_app.client.policy`; default: a node
+    that trusts its run config, as in a simulation), then composed with the server's ``num_clients``
+    (a simulation may adapt it to its SuperNodes, :mod:`fedllm_app.server.nodes`: the train message
+    carries the value, so every client computes the server's partitions) and the node's own overrides.
     """
+    policy = policy if policy is not None else NodePolicy(trust_run_config=True)
+    policy.check_run_config(run_config)
     conf = msg.content[CONFIG_KEY]
     extra = [f"num_clients={int(conf[NUM_CLIENTS_KEY])}"] if NUM_CLIENTS_KEY in conf else []
-    return load_config(run_config, extra)
+    cfg = load_config(run_config, extra + policy.node_overrides())
+    policy.check_config(cfg)
+    return cfg
 
 
 def client_rows(
@@ -143,6 +156,7 @@ def train_one_round(cfg: DictConfig, pid: int, msg: Message, state: Any, data_pa
         state[LOCAL_STATE_KEY] = arrays
     metrics = {
         NUM_EXAMPLES_KEY: result.num_examples,
+        DATA_SIZE_KEY: len(trainer.dataset) + trainer.dropped,  # the rows it holds: its weight, as the server plans
         "train_loss": result.loss,
         PARTITION_KEY: pid,
         "train_seconds": result.seconds,

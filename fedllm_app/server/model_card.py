@@ -39,6 +39,12 @@ def _params(node: DictConfig, skip: tuple[str, ...] = ("name", "_target_")) -> s
     return ", ".join(f"{k}={v}" for k, v in items.items()) or "no hyperparameters"
 
 
+def _strategy_skip(cfg: DictConfig) -> tuple[str, ...]:
+    """Labels, and the robust aggregation keys when the rule is the plain mean (the default)."""
+    robust = ("aggregator", "num_malicious", "trim_fraction")
+    return ("name", "_target_", *(robust if cfg.strategy.get("aggregator", "mean") == "mean" else ()))
+
+
 def _dataset_ids(cfg: DictConfig) -> list[str]:
     """The training data's Hub id, unless a local copy (``dataset.path``) was used instead."""
     d = cfg.dataset
@@ -87,7 +93,7 @@ def training_table(cfg: DictConfig, summary: dict[str, Any]) -> str:
         ("data", _data_line(cfg)),
         ("partition", f"{cfg.partition.name} ({_params(cfg.partition, ('name',))})"),
         ("clients", f"{cfg.num_clients}, {cfg.sample_clients} sampled per round"),
-        ("strategy", f"{cfg.strategy.name} ({_params(cfg.strategy)})"),
+        ("strategy", f"{cfg.strategy.name} ({_params(cfg.strategy, _strategy_skip(cfg))})"),
         (
             "rounds",
             f"{cfg.num_rounds} rounds x {t.max_steps} steps per client (batch {t.batch_size} x grad_accum "

@@ -14,6 +14,10 @@ from omegaconf import DictConfig, OmegaConf
 from fedllm_app.config import run_name
 from fedllm_app.server.trackers import open_trackers
 
+PRIVATE_DIR = 0o700
+# The ServerApp and ClientApp write with this umask: files 0600, folders 0700 (outputs, checkpoints, caches).
+PRIVATE_UMASK = 0o077
+
 
 class RunWriter:
     """Writes everything a run produces under ``<output_dir>/<run_name>/``.
@@ -31,6 +35,7 @@ class RunWriter:
             self.dir.mkdir(parents=True, exist_ok=True)
             (self.dir / "metrics.jsonl").write_text("")
             (self.dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        self.dir.chmod(PRIVATE_DIR)  # checkpoints, resume state and metrics: the server operator's alone
         self.rounds: list[dict[str, Any]] = []
         self.trackers = open_trackers(cfg, self.dir)
 

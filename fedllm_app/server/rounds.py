@@ -2,7 +2,8 @@
 
 Each round: wait for SuperNodes (up to ``node_wait`` seconds; then sample those
 connected), send, collect replies until ``timeout``, reject unsound replies
-(:mod:`fedllm_app.server.reply_checks`), aggregate if at least ``min_replies`` valid ones
+(:mod:`fedllm_app.server.reply_checks`: nothing reads a reply before it), weigh and bound the
+sound ones (:mod:`fedllm_app.server.guard`), aggregate if at least ``min_replies`` valid ones
 arrived (else keep the global adapter and say so loudly), count the bytes each
 client sent and received, log and hand the round to the hooks.
 """
@@ -18,10 +19,10 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from fedllm_app.server.guard import ReplyGuard, all_finite
 from fedllm_app.server.outputs import RunWriter, format_round
-from fedllm_app.server.reply_checks import sent_shapes, shapes_of, split_replies
-from strategies.fedavg import METRICS_KEY
-from strategies.local import PARTITION_KEY
+from fedllm_app.server.reply_checks import ReplySpec, claimed_partition, sent_shapes, shapes_of, split_replies
+from strategies.fedavg import ARRAYS_KEY, METRICS_KEY, PARTITION_KEY
 
 log = logging.getLogger("fedllm")
 
@@ -53,6 +54,7 @@ def run_rounds(
     start_round: int = 1,
     totals: dict[str, int] | None = None,
     on_round_end: RoundEndHook | None = None,
+    guard: ReplyGuard | None = None,
 ) -> tuple[ArrayRecord, dict[str, float]]:
     """Train rounds ``start_round..num_rounds``; return the final global arrays and their last evaluation.
 
@@ -60,21 +62,22 @@ def run_rounds(
     unchanged and is logged as a warning (Flower's strategies skip empty rounds
     silently). ``totals`` (cumulative bytes) is updated in place; ``on_round_end``
     runs after the round's metrics line is written (the server saves its state there).
+    ``guard`` (weights, update bound, node -> partition book) is kept across calls by the run.
     """
+    guard = guard if guard is not None else ReplyGuard()
     last_eval: dict[str, float] = {}
     totals = totals if totals is not None else dict.fromkeys(TOTAL_KEYS, 0)
     for rnd in range(start_round, num_rounds + 1):
         start, started_at = time.perf_counter(), time.time()
         messages = configure(strategy, rnd, arrays, grid, node_wait, min_replies, phase)
-        replies = _in_client_order(send_and_receive(grid, messages, timeout, poll_interval))
-        kept, rejected = split_replies(replies, shapes_of(arrays), sent_shapes(messages))
+        replies = send_and_receive(grid, messages, timeout, poll_interval)
+        kept, rejected, clipped = check_replies(strategy, guard, messages, replies, arrays)
         ok = [m for m in kept if not m.has_error()]
         failed = _failed_nodes(messages, replies)
-        _log_problems(phase, rnd, rejected, failed, timeout)
+        _log_problems(phase, rnd, rejected, failed, timeout, clipped)
         train_metrics = None
         if len(ok) >= min_replies:
-            new_arrays, train_metrics = strategy.aggregate_train(rnd, kept)
-            arrays = new_arrays if new_arrays is not None else arrays
+            arrays, train_metrics = _aggregate(strategy, rnd, kept, arrays, phase)
         else:
             log.warning(
                 "%s round %d: %d valid replies of %d sampled, fewer than min_replies=%d: "
@@ -91,6 +94,7 @@ def run_rounds(
             "failed": len(failed),
             "failed_nodes": failed,
             "rejected": rejected,
+            "clipped": clipped,
             "aggregated": len(ok) >= min_replies,
             "lr": strategy.learning_rate(rnd),
             "train_loss": float(train_metrics["train_loss"])
@@ -114,6 +118,30 @@ def run_rounds(
         if on_round_end is not None:
             on_round_end(rnd, arrays, record)
     return arrays, last_eval
+
+
+def check_replies(
+    strategy: Any, guard: ReplyGuard, messages: list[Message], replies: list[Message], arrays: ArrayRecord
+) -> tuple[list[Message], list[dict[str, Any]], list[dict[str, Any]]]:
+    """The round's replies to aggregate in partition order (errors last), the rejected and the clipped ones."""
+    spec = ReplySpec(shapes_of(arrays), tuple(getattr(strategy, "reply_arrays", ())), strategy.num_clients)
+    sent_to = {m.metadata.dst_node_id for m in messages}
+    kept, rejected = split_replies(replies, spec, sent_to, guard.book, sent_shapes(messages))
+    sent = {m.metadata.dst_node_id: m.content[ARRAYS_KEY] for m in messages if ARRAYS_KEY in m.content}
+    bound = getattr(strategy, "averages", True)
+    kept, refused, clipped = guard.judge(kept, arrays, spec.extra, bound=bound, sent=sent)
+    return _in_client_order(kept), rejected + refused, clipped
+
+
+def _aggregate(
+    strategy: Any, rnd: int, kept: list[Message], arrays: ArrayRecord, phase: str
+) -> tuple[ArrayRecord, Any]:
+    """The strategy's new global arrays (the old ones if it returns none or a non-finite aggregate)."""
+    new_arrays, train_metrics = strategy.aggregate_train(rnd, kept)
+    if new_arrays is not None and not all_finite(new_arrays):
+        log.error("%s round %d: the aggregate is not finite; the global adapter is unchanged", phase, rnd)
+        return arrays, train_metrics
+    return (new_arrays if new_arrays is not None else arrays), train_metrics
 
 
 def configure(
@@ -205,10 +233,11 @@ def traffic(messages: list[Message], replies: list[Message], totals: dict[str, i
         if msg.has_error():
             continue
         entry = per_node.setdefault(str(msg.metadata.src_node_id), {"partition": None, "sent": 0, "received": 0})
-        entry["received"] += content_bytes(msg.content)
-        metrics = msg.content.get(METRICS_KEY)
-        if metrics is not None and PARTITION_KEY in metrics:
-            entry["partition"] = int(metrics[PARTITION_KEY])
+        try:
+            entry["received"] += content_bytes(msg.content)
+        except Exception:  # noqa: BLE001 - a malformed reply is rejected elsewhere; count what can be counted
+            pass
+        entry["partition"] = claimed_partition(msg)
     sent = sum(e["sent"] for e in per_node.values())
     received = sum(e["received"] for e in per_node.values())
     totals["bytes_sent_total"] = totals.get("bytes_sent_total", 0) + sent
@@ -222,7 +251,11 @@ def _failed_nodes(messages: list[Message], replies: list[Message]) -> list[int]:
     return sorted({m.metadata.dst_node_id for m in messages} - answered)
 
 
-def _log_problems(phase: str, rnd: int, rejected: list[dict[str, Any]], failed: list[int], timeout: float) -> None:
+def _log_problems(
+    phase: str, rnd: int, rejected: list[dict[str, Any]], failed: list[int], timeout: float, clipped: list[Any]
+) -> None:
+    for r in clipped:
+        log.warning("%s round %d: node %s (partition %s): %s", phase, rnd, r["node"], r["partition"], r["reason"])
     for r in rejected:
         log.warning(
             "%s round %d: rejected the update of node %s (partition %s): %s",
@@ -236,16 +269,14 @@ def _log_problems(phase: str, rnd: int, rejected: list[dict[str, Any]], failed: 
 
 
 def _in_client_order(replies: list[Message]) -> list[Message]:
-    """Replies sorted by the client's partition id (errors last), so the floating-point sums of
+    """Validated replies sorted by the client's partition id (errors last), so the floating-point sums of
     the aggregation do not depend on the order in which clients finished.
     """
 
     def key(m: Message) -> tuple[int, int]:
         if m.has_error():
             return (1, m.metadata.src_node_id)
-        metrics = m.content.get(METRICS_KEY)
-        pid = metrics.get(PARTITION_KEY, m.metadata.src_node_id) if metrics is not None else m.metadata.src_node_id
-        return (0, int(pid))
+        return (0, int(m.content[METRICS_KEY][PARTITION_KEY]))
 
     return sorted(replies, key=key)
 

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from evaluation.heldout import evaluate_adapter
@@ -22,11 +21,13 @@ from evaluation.runner import check_round_benchmarks, round_benchmarks
 from fedllm_app.config import ConfigError
 from fedllm_app.data import pipeline
 from fedllm_app.model import get_adapter, get_model, set_adapter
+from fedllm_app.server.guard import GuardParams, ReplyGuard
 from fedllm_app.server.hub import check_hub, push_adapter
 from fedllm_app.server.model_card import write_model_card
 from fedllm_app.server.outputs import RunWriter, comparison_table
 from fedllm_app.server.resume import ResumeState, load_state, restore_rng, save_state
 from fedllm_app.server.rounds import TOTAL_KEYS, run_rounds
+from strategies import registry
 from strategies.hetero import HeteroRankParams, with_lora_ranks
 from strategies.local import LocalOnly
 from strategies.records import from_record, to_record
@@ -45,22 +46,21 @@ def strategy_kwargs(cfg: DictConfig) -> dict[str, Any]:
 
 
 def build_strategy(cfg: DictConfig) -> Any:
-    """Instantiate ``cfg.strategy`` through its ``_target_`` (``name`` is only a label).
+    """Build ``cfg.strategy`` from the fixed registry by its ``_target_`` (``name`` is only a label).
 
-    Hyperparameters are validated by each strategy's dataclass; a bad value raises a
-    ConfigError that names it. With ``lora_aggregation`` hetlora or flexlora the class is combined
-    with :class:`strategies.hetero.HeteroRank` (a meaningless combination is a ConfigError too).
+    Never Hydra's ``instantiate``: the run config is written by whoever starts the run
+    (:mod:`strategies.registry`). Hyperparameters are scalars validated by each strategy's
+    dataclass; a bad value raises a ConfigError that names it. With ``lora_aggregation`` hetlora or
+    flexlora the class is combined with :class:`strategies.hetero.HeteroRank` (a meaningless
+    combination is a ConfigError too).
     """
     params = {k: v for k, v in OmegaConf.to_container(cfg.strategy, resolve=True).items() if k != "name"}
+    hetero = hetero_params(cfg)
     try:
-        if hetero_params(cfg) is None:
-            return instantiate(params, **strategy_kwargs(cfg))
-        make = instantiate(params, _partial_=True)
-        cls = with_lora_ranks(make.func, cfg.lora_aggregation)
-        return cls(*make.args, **make.keywords, **strategy_kwargs(cfg), hetero=hetero_params(cfg))
-    except InstantiationException as err:
-        cause = err.__cause__ if isinstance(err.__cause__, ValueError) else err
-        raise ConfigError(f"strategy={cfg.strategy.name}: {cause}") from None
+        if hetero is None:
+            return registry.build(params, **strategy_kwargs(cfg))
+        wrap = partial(with_lora_ranks, method=hetero.method)
+        return registry.build(params, wrap=wrap, **strategy_kwargs(cfg), hetero=hetero)
     except ValueError as err:
         raise ConfigError(f"strategy={cfg.strategy.name}: {err}") from None
 
@@ -97,6 +97,7 @@ class FederatedRun:
         self.cfg = cfg
         self.started = started
         self.strategy = build_strategy(cfg)  # validates the hyperparameters before anything is loaded
+        self.guard_params = GuardParams.from_config(cfg.get("robust"))
         check_round_benchmarks(cfg)
         check_hub(cfg)
         self.resumed = resume_point(cfg) if cfg.resume else None
@@ -124,8 +125,12 @@ class FederatedRun:
         self.test = pipeline.heldout(cfg)
         by = cfg.partition.by
         log.info(f"data: {cfg.dataset.name} ({cfg.task.name}), partition {cfg.partition.name}")
+        plan = {}
         for pid, rows in enumerate(pipeline.all_partitions(cfg)):
+            plan[pid] = len(rows)
             log.info(f"client {pid}: {len(rows)} rows, {by} mix {pipeline.domain_mix(rows, by)}")
+        # One judge of weights, update sizes and node -> partition for the whole run, baseline included.
+        self.guard = ReplyGuard(self.guard_params, plan)
         log.info(f"server held-out: {len(self.test)} rows")
         # DPO is evaluated on held-out pairs (loss, reward margin, preference accuracy) against the reference.
         self.preferences = (
@@ -167,6 +172,7 @@ class FederatedRun:
             poll_interval=self.cfg.poll_interval,
             min_replies=self.cfg.min_replies,
             node_wait=self.cfg.node_wait_timeout,
+            guard=self.guard,
             **kwargs,
         )
 

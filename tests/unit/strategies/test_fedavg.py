@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from strategies.fedavg import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_CLIENTS_KEY, NUM_EXAMPLES_KEY, FedAvgLoRA
+from strategies.fedavg import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    METRICS_KEY,
+    NUM_CLIENTS_KEY,
+    NUM_EXAMPLES_KEY,
+    WEIGHT_KEY,
+    FedAvgLoRA,
+)
 from strategies.local import LocalOnly
 from strategies.records import from_record, to_record
 
@@ -22,7 +30,9 @@ def create_mock_reply(arrays: dict, num_examples: int, loss: float, pid: int = 0
     content = RecordDict(
         {
             ARRAYS_KEY: to_record(arrays),
-            METRICS_KEY: MetricRecord({NUM_EXAMPLES_KEY: num_examples, "train_loss": loss, "partition-id": pid}),
+            METRICS_KEY: MetricRecord(
+                {NUM_EXAMPLES_KEY: num_examples, WEIGHT_KEY: num_examples, "train_loss": loss, "partition-id": pid}
+            ),
         }
     )
     return Message(content, dst_node_id=pid + 1, message_type="train")

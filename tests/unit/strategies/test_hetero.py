@@ -9,7 +9,7 @@ from fedllm_app.config import ConfigError, load_config
 from fedllm_app.server.reply_checks import sent_shapes, shapes_of, split_replies
 from fedllm_app.server.run import build_strategy, local_strategy
 from strategies import hetero_rank as hr
-from strategies.fedavg import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
+from strategies.fedavg import ARRAYS_KEY, DATA_SIZE_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, PARTITION_KEY, WEIGHT_KEY
 from strategies.fedprox import PROXIMAL_MU_KEY
 from strategies.hetero import RANK_KEY, RANK_QUERY
 from strategies.records import from_record, to_record
@@ -47,7 +47,8 @@ class RankGrid:
 
 def glob(r=4, seed=0):
     rng = np.random.default_rng(seed)
-    return {L + hr.A_SUFFIX: rng.normal(size=(r, 6)), L + hr.B_SUFFIX: rng.normal(size=(7, r))}
+    arrays = {L + hr.A_SUFFIX: rng.normal(size=(r, 6)), L + hr.B_SUFFIX: rng.normal(size=(7, r))}
+    return {k: v.astype(np.float32) for k, v in arrays.items()}  # as adapters travel
 
 
 def product(arrays):
@@ -61,11 +62,16 @@ def build(strategy="fedavg", method="hetlora", extra=""):
 
 
 def reply_to(msg, arrays, n):
-    content = RecordDict(
-        {ARRAYS_KEY: to_record(arrays), METRICS_KEY: MetricRecord({NUM_EXAMPLES_KEY: n, "train_loss": 1.0})}
-    )
-    reply = Message(content, reply_to=msg)
-    return reply
+    """A sound reply of node ``msg``'s partition (node id - 1) with ``n`` rows."""
+    metrics = {NUM_EXAMPLES_KEY: n, DATA_SIZE_KEY: n, PARTITION_KEY: msg.metadata.dst_node_id - 1, "train_loss": 1.0}
+    return Message(RecordDict({ARRAYS_KEY: to_record(arrays), METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)
+
+
+def server_weighted(replies):
+    """The replies with the server's weight set, as the reply guard does (their data size here)."""
+    for m in replies:
+        m.content[METRICS_KEY][WEIGHT_KEY] = float(m.content[METRICS_KEY][DATA_SIZE_KEY])
+    return replies
 
 
 def test_each_node_is_sent_only_its_own_ranks_of_the_global_and_asked_its_rank_once():
@@ -91,9 +97,9 @@ def run_round(s, g, weights):
     nodes = [m.metadata.dst_node_id for m in msgs]
     trained = {n: glob(RANKS[n], seed=10 + n) for n in nodes}
     replies = [reply_to(m, trained[m.metadata.dst_node_id], weights[m.metadata.dst_node_id]) for m in msgs]
-    kept, rejected = split_replies(replies, shapes_of(to_record(g)), sent_shapes(msgs))
+    kept, rejected = split_replies(replies, shapes_of(to_record(g)), by_node=sent_shapes(msgs))
     assert rejected == []  # each reply matches the shapes of its own rank
-    arrays, metrics = s.aggregate_train(1, kept)
+    arrays, metrics = s.aggregate_train(1, server_weighted(kept))
     return from_record(arrays), [trained[n] for n in sorted(trained)], metrics
 
 
@@ -128,7 +134,7 @@ def test_local_baseline_keeps_each_clients_adapter_padded_to_r_max():
         r = reply_to(m, glob(RANKS[m.metadata.dst_node_id], seed=pid), 5)
         r.content[METRICS_KEY]["partition-id"] = pid
         replies.append(r)
-    assert s.aggregate_train(1, replies)[0] is None
+    assert s.aggregate_train(1, server_weighted(replies))[0] is None
     for pid, m in enumerate(msgs):
         kept = from_record(s.client_arrays[pid])
         own = glob(RANKS[m.metadata.dst_node_id], seed=pid)

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from fedllm_app.config import ConfigError, conf_dir, load_config
 from fedllm_app.server.run import build_strategy
-from strategies.fedavg import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
+from strategies.fedavg import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, WEIGHT_KEY
 from strategies.fedprox import PROXIMAL_MU_KEY
 from strategies.records import from_record, to_record
 from strategies.scaffold import C_DELTA_KEY, C_SERVER_KEY
@@ -37,7 +37,10 @@ class FakeGrid:
 
 def reply(arrays, n, extra=None):
     content = RecordDict(
-        {ARRAYS_KEY: to_record(arrays), METRICS_KEY: MetricRecord({NUM_EXAMPLES_KEY: n, "train_loss": 1.0})}
+        {
+            ARRAYS_KEY: to_record(arrays),
+            METRICS_KEY: MetricRecord({NUM_EXAMPLES_KEY: n, WEIGHT_KEY: n, "train_loss": 1.0}),
+        }
     )
     for k, v in (extra or {}).items():
         content[k] = to_record(v)

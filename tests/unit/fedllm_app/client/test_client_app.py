@@ -3,6 +3,7 @@ trains 2 rounds from its Hub-shaped fixture, and a SuperNode with ``data-path`` 
 """
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +11,10 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedllm_app.client.round import DATA_PATH_KEY
-from fedllm_app.client_app import app
+from fedllm_app.client_app import ERRORS, NodeError, app
 from fedllm_app.config import ConfigError, conf_dir, load_config
 from fedllm_app.model import get_adapter, get_model
+from fedllm_app.server.reply_checks import ReplySpec, reply_problem, shapes_of
 from strategies.fedavg import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
 from strategies.records import from_record, to_record
 
@@ -55,10 +57,13 @@ def run_rounds(overrides: str, node_config: dict, rounds: int = 2, mode: str = "
 def test_every_catalogue_entry_trains_two_rounds_from_its_fixture(name):
     task = "dpo" if name in ("hh_rlhf", "ultrafeedback") else "sft"
     overrides = f"dataset={name} dataset.path={FIXTURES / f'{name}.jsonl'} dataset.heldout=2 task={task} {SMALL}"
-    start, end, replies = run_rounds(overrides, {"partition-id": 1, "num-partitions": 2})
+    # A simulation's node (one owner): the run config may name local files; trust-run-config says so here.
+    start, end, replies = run_rounds(overrides, {"partition-id": 1, "num-partitions": 2, "trust-run-config": True})
+    spec = ReplySpec(shapes_of(to_record(start)), num_partitions=2)
     for reply in replies:
         metrics = reply.content[METRICS_KEY]
         assert np.isfinite(metrics["train_loss"]) and metrics[NUM_EXAMPLES_KEY] == 2
+        assert reply_problem(reply.content, spec) is None, "the server accepts a real client's reply"
     assert all(np.abs(end[k]).max() > 0 for k in end if "lora_B" in k), "LoRA B did not move"
 
 
@@ -85,18 +90,27 @@ def test_two_supernodes_each_train_on_their_own_file(tmp_path, capsys):
     assert any(not np.allclose(end_a[k], end_b[k]) for k in end_a)
 
 
-def test_own_file_errors_name_the_client_and_the_fix(tmp_path):
+def refused(capsys, details, *args, **kwargs):
+    """The server sees only E_CONFIG; the node's log (its console) names the problem and the fix."""
+    capsys.readouterr()
+    with pytest.raises(NodeError) as err:
+        run_rounds(*args, **kwargs)
+    assert str(err.value) == ERRORS[ConfigError]
+    seen = capsys.readouterr()
+    assert re.search(details, seen.out + seen.err), seen
+
+
+def test_own_file_errors_name_the_client_and_the_fix_in_the_node_log(tmp_path, capsys):
     missing = {"partition-id": 0, "num-partitions": 2, DATA_PATH_KEY: str(tmp_path / "none.jsonl")}
-    with pytest.raises(ConfigError, match=r"client 0: dataset file '.*none.jsonl' does not exist"):
-        run_rounds(SMALL, missing, rounds=1)
+    refused(capsys, r"client 0: dataset file '.*none.jsonl' does not exist", SMALL, missing, rounds=1)
     f = write_jsonl(tmp_path / "qa.jsonl", [{"q": "x", "a": "y"}])
-    with pytest.raises(ConfigError, match=r"no column 'prompt'.*dataset=custom dataset.columns.prompt"):
-        run_rounds(SMALL, {"partition-id": 0, "num-partitions": 2, DATA_PATH_KEY: str(f)}, rounds=1)
+    node = {"partition-id": 0, "num-partitions": 2, DATA_PATH_KEY: str(f)}
+    refused(capsys, r"no column 'prompt'.*dataset=custom dataset.columns.prompt", SMALL, node, rounds=1)
     ok = write_jsonl(tmp_path / "ok.jsonl", [{"prompt": "p", "response": "r"}])
-    with pytest.raises(ConfigError, match=r"private files cannot be pooled"):
-        run_rounds(SMALL, {"partition-id": 0, DATA_PATH_KEY: str(ok)}, rounds=1, mode="central")
-    with pytest.raises(ConfigError, match=r"node config has no partition-id; start the SuperNode with --node-config"):
-        run_rounds(SMALL, {DATA_PATH_KEY: str(ok)}, rounds=1)
+    pooled = {"partition-id": 0, DATA_PATH_KEY: str(ok)}
+    refused(capsys, r"private files cannot be pooled", SMALL, pooled, rounds=1, mode="central")
+    no_pid = r"node config has no partition-id; start the SuperNode with --node-config"
+    refused(capsys, no_pid, SMALL, {DATA_PATH_KEY: str(ok)}, rounds=1)
 
 
 def test_custom_columns_map_a_node_file(tmp_path):

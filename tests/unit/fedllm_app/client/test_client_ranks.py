@@ -2,6 +2,8 @@
 trains (the global's first ranks, at the global's scaling), and the bad ranks it refuses.
 """
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -53,9 +55,13 @@ def test_a_node_says_its_node_config_rank_else_its_client_ranks_entry_else_r():
         ("model.lora.r=8", 4, r"lora-rank=4 but lora_aggregation=homogeneous.*lora_aggregation=hetlora"),
     ],
 )
-def test_a_bad_node_rank_fails_naming_it_and_the_fix(overrides, rank, pattern):
-    with pytest.raises(Exception, match=pattern):
+def test_a_bad_node_rank_fails_naming_it_and_the_fix_on_the_node_and_a_code_to_the_server(
+    overrides, rank, pattern, caplog
+):
+    with pytest.raises(Exception, match=r"^E_CONFIG") as raised:
         ask_rank(context(overrides, **{"partition-id": 0, "lora-rank": rank}))
+    assert str(rank) not in str(raised.value)  # the details stay on the node
+    assert re.search(pattern, caplog.text)
 
 
 @pytest.mark.slow

@@ -5,8 +5,8 @@ import pytest
 from flwr.app import Message, MetricRecord, RecordDict
 
 from fedllm_app.client import faults
-from fedllm_app.server.reply_checks import reply_problem, sent_shapes, shapes_of, split_replies
-from strategies.fedavg import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
+from fedllm_app.server.reply_checks import ReplySpec, reply_problem, sent_shapes, shapes_of, split_replies
+from strategies.fedavg import ARRAYS_KEY, DATA_SIZE_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
 from strategies.records import to_record
 from strategies.scaffold import C_DELTA_KEY
 
@@ -25,7 +25,10 @@ def _task_identity():
 
 def good_content(n=10):
     return RecordDict(
-        {ARRAYS_KEY: to_record(ADAPTER), METRICS_KEY: MetricRecord({NUM_EXAMPLES_KEY: n, "partition-id": 0})}
+        {
+            ARRAYS_KEY: to_record(ADAPTER),
+            METRICS_KEY: MetricRecord({NUM_EXAMPLES_KEY: n, DATA_SIZE_KEY: 20, "train_loss": 1.0, "partition-id": 0}),
+        }
     )
 
 
@@ -58,11 +61,12 @@ def test_nan_in_an_extra_array_record_is_caught():
     delta = {k: v.copy() for k, v in ADAPTER.items()}
     delta["m.lora_B.weight"][0, 0] = np.inf
     content[C_DELTA_KEY] = to_record(delta)
-    assert "of 'c-delta'" in reply_problem(content, EXPECTED)
+    assert "of 'c-delta'" in reply_problem(content, ReplySpec(EXPECTED, (C_DELTA_KEY,)))
 
 
 def test_missing_arrays_or_examples_are_caught():
-    assert "no ArrayRecord" in reply_problem(RecordDict({METRICS_KEY: MetricRecord({NUM_EXAMPLES_KEY: 1})}), EXPECTED)
+    no_arrays = reply_problem(RecordDict({METRICS_KEY: MetricRecord({NUM_EXAMPLES_KEY: 1})}), EXPECTED)
+    assert "missing ['arrays']" in no_arrays
     content = RecordDict({ARRAYS_KEY: to_record(ADAPTER), METRICS_KEY: MetricRecord({"train_loss": 1.0})})
     assert "'num-examples' is None" in reply_problem(content, EXPECTED)
 
@@ -73,7 +77,7 @@ def test_split_replies_names_the_node_and_keeps_errors_for_flower():
     bad = Message(faults.corrupt(good_content(), "nan"), reply_to=sent[1])
     kept, rejected = split_replies([good, bad], EXPECTED)
     assert kept == [good]
-    reason = "array 'm.lora_A.weight' of 'arrays' contains NaN or Inf"
+    reason = "array 'm.lora_A.weight' contains NaN or Inf"
     assert rejected == [{"node": 8, "partition": 0, "reason": reason}]
 
 
@@ -81,6 +85,7 @@ def test_fault_entries_parse_and_bad_ones_are_named():
     from fedllm_app.config import ConfigError, parse_faults
 
     assert parse_faults(["nan-r1-p0", "zero_examples-r2-p1"]) == {(1, 0): "nan", (2, 1): "zero_examples"}
+    assert parse_faults(["scale-every-p3"]) == {(0, 3): "scale"}
     with pytest.raises(ConfigError, match="'bogus-r1-p0'"):
         parse_faults(["bogus-r1-p0"])
 
@@ -93,15 +98,26 @@ def test_fault_injection_is_validated_in_the_config():
 
 
 def test_each_reply_must_match_what_its_own_node_was_sent():
-    """Clients of different LoRA ranks: node 7 was sent rank 1, node 8 the global's rank 2."""
+    """Clients of different LoRA ranks: nodes 7 and 9 were sent rank 1, node 8 the global's rank 2."""
     rank_1 = {"m.lora_A.weight": np.ones((1, 4), dtype=np.float32), "m.lora_B.weight": np.zeros((4, 1), np.float32)}
     sent = [
         Message(RecordDict({ARRAYS_KEY: to_record(rank_1)}), dst_node_id=7, message_type="train"),
         Message(good_content(), dst_node_id=8, message_type="train"),
+        Message(RecordDict({ARRAYS_KEY: to_record(rank_1)}), dst_node_id=9, message_type="train"),
     ]
     own_rank = Message(RecordDict({**good_content(), ARRAYS_KEY: to_record(rank_1)}), reply_to=sent[0])
     global_rank = Message(good_content(), reply_to=sent[1])
-    wrong_rank = Message(good_content(), reply_to=sent[0])
-    kept, rejected = split_replies([own_rank, global_rank, wrong_rank], EXPECTED, sent_shapes(sent))
+    wrong_rank = Message(good_content(), reply_to=sent[2])  # node 9 was sent rank 1 too
+    kept, rejected = split_replies([own_rank, global_rank, wrong_rank], EXPECTED, by_node=sent_shapes(sent))
     assert kept == [own_rank, global_rank]
     assert rejected[0]["reason"] == "array 'm.lora_A.weight' has shape (2, 4), the adapter it was sent has (1, 4)"
+
+
+def test_the_attacks_send_a_scaled_or_flipped_update():
+    global_ = {k: np.full_like(v, 0.5) for k, v in ADAPTER.items()}  # the adapter moved A by +0.5, B by -0.5
+    scaled = faults.corrupt(good_content(), "scale", global_)[ARRAYS_KEY]
+    flipped = faults.corrupt(good_content(), "signflip", global_)[ARRAYS_KEY]
+    np.testing.assert_allclose(scaled["m.lora_A.weight"].numpy(), 0.5 + faults.SCALE * 0.5)
+    np.testing.assert_allclose(flipped["m.lora_A.weight"].numpy(), 0.0)
+    np.testing.assert_allclose(flipped["m.lora_B.weight"].numpy(), 1.0)
+    assert reply_problem(faults.corrupt(good_content(), "scale", global_), EXPECTED) is None  # sound-looking

@@ -1,0 +1,69 @@
+"""Robust aggregation rules on hand-computed arrays, and their composition with the algorithms' server steps."""
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord
+
+from fedllm_app.config import ConfigError, load_config
+from fedllm_app.server.run import build_strategy
+from strategies.records import from_record, to_record
+from strategies.robust import AggregatorParams, aggregate
+from tests.unit.strategies.test_strategies import FakeGrid, reply
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+
+
+def scalars(*values):
+    return [{"w": np.array([v], dtype=np.float64)} for v in values]
+
+
+def agg(values, rule, weights=None, **kw):
+    weights = weights or [1.0] * len(values)
+    return float(aggregate(scalars(*values), weights, AggregatorParams(rule, **kw))["w"][0])
+
+
+def test_median_and_trimmed_mean_ignore_one_outlier():
+    assert agg([1, 2, 100], "median") == 2
+    assert agg([1, 2, 3, 4, 100], "trimmed_mean", trim_fraction=0.2) == 3  # drops 1 and 100: mean(2, 3, 4)
+
+
+def test_krum_and_multikrum_pick_the_updates_closest_to_their_neighbours():
+    # f = 1, n = 5: each score sums the squared distances to the n - f - 2 = 2 nearest others:
+    # 0 -> 1 + 9 = 10, 1 -> 1 + 4 = 5, 3 -> 4 + 9 = 13, 6 -> 9 + 25 = 34, 100 -> far more.
+    assert agg([0, 1, 3, 6, 100], "krum", num_malicious=1) == 1
+    assert agg([0, 1, 3, 6, 100], "multikrum", num_malicious=1) == pytest.approx((0 + 1 + 3 + 6) / 4)
+    weighted = agg([0, 1, 3, 6, 100], "multikrum", weights=[3, 1, 1, 1, 1], num_malicious=1)
+    assert weighted == pytest.approx((0 * 3 + 1 + 3 + 6) / 6)  # the survivors keep their weights
+
+
+def test_bulyan_averages_the_values_closest_to_the_median_of_the_krum_selection():
+    # n = 7, f = 1: MultiKrum keeps n - 2f = 5 (scores over 4 neighbours: 2 -> 10, 1 and 3 -> 15, 4 -> 18,
+    # 0 -> 30, 6 -> 54, 100 -> more), their median is 2, and the n - 4f = 3 values closest to it are 1, 2, 3.
+    assert agg([0, 1, 2, 3, 4, 6, 100], "bulyan", num_malicious=1) == 2
+    assert agg([1, 2, 100], "bulyan", num_malicious=1) == 2  # fewer than 4f + 3 replies: the median
+
+
+def test_the_mean_stays_the_weighted_mean():
+    assert agg([1, 3], "mean", weights=[3, 1]) == pytest.approx(1.5)
+
+
+def test_a_robust_rule_feeds_the_algorithms_server_step():
+    s = build_strategy(
+        load_config({"overrides": "strategy=fedavgm strategy.aggregator=median num_clients=3 sample_clients=3"})
+    )
+    list(s.configure_train(1, to_record({"w": np.zeros(1, np.float32)}), ConfigRecord(), FakeGrid(3)))
+    replies = [reply({"w": np.array([v], np.float32)}, 1) for v in (0.1, 0.2, 10.0)]
+    new, _ = s.aggregate_train(1, replies)
+    # FedAvgM's first step from a zero first moment: server_lr x (1 - momentum) x the median delta 0.2
+    np.testing.assert_allclose(from_record(new)["w"], [1.0 * 0.1 * 0.2], rtol=1e-6)
+    assert "median" in s.describe()
+
+
+def test_an_unknown_rule_fails_at_start_with_the_choices():
+    with pytest.raises(ConfigError, match=r"strategy.aggregator='mode' must be one of mean, median"):
+        build_strategy(load_config({"overrides": "strategy.aggregator=mode"}))
