@@ -85,7 +85,7 @@ def test_fedadam_applies_its_step_to_the_weighted_mean_delta():
         1, [reply({"w": np.array([0.1], np.float32)}, 10), reply({"w": np.array([0.4], np.float32)}, 30)]
     )
     m = 0.1 * 0.325  # (1 - beta_1) x the weighted mean delta; the first moment starts at zero
-    v = 0.99 * 0.01 + 0.01 * m**2
+    v = 0.99 * 0.01 + 0.01 * 0.325**2  # the squared delta (Reddi et al.), not m**2
     np.testing.assert_allclose(from_record(new)["w"], [0.5 * m / (np.sqrt(v) + 0.1)], rtol=1e-5)
 
 
