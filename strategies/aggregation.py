@@ -128,6 +128,15 @@ def scaffold_server_step(
     return new, c
 
 
+def scaffold_commit_controls(c_i: dict[int, Arrays], deltas: dict[int, Arrays]) -> dict[int, Arrays]:
+    """Every partition's ``c_i`` after the accepted ``delta c_i`` (by partition id; absent ``c_i`` are zeros)."""
+    out = dict(c_i)
+    for pid, dc in deltas.items():
+        old = c_i.get(pid)
+        out[pid] = {k: v.copy() for k, v in dc.items()} if old is None else {k: old[k] + dc[k] for k in dc}
+    return out
+
+
 def scaffold_client_control(c_i: Arrays, mean_grad: Arrays) -> tuple[Arrays, Arrays]:
     """The client's new control variate: the mean of its raw (uncorrected) gradients this round.
 

@@ -34,6 +34,15 @@ class FakeGrid:
     def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
         return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
 
+    def send_and_receive(self, messages, *, timeout=None):
+        """Node k answers the partition query with partition k - 1."""
+        return [answer_partition(m, m.metadata.dst_node_id - 1) for m in messages]
+
+
+def answer_partition(query: Message, pid: int) -> Message:
+    """A node's answer to the server's partition query."""
+    return Message(RecordDict({METRICS_KEY: MetricRecord({"partition-id": pid})}), reply_to=query)
+
 
 def reply(arrays, n, extra=None):
     content = RecordDict(
