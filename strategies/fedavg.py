@@ -119,13 +119,17 @@ class FedAvgLoRA(FedAvg):
         """The nodes holding the partitions drawn for ``server_round`` (waits, as Flower's sampler, for
         ``min_available_nodes`` nodes with a known partition).
         """
-        size = self.min_train_nodes
-        while len(node_of := self.connected_partitions(grid)) < max(size, self.min_available_nodes):
+        while len(node_of := self.connected_partitions(grid)) < max(self.min_train_nodes, self.min_available_nodes):
             log.info("waiting for nodes: %d with a known partition, %d needed", len(node_of), self.min_available_nodes)
             time.sleep(poll)
-        partitions = sample_partitions(self.seed, server_round, self.num_clients, size, node_of)
+        partitions = self.round_partitions(server_round, node_of)
         log.debug("round %d trains partitions %s", server_round, partitions)
         return nodes_for(partitions, node_of)
+
+    def round_partitions(self, server_round: int, available: Iterable[int] | None = None) -> list[int]:
+        """The partitions ``server_round`` trains (of ``available`` ones; default all), from ``(seed, round)``."""
+        pool = range(self.num_clients) if available is None else available
+        return sample_partitions(self.seed, server_round, self.num_clients, self.min_train_nodes, pool)
 
     def connected_partitions(self, grid: Grid) -> dict[int, int]:
         """Partition id -> connected node holding it; nodes not met before are queried first."""

@@ -1,5 +1,7 @@
 """FedAvgLoRA through Flower's own Message objects: weighting, per-round config, local baseline."""
 
+import math
+
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
@@ -78,7 +80,7 @@ def test_configure_train_samples_clients_and_sends_round_lr_and_num_clients():
     assert conf["lr"] == pytest.approx(1e-2) and conf["server-round"] == 1 and conf["mode"] == "federated"
     assert conf[NUM_CLIENTS_KEY] == KW["num_clients"]
     later = list(strategy.configure_train(10, arrays, ConfigRecord(), FakeGrid(4)))[0].content[CONFIG_KEY]
-    assert 1e-3 < later["lr"] < 1e-2
+    assert later["lr"] == pytest.approx(1e-3 + 0.5 * (1e-2 - 1e-3) * (1 + math.cos(math.pi * 9 / 10)))  # r - 1 = 9
 
 
 def test_local_only_keeps_each_clients_adapter_and_leaves_global_alone():
