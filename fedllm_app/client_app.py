@@ -19,7 +19,7 @@ app = ClientApp()
 
 
 def node_partition(context: Context) -> int:
-    """This node's partition id, from its node config."""
+    """The partition id in the node config (the SuperNode's `--node-config "partition-id=..."`)."""
     if PARTITION_KEY not in context.node_config:
         raise ConfigError(
             f'node config has no {PARTITION_KEY}; start the SuperNode with --node-config "{PARTITION_KEY}=0 '

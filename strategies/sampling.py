@@ -20,9 +20,7 @@ def draw_order(seed: int, server_round: int, num_clients: int) -> list[int]:
     return order
 
 
-def sample_partitions(
-    seed: int, server_round: int, num_clients: int, size: int, available: Iterable[int]
-) -> list[int]:
+def sample_partitions(seed: int, server_round: int, num_clients: int, size: int, available: Iterable[int]) -> list[int]:
     """The first ``size`` partitions of the round's draw order among ``available`` ones, sorted.
 
     With every partition available this is a uniform sample of ``size`` of ``num_clients``

@@ -14,8 +14,8 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import strategy as flower
 
 from strategies.fedadagrad import FedAdagrad
-from strategies.fedavg import METRICS_KEY
 from strategies.fedadam import FedAdam
+from strategies.fedavg import METRICS_KEY
 from strategies.fedavgm import FedAvgM
 from strategies.fedyogi import FedYogi
 from strategies.records import from_record, to_record

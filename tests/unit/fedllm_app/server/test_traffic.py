@@ -20,7 +20,9 @@ def test_sent_and_received_bytes_are_each_directions_own_payload():
     down = RecordDict({ARRAYS_KEY: to_record({"w": np.zeros(4, np.float32)}), CONFIG_KEY: ConfigRecord({"lr": 0.1})})
     messages = [Message(down, dst_node_id=node, message_type="train") for node in (7, 9)]
     up = [
-        RecordDict({ARRAYS_KEY: to_record({"w": np.zeros(n, np.float32)}), METRICS_KEY: MetricRecord({"partition-id": p})})
+        RecordDict(
+            {ARRAYS_KEY: to_record({"w": np.zeros(n, np.float32)}), METRICS_KEY: MetricRecord({"partition-id": p})}
+        )
         for n, p in ((100, 0), (1000, 1))
     ]
     replies = [Message(content, reply_to=msg) for content, msg in zip(up, messages, strict=True)]
