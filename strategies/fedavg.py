@@ -116,11 +116,14 @@ class FedAvgLoRA(FedAvg):
         return self._construct_messages(record, self.sample_nodes(server_round, grid), MessageType.TRAIN)
 
     def sample_nodes(self, server_round: int, grid: Grid, poll: float = 1.0) -> list[int]:
-        """The nodes holding the partitions drawn for ``server_round`` (waits, as Flower's sampler, for
-        ``min_available_nodes`` nodes with a known partition).
+        """The nodes holding the partitions drawn for ``server_round``.
+
+        Waits, as Flower's sampler, for ``min_available_nodes`` connected nodes; a node that did not
+        tell its partition is left out (the round then trains fewer clients).
         """
-        while len(node_of := self.connected_partitions(grid)) < max(self.min_train_nodes, self.min_available_nodes):
-            log.info("waiting for nodes: %d with a known partition, %d needed", len(node_of), self.min_available_nodes)
+        needed = max(self.min_train_nodes, self.min_available_nodes)
+        while len(node_of := self.connected_partitions(grid)) < needed and len(list(grid.get_node_ids())) < needed:
+            log.info("waiting for nodes: %d connected, %d needed", len(list(grid.get_node_ids())), needed)
             time.sleep(poll)
         partitions = self.round_partitions(server_round, node_of)
         log.debug("round %d trains partitions %s", server_round, partitions)
