@@ -24,10 +24,12 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import asdict
+from logging import INFO
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common import MessageType
+from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -126,7 +128,9 @@ class FedAvgLoRA(FedAvg):
             log.info("waiting for nodes: %d connected, %d needed", len(list(grid.get_node_ids())), needed)
             time.sleep(poll)
         partitions = self.round_partitions(server_round, node_of)
-        log.debug("round %d trains partitions %s", server_round, partitions)
+        # Flower's own line (shown with logging.verbose), with the partitions drawn
+        flwr_log(INFO, "configure_train: Sampled %s nodes (out of %s): partitions %s", len(partitions),
+                 len(list(grid.get_node_ids())), partitions)  # fmt: skip
         return nodes_for(partitions, node_of)
 
     def round_partitions(self, server_round: int, available: Iterable[int] | None = None) -> list[int]:
