@@ -134,3 +134,18 @@ def test_scaffold_reaches_the_global_optimum_where_fedavg_drifts():
 
     assert fedavg_gap > 0.3
     assert scaffold_gap < 1e-3
+
+
+def test_weighted_mean_takes_fractional_weights_and_names_what_is_wrong():
+    np.testing.assert_allclose(agg.weighted_mean([A(1.0), A(3.0)], [0.25, 0.5])["w"], [7 / 3])
+    with pytest.raises(ValueError, match="no updates to average"):
+        agg.weighted_mean([], [])
+    with pytest.raises(ValueError, match=r"weights must sum to a positive number, got \[0, 0\]"):
+        agg.weighted_mean([A(1.0), A(2.0)], [0, 0])
+    with pytest.raises(ValueError):
+        agg.weighted_mean([A(1.0), A(2.0)], [1.0])  # one weight per update
+
+
+def test_scaffold_server_step_takes_the_clients_mean_by_default():
+    x1, _ = agg.scaffold_server_step(A(1.0), A(0.5), A(0.0), A(0.0), num_sampled=1, num_clients=1)
+    assert x1["w"][0] == pytest.approx(0.5)

@@ -92,3 +92,13 @@ def test_local_only_keeps_each_clients_adapter_and_leaves_global_alone():
     assert metrics["train_loss"] == pytest.approx(2.0)
     assert sorted(strategy.client_arrays) == [0, 2]
     np.testing.assert_allclose(from_record(strategy.client_arrays[2])["w"], [5.0])
+
+
+def test_central_trains_on_one_node_as_many_steps_as_a_federated_round():
+    from strategies.central import STEPS_MULTIPLIER_KEY, Central
+
+    strategy = Central(**{**KW, "sample_clients": 3})
+    msgs = list(strategy.configure_train(1, to_record({"w": np.zeros(2)}), ConfigRecord(), FakeGrid(4)))
+    assert len(msgs) == 1
+    conf = msgs[0].content[CONFIG_KEY]
+    assert conf[STEPS_MULTIPLIER_KEY] == 3 and conf["mode"] == "central" and conf["server-round"] == 1
