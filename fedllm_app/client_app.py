@@ -54,6 +54,16 @@ def train(msg: Message, context: Context) -> Message:
         raise _node_error(err) from None
 
 
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the server this node's partition id (it samples partitions, then sends to their nodes)."""
+    try:
+        pid = partition_id(context)
+    except Exception as err:  # noqa: BLE001 - as in train: the details stay on the node
+        raise _node_error(err) from None
+    return Message(RecordDict({METRICS_KEY: MetricRecord({PARTITION_KEY: pid})}), reply_to=msg)
+
+
 @app.query(RANK_QUERY.split(".")[1])
 def lora_rank(msg: Message, context: Context) -> Message:
     """Reply with this node's LoRA rank (:func:`fedllm_app.model.client_rank`), for a server of mixed ranks."""

@@ -11,7 +11,7 @@ from strategies.fedopt import FedOptParams, ServerOptimizer
 class FedAdagrad(ServerOptimizer):
     """Adagrad on the server (no momentum, as in the paper). Client contract: FedAvg's.
 
-    ``beta_1`` and ``beta_2`` are accepted for a uniform config and ignored.
+    ``beta_1``, ``beta_2``, ``first_moment`` and ``second_moment`` are accepted for a uniform config and ignored.
     """
 
     def __init__(
@@ -22,9 +22,12 @@ class FedAdagrad(ServerOptimizer):
         beta_1: float = 0.9,
         beta_2: float = 0.99,
         first_moment: str = "zero",
+        second_moment: str = "delta",
         **kwargs: Any,
     ) -> None:
-        self.params = FedOptParams(eta=eta, beta_1=beta_1, beta_2=beta_2, tau=tau, first_moment=first_moment)
+        self.params = FedOptParams(
+            eta=eta, beta_1=beta_1, beta_2=beta_2, tau=tau, first_moment=first_moment, second_moment=second_moment
+        )
         super().__init__(**kwargs)
 
     def step(self, global_: Arrays, d: Arrays) -> Arrays:

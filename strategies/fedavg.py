@@ -9,6 +9,10 @@ client never sets its own weight. This subclass only adds what fedllm's clients 
 
 Client contract
 ---------------
+A client answers a ``query`` message (config ``{"query": "partition-id"}``) with a MetricRecord
+``metrics`` holding its ``partition-id``: the server asks each node it has not met yet once, and
+samples partitions from ``(seed, round)`` (:mod:`strategies.sampling`), then sends to the nodes
+holding them.
 Each train message carries ``arrays`` (the global adapter) and ``config`` with
 ``server-round``, ``lr`` (constant within the round), ``mode`` ("federated") and
 ``num-clients`` (the run's number of clients, which a simulation may have adapted to its
@@ -21,17 +25,25 @@ MetricRecord ``metrics`` with ``num-examples`` (rows trained this round), ``data
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterable
 from dataclasses import asdict
+from logging import INFO
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common import MessageType
+from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from strategies.records import from_record, to_record
 from strategies.robust import AggregatorParams, aggregate
+from strategies.sampling import nodes_for, sample_partitions
 from strategies.schedule import cosine_lr
+
+log = logging.getLogger("fedllm")
 
 ARRAYS_KEY = "arrays"
 CONFIG_KEY = "config"
@@ -42,10 +54,15 @@ PARTITION_KEY = "partition-id"
 DATA_SIZE_KEY = "data-size"
 # Set by the server on each accepted reply (never by a client): the weight of the reply in the mean.
 WEIGHT_KEY = "server-weight"
+QUERY_KEY = "query"
 
 
 class FedAvgLoRA(FedAvg):
-    """FedAvg with ``sample_clients`` of ``num_clients`` per round and a cosine lr across rounds."""
+    """FedAvg with ``sample_clients`` of ``num_clients`` per round and a cosine lr across rounds.
+
+    ``seed`` fixes which partitions each round trains; ``query_timeout`` bounds the wait for a new
+    node's answer to the partition query (a node that does not answer in time is not sampled).
+    """
 
     mode = "federated"
     params: Any = None  # the algorithm's validated hyperparameter dataclass, if it has any
@@ -63,6 +80,8 @@ class FedAvgLoRA(FedAvg):
         aggregator: str = "mean",
         num_malicious: int = 0,
         trim_fraction: float = 0.2,
+        seed: int = 0,
+        query_timeout: float = 600.0,
     ) -> None:
         self.aggregation = AggregatorParams(aggregator, num_malicious, trim_fraction)
         super().__init__(
@@ -77,6 +96,8 @@ class FedAvgLoRA(FedAvg):
         self.num_clients, self.sample_clients = num_clients, sample_clients
         self.num_rounds = num_rounds
         self.lr_max, self.lr_min = lr_max, lr_min
+        self.seed, self.query_timeout = seed, query_timeout
+        self.partition_of: dict[int, int | None] = {}  # node id -> its partition id (None: did not answer)
 
     def state_dict(self) -> dict[str, Any]:
         """Server-side state to save for resuming (FedAvg has none)."""
@@ -110,15 +131,81 @@ class FedAvgLoRA(FedAvg):
         metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
         return to_record(aggregate(updates, weights, self.aggregation)), metrics
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        config = ConfigRecord(
+    def train_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
+        """The round's train config: the caller's, plus round, lr, mode and ``num-clients``."""
+        return ConfigRecord(
             {
                 **dict(config),
+                "server-round": server_round,
                 "lr": self.learning_rate(server_round),
                 "mode": self.mode,
                 NUM_CLIENTS_KEY: self.num_clients,
             }
         )
-        return super().configure_train(server_round, arrays, config, grid)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        record = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: self.train_config(server_round, config)})
+        return self._construct_messages(record, self.sample_nodes(server_round, grid), MessageType.TRAIN)
+
+    def sample_nodes(self, server_round: int, grid: Grid, poll: float = 1.0) -> list[int]:
+        """The nodes holding the partitions drawn for ``server_round``.
+
+        Waits, as Flower's sampler, for ``min_available_nodes`` connected nodes; a node that did not
+        tell its partition is left out (the round then trains fewer clients).
+        """
+        needed = max(self.min_train_nodes, self.min_available_nodes)
+        while len(node_of := self.connected_partitions(grid)) < needed and len(list(grid.get_node_ids())) < needed:
+            log.info("waiting for nodes: %d connected, %d needed", len(list(grid.get_node_ids())), needed)
+            time.sleep(poll)
+        partitions = self.round_partitions(server_round, node_of)
+        # Flower's own line (shown with logging.verbose), with the partitions drawn
+        flwr_log(INFO, "configure_train: Sampled %s nodes (out of %s): partitions %s", len(partitions),
+                 len(list(grid.get_node_ids())), partitions)  # fmt: skip
+        return nodes_for(partitions, node_of)
+
+    def round_partitions(self, server_round: int, available: Iterable[int] | None = None) -> list[int]:
+        """The partitions ``server_round`` trains (of ``available`` ones; default all), from ``(seed, round)``."""
+        pool = range(self.num_clients) if available is None else available
+        return sample_partitions(self.seed, server_round, self.num_clients, self.min_train_nodes, pool)
+
+    def connected_partitions(self, grid: Grid) -> dict[int, int]:
+        """Partition id -> connected node holding it; nodes not met before are queried first."""
+        connected = sorted(grid.get_node_ids())
+        unknown = [n for n in connected if n not in self.partition_of]
+        if unknown:
+            self.partition_of.update(self.query_partitions(grid, unknown))
+        node_of: dict[int, int] = {}
+        for node in connected:
+            pid = self.partition_of.get(node)
+            if pid is not None:
+                node_of.setdefault(pid, node)
+        return node_of
+
+    def query_partitions(self, grid: Grid, nodes: list[int]) -> dict[int, int | None]:
+        """Ask ``nodes`` for their partition id; None for a node that did not answer in ``query_timeout`` s."""
+        content = RecordDict({CONFIG_KEY: ConfigRecord({QUERY_KEY: PARTITION_KEY})})
+        messages = [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
+        found: dict[int, int | None] = dict.fromkeys(nodes)
+        for reply in grid.send_and_receive(messages, timeout=self.query_timeout):
+            metrics = None if reply.has_error() else reply.content.get(METRICS_KEY)
+            if metrics is not None and PARTITION_KEY in metrics:
+                found[reply.metadata.src_node_id] = self._checked_partition(reply.metadata.src_node_id, metrics)
+        silent = [n for n, p in found.items() if p is None]
+        if silent:
+            log.warning("nodes %s did not tell their partition within %s s; they are not sampled", silent,
+                        self.query_timeout)  # fmt: skip
+        return found
+
+    def _checked_partition(self, node: int, metrics: Any) -> int | None:
+        pid = metrics[PARTITION_KEY]
+        if not isinstance(pid, int) or isinstance(pid, bool):
+            log.warning("node %s answered the partition query with %r, not an integer; it is not sampled", node, pid)
+            return None
+        if not 0 <= pid < self.num_clients:
+            raise ValueError(
+                f"node {node} holds partition-id {pid}, outside 0..{self.num_clients - 1} for "
+                f"num_clients={self.num_clients}; give each SuperNode a partition-id below num_clients"
+            )
+        return pid

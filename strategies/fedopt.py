@@ -17,7 +17,13 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
-from strategies.aggregation import Arrays, delta, initial_first_moment, initial_second_moment
+from strategies.aggregation import (
+    SECOND_MOMENT_FORMS,
+    Arrays,
+    delta,
+    initial_first_moment,
+    initial_second_moment,
+)
 from strategies.fedavg import FedAvgLoRA
 from strategies.records import from_record, to_record
 
@@ -32,13 +38,17 @@ def check_range(name: str, value: float, low: float, high: float, example: float
 FIRST_MOMENT_FORMS = ("zero", "delta")
 
 
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    """Raise a ValueError naming ``strategy.<name>`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(
+            f"strategy.{name}={value!r} must be one of {', '.join(choices)}; e.g. strategy.{name}={choices[0]}"
+        )
+
+
 def check_first_moment(form: str) -> None:
     """Raise a ValueError naming ``strategy.first_moment`` unless it is one of :data:`FIRST_MOMENT_FORMS`."""
-    if form not in FIRST_MOMENT_FORMS:
-        raise ValueError(
-            f"strategy.first_moment={form!r} must be one of {', '.join(FIRST_MOMENT_FORMS)}; "
-            "e.g. strategy.first_moment=zero"
-        )
+    check_choice("first_moment", form, FIRST_MOMENT_FORMS)
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,10 @@ class FedOptParams:
     first_moment : str
         Start of the first moment: ``"zero"`` (Reddi et al., Flower) or ``"delta"`` (OpenFedLLM: the
         first round's delta, which that round then counts ``1 / (1 - beta_1)`` times). Unused by FedAdagrad.
+    second_moment : str
+        What the second moment accumulates: ``"delta"``, the squared pseudo-gradient (Reddi et al. Alg. 2,
+        Flower), or ``"momentum"``, the squared first moment (OpenFedLLM). Unused by FedAdagrad, whose
+        ``v += delta**2`` has no first moment.
     """
 
     eta: float = 1e-3
@@ -65,6 +79,7 @@ class FedOptParams:
     beta_2: float = 0.99
     tau: float = 1e-3
     first_moment: str = "zero"
+    second_moment: str = "delta"
 
     def __post_init__(self) -> None:
         check_range("eta", self.eta, 0.0, float("inf"), 1e-3)
@@ -72,6 +87,7 @@ class FedOptParams:
         check_range("beta_2", self.beta_2, 0.0, 1.0, 0.99)
         check_range("tau", self.tau, 0.0, float("inf"), 1e-3)
         check_first_moment(self.first_moment)
+        check_choice("second_moment", self.second_moment, SECOND_MOMENT_FORMS)
 
 
 class ServerOptimizer(FedAvgLoRA):
@@ -114,17 +130,29 @@ class ServerOptimizer(FedAvgLoRA):
 class AdaptiveMomentOptimizer(ServerOptimizer):
     """FedAdam and FedYogi: first and second moments; subclasses set :attr:`update` only."""
 
-    update: Any  # (global, delta, m, v, eta, beta_1, beta_2, tau) -> (new global, m, v)
+    update: Any  # (global, delta, m, v, eta, beta_1, beta_2, tau, second_moment) -> (new global, m, v)
 
     def __init__(
-        self, *, eta: float, beta_1: float, beta_2: float, tau: float, first_moment: str = "zero", **kwargs: Any
+        self,
+        *,
+        eta: float,
+        beta_1: float,
+        beta_2: float,
+        tau: float,
+        first_moment: str = "zero",
+        second_moment: str = "delta",
+        **kwargs: Any,
     ) -> None:
-        self.params = FedOptParams(eta=eta, beta_1=beta_1, beta_2=beta_2, tau=tau, first_moment=first_moment)
+        self.params = FedOptParams(
+            eta=eta, beta_1=beta_1, beta_2=beta_2, tau=tau, first_moment=first_moment, second_moment=second_moment
+        )
         super().__init__(**kwargs)
 
     def step(self, global_: Arrays, d: Arrays) -> Arrays:
         p = self.params
         v = self.state.get("v") or initial_second_moment(global_, p.tau)
         m = self.state.get("m") or initial_first_moment(global_, p.first_moment)
-        new, self.state["m"], self.state["v"] = type(self).update(global_, d, m, v, p.eta, p.beta_1, p.beta_2, p.tau)
+        new, self.state["m"], self.state["v"] = type(self).update(
+            global_, d, m, v, p.eta, p.beta_1, p.beta_2, p.tau, p.second_moment
+        )
         return new

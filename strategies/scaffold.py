@@ -1,20 +1,23 @@
 """SCAFFOLD (Karimireddy et al., 2020) over LoRA arrays.
 
-Server state: the control variate ``c`` (zeros at start), kept here and saved with
-:meth:`Scaffold.state_dict`. The global update is FedAvg's mean with a server step
-size; ``c += (|S| / N) mean_i(delta c_i)``
-(:func:`strategies.aggregation.scaffold_server_step`).
+Server state: the control variate ``c`` and every partition's ``c_i`` (zeros at start), kept
+here and saved with :meth:`Scaffold.state_dict`, so clients hold no state. The global update is
+FedAvg's mean with a server step size; ``c += (|S| / N) mean_i(delta c_i)`` over the replies the
+server accepted (:func:`strategies.aggregation.scaffold_server_step`), and each of those
+partitions' ``c_i += delta c_i`` at the same time. A rejected or late reply, a round below
+``min_replies`` and a resumed run therefore all keep ``c = mean_i c_i`` over the N partitions.
+The cost: the server holds N + 1 adapter-sized arrays (and saves them for resuming).
 
 Client contract
 ---------------
-Each train message carries, besides FedAvg's ``arrays`` and ``config``, an
-ArrayRecord ``c-server`` with ``c`` (same names as the adapter). The client keeps its
-own ``c_i`` in ``context.state`` (zeros at first), adds ``c - c_i`` to its gradients
-before every optimizer step, then sets ``c_i+`` to the mean of its raw gradients over
-the K steps actually taken (equal to option II, ``c_i - c + (x - y_i) / (K lr)``, under
-local SGD, and still in gradient units under Adam; see
-:func:`strategies.aggregation.scaffold_client_control`), stores it and replies with an
-extra ArrayRecord ``c-delta`` holding ``c_i+ - c_i``. The server removes ``c-delta`` before FedAvg's aggregation.
+Each train message carries, besides FedAvg's ``arrays`` and ``config``, the ArrayRecords
+``c-server`` with ``c`` and ``c-client`` with the receiving partition's ``c_i`` (same names as
+the adapter). The client adds ``c - c_i`` to its gradients before every optimizer step, then
+sets ``c_i+`` to the mean of its raw gradients over the K steps actually taken (equal to option
+II, ``c_i - c + (x - y_i) / (K lr)``, under local SGD, and still in gradient units under Adam;
+see :func:`strategies.aggregation.scaffold_client_control`) and replies with an extra
+ArrayRecord ``c-delta`` holding ``c_i+ - c_i``; it stores nothing. The server removes
+``c-delta`` before FedAvg's aggregation.
 """
 
 from __future__ import annotations
@@ -24,15 +27,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common import MessageType
 from flwr.serverapp import Grid
 
-from strategies.aggregation import Arrays, scaffold_server_step
+from strategies.aggregation import Arrays, scaffold_commit_controls, scaffold_server_step
 from strategies.fedavg import FedAvgLoRA
 from strategies.fedopt import check_range
 from strategies.records import from_record, to_record
 
 C_SERVER_KEY = "c-server"
+C_CLIENT_KEY = "c-client"
+CLIENT_STATE_PREFIX = "c-client-"
 C_DELTA_KEY = "c-delta"
 
 
@@ -53,7 +59,7 @@ class ScaffoldParams:
 
 
 class Scaffold(FedAvgLoRA):
-    """FedAvg plus server and client control variates that correct client drift."""
+    """FedAvg plus server and client control variates that correct client drift, all kept on the server."""
 
     reply_arrays = (C_DELTA_KEY,)
 
@@ -61,7 +67,13 @@ class Scaffold(FedAvgLoRA):
         self.params = ScaffoldParams(server_lr=server_lr)
         super().__init__(**kwargs)
         self.c: Arrays | None = None
+        self.c_i: dict[int, Arrays] = {}  # partition id -> its control variate; absent = zeros
         self.global_arrays: Arrays | None = None
+
+    def client_control(self, partition: int) -> Arrays:
+        """The partition's ``c_i`` (zeros before its first accepted reply)."""
+        assert self.c is not None
+        return self.c_i.get(partition) or {k: np.zeros_like(v) for k, v in self.c.items()}
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -69,32 +81,55 @@ class Scaffold(FedAvgLoRA):
         self.global_arrays = from_record(arrays)
         if self.c is None:
             self.c = {k: np.zeros_like(v) for k, v in self.global_arrays.items()}
-        messages = list(super().configure_train(server_round, arrays, config, grid))
         c_record = to_record(self.c)
-        for msg in messages:
-            msg.content[C_SERVER_KEY] = c_record
+        messages = []
+        for msg in super().configure_train(server_round, arrays, config, grid):
+            node = msg.metadata.dst_node_id
+            c_i = to_record(self.client_control(self.partition_of[node]))  # type: ignore[index]
+            content = RecordDict({**dict(msg.content.items()), C_SERVER_KEY: c_record, C_CLIENT_KEY: c_i})
+            messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
         return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        deltas = [from_record(m.content[C_DELTA_KEY]) for m in replies if not m.has_error()]
+        deltas: dict[int, Arrays] = {}
         for m in replies:
             if not m.has_error():
+                deltas[self.reply_partition(m)] = from_record(m.content[C_DELTA_KEY])
                 del m.content[C_DELTA_KEY]  # Flower's FedAvg expects exactly one ArrayRecord
         mean, metrics = super().aggregate_train(server_round, replies)
         if mean is None or self.global_arrays is None or self.c is None:
             return mean, metrics
-        mean_dc = {k: sum(d[k] for d in deltas) / len(deltas) for k in self.c}
+        mean_dc = {k: sum(d[k] for d in deltas.values()) / len(deltas) for k in self.c}
         new, self.c = scaffold_server_step(
             self.global_arrays, from_record(mean), self.c, mean_dc, len(deltas), self.num_clients, self.params.server_lr
         )
+        self.c_i = scaffold_commit_controls(self.c_i, deltas)
         return to_record(new), metrics
 
+    def reply_partition(self, reply: Message) -> int:
+        """The partition the server sent this round to the reply's node (the server's record, not the reply's)."""
+        pid = self.partition_of.get(reply.metadata.src_node_id)
+        if pid is None:
+            raise ValueError(f"a SCAFFOLD reply from node {reply.metadata.src_node_id}, which was sent no round")
+        return pid
+
     def state_dict(self) -> dict[str, Arrays | None]:
-        return {"c": None if self.c is None else {k: v.copy() for k, v in self.c.items()}}
+        state: dict[str, Arrays | None] = {"c": None if self.c is None else _copy(self.c)}
+        state.update({f"{CLIENT_STATE_PREFIX}{pid}": _copy(c_i) for pid, c_i in self.c_i.items()})
+        return state
 
     def load_state_dict(self, state: dict[str, Arrays | None]) -> None:
         c = state.get("c")
-        self.c = None if c is None else {k: v.copy() for k, v in c.items()}
+        self.c = None if c is None else _copy(c)
+        self.c_i = {
+            int(key[len(CLIENT_STATE_PREFIX) :]): _copy(value)
+            for key, value in state.items()
+            if key.startswith(CLIENT_STATE_PREFIX) and value is not None
+        }
+
+
+def _copy(arrays: Arrays) -> Arrays:
+    return {k: v.copy() for k, v in arrays.items()}

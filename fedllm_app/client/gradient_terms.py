@@ -18,7 +18,7 @@ import torch
 
 from strategies.aggregation import Arrays, scaffold_client_control
 from strategies.records import from_record, to_record
-from strategies.scaffold import C_SERVER_KEY
+from strategies.scaffold import C_CLIENT_KEY, C_SERVER_KEY
 
 
 def proximal_grad(param: torch.Tensor, anchor: torch.Tensor, mu: float) -> torch.Tensor:
@@ -103,27 +103,28 @@ class GradientTerms:
 class ScaffoldClient:
     """One client round of SCAFFOLD: the correction ``c - c_i`` in, ``delta c_i`` out.
 
-    ``c_i`` lives in the node's persistent ``context.state`` (zeros before the first round).
+    Both ``c`` and this partition's ``c_i`` come in the train message: the server keeps every
+    ``c_i`` and commits ``delta c_i`` only when it accepts the reply, so the client holds no state.
     """
 
-    STATE_KEY = "scaffold-c-i"
-
-    def __init__(self, c: Arrays, state: Any) -> None:
-        self.c, self.state = c, state
-        saved = state.get(self.STATE_KEY)
-        self.c_i = from_record(saved) if saved is not None else {k: np.zeros_like(v) for k, v in c.items()}
+    def __init__(self, c: Arrays, c_i: Arrays) -> None:
+        self.c, self.c_i = c, c_i
 
     @classmethod
-    def from_message(cls, msg: Any, state: Any) -> ScaffoldClient | None:
+    def from_message(cls, msg: Any) -> ScaffoldClient | None:
         if C_SERVER_KEY not in msg.content:
             return None
-        return cls(from_record(msg.content[C_SERVER_KEY]), state)
+        if C_CLIENT_KEY not in msg.content:
+            raise ValueError(
+                f"the SCAFFOLD train message has '{C_SERVER_KEY}' but no '{C_CLIENT_KEY}' (this partition's c_i); "
+                "run the same fedllm version on the server and the clients"
+            )
+        return cls(from_record(msg.content[C_SERVER_KEY]), from_record(msg.content[C_CLIENT_KEY]))
 
     def correction(self) -> Arrays:
         return {k: self.c[k] - self.c_i[k] for k in self.c}
 
     def finish(self, mean_grad: Arrays) -> Any:
-        """Store ``c_i+`` (the round's mean raw gradient); return ``c_i+ - c_i`` as an ArrayRecord."""
-        new, dc = scaffold_client_control(self.c_i, mean_grad)
-        self.state[self.STATE_KEY] = to_record(new)
+        """``c_i+ - c_i`` (``c_i+`` is the round's mean raw gradient) as an ArrayRecord."""
+        _, dc = scaffold_client_control(self.c_i, mean_grad)
         return to_record(dc)

@@ -127,6 +127,15 @@ def process_age() -> float:
     return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
 
 
+def seed_round(seed: int, pid: int) -> None:
+    """Seed Python, NumPy and torch for this client round (LoRA dropout, batch order) from the run's seed,
+    the round and the partition, not from what the process ran before.
+    """
+    from transformers import set_seed
+
+    set_seed(seed + 1_000_003 * pid)
+
+
 def train_one_round(cfg: DictConfig, pid: int, msg: Message, state: Any, data_path: str | None = None) -> RecordDict:
     """Load the adapter to start from, train this round, and build the reply's content."""
     # Start-up before this call: a fresh process's age, or (warm process) the time since the server sent it.
@@ -140,12 +149,14 @@ def train_one_round(cfg: DictConfig, pid: int, msg: Message, state: Any, data_pa
     kept = state.get(LOCAL_STATE_KEY) if plan.mode == "local" else None
     set_adapter(model, from_record(kept) if kept is not None else global_)
     trainer = _trainer(cfg, pid, plan, model, tokenizer, data_path)
-    scaffold = ScaffoldClient.from_message(msg, state)
+    scaffold = ScaffoldClient.from_message(msg)
     setup = time.perf_counter() - start
+    seed = cfg.seed * 100_003 + plan.server_round
+    seed_round(seed, pid)
     result = trainer.train_round(
         round_indices(len(trainer.dataset), cfg, plan.server_round, pid, plan.multiplier),
         plan.lr,
-        seed=cfg.seed * 100_003 + plan.server_round,
+        seed=seed,
         mu=plan.mu,
         correction=scaffold.correction() if scaffold else None,
         max_steps=cfg.training.max_steps * plan.multiplier,

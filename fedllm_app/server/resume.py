@@ -2,16 +2,15 @@
 
 One file, ``<run dir>/resume_state.npz``, replaced atomically after every round:
 the global adapter, the strategy's state (:meth:`state_dict`: FedAvgM's momentum,
-FedAdam/FedYogi/FedAdagrad's moments, SCAFFOLD's server control variate), the round
-and phase, the Python, NumPy and torch RNG states, the cumulative byte counts, the
-summary so far and every metrics row written. ``resume=<run dir>`` loads it
-(:func:`load_state`) and the run continues with the next round.
+FedAdam/FedYogi/FedAdagrad's moments, SCAFFOLD's server control variate ``c`` and every
+partition's ``c_i``), the round and phase, the Python, NumPy and torch RNG states, the cumulative
+byte counts, the summary so far and every metrics row written. ``resume=<run dir>`` loads it
+(:func:`load_state`) and the run continues with the next round. Which partitions train in a round
+depends on the seed and the round only (:mod:`strategies.sampling`), so a resumed run draws the
+same clients as an uninterrupted one.
 
-What is not in it: state kept on the clients. SCAFFOLD's client control variates
-``c_i`` and the local-only baseline's adapters live in each node's ``context.state``,
-which Flower keeps per run; a resumed run is a new Flower run, so ``c_i`` restart
-from zero (the first resumed SCAFFOLD round then differs from an uninterrupted one).
-Resuming ``strategy=local`` is refused for that reason.
+What is not in it: the local-only baseline's adapters, which live in each node's
+``context.state``; a resumed run is a new Flower run, so resuming ``strategy=local`` is refused.
 """
 
 from __future__ import annotations

@@ -42,6 +42,8 @@ def strategy_kwargs(cfg: DictConfig) -> dict[str, Any]:
         "num_rounds": cfg.num_rounds,
         "lr_max": cfg.training.learning_rate,
         "lr_min": cfg.training.min_learning_rate,
+        "seed": cfg.seed,
+        "query_timeout": cfg.round_timeout,
     }
 
 
@@ -271,9 +273,9 @@ class FederatedRun:
             push_adapter(folder, self.cfg.hub)
 
 
-# Keys that may differ between an interrupted run and its resumption.
+# Keys that may differ between an interrupted run and its resumption. Not num_rounds: the cosine lr
+# schedule spans num_rounds, so another value would change the lr of every round still to run.
 RESUMABLE_CHANGES = (
-    "num_rounds",
     "round_timeout",
     "node_wait_timeout",
     "min_replies",
@@ -282,6 +284,18 @@ RESUMABLE_CHANGES = (
     "logging",
     "hub",
 )
+
+
+def check_same_schedule(cfg: DictConfig, saved: dict[str, Any]) -> None:
+    """Refuse a resume whose ``num_rounds`` differs from the run's: the lr schedule would shift silently."""
+    before = saved.get("num_rounds")
+    if before is not None and before != cfg.num_rounds:
+        raise ConfigError(
+            f"resume={cfg.resume}: the run was made with num_rounds={before} and its cosine learning-rate schedule "
+            f"spans those rounds; num_rounds={cfg.num_rounds} would change the lr of every round still to run. "
+            f"Resume with num_rounds={before}, or start a new run from the last checkpoint "
+            f"(model.adapter=<run dir>/checkpoints/round-<N>) with the rounds you want"
+        )
 
 
 def resume_point(cfg: DictConfig) -> ResumeState:
@@ -294,6 +308,7 @@ def resume_point(cfg: DictConfig) -> ResumeState:
         raise ConfigError(f"resume={cfg.resume}: no config.yaml there; give the folder of an earlier run")
     saved = OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True)
     now = OmegaConf.to_container(cfg, resolve=True)
+    check_same_schedule(cfg, saved)
     differ = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
     if differ:
         raise ConfigError(

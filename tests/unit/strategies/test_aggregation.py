@@ -38,26 +38,47 @@ def test_fedadagrad_two_rounds():
     assert x2["w"][0] == pytest.approx(x1["w"][0] - 0.4 / (np.sqrt(0.26) + 0.1))
 
 
-def test_fedadam_two_rounds():
+def test_fedadam_two_rounds_second_moment_from_the_squared_delta():
+    """Reddi et al. Alg. 2: v accumulates delta**2, not the squared first moment."""
     x, tau, eta, b1, b2 = A(0.0), 0.1, 0.5, 0.9, 0.99
     v0 = agg.initial_second_moment(x, tau)
-    x1, m1, v1 = agg.fedadam_step(x, A(0.2), None, v0, eta, b1, b2, tau)
-    assert m1["w"][0] == pytest.approx(0.2)
-    assert v1["w"][0] == pytest.approx(0.99 * 0.01 + 0.01 * 0.04)  # 0.0103
-    assert x1["w"][0] == pytest.approx(0.5 * 0.2 / (np.sqrt(0.0103) + 0.1))
+    x1, m1, v1 = agg.fedadam_step(x, A(0.2), A(0.0), v0, eta, b1, b2, tau)
+    assert m1["w"][0] == pytest.approx(0.02)
+    assert v1["w"][0] == pytest.approx(0.99 * 0.01 + 0.01 * 0.04)  # 0.0103: delta**2, not m**2 = 0.0004
+    assert x1["w"][0] == pytest.approx(0.5 * 0.02 / (np.sqrt(0.0103) + 0.1))
     x2, m2, v2 = agg.fedadam_step(x1, A(0.0), m1, v1, eta, b1, b2, tau)
+    assert m2["w"][0] == pytest.approx(0.018)
+    assert v2["w"][0] == pytest.approx(0.99 * 0.0103)  # delta 0 adds nothing
+    assert x2["w"][0] == pytest.approx(x1["w"][0] + 0.5 * 0.018 / (np.sqrt(v2["w"][0]) + 0.1))
+
+
+def test_fedadam_openfedllm_form_squares_the_first_moment():
+    x, tau, eta, b1, b2 = A(0.0), 0.1, 0.5, 0.9, 0.99
+    v0 = agg.initial_second_moment(x, tau)
+    x1, m1, v1 = agg.fedadam_step(x, A(0.2), None, v0, eta, b1, b2, tau, second_moment="momentum")
+    assert m1["w"][0] == pytest.approx(0.2)  # OpenFedLLM's first moment starts at the first delta
+    assert v1["w"][0] == pytest.approx(0.99 * 0.01 + 0.01 * 0.04)
+    x2, m2, v2 = agg.fedadam_step(x1, A(0.0), m1, v1, eta, b1, b2, tau, second_moment="momentum")
     assert m2["w"][0] == pytest.approx(0.18)
     assert v2["w"][0] == pytest.approx(0.99 * 0.0103 + 0.01 * 0.18**2)
     assert x2["w"][0] == pytest.approx(x1["w"][0] + 0.5 * 0.18 / (np.sqrt(v2["w"][0]) + 0.1))
 
 
-def test_fedyogi_second_moment_moves_toward_m_squared_additively():
+def test_fedyogi_second_moment_moves_toward_delta_squared_additively():
     x, tau, eta, b1, b2 = A(0.0, 0.0), 0.1, 1.0, 0.9, 0.99
     v0 = agg.initial_second_moment(x, tau)  # 0.01 everywhere
-    x1, m1, v1 = agg.fedyogi_step(x, A(0.5, 0.05), None, v0, eta, b1, b2, tau)
-    # m^2 = 0.25 > v: v grows by (1 - b2) m^2; m^2 = 0.0025 < v: v shrinks by (1 - b2) m^2
+    x1, m1, v1 = agg.fedyogi_step(x, A(0.5, 0.05), A(0.0, 0.0), v0, eta, b1, b2, tau)
+    # d^2 = 0.25 > v: v grows by (1 - b2) d^2; d^2 = 0.0025 < v: v shrinks by (1 - b2) d^2
+    np.testing.assert_allclose(m1["w"], [0.05, 0.005])
     np.testing.assert_allclose(v1["w"], [0.01 + 0.01 * 0.25, 0.01 - 0.01 * 0.0025])
     np.testing.assert_allclose(x1["w"], m1["w"] / (np.sqrt(v1["w"]) + tau))
+    _, _, v_m = agg.fedyogi_step(x, A(0.5, 0.05), A(0.0, 0.0), v0, eta, b1, b2, tau, second_moment="momentum")
+    np.testing.assert_allclose(v_m["w"], [0.01 - 0.01 * 0.0025, 0.01 - 0.01 * 0.005**2])
+
+
+def test_an_unknown_second_moment_form_is_refused():
+    with pytest.raises(ValueError, match="second moment form 'm2' must be one of delta, momentum"):
+        agg.squared_update(A(1.0), A(1.0), "m2")
 
 
 def test_scaffold_client_control_and_server_step():
@@ -113,3 +134,18 @@ def test_scaffold_reaches_the_global_optimum_where_fedavg_drifts():
 
     assert fedavg_gap > 0.3
     assert scaffold_gap < 1e-3
+
+
+def test_weighted_mean_takes_fractional_weights_and_names_what_is_wrong():
+    np.testing.assert_allclose(agg.weighted_mean([A(1.0), A(3.0)], [0.25, 0.5])["w"], [7 / 3])
+    with pytest.raises(ValueError, match="no updates to average"):
+        agg.weighted_mean([], [])
+    with pytest.raises(ValueError, match=r"weights must sum to a positive number, got \[0, 0\]"):
+        agg.weighted_mean([A(1.0), A(2.0)], [0, 0])
+    with pytest.raises(ValueError):
+        agg.weighted_mean([A(1.0), A(2.0)], [1.0])  # one weight per update
+
+
+def test_scaffold_server_step_takes_the_clients_mean_by_default():
+    x1, _ = agg.scaffold_server_step(A(1.0), A(0.5), A(0.0), A(0.0), num_sampled=1, num_clients=1)
+    assert x1["w"][0] == pytest.approx(0.5)

@@ -1,5 +1,7 @@
 """FedAvgLoRA through Flower's own Message objects: weighting, per-round config, local baseline."""
 
+import math
+
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
@@ -50,6 +52,15 @@ class FakeGrid:
     def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
         return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
 
+    def send_and_receive(self, messages, *, timeout=None):
+        """Node k answers the partition query with partition k - 1."""
+        return [answer_partition(m, m.metadata.dst_node_id - 1) for m in messages]
+
+
+def answer_partition(query: Message, pid: int) -> Message:
+    """A node's answer to the server's partition query."""
+    return Message(RecordDict({METRICS_KEY: MetricRecord({"partition-id": pid})}), reply_to=query)
+
 
 KW = {"num_clients": 4, "sample_clients": 2, "num_rounds": 10, "lr_max": 1e-2, "lr_min": 1e-3}
 
@@ -79,7 +90,7 @@ def test_configure_train_samples_clients_and_sends_round_lr_and_num_clients():
     assert conf["lr"] == pytest.approx(1e-2) and conf["server-round"] == 1 and conf["mode"] == "federated"
     assert conf[NUM_CLIENTS_KEY] == KW["num_clients"]
     later = list(strategy.configure_train(10, arrays, ConfigRecord(), FakeGrid(4)))[0].content[CONFIG_KEY]
-    assert 1e-3 < later["lr"] < 1e-2
+    assert later["lr"] == pytest.approx(1e-3 + 0.5 * (1e-2 - 1e-3) * (1 + math.cos(math.pi * 9 / 10)))  # r - 1 = 9
 
 
 def test_local_only_keeps_each_clients_adapter_and_leaves_global_alone():
@@ -91,3 +102,13 @@ def test_local_only_keeps_each_clients_adapter_and_leaves_global_alone():
     assert metrics["train_loss"] == pytest.approx(2.0)
     assert sorted(strategy.client_arrays) == [0, 2]
     np.testing.assert_allclose(from_record(strategy.client_arrays[2])["w"], [5.0])
+
+
+def test_central_trains_on_one_node_as_many_steps_as_a_federated_round():
+    from strategies.central import STEPS_MULTIPLIER_KEY, Central
+
+    strategy = Central(**{**KW, "sample_clients": 3})
+    msgs = list(strategy.configure_train(1, to_record({"w": np.zeros(2)}), ConfigRecord(), FakeGrid(4)))
+    assert len(msgs) == 1
+    conf = msgs[0].content[CONFIG_KEY]
+    assert conf[STEPS_MULTIPLIER_KEY] == 3 and conf["mode"] == "central" and conf["server-round"] == 1

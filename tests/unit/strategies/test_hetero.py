@@ -26,7 +26,7 @@ def _task_identity():
 
 
 class RankGrid:
-    """A grid whose nodes answer the rank query with their rank in ``ranks``."""
+    """A grid whose nodes answer the rank query with their rank in ``ranks``, the partition query with id - 1."""
 
     def __init__(self, ranks):
         self.ranks, self.queried = ranks, []
@@ -37,11 +37,13 @@ class RankGrid:
     def send_and_receive(self, messages, timeout=None):
         out = []
         for m in messages:
-            assert m.metadata.message_type == RANK_QUERY
-            self.queried.append(m.metadata.dst_node_id)
-            reply = Message(RecordDict({METRICS_KEY: MetricRecord({RANK_KEY: self.ranks[m.metadata.dst_node_id]})}),
-                            reply_to=m)  # fmt: skip
-            out.append(reply)
+            node = m.metadata.dst_node_id
+            if m.metadata.message_type == RANK_QUERY:
+                self.queried.append(node)
+                answer = {RANK_KEY: self.ranks[node]}
+            else:  # the partition query: node k holds partition k - 1
+                answer = {PARTITION_KEY: node - 1}
+            out.append(Message(RecordDict({METRICS_KEY: MetricRecord(answer)}), reply_to=m))
         return out
 
 

@@ -34,6 +34,15 @@ class FakeGrid:
     def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
         return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
 
+    def send_and_receive(self, messages, *, timeout=None):
+        """Node k answers the partition query with partition k - 1."""
+        return [answer_partition(m, m.metadata.dst_node_id - 1) for m in messages]
+
+
+def answer_partition(query: Message, pid: int) -> Message:
+    """A node's answer to the server's partition query."""
+    return Message(RecordDict({METRICS_KEY: MetricRecord({"partition-id": pid})}), reply_to=query)
+
 
 def reply(arrays, n, extra=None):
     content = RecordDict(
@@ -88,7 +97,7 @@ def test_fedadam_applies_its_step_to_the_weighted_mean_delta():
         1, [reply({"w": np.array([0.1], np.float32)}, 10), reply({"w": np.array([0.4], np.float32)}, 30)]
     )
     m = 0.1 * 0.325  # (1 - beta_1) x the weighted mean delta; the first moment starts at zero
-    v = 0.99 * 0.01 + 0.01 * m**2
+    v = 0.99 * 0.01 + 0.01 * 0.325**2  # the squared delta (Reddi et al.), not m**2
     np.testing.assert_allclose(from_record(new)["w"], [0.5 * m / (np.sqrt(v) + 0.1)], rtol=1e-5)
 
 

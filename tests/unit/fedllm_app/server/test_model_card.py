@@ -32,7 +32,10 @@ def test_the_card_names_base_model_data_strategy_metrics_bytes_and_how_to_load(t
     assert card.data.datasets == ["tatsu-lab/alpaca"] and card.data.pipeline_tag == "text-generation"
     assert {"federated-learning", "flower", "lora", "fedadam", "sft"} <= set(card.data.tags)
     text = card.text
-    assert "| strategy | fedadam (eta=0.001, beta_1=0.9, beta_2=0.99, tau=0.001, first_moment=zero) |" in text
+    assert (
+        "| strategy | fedadam (eta=0.001, beta_1=0.9, beta_2=0.99, tau=0.001, first_moment=zero, second_moment=delta) |"
+        in text
+    )
     assert "| clients | 4, 4 sampled per round |" in text and "| partition | iid (by=domain) |" in text
     assert "| rounds | 3 rounds x 40 steps per client (batch 16 x grad_accum 1)" in text
     assert "quantised 4bit" in text and "r=32, alpha=64, dropout=0.05, on q_proj, v_proj" in text

@@ -61,3 +61,16 @@ def test_resume_refuses_a_folder_without_state_or_with_other_settings(tmp_path):
         resume_point(cfg)
     with pytest.raises(ConfigError, match="strategy=local"):
         resume_point(load_config({"overrides": f"strategy=local resume={tmp_path}"}))
+
+
+def test_resume_with_other_num_rounds_fails_instead_of_shifting_the_lr_schedule(tmp_path):
+    from omegaconf import OmegaConf
+
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(load_config({"overrides": "num_rounds=15"})))
+    cfg = load_config({"overrides": f"num_rounds=30 resume={tmp_path}"})
+    with pytest.raises(
+        ConfigError, match=r"num_rounds=15 .* schedule .* Resume with num_rounds=15, or start a new run"
+    ):
+        resume_point(cfg)
+    with pytest.raises(ConfigError, match=f"no {STATE_FILE} there"):  # the same num_rounds goes on to the state
+        resume_point(load_config({"overrides": f"num_rounds=15 resume={tmp_path}"}))

@@ -74,6 +74,13 @@ class AnsweringGrid:
     def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
         return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
 
+    def send_and_receive(self, messages, *, timeout=None):
+        """Node k answers the server's partition query with partition k - 1."""
+        return [
+            Message(RecordDict({METRICS_KEY: MetricRecord({"partition-id": m.metadata.dst_node_id - 1})}), reply_to=m)
+            for m in messages
+        ]
+
     def push_messages(self, messages):
         for m in messages:
             m.metadata.__dict__["_message_id"] = m.object_id
