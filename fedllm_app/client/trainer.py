@@ -26,6 +26,7 @@ import torch
 from omegaconf import DictConfig
 
 from fedllm_app.client.gradient_terms import GradientTerms
+from fedllm_app.client.token_cache import cached_trainer_class
 from fedllm_app.config import task_name
 from fedllm_app.data.rows import Row
 from fedllm_app.data.trl_form import to_trl
@@ -105,6 +106,7 @@ def _trainer(model: Any, tokenizer: Any, dataset: Any, cfg: DictConfig, output_d
     from transformers.trainer_callback import PrinterCallback
     from trl import DPOTrainer, SFTTrainer
 
+    DPOTrainer, SFTTrainer = cached_trainer_class(DPOTrainer), cached_trainer_class(SFTTrainer)  # noqa: N806
     args = trainer_config(cfg, cfg.training.learning_rate, cfg.seed, output_dir)
     if task_name(cfg) == "dpo":
         # ref_model=None with a PEFT model: TRL adds a frozen "ref" adapter (set by set_reference). A
