@@ -91,7 +91,13 @@ def run_fedllm(work: Path, model: Path, rows: Path, rounds: int) -> dict:
     if status != "finished:completed":
         raise SystemExit(f"fedllm run ended {status}:\n{log[-3000:]}")
     lines = [json.loads(x) for x in (out / "bench" / "metrics.jsonl").read_text().splitlines()]
-    return {"wall": wall, "rounds": [r["seconds"] for r in lines], "first_start": lines[0]["started_at"] - launched}
+    return {
+        "wall": wall,
+        "rounds": [r["seconds"] for r in lines],
+        "first_start": lines[0]["started_at"] - launched,
+        "train": [r["train_phase_seconds"] for r in lines],
+        "eval": [r.get("eval_seconds", 0.0) for r in lines],
+    }
 
 
 def run_openfedllm(checkout: Path, python: str, model: Path, rows: Path, rounds: int, work: Path) -> dict:
@@ -142,7 +148,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for name, r in results.items():
         print(row(name, r))
-    print("\nper-round seconds, fedllm: " + " ".join(f"{s:.2f}" for s in results["fedllm"]["rounds"]))
+    for key in ("rounds", "train", "eval"):
+        print(f"\nfedllm per-round {key} seconds: " + " ".join(f"{s:.2f}" for s in results["fedllm"][key]))
 
 
 if __name__ == "__main__":
