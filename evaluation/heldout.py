@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from fedllm_app.config import ConfigError
 from fedllm_app.data.templates import prompt_text, to_prompt_completion
 from fedllm_app.data.trl_form import trl_token_ids
 
@@ -108,9 +109,24 @@ def exact_match(
     return {k: sum(v) / len(v) for k, v in sorted(hits.items())}
 
 
-def evaluate_adapter(model: Any, tokenizer: Any, rows: list[dict], training_cfg: Any) -> dict[str, float]:
-    """Loss and exact match of the model's current adapter on ``rows``."""
+def exact_match_due(every: int, rnd: int, num_rounds: int) -> bool:
+    """Whether round ``rnd`` gets the generation-based exact match: every ``every`` rounds and the last one.
+
+    ``every`` is ``eval.exact_match_every`` (>= 1; 1 = every round).
+    """
+    if int(every) < 1:
+        raise ConfigError(
+            f"eval.exact_match_every={every} must be >= 1 (1 = every round); e.g. eval.exact_match_every=5"
+        )
+    return rnd % int(every) == 0 or rnd >= num_rounds
+
+
+def evaluate_adapter(
+    model: Any, tokenizer: Any, rows: list[dict], training_cfg: Any, exact: bool = True
+) -> dict[str, float]:
+    """Loss and (unless ``exact`` is false) exact match of the model's current adapter on ``rows``."""
     t = training_cfg
     metrics = {"eval_loss": heldout_loss(model, tokenizer, rows, t.template, t.eval_batch_size, t.max_length)}
-    metrics.update(exact_match(model, tokenizer, rows, t.template, t.eval_batch_size, t.max_new_tokens))
+    if exact:
+        metrics.update(exact_match(model, tokenizer, rows, t.template, t.eval_batch_size, t.max_new_tokens))
     return metrics

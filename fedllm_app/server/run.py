@@ -15,7 +15,7 @@ from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 from omegaconf import DictConfig, OmegaConf
 
-from evaluation.heldout import evaluate_adapter
+from evaluation.heldout import evaluate_adapter, exact_match_due
 from evaluation.preferences import HeldoutPreferences
 from evaluation.runner import check_round_benchmarks, round_benchmarks
 from fedllm_app.config import ConfigError
@@ -101,6 +101,8 @@ class FederatedRun:
         self.strategy = build_strategy(cfg)  # validates the hyperparameters before anything is loaded
         self.guard_params = GuardParams.from_config(cfg.get("robust"))
         check_round_benchmarks(cfg)
+        self.exact_every = int(cfg.eval.get("exact_match_every", 1))
+        exact_match_due(self.exact_every, 1, cfg.num_rounds)  # a bad value fails at start, not at round N
         check_hub(cfg)
         self.resumed = resume_point(cfg) if cfg.resume else None
         if cfg.training.num_threads:
@@ -143,16 +145,18 @@ class FederatedRun:
         self.local: dict[int, dict[str, float]] = {}
         self.totals = dict.fromkeys(TOTAL_KEYS, 0)
 
-    def evaluate(self, arrays: ArrayRecord) -> dict[str, float]:
+    def evaluate(self, arrays: ArrayRecord, exact: bool = True) -> dict[str, float]:
         set_adapter(self.model, from_record(arrays))
         if self.preferences is not None:
             return self.preferences.evaluate(self.model)
-        return evaluate_adapter(self.model, self.tokenizer, self.test, self.cfg.training)
+        return evaluate_adapter(self.model, self.tokenizer, self.test, self.cfg.training, exact=exact)
 
     def evaluate_round(self, arrays: ArrayRecord) -> dict[str, float]:
-        """Held-out metrics, plus the ``eval.benches`` every ``eval.every`` rounds (called once per round)."""
-        metrics = self.evaluate(arrays)
+        """Held-out loss every round; exact match every ``eval.exact_match_every`` rounds and at the last; the
+        ``eval.benches`` every ``eval.every`` rounds (called once per round).
+        """
         rnd = len(self.writer.rounds) + 1
+        metrics = self.evaluate(arrays, exact=exact_match_due(self.exact_every, rnd, self.cfg.num_rounds))
         metrics.update(round_benchmarks(self.cfg, self.model, self.tokenizer, rnd, self.writer.dir))
         return metrics
 

@@ -12,7 +12,7 @@ def test_two_round_simulation_trains_saves_and_reloads(flower, tmp_path):
     out = tmp_path / "outputs"
     overrides = (
         f"num_rounds=2 num_clients=2 sample_clients=2 save_every=1 training.max_steps=5 output_dir={out} run_name=it "
-        "logging.report_to=[tensorboard]"
+        "logging.report_to=[tensorboard] eval.exact_match_every=1"
     )
     status, log = flower.run(overrides, num_supernodes=2)
     assert status == "finished:completed", log[-3000:]

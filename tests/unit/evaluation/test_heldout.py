@@ -38,3 +38,11 @@ def test_exact_match_scores_a_known_answer():
     rows.append({"instruction": "Repeat the words: red fox blue moon cold sun", "response": "?", "domain": "pad"})
     scores = exact_match(model, tok, rows, "chat", batch_size=3, max_new_tokens=12)
     assert scores["accuracy/copy"] == 1.0 and scores["accuracy/wrong"] == 0.0
+
+
+def test_a_round_without_exact_match_has_the_same_loss_and_no_generation():
+    cfg = load_config({"overrides": "dataset.test_per_domain=2"})
+    model, tok = get_model(cfg.model, cfg.seed)
+    full = evaluate_adapter(model, tok, heldout(cfg), cfg.training)
+    loss_only = evaluate_adapter(model, tok, heldout(cfg), cfg.training, exact=False)
+    assert loss_only == {"eval_loss": full["eval_loss"]}

@@ -57,10 +57,12 @@ def test_the_server_puts_benchmarks_in_its_round_metrics(tmp_path, fixtures_dir)
     extra = [f"output_dir={tmp_path}", "run_name=bench", "eval.benches=[tfns]", f"eval.data_dir={fixtures_dir}"]
     run = FederatedRun(load_config({"overrides": over}, extra), started=0.0)
     first = run.evaluate_round(run.initial)
-    assert "accuracy" in first and not any(k.startswith("bench/") for k in first)
+    # The default exact-match cadence (eval.exact_match_every=5): loss only in round 1, exact match at the last.
+    assert "eval_loss" in first and "accuracy" not in first and not any(k.startswith("bench/") for k in first)
     run.writer.log_round({"round": 1, **first})
     second = run.evaluate_round(run.initial)
     assert 0 <= second["bench/tfns/accuracy"] <= 1 and second["bench_seconds"] > 0
+    assert 0 <= second["accuracy"] <= 1
     assert (tmp_path / "bench" / "eval" / "round-2.md").is_file()
     with pytest.raises(ConfigError, match="unknown benchmark 'nope'"):
         FederatedRun(load_config({"overrides": over}, [*extra, "eval.benches=[nope]"]), started=0.0)

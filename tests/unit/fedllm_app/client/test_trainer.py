@@ -113,3 +113,20 @@ def test_a_reused_trainer_trains_exactly_like_a_fresh_one(tiny):
     fresh.train_round(round_indices(len(fresh.dataset), cfg, 2, 2), 1e-3, seed=2)
     after_fresh = get_adapter(model)
     assert all(np.array_equal(after_reuse[k], after_fresh[k]) for k in start)
+
+
+def test_skipping_the_per_step_flop_count_leaves_the_trained_adapter_unchanged(tiny, monkeypatch):
+    from fedllm_app.client import trainer as trainer_module
+
+    cfg, model, tok = tiny
+    start, rows = get_adapter(model), partition(cfg, 3)
+    lean = client_trainer(model, tok, rows, cfg, key="flops-skipped")
+    set_adapter(model, start)
+    lean.train_round(round_indices(len(lean.dataset), cfg, 1, 3), 5e-3, seed=1)
+    after_lean = get_adapter(model)
+    monkeypatch.setattr(trainer_module, "without_flop_count", lambda trainer_class: trainer_class)
+    counted = client_trainer(model, tok, rows, cfg, key="flops-counted")
+    set_adapter(model, start)
+    counted.train_round(round_indices(len(counted.dataset), cfg, 1, 3), 5e-3, seed=1)
+    assert lean.trainer.state.total_flos == 0 and counted.trainer.state.total_flos > 0
+    assert all(np.array_equal(after_lean[k], get_adapter(model)[k]) for k in start)
