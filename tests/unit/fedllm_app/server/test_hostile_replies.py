@@ -171,15 +171,16 @@ def test_a_hostile_reply_is_rejected_by_name_and_the_round_goes_on(case, caplog)
 def test_replies_from_nodes_not_sampled_or_twice_are_rejected():
     class Extra(HostileGrid):
         def pull_messages(self, ids):
-            sent = [self.sent[i] for i in ids if i in self.sent]
-            out = super().pull_messages(ids)
+            sent = {self.sent[i].metadata.dst_node_id: self.sent[i] for i in ids if i in self.sent}
+            out = super().pull_messages(ids)  # ids may come in any order (a set): pick messages by node
             if not sent:
                 return out
             stranger = Message(RecordDict(), dst_node_id=9, message_type="train")
+            from_node_1 = next(m for m in out if m.metadata.src_node_id == 1)
             return [
                 *out,
-                Message(self.honest(2, sent[1]), reply_to=sent[1]),
-                Message(out[0].content, reply_to=stranger),
+                Message(self.honest(2, sent[2]), reply_to=sent[2]),
+                Message(from_node_1.content, reply_to=stranger),
             ]
 
     w, rows, _ = run(Extra(2))
