@@ -122,6 +122,18 @@ class ReplyGuard:
             clipped += clip
         return kept + [m for m in replies if m.has_error()], rejected, clipped
 
+    def state_dict(self) -> dict[str, dict[str, int]]:
+        """What the guard learnt in the run (node -> partition, pinned data sizes), for resuming it."""
+        return {
+            "partition_of_node": {str(n): p for n, p in self.book.by_node.items()},
+            "pinned_size": {str(p): size for p, size in self.pinned.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, dict[str, int]]) -> None:
+        """Continue from :meth:`state_dict`: a resumed run keeps binding nodes and pinning sizes as before."""
+        self.book.by_node = {int(n): int(p) for n, p in state.get("partition_of_node", {}).items()}
+        self.pinned = {int(p): int(size) for p, size in state.get("pinned_size", {}).items()}
+
     def weight(self, msg: Message) -> tuple[float, str | None]:
         """The server's weight for a sound reply, or a reason to reject it."""
         metrics = msg.content[METRICS_KEY]

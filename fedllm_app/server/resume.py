@@ -4,10 +4,12 @@ One file, ``<run dir>/resume_state.npz``, replaced atomically after every round:
 the global adapter, the strategy's state (:meth:`state_dict`: FedAvgM's momentum,
 FedAdam/FedYogi/FedAdagrad's moments, SCAFFOLD's server control variate ``c`` and every
 partition's ``c_i``), the round and phase, the Python, NumPy and torch RNG states, the cumulative
-byte counts, the summary so far and every metrics row written. ``resume=<run dir>`` loads it
-(:func:`load_state`) and the run continues with the next round. Which partitions train in a round
-depends on the seed and the round only (:mod:`strategies.sampling`), so a resumed run draws the
-same clients as an uninterrupted one.
+byte counts, the summary so far, every metrics row written, and what the reply guard learnt
+(:meth:`fedllm_app.server.guard.ReplyGuard.state_dict`: which node holds which partition and the data
+sizes pinned under ``robust.weights=bounded``, so a node cannot re-claim a larger weight after a restart).
+``resume=<run dir>`` loads it (:func:`load_state`) and the run continues with the next round.
+Which partitions train in a round depends on the seed and the round only (:mod:`strategies.sampling`),
+so a resumed run draws the same clients as an uninterrupted one.
 
 What is not in it: the local-only baseline's adapters, which live in each node's
 ``context.state``; a resumed run is a new Flower run, so resuming ``strategy=local`` is refused.
@@ -18,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,7 @@ class ResumeState:
     last_eval: dict[str, float]
     metrics: list[dict[str, Any]]
     rng: dict[str, Any]
+    guard: dict[str, Any] = field(default_factory=dict)
 
 
 def save_state(
@@ -57,6 +60,7 @@ def save_state(
     summary: dict[str, Any],
     last_eval: dict[str, float],
     metrics: list[dict[str, Any]],
+    guard_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write the state after ``server_round`` (atomically: a crash never leaves half a file)."""
     flat = {f"global/{k}": v for k, v in from_record(arrays).items()}
@@ -81,6 +85,7 @@ def save_state(
         "summary": summary,
         "last_eval": last_eval,
         "metrics": metrics,
+        "guard": guard_state or {},
         "rng": {"python": [py_state[0], list(py_state[1]), py_state[2]], "numpy": [np_state[0], *np_state[2:]]},
     }
     flat["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
@@ -122,6 +127,7 @@ def load_state(run_dir: Path) -> ResumeState:
         last_eval=meta["last_eval"],
         metrics=meta["metrics"],
         rng=rng,
+        guard=meta.get("guard", {}),
     )
 
 

@@ -194,11 +194,13 @@ class FederatedRun:
             summary=self.summary,
             last_eval={k: record[k] for k in record if k == "eval_loss" or k.startswith("accuracy")},
             metrics=self.writer.rounds,
+            guard_state=self.guard.state_dict(),
         )
 
     def _resume_rounds(self, state: ResumeState) -> dict[str, Any]:
         """Restore the saved state; return the arguments that continue the round loop after it."""
         self.strategy.load_state_dict(state.strategy)
+        self.guard.load_state_dict(state.guard)
         self.totals.update(state.totals)
         self.summary = {**state.summary, "resumed_from_round": state.round}
         self.writer.restore_rounds(state.metrics)

@@ -5,11 +5,15 @@ import random
 import numpy as np
 import pytest
 import torch
+from flwr.app import Message, MetricRecord, RecordDict
+from flwr.common import MessageType
 
 from fedllm_app.config import ConfigError, load_config
+from fedllm_app.server.guard import GuardParams, ReplyGuard
 from fedllm_app.server.resume import STATE_FILE, load_state, restore_rng, save_state
 from fedllm_app.server.run import resume_point
 from strategies.fedadam import FedAdam
+from strategies.fedavg import DATA_SIZE_KEY, METRICS_KEY, PARTITION_KEY
 from strategies.records import from_record, to_record
 
 FEDADAM = {"num_clients": 2, "sample_clients": 2, "num_rounds": 4, "lr_max": 1e-3, "lr_min": 1e-4}
@@ -74,3 +78,27 @@ def test_resume_with_other_num_rounds_fails_instead_of_shifting_the_lr_schedule(
         resume_point(cfg)
     with pytest.raises(ConfigError, match=f"no {STATE_FILE} there"):  # the same num_rounds goes on to the state
         resume_point(load_config({"overrides": f"num_rounds=15 resume={tmp_path}"}))
+
+
+def _reply(partition: int, data_size: int) -> Message:
+    metrics = MetricRecord({PARTITION_KEY: partition, DATA_SIZE_KEY: data_size})
+    return Message(RecordDict({METRICS_KEY: metrics}), dst_node_id=0, message_type=MessageType.TRAIN)
+
+
+def test_a_resumed_run_keeps_the_pinned_sizes_and_node_bindings_of_the_reply_guard(tmp_path):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1  # Flower's messages need a task
+    guard = ReplyGuard(GuardParams(weights="bounded"), plan={0: 10})
+    assert guard.weight(_reply(1, 40)) == (10.0, None)  # not in the plan: pinned at 40, capped at the plan's 10
+    guard.book.bind(node=7, pid=1)
+    save_state(
+        tmp_path, phase="fedavg", server_round=1, arrays=to_record({"w": np.zeros(2, np.float32)}),
+        strategy_state={}, totals={}, summary={}, last_eval={}, metrics=[], guard_state=guard.state_dict(),
+    )  # fmt: skip
+
+    resumed = ReplyGuard(GuardParams(weights="bounded"), plan={0: 10})
+    resumed.load_state_dict(load_state(tmp_path).guard)
+    weight, problem = resumed.weight(_reply(1, 10_000))
+    assert weight == 0.0 and problem == "'data-size' is 10000, this partition reported 40 before"
+    assert resumed.book.problem(node=8, pid=1) == "'partition-id' 1 belongs to node 7"
