@@ -84,3 +84,20 @@ def test_a_challenge_trains_on_every_row_of_its_fixed_set(tmp_path):
     board = load_config({"overrides": f"{base} +dataset.heldout_in_training=true"})
     assert sum(map(len, pipeline.all_partitions(plain))) == 9
     assert sum(map(len, pipeline.all_partitions(board))) == 12 and len(pipeline.heldout(board)) == 3
+
+
+def test_the_docs_tables_are_the_presets():
+    from pathlib import Path
+
+    docs = (Path(__file__).resolve().parents[3] / "docs" / "flowertune.md").read_text()
+    shown = {}
+    for line in docs.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 6 and cells[0].startswith("`") and cells[0].strip("`") in BOARD:
+            shown[cells[0].strip("`")] = (cells[1].split()[0].strip("`"), int(cells[2]), int(cells[3]))
+    assert shown == BOARD
+    cfg = load_config({"overrides": "challenge=code"})
+    for text in ("r 32, alpha 64, dropout 0.075", "10 steps of batch 16", "sequence length 512", "5e-5 to 1e-6"):
+        assert text in docs
+    assert (cfg.model.lora.r, cfg.training.max_steps, cfg.training.max_length) == (32, 10, 512)
+    assert f"{cfg.num_rounds} rounds" in docs and f"{cfg.comm.budget_mb:,} MB" in docs
