@@ -144,6 +144,8 @@ def evaluate_checkpoint(checkpoint: str | Path, settings: EvalSettings) -> dict[
     from evaluation.checkpoint import checkpoint_config, load_for_eval
     from evaluation.generation import Generator
 
+    if settings.challenge:
+        return evaluate_challenge(checkpoint, settings)
     names = expand(settings.bench)  # fail on a bad name before loading anything
     start = time.perf_counter()
     cfg = checkpoint_config(checkpoint, settings.overrides)
@@ -167,6 +169,56 @@ def evaluate_checkpoint(checkpoint: str | Path, settings: EvalSettings) -> dict[
     js, md = write_results(out_dir, settings.bench, results, meta)
     log.info("wrote %s and %s in %.0f s", js, md, meta["total_seconds"])
     return results
+
+
+def evaluate_challenge(checkpoint: str | Path, settings: EvalSettings) -> dict[str, Any]:
+    """The FlowerTune challenge's benchmarks with the board's protocol; writes and prints its table row
+    (``<checkpoint>/eval/leaderboard-<challenge>.{md,json}``). The base model is loaded in 4-bit, as the board
+    requires, wherever bitsandbytes can (a CUDA GPU and a Hub model; else as the run trained it, said in the JSON).
+    """
+    from evaluation import flowertune, multipl_e
+    from evaluation.checkpoint import checkpoint_config, load_for_eval
+    from evaluation.generation import Generator
+
+    board = flowertune.challenge(settings.challenge)  # fail on a bad name or a missing compiler before loading
+    for bench in board.benchmarks():
+        multipl_e.require_tools(bench)
+    start = time.perf_counter()
+    cfg = checkpoint_config(checkpoint, settings.overrides)
+    if settings.threads or cfg.training.get("num_threads"):
+        import torch
+
+        torch.set_num_threads(settings.threads or cfg.training.num_threads)
+    cfg.model.quantization = eval_quantization(cfg, settings.overrides)
+    model, tokenizer = load_for_eval(checkpoint, cfg)
+    # Raw prompts: the board's own text, with the tokenizer's BOS as its tokenizer adds it.
+    gen = Generator(model, tokenizer, "alpaca", settings.batch_size, progress=settings.progress)
+    results = flowertune.run_challenge(gen, settings.challenge, settings)
+    row = flowertune.leaderboard_row(settings.challenge, results, cfg, Path(checkpoint).expanduser())
+    meta = {
+        "checkpoint": str(Path(checkpoint).expanduser().resolve()),
+        "eval_quantization": cfg.model.quantization,
+        "data_dir": settings.data_dir,
+        "limit": settings.limit,
+        "total_seconds": round(time.perf_counter() - start, 2),
+    }
+    md = flowertune.write_row(Path(checkpoint).expanduser() / "eval", row, results, meta)
+    print(md.read_text())
+    log.info("wrote %s and %s in %.0f s", md, md.with_suffix(".json"), meta["total_seconds"])
+    return {**results, "leaderboard_row": row}
+
+
+def eval_quantization(cfg: Any, overrides: list[str]) -> str | None:
+    """4bit (the board's evaluation) for a Hub or local model on a CUDA GPU unless an override sets
+    model.quantization; else the run's own setting (the built-in tiny model and CPUs run unquantised).
+    """
+    import torch
+
+    if any(o.startswith("model.quantization=") for o in overrides):
+        return cfg.model.quantization
+    if torch.cuda.is_available() and not str(cfg.model.name).startswith("builtin:"):
+        return "4bit"
+    return cfg.model.quantization
 
 
 def merge_main(argv: list[str]) -> None:

@@ -73,16 +73,27 @@ class Generator:
 
     @torch.no_grad()
     def generate(
-        self, prompts: list[str], max_new_tokens: int | None = None, temperature: float = 0.0, desc: str = "generate"
+        self,
+        prompts: list[str],
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+        desc: str = "generate",
+        top_p: float = 1.0,
+        stop: list[str] | None = None,
     ) -> list[str]:
-        """Batched, left-padded generation, greedy unless ``temperature > 0``; returns only the new text."""
+        """Batched, left-padded generation, greedy unless ``temperature > 0`` (then nucleus ``top_p``); returns
+        only the new text. Each sequence ends early once it has written one of the ``stop`` strings (which stay in
+        the text: cut them off as the benchmark does).
+        """
         model, tok = self.model, self.tokenizer
         model.eval()
         device = next(model.parameters()).device
         side, tok.padding_side = tok.padding_side, "left"
         sampling = (
-            {"do_sample": True, "temperature": temperature, "top_p": 1.0} if temperature > 0 else {"do_sample": False}
+            {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
         )
+        if stop:
+            sampling |= {"stop_strings": stop, "tokenizer": tok}
         out: list[str] = []
         try:
             with self._bar(len(prompts), desc) as bar:

@@ -135,6 +135,13 @@ class EvalSettings:
         default=None,
         metadata={"help": "Torch CPU threads; unset: the run's training.num_threads (0 there: torch's default)."},
     )
+    challenge: str | None = field(
+        default=None,
+        metadata={
+            "help": "A FlowerTune LLM leaderboard challenge (general_nlp, finance, medical, code): run its "
+            "benchmarks with the board's protocol and write its table row (docs/flowertune.md); --bench is ignored."
+        },
+    )
 
 
 def expand(bench: str) -> list[str]:

@@ -82,6 +82,8 @@ class _Job:
     disk_mb: int
     output_kb: int
     audit_hook: bool
+    files: tuple[tuple[str, str], ...] = ()
+    steps: tuple[tuple[str, ...], ...] = ()
 
 
 def run_program(
@@ -106,6 +108,24 @@ def run_program(
     """
     name = resolve_backend(backend, allow_weak)
     job = _Job(answer, tests, timeout, memory_mb, file_mb, disk_mb, output_kb, audit_hook)
+    with tempfile.TemporaryDirectory(prefix="fedllm-sandbox-") as tmp:
+        return _execute(name, job, _prepare(Path(tmp)))
+
+
+def run_native(
+    files: dict[str, str],
+    steps: list[list[str]],
+    timeout: float = 10.0,
+    memory_mb: int = 4096,
+    backend: str = "auto",
+    allow_weak: bool = False,
+) -> SandboxResult:
+    """Write ``files`` into the sandbox directory and run ``steps`` there (argvs such as ``["g++", "p.cpp",
+    "-o", "p"]`` then ``["./p"]``) under the same isolation and limits as :func:`run_program`; passes only if
+    every step exits 0 within ``timeout`` seconds in all. Programs are found on ``/usr/bin:/bin``.
+    """
+    name = resolve_backend(backend, allow_weak)
+    job = _Job("", "", timeout, memory_mb, 16, 256, 1024, False, tuple(files.items()), tuple(map(tuple, steps)))
     with tempfile.TemporaryDirectory(prefix="fedllm-sandbox-") as tmp:
         return _execute(name, job, _prepare(Path(tmp)))
 
@@ -199,6 +219,7 @@ def _execute(name: str, job: _Job, tmp: Path) -> SandboxResult:
     payload = {"answer": job.answer, "tests": job.tests, "sentinel": sentinel, "audit_hook": job.audit_hook}
     payload |= {"cpu_seconds": max(1, int(job.timeout) + 1), "memory_bytes": job.memory_mb * 2**20}
     payload |= {"file_bytes": job.file_mb * 2**20, "processes": 256, "landlock": name == "weak"}
+    payload |= {"files": dict(job.files), "steps": [list(s) for s in job.steps]}
     proc = subprocess.Popen(
         argv,
         cwd=cwd,

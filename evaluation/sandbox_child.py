@@ -167,6 +167,8 @@ def run(raw: bytes | None = None) -> None:
     set_limits(job["cpu_seconds"], job["memory_bytes"], job["file_bytes"], job["processes"])
     if job["landlock"]:
         landlock(workdir, sorted({sys.base_prefix, "/usr", "/lib", "/lib64"}))
+    if job.get("steps"):
+        run_steps(job["files"], job["steps"], sentinel)
     if job["audit_hook"]:
         audit_guard(workdir)
     # Bound now: the answer may replace builtins.exec, os._exit or os.write before the tests run.
@@ -186,6 +188,26 @@ def run(raw: bytes | None = None) -> None:
     finally:
         write(1, b"\n" + sentinel + b"\n")
         exit_now(0)
+
+
+def run_steps(files: dict[str, str], steps: list[list[str]], sentinel: bytes) -> None:
+    """A native program (MultiPL-E's JavaScript and C++): write ``files`` here, run each argv of ``steps`` in
+    turn (compile, then run) under the limits already set; the sentinel only if every step exits 0.
+
+    No audit hook: it cannot see inside node or a compiled binary, so the namespaces (or, in the weak backend,
+    Landlock and the resource limits, which the steps inherit) are what holds.
+    """
+    import subprocess
+
+    for name, text in files.items():
+        with open(os.path.basename(name), "w") as f:
+            f.write(text)
+    for argv in steps:
+        if subprocess.run(argv, check=False).returncode != 0:  # standard input: the empty pipe
+            os._exit(1)
+    sys.stdout.flush()
+    os.write(1, b"\n" + sentinel + b"\n")
+    os._exit(0)
 
 
 # ---------------------------------------------------------------- isolate: namespaces without bubblewrap

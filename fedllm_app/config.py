@@ -446,3 +446,43 @@ def cfg_key(cfg: DictConfig) -> str:
 
     blob = OmegaConf.to_yaml(cfg, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+# ---------------------------------------------------------------- FlowerTune LLM leaderboard challenges
+# conf/challenge/<name>.yaml: the board's fixed settings (challenge.fixed) and the baseline recipe. Changing a fixed
+# setting voids a leaderboard entry but not the run, as on the board itself (its rules void the entry, its template
+# runs anyway): the server warns once at start and fedllm-eval's leaderboard row says so.
+CHALLENGES = ("general_nlp", "finance", "medical", "code")
+
+
+def challenge_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The run's own values of the settings a challenge fixes (:data:`CHALLENGES`)."""
+    return {
+        "dataset": cfg.dataset.name,
+        "num_clients": cfg.num_clients,
+        "sample_clients": cfg.sample_clients,
+        "partition": cfg.partition.name,
+        "heldout_in_training": bool(cfg.dataset.get("heldout_in_training", False)),
+    }
+
+
+def challenge_deviations(cfg: DictConfig) -> list[str]:
+    """``key=<run's value> (the board fixes <value>)`` for each fixed setting the run changed; [] outside a
+    challenge or when the run keeps them all.
+    """
+    ch = cfg.get("challenge")
+    if not ch:
+        return []
+    own = challenge_settings(cfg)
+    return [f"{k}={own.get(k)!r} (the board fixes {v!r})" for k, v in ch.fixed.items() if own.get(k) != v]
+
+
+def challenge_warning(cfg: DictConfig) -> str | None:
+    """The one line a run with a changed fixed setting gets (None when it is eligible or not a challenge)."""
+    changed = challenge_deviations(cfg)
+    if not changed:
+        return None
+    return (
+        f"challenge={cfg.challenge.name}: {', '.join(changed)}: this run cannot be a FlowerTune leaderboard "
+        f"entry (it runs anyway); drop the override to keep it eligible"
+    )

@@ -63,7 +63,10 @@ CLIENT_OVERRIDE_KEYS = (
     "fault_injection",
     "lora_aggregation",
     "hetlora_weighting",
+    "challenge",  # a FlowerTune preset (conf/challenge/): its choice is checked like a group's
 )
+# Config groups chosen by name; the choice must be one of the app's conf/<group>/ files.
+CHOSEN_GROUPS = (*GROUPS, "challenge")
 # Keys that name something on the node's disk or run code: set by the node config only (or a simulation).
 NODE_ONLY_KEYS = ("dataset.path", "dataset.hub_id", "model.name", "model.adapter", "model.trust_remote_code")
 DATA_PATH_KEY = "data-path"
@@ -162,7 +165,7 @@ class NodePolicy:
             return
         if not _under(key, CLIENT_OVERRIDE_KEYS):
             raise PolicyError(f"override {o.input_line!r}: {key} is not a key a run may set on this node")
-        if key in GROUPS:
+        if key in CHOSEN_GROUPS:
             self._check_group(key, str(o.value()))
 
     @staticmethod

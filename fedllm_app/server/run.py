@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from evaluation.heldout import evaluate_adapter, exact_match_due
 from evaluation.preferences import HeldoutPreferences
 from evaluation.runner import check_round_benchmarks, round_benchmarks
-from fedllm_app.config import ConfigError
+from fedllm_app.config import ConfigError, challenge_warning
 from fedllm_app.data import pipeline
 from fedllm_app.model import get_adapter, get_model, set_adapter
 from fedllm_app.server.guard import GuardParams, ReplyGuard
@@ -124,6 +124,8 @@ class FederatedRun:
         """Model, held-out data and the run's records."""
         log.info(f"run '{self.writer.dir.name}': outputs in {self.writer.dir}")
         log.info(f"strategy: {self.strategy.describe()}")
+        if warning := challenge_warning(cfg):  # a FlowerTune challenge whose fixed settings were changed
+            log.warning(warning)
         self.model, self.tokenizer = get_model(cfg.model, cfg.seed)
         self.initial = to_record(get_adapter(self.model))
         self.test = pipeline.heldout(cfg)
