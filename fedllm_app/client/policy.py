@@ -63,6 +63,8 @@ CLIENT_OVERRIDE_KEYS = (
     "fault_injection",
     "lora_aggregation",
     "hetlora_weighting",
+    "comm",  # the update codec and budget: the node encodes what it sends as the run asks
+    "privacy",  # DP clipping and secure aggregation: the node clips and masks as the run asks
     "challenge",  # a FlowerTune preset (conf/challenge/): its choice is checked like a group's
 )
 # Config groups chosen by name; the choice must be one of the app's conf/<group>/ files.

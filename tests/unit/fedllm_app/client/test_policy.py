@@ -164,3 +164,10 @@ def test_the_client_app_writes_its_files_private_to_the_node_owner(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "cache-file").stat().st_mode & 0o077 == 0
+
+
+def test_a_run_may_set_the_codec_and_the_privacy_settings_on_a_node():
+    policy = NodePolicy.from_node_config({"partition-id": 0}, simulation=False)
+    policy.check_run_config({"overrides": "comm.codec=fp16 comm.budget_mb=100 privacy.dp=true privacy.secagg=true"})
+    with pytest.raises(PolicyError, match="commx.codec is not a key a run may set"):
+        policy.check_run_config({"overrides": "commx.codec=fp16"})
