@@ -109,9 +109,7 @@ def neighbourhoods(n: int, k: int, seed: int) -> list[list[int]]:
         return [[j for j in range(n) if j != i] for i in range(n)]
     order = np.random.default_rng(seed).permutation(n)
     place = {int(node): pos for pos, node in enumerate(order)}
-    return [
-        sorted(int(order[(place[i] + d) % n]) for d in range(-k // 2, k // 2 + 1) if d != 0) for i in range(n)
-    ]
+    return [sorted(int(order[(place[i] + d) % n]) for d in range(-k // 2, k // 2 + 1) if d != 0) for i in range(n)]
 
 
 # --- keys and key agreement ---------------------------------------------------------------------------------
@@ -193,7 +191,9 @@ def levels(bits: int, n: int) -> int:
 
 def quantize(x: np.ndarray, clip_range: float, bits: int, n: int, rng: np.random.Generator) -> np.ndarray:
     """``x`` clipped to ``[-R, R]`` and mapped to ``0..levels`` with unbiased stochastic rounding."""
-    scaled = (np.clip(x.astype(np.float64), -clip_range, clip_range) + clip_range) * (levels(bits, n) / (2 * clip_range))
+    scaled = (np.clip(x.astype(np.float64), -clip_range, clip_range) + clip_range) * (
+        levels(bits, n) / (2 * clip_range)
+    )
     low = np.floor(scaled)
     return (low + (rng.random(x.shape) < scaled - low)).astype(np.uint64)
 
