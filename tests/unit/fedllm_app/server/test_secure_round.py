@@ -17,6 +17,7 @@ from fedllm_app.client import secure
 from fedllm_app.secure import keys as K
 from fedllm_app.secure.secagg import SecAggParams
 from fedllm_app.server.rounds import run_rounds
+from fedllm_app.server.secure_round import unflatten
 from strategies.fedadagrad import FedAdagrad
 from strategies.fedadam import FedAdam
 from strategies.fedavg import ARRAYS_KEY, DATA_SIZE_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, WEIGHT_KEY, FedAvgLoRA
@@ -52,7 +53,7 @@ def client_app():
 
     @app.query()
     def partition(msg, context):
-        return Message(RecordDict({METRICS_KEY: MetricRecord({"partition-id": context.node_config["pid"]})}),
+        return Message(RecordDict({METRICS_KEY: MetricRecord({"partition-id": context.node_config["partition-id"]})}),
                        reply_to=msg)  # fmt: skip
 
     @app.query("secagg")
@@ -61,7 +62,7 @@ def client_app():
 
     @app.train("secagg")
     def train(msg, context):
-        pid = context.node_config["pid"]
+        pid = context.node_config["partition-id"]
         msg = secure.training_message(msg, context.state)
         trained = {k: v + delta_of(pid)[k] for k, v in from_record(msg.content[ARRAYS_KEY]).items()}
         metrics = {NUM_EXAMPLES_KEY: 8, DATA_SIZE_KEY: 8, "train_loss": 1.0 + pid, "partition-id": pid}
@@ -74,7 +75,9 @@ def client_app():
 
 
 def stage_of(msg):
-    return "mask" if msg.metadata.message_type == K.TRAIN_TYPE else str(msg.content[K.RECORD][K.STAGE])
+    if msg.metadata.message_type == K.TRAIN_TYPE:
+        return K.MASK
+    return str(msg.content[K.RECORD][K.STAGE]) if K.RECORD in msg.content else msg.metadata.message_type
 
 
 class LoopbackGrid:
@@ -86,7 +89,7 @@ class LoopbackGrid:
 
     def __init__(self, n, app, lost=()):
         self.app, self.lost, self.pending, self.received, self.sent = app, set(lost), {}, [], []
-        self.contexts = {k: Context(1, k, {"pid": k - 1}, RecordDict(), {}) for k in range(1, n + 1)}
+        self.contexts = {k: Context(1, k, {"partition-id": k - 1}, RecordDict(), {}) for k in range(1, n + 1)}
 
     def get_node_ids(self):
         return list(self.contexts)
@@ -117,7 +120,7 @@ class LoopbackGrid:
             if msg is None:
                 continue
             reply = self._answer(msg)
-            if (stage_of(msg), self.contexts[msg.metadata.dst_node_id].node_config["pid"]) not in self.lost:
+            if (stage_of(msg), self.contexts[msg.metadata.dst_node_id].node_config["partition-id"]) not in self.lost:
                 out.append(reply)
         self.received.extend(out)
         return out
@@ -135,9 +138,9 @@ def kw(n):
     return {"num_clients": n, "sample_clients": n, "num_rounds": 1, "lr_max": 1e-2, "lr_min": 1e-3}
 
 
-def secure_rounds(grid, strategy, params=None, min_replies=1):
+def secure_rounds(grid, strategy, params=None, min_replies=1, timeout=0.3):
     writer = Writer()
-    arrays, _ = run_rounds(grid, strategy, to_record(START), 1, 5.0, writer, "secagg", poll_interval=0.001,
+    arrays, _ = run_rounds(grid, strategy, to_record(START), 1, timeout, writer, "secagg", poll_interval=0.001,
                            min_replies=min_replies, secagg=params or SecAggParams())  # fmt: skip
     return from_record(arrays), writer.rows[0]
 
@@ -228,3 +231,49 @@ def test_every_strategy_steps_on_the_secure_mean_as_on_the_plain_equal_weight_me
         assert secure_strategy.c_i == {}  # each c_i stays with its client
         held = [ctx.state.get(secure.C_STATE_KEY) for ctx in grid.contexts.values()]
         assert sum(h is not None for h in held) == 3
+
+
+# --- real clients: the fedllm ClientApp trains the tiny model; the server runs its real round loop ---------
+
+
+def tiny_run(strategy_name, secagg, n=3):
+    """One round of ``n`` real clients through the fedllm ClientApp; the new global adapter and the round row."""
+    from fedllm_app.client_app import app
+    from fedllm_app.config import load_config
+    from fedllm_app.model import get_adapter, get_model
+    from fedllm_app.server.guard import GuardParams, ReplyGuard
+    from fedllm_app.server.run import build_strategy
+    from fedllm_app.server.secure_round import secagg_params
+
+    over = (f"strategy={strategy_name} num_clients={n} num_rounds=1 training.max_steps=2 training.batch_size=2 "
+            f"training.max_length=128 privacy.secagg={str(secagg).lower()} robust.weights=uniform")  # fmt: skip
+    cfg = load_config({"overrides": over})
+    grid = LoopbackGrid(n, app)
+    for k, ctx in grid.contexts.items():
+        grid.contexts[k] = Context(1, k, {"partition-id": k - 1, "num-partitions": n}, ctx.state, {"overrides": over})
+    start = get_adapter(get_model(cfg.model, cfg.seed)[0])
+    writer = Writer()
+    arrays, _ = run_rounds(grid, build_strategy(cfg), to_record(start), 1, 600.0, writer, strategy_name,
+                           poll_interval=0.001, guard=ReplyGuard(GuardParams(weights="uniform")),
+                           secagg=secagg_params(cfg))  # fmt: skip
+    return start, from_record(arrays), writer.rows[0], grid
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy_name", ["fedavg", "fedadam"])
+def test_real_clients_train_under_secure_aggregation_and_the_server_steps_on_their_mean(strategy_name, monkeypatch):
+    sent = []  # a spy on the clients' side: the update each client masked (the server never sees it)
+    vector = secure.update_vector
+    monkeypatch.setattr(secure, "update_vector", lambda msg, content: sent.append(vector(msg, content)) or sent[-1])
+    start, end, row, grid = tiny_run(strategy_name, secagg=True)
+    assert row["aggregated"] and row["secagg_survivors"] == 3 and row["train_loss"] > 0
+    assert all(ARRAYS_KEY not in r.content for r in grid.received)  # no adapter travelled back in clear
+    assert max(np.abs(end[k] - start[k]).max() for k in start if "lora_B" in k) > 0, "LoRA B did not move"
+    mean = {k: start[k] + v for k, v in unflatten(np.mean(sent, axis=0), start).items()}
+    if strategy_name == "fedavg":
+        assert_close(end, mean, atol=1e-6)  # the global adapter is the clients' mean, up to quantisation
+    else:  # FedAdam's first step from zero moments: eta * sign-like(delta), the direction of the mean update
+        for k in start:
+            d = mean[k] - start[k]
+            big = np.abs(d) > 1e-4
+            assert np.all(np.sign(end[k] - start[k])[big] == np.sign(d)[big])
