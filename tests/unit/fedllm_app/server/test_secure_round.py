@@ -10,7 +10,7 @@ import logging
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedllm_app.client import secure
@@ -158,7 +158,10 @@ def test_a_curious_server_sees_only_masked_values_and_still_gets_the_mean():
     grid = LoopbackGrid(4, client_app())
     got, row = secure_rounds(grid, FedAvgLoRA(**kw(4)))
     assert_close(got, mean_of(range(4)))
-    assert row["aggregated"] and row["secagg_survivors"] == 4 and row["replied"] == 4
+    assert row["aggregated"] and row["secagg_survivors"] == 4 and row["replied"] == 4 and row["sampled"] == 4
+    # every stage's bytes are counted, each node under the partition its masked reply named
+    assert sorted(e["partition"] for e in row["bytes_by_node"].values()) == [0, 1, 2, 3]
+    assert row["bytes_received"] > 4 * 4 * 17  # at least the four masked vectors of 17 uint32
     masked = [r for r in grid.received if K.MASKED_RECORD in r.content]
     assert len(masked) == 4
     for reply in grid.received:  # no reply carries an adapter, a delta or a control delta in the clear
@@ -190,6 +193,32 @@ def test_fewer_survivors_than_the_threshold_fail_the_round_loudly_and_reveal_not
     assert "2 of 4 clients returned a masked update, fewer than the threshold of 3" in row["secagg_error"]
     assert "the global adapter is unchanged" in caplog.text
     assert not [m for m in grid.sent if stage_of(m) == K.UNMASK]  # no share was ever asked for
+
+
+def test_a_masked_reply_of_the_wrong_shape_counts_as_a_dropout_and_the_others_are_unmasked(caplog):
+    inner = client_app()
+    app = ClientApp()
+
+    @app.query()
+    def partition(msg, context):
+        return inner(msg, context)
+
+    @app.query("secagg")
+    def stage(msg, context):
+        return inner(msg, context)
+
+    @app.train("secagg")
+    def train(msg, context):
+        reply = inner(msg, context)
+        if context.node_config["partition-id"] == 1:  # a client that replies a truncated vector
+            record = reply.content[K.MASKED_RECORD]
+            record[K.MASKED] = Array(record[K.MASKED].numpy()[:5])
+        return reply
+
+    with caplog.at_level(logging.WARNING):
+        got, row = secure_rounds(LoopbackGrid(4, app), FedAvgLoRA(**kw(4)))
+    assert_close(got, mean_of([0, 2, 3]))
+    assert row["secagg_dropped"] == 1 and "it counts as dropped" in caplog.text
 
 
 def plain_reply(sent, strategy, scaffold=False):
