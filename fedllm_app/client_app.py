@@ -50,6 +50,7 @@ def train(msg: Message, context: Context) -> Message:
     """Train this node's round; any failure reaches the server only as a :class:`NodeError`."""
     os.umask(0o077)  # what the round writes (trainer folders, caches) is the node owner's alone
     try:
+        NodePolicy.from_node_config(context.node_config).check_plain_round()
         return _train(msg, context)
     except Exception as err:  # noqa: BLE001 - every failure is logged here and sent as a code
         raise _node_error(err) from None

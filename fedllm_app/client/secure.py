@@ -71,6 +71,7 @@ def _share(conf: ConfigRecord, state: Any) -> RecordDict:
     c_pks[me] = keys.public()[0]
     out = share_secrets(me, keys, c_pks, int(conf[K.THRESHOLD]), K.round_tag(int(conf[K.ROUND])))
     saved[K.PEERS] = peers
+    saved[K.THRESHOLD] = int(conf[K.THRESHOLD])
     saved[K.PEER_C_PKS] = [c_pks[p] for p in peers]
     saved[K.PEER_S_PKS] = [bytes(b) for b in K.listed(conf, K.PEER_S_PKS)]
     saved[K.SHARE] = True
@@ -110,6 +111,10 @@ def masked_content(msg: Message, content: RecordDict, state: Any) -> RecordDict:
     me, keys = int(saved[K.INDEX]), _secrets(saved)
     active = {int(a) for a in K.listed(conf, K.ACTIVE)}
     s_pks = {p: pk for p, pk in _by_index(saved, K.PEERS, K.PEER_S_PKS).items() if p in active}
+    if len(s_pks) + 1 < int(saved[K.THRESHOLD]):  # too few pairwise masks: the self mask alone would protect it
+        raise SecAggStateError(
+            f"round {conf[K.ROUND]}: {len(s_pks)} active neighbours, fewer than the threshold {saved[K.THRESHOLD]} - 1"
+        )
     bits, clip, n = int(conf[K.BITS]), float(conf[K.CLIP_RANGE]), int(conf[K.SIZE])
     q = quantize(update_vector(msg, content), clip, bits, n, np.random.default_rng())
     masked = mask(q, me, keys, s_pks, K.round_tag(int(conf[K.ROUND])), bits)
