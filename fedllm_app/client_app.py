@@ -19,11 +19,12 @@ from flwr.app import Context, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from fedllm_app.client import faults  # noqa: E402
+from fedllm_app.client import faults, secure  # noqa: E402
 from fedllm_app.client.policy import NodePolicy, PolicyError  # noqa: E402
 from fedllm_app.client.round import DATA_PATH_KEY, round_config, train_one_round  # noqa: E402
 from fedllm_app.config import EVERY_ROUND, ConfigError, load_config, parse_faults  # noqa: E402
 from fedllm_app.model import RANK_NODE_KEY, client_rank, with_client_rank  # noqa: E402
+from fedllm_app.secure import keys as secagg_keys  # noqa: E402
 from strategies.fedavg import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY  # noqa: E402
 from strategies.hetero import RANK_KEY, RANK_QUERY  # noqa: E402
 from strategies.local import PARTITION_KEY  # noqa: E402
@@ -49,6 +50,7 @@ def train(msg: Message, context: Context) -> Message:
     """Train this node's round; any failure reaches the server only as a :class:`NodeError`."""
     os.umask(0o077)  # what the round writes (trainer folders, caches) is the node owner's alone
     try:
+        NodePolicy.from_node_config(context.node_config).check_plain_round()
         return _train(msg, context)
     except Exception as err:  # noqa: BLE001 - every failure is logged here and sent as a code
         raise _node_error(err) from None
@@ -77,6 +79,28 @@ def lora_rank(msg: Message, context: Context) -> Message:
     return Message(RecordDict({METRICS_KEY: MetricRecord({RANK_KEY: rank})}), reply_to=msg)
 
 
+@app.train(secagg_keys.TRAIN_TYPE.split(".")[1])
+def secure_train(msg: Message, context: Context) -> Message:
+    """Secure aggregation's mask stage: train as :func:`train`, reply only the masked update
+    (:mod:`fedllm_app.client.secure`).
+    """
+    os.umask(0o077)
+    try:
+        content = _trained(secure.training_message(msg, context.state), context)
+        return Message(secure.masked_content(msg, content, context.state), reply_to=msg)
+    except Exception as err:  # noqa: BLE001 - as in train: the details stay on the node
+        raise _node_error(err) from None
+
+
+@app.query(secagg_keys.QUERY_TYPE.split(".")[1])
+def secure_stage(msg: Message, context: Context) -> Message:
+    """Secure aggregation's keys, share and unmask stages; the round's secrets stay in the node's state."""
+    try:
+        return Message(secure.handle_query(msg, context.state), reply_to=msg)
+    except Exception as err:  # noqa: BLE001 - as in train: the details stay on the node
+        raise _node_error(err) from None
+
+
 def _node_error(err: Exception) -> NodeError:
     """Log ``err`` on the node; the error the server sees: a code and a generic sentence."""
     log.error("this node refused or failed the request: %s: %s", type(err).__name__, err, exc_info=True)
@@ -86,6 +110,11 @@ def _node_error(err: Exception) -> NodeError:
 
 def _train(msg: Message, context: Context) -> Message:
     """Parse the run config within the node's policy, train (on the node's ``data-path`` if set), reply."""
+    return Message(_trained(msg, context), reply_to=msg)
+
+
+def _trained(msg: Message, context: Context) -> RecordDict:
+    """The content of this node's train reply (trained adapter, metrics, SCAFFOLD's control delta)."""
     policy = NodePolicy.from_node_config(context.node_config)
     cfg = round_config(context.run_config, msg, policy)
     setup_console(cfg.logging.verbose, progress=False)
@@ -96,7 +125,7 @@ def _train(msg: Message, context: Context) -> Message:
     fault = planned.get((int(msg.content[CONFIG_KEY]["server-round"]), pid)) or planned.get((EVERY_ROUND, pid))
     if fault:  # tests and the robustness benchmark only: reply with a deliberately bad update
         content = faults.corrupt(content, fault, from_record(msg.content[ARRAYS_KEY]))
-    return Message(content, reply_to=msg)
+    return content
 
 
 def partition_id(context: Context) -> int:

@@ -293,6 +293,7 @@ def validate(cfg: DictConfig) -> None:
     )
     _validate_data(cfg)
     _validate_reporting(cfg)
+    _validate_secagg(cfg)
     m = cfg.model
     adapter = m.get("adapter")
     _check(
@@ -404,6 +405,62 @@ def _validate_reporting(cfg: DictConfig) -> None:
             "hub.push=true with strategy=local: each client keeps its own adapter and there is no global one "
             "to push; set hub.push=false or choose a federated strategy",
         )
+
+
+def _validate_secagg(cfg: DictConfig) -> None:
+    """``privacy.secagg_*`` values, and the settings secure aggregation cannot hold with (the server sees only
+    the sum of the updates, never one of them).
+    """
+    p = cfg.get("privacy") or {}
+    if not p.get("secagg", False):
+        return
+    fix = "or set privacy.secagg=false"
+    _check(
+        cfg.strategy.name not in ("central", "local"),
+        f"privacy.secagg=true with strategy={cfg.strategy.name}: there is no sum of client updates to protect; "
+        f"choose a federated strategy {fix}",
+    )
+    aggregator = cfg.strategy.get("aggregator", "mean")
+    _check(
+        aggregator == "mean",
+        f"privacy.secagg=true with strategy.aggregator={aggregator}: a robust aggregator needs each client's "
+        f"update, which secure aggregation hides; set strategy.aggregator=mean {fix}",
+    )
+    method = cfg.get("lora_aggregation", "homogeneous")
+    _check(
+        method == "homogeneous",
+        f"privacy.secagg=true with lora_aggregation={method}: clients of different ranks cannot be summed "
+        f"under masks; set lora_aggregation=homogeneous {fix}",
+    )
+    codec = (cfg.get("comm") or {}).get("codec", "none")
+    _check(
+        codec == "none",
+        f"privacy.secagg=true with comm.codec={codec}: the masked updates are field elements that no codec can "
+        f"compress; set comm.codec=none {fix}",
+    )
+    threshold = p.get("secagg_threshold", 0.667)
+    if isinstance(threshold, int) and not isinstance(threshold, bool):
+        _check(
+            2 <= threshold <= cfg.sample_clients,
+            f"privacy.secagg_threshold={threshold} must be between 2 and sample_clients={cfg.sample_clients} (a "
+            f"count of shares), or a fraction in (0.5, 1]; e.g. privacy.secagg_threshold=0.667",
+        )
+    else:
+        _check(
+            isinstance(threshold, float) and 0.5 < threshold <= 1,
+            f"privacy.secagg_threshold={threshold!r} must be a fraction in (0.5, 1] of each neighbourhood or a "
+            f"count >= 2; e.g. privacy.secagg_threshold=0.667",
+        )
+    _check(cfg.sample_clients >= 2, f"privacy.secagg=true needs sample_clients >= 2, got {cfg.sample_clients} {fix}")
+    neighbours = p.get("secagg_neighbours")
+    _check(
+        neighbours is None or (isinstance(neighbours, int) and neighbours >= 2),
+        f"privacy.secagg_neighbours={neighbours!r} must be an integer >= 2 or null (2 ceil(log2 n))",
+    )
+    clip = p.get("secagg_clip_range", 1.0)
+    _check(clip > 0, f"privacy.secagg_clip_range={clip} must be positive; e.g. privacy.secagg_clip_range=1.0")
+    bits = p.get("secagg_bits", 32)
+    _check(16 <= bits <= 64, f"privacy.secagg_bits={bits} must be in 16..64; e.g. privacy.secagg_bits=32")
 
 
 def _looks_like_path(name: str) -> bool:

@@ -16,7 +16,8 @@ ClientApp accepts from the run config only:
           allowed-datasets='alpaca_gpt4,custom'"
 
   ``allowed-models`` / ``allowed-datasets`` (comma-separated ``model.name`` / ``dataset.name`` values)
-  pin what the node serves.
+  pin what the node serves; ``require-secagg=true`` makes it answer only secure-aggregation rounds (it
+  refuses a plain train message, which would send its adapter in clear).
 
 A simulation, where one person owns every simulated node and the run config, keeps the run config's
 local paths: the ClientApp runs inside Flower's simulation engine (:func:`in_simulation`), or the node
@@ -75,6 +76,7 @@ DATA_PATH_KEY = "data-path"
 MODEL_PATH_KEY = "model-path"
 TRUST_REMOTE_CODE_KEY = "trust-remote-code"
 ALLOWED_MODELS_KEY = "allowed-models"
+REQUIRE_SECAGG_KEY = "require-secagg"
 ALLOWED_DATASETS_KEY = "allowed-datasets"
 TRUST_RUN_CONFIG_KEY = "trust-run-config"
 
@@ -110,6 +112,7 @@ class NodePolicy:
     trust_remote_code: bool = False
     allowed_models: tuple[str, ...] | None = None
     allowed_datasets: tuple[str, ...] | None = None
+    require_secagg: bool = False
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any], simulation: bool | None = None) -> NodePolicy:
@@ -121,7 +124,16 @@ class NodePolicy:
             trust_remote_code=_flag(node_config, TRUST_REMOTE_CODE_KEY),
             allowed_models=_names(node_config.get(ALLOWED_MODELS_KEY)),
             allowed_datasets=_names(node_config.get(ALLOWED_DATASETS_KEY)),
+            require_secagg=_flag(node_config, REQUIRE_SECAGG_KEY),
         )
+
+    def check_plain_round(self) -> None:
+        """Raise a PolicyError if this node sends its update only under secure aggregation."""
+        if self.require_secagg:
+            raise PolicyError(
+                f"this node's config sets {REQUIRE_SECAGG_KEY}=true and the server sent a plain train message "
+                f"(the adapter would travel in clear); run with privacy.secagg=true"
+            )
 
     def node_overrides(self) -> list[str]:
         """Overrides from the node config, applied after the run config's (so they win)."""

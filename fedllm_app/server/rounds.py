@@ -19,9 +19,11 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from fedllm_app.secure.secagg import SecAggParams
 from fedllm_app.server.guard import ReplyGuard, all_finite
 from fedllm_app.server.outputs import RunWriter, format_round
 from fedllm_app.server.reply_checks import ReplySpec, claimed_partition, sent_shapes, shapes_of, split_replies
+from fedllm_app.server.secure_round import SecureOutcome, secure_round
 from strategies.fedavg import ARRAYS_KEY, METRICS_KEY, PARTITION_KEY
 
 log = logging.getLogger("fedllm")
@@ -55,6 +57,7 @@ def run_rounds(
     totals: dict[str, int] | None = None,
     on_round_end: RoundEndHook | None = None,
     guard: ReplyGuard | None = None,
+    secagg: SecAggParams | None = None,
 ) -> tuple[ArrayRecord, dict[str, float]]:
     """Train rounds ``start_round..num_rounds``; return the final global arrays and their last evaluation.
 
@@ -63,6 +66,8 @@ def run_rounds(
     silently). ``totals`` (cumulative bytes) is updated in place; ``on_round_end``
     runs after the round's metrics line is written (the server saves its state there).
     ``guard`` (weights, update bound, node -> partition book) is kept across calls by the run.
+    With ``secagg`` each round runs secure aggregation (:mod:`fedllm_app.server.secure_round`): the server
+    sees only masked updates, so neither the reply checks nor the guard judge them one by one.
     """
     guard = guard if guard is not None else ReplyGuard()
     last_eval: dict[str, float] = {}
@@ -70,13 +75,21 @@ def run_rounds(
     for rnd in range(start_round, num_rounds + 1):
         start, started_at = time.perf_counter(), time.time()
         messages = configure(strategy, rnd, arrays, grid, node_wait, min_replies, phase)
-        replies = send_and_receive(grid, messages, timeout, poll_interval)
-        kept, rejected, clipped = check_replies(strategy, guard, messages, replies, arrays)
+        secure = None
+        if secagg is not None:  # secure aggregation: the server sees masked updates, unmasks only their mean
+            secure = secure_round(grid, strategy, rnd, arrays, messages, secagg, send_and_receive, timeout,
+                                  poll_interval, min_replies)  # fmt: skip
+            replies, kept, rejected, clipped = secure.replies, secure.masked, [], []
+        else:
+            replies = send_and_receive(grid, messages, timeout, poll_interval)
+            kept, rejected, clipped = check_replies(strategy, guard, messages, replies, arrays)
         ok = [m for m in kept if not m.has_error()]
-        failed = _failed_nodes(messages, replies)
+        failed = secure.failed if secure is not None else _failed_nodes(messages, replies)
         _log_problems(phase, rnd, rejected, failed, timeout, clipped)
         train_metrics = None
-        if len(ok) >= min_replies:
+        if secure is not None:
+            arrays, train_metrics = _secure_result(secure, arrays, phase, rnd)
+        elif len(ok) >= min_replies:
             arrays, train_metrics = _aggregate(strategy, rnd, kept, arrays, phase)
         else:
             log.warning(
@@ -95,13 +108,14 @@ def run_rounds(
             "failed_nodes": failed,
             "rejected": rejected,
             "clipped": clipped,
-            "aggregated": len(ok) >= min_replies,
+            "aggregated": secure.arrays is not None if secure is not None else len(ok) >= min_replies,
             "lr": strategy.learning_rate(rnd),
             "train_loss": float(train_metrics["train_loss"])
             if train_metrics and "train_loss" in train_metrics
             else None,
         }
-        record.update(traffic(messages, replies, totals))
+        record.update(secure.record if secure is not None else {})
+        record.update(traffic(secure.sent if secure is not None else messages, replies, totals))
         record.update(_client_timing(ok))
         record["train_phase_seconds"] = time.perf_counter() - start
         if evaluate is not None:
@@ -142,6 +156,16 @@ def _aggregate(
         log.error("%s round %d: the aggregate is not finite; the global adapter is unchanged", phase, rnd)
         return arrays, train_metrics
     return (new_arrays if new_arrays is not None else arrays), train_metrics
+
+
+def _secure_result(secure: SecureOutcome, arrays: ArrayRecord, phase: str, rnd: int) -> tuple[ArrayRecord, Any]:
+    """The secure round's new global arrays (the old ones if it failed or its aggregate is not finite)."""
+    if secure.arrays is None:
+        return arrays, secure.train_metrics
+    if not all_finite(secure.arrays):
+        log.error("%s round %d: the aggregate is not finite; the global adapter is unchanged", phase, rnd)
+        return arrays, secure.train_metrics
+    return secure.arrays, secure.train_metrics
 
 
 def configure(
@@ -237,7 +261,8 @@ def traffic(messages: list[Message], replies: list[Message], totals: dict[str, i
             entry["received"] += content_bytes(msg.content)
         except Exception:  # noqa: BLE001 - a malformed reply is rejected elsewhere; count what can be counted
             pass
-        entry["partition"] = claimed_partition(msg)
+        pid = claimed_partition(msg)
+        entry["partition"] = pid if pid is not None else entry["partition"]  # secure aggregation's stages: none
     sent = sum(e["sent"] for e in per_node.values())
     received = sum(e["received"] for e in per_node.values())
     totals["bytes_sent_total"] = totals.get("bytes_sent_total", 0) + sent

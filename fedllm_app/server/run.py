@@ -27,6 +27,7 @@ from fedllm_app.server.model_card import write_model_card
 from fedllm_app.server.outputs import RunWriter, comparison_table
 from fedllm_app.server.resume import ResumeState, load_state, restore_rng, save_state
 from fedllm_app.server.rounds import TOTAL_KEYS, run_rounds
+from fedllm_app.server.secure_round import secagg_params
 from strategies import registry
 from strategies.hetero import HeteroRankParams, with_lora_ranks
 from strategies.local import LocalOnly
@@ -233,6 +234,7 @@ class FederatedRun:
             after_round=self.checkpoint,
             totals=self.totals,
             on_round_end=self.save_state,
+            secagg=secagg_params(self.cfg),
             **resume,
         )
         self.final = final or (self.resumed.last_eval if self.resumed else {})

@@ -101,6 +101,10 @@ MIXED_RANKS = {
 }
 
 
+# Secure aggregation (docs/privacy.md) rides along on FedYogi's run: the server sees only masked updates.
+SECURE = {"fedyogi": "privacy.secagg=true"}
+
+
 @pytest.mark.parametrize(
     "name", ["fedprox", "scaffold", "fedavgm", "fedadagrad", "fedyogi", "fedadam", "local", "central"]
 )
@@ -108,7 +112,8 @@ def test_every_algorithm_runs_two_rounds_through_flower(flower, tmp_path, name):
     out = tmp_path / "outputs"
     overrides = (
         f"strategy={name} num_rounds=2 num_clients=2 sample_clients=2 training.max_steps=3 baseline=none "
-        f"dataset.test_per_domain=5 output_dir={out} run_name={name} {MIXED_RANKS.get(name, '')}"
+        f"dataset.test_per_domain=5 output_dir={out} run_name={name} {MIXED_RANKS.get(name, '')} "
+        f"{SECURE.get(name, '')}"
     )
     verbose = name == "fedprox"  # one run shows that logging.verbose brings Flower's own round lines back
     status, log = flower.run(overrides + (" logging.verbose=true" if verbose else ""), num_supernodes=2)
@@ -117,6 +122,8 @@ def test_every_algorithm_runs_two_rounds_through_flower(flower, tmp_path, name):
     lines = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
     nodes = 1 if name == "central" else 2  # central trains the pooled data on one node
     assert [(r["round"], r["replied"], r["failed"]) for r in lines] == [(1, nodes, 0), (2, nodes, 0)]
+    if name in SECURE:  # both clients' masked updates unmasked as one sum, every round
+        assert [(r["secagg_survivors"], r["aggregated"]) for r in lines] == [(2, True), (2, True)]
     if name == "local":
         summary = json.loads((out / name / "summary.json").read_text())
         assert set(summary["baseline_local"]["clients"]) == {"0", "1"}

@@ -1,0 +1,297 @@
+"""One round of secure aggregation (SecAgg+, :mod:`fedllm_app.secure.secagg`) over Flower messages.
+
+The round loop (:func:`fedllm_app.server.rounds.run_rounds`) hands this module the strategy's train
+messages. It runs the stages as messages (``query.secagg``: keys, share; ``train.secagg``: the train
+message plus the relayed share ciphertexts; ``query.secagg``: unmask), learns only the sum of the
+survivors' quantised updates, and hands their **mean** to the strategy's server step as one synthetic
+reply (FedAvg, FedProx, FedAvgM, FedAdagrad, FedAdam, FedYogi) or through
+:meth:`strategies.scaffold.Scaffold.aggregate_sums` (SCAFFOLD: the mean control delta travels masked
+beside the adapter delta). Every survivor weighs the same: data-size weights would need each client's
+size, which the server could not check on a masked update.
+
+Fewer survivors than the threshold end the round before any share is asked: the adapter is unchanged,
+nothing is revealed, and the error is logged and written in the round's metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.common import MessageType
+from flwr.serverapp import Grid
+
+from fedllm_app.secure import keys as K
+from fedllm_app.secure.secagg import SecAggError, SecAggParams, check_survivors, dequantize, neighbourhoods, unmask
+from strategies.fedavg import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, WEIGHT_KEY
+from strategies.records import from_record, to_record
+from strategies.scaffold import C_CLIENT_KEY, Scaffold
+
+log = logging.getLogger("fedllm")
+Sender = Any  # (grid, messages, timeout, poll_interval) -> replies: rounds.send_and_receive
+
+
+@dataclass
+class SecureOutcome:
+    """What one secure round did: the new global arrays (None: not aggregated) and what travelled."""
+
+    arrays: ArrayRecord | None = None
+    train_metrics: MetricRecord | None = None
+    sent: list[Message] = field(default_factory=list)
+    replies: list[Message] = field(default_factory=list)
+    masked: list[Message] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Round:
+    """The round's public state on the server: who takes part, their public keys and the graph."""
+
+    rnd: int
+    nodes: list[int]
+    params: SecAggParams
+    graph: list[list[int]]
+    threshold: int
+    pubs: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # index -> (c_pk, s_pk)
+    ciphertexts: dict[int, dict[int, bytes]] = field(default_factory=dict)  # holder -> {src -> ciphertext}
+
+    def message(self, index: int, conf: dict[str, Any]) -> Message:
+        record = K.config({K.ROUND: self.rnd, **conf})
+        return Message(RecordDict({K.RECORD: record}), dst_node_id=self.nodes[index], message_type=K.QUERY_TYPE)
+
+
+def secagg_params(cfg: Any) -> SecAggParams | None:
+    """``privacy.secagg_*`` as :class:`SecAggParams`, or None when ``privacy.secagg`` is off."""
+    p = cfg.get("privacy") or {}
+    if not p.get("secagg", False):
+        return None
+    threshold = p.get("secagg_threshold", 2 / 3)
+    return SecAggParams(
+        threshold=threshold if isinstance(threshold, int) else float(threshold),
+        neighbours=p.get("secagg_neighbours"),
+        clip_range=float(p.get("secagg_clip_range", 1.0)),
+        bits=int(p.get("secagg_bits", 32)),
+    )
+
+
+def secure_round(
+    grid: Grid,
+    strategy: Any,
+    rnd: int,
+    arrays: ArrayRecord,
+    messages: list[Message],
+    params: SecAggParams,
+    send: Sender,
+    timeout: float,
+    poll_interval: float,
+    min_replies: int = 1,
+) -> SecureOutcome:
+    """Run the stages for the nodes ``messages`` go to; the new global arrays from the survivors' mean."""
+    out = SecureOutcome()
+    nodes = [m.metadata.dst_node_id for m in messages]
+    n = len(nodes)
+    try:
+        state = _Round(rnd, nodes, params, neighbourhoods(n, params.degree(n), _graph_seed(strategy, rnd)),
+                       params.share_threshold(n))  # fmt: skip
+        talk = _Talk(grid, send, timeout, poll_interval, out)
+        active = _keys_and_shares(state, talk)
+        survivors, total = _mask(state, talk, messages, active, arrays, strategy)
+        _check_enough(state, active, survivors, min_replies)
+        start = time.perf_counter()
+        revealed = _reveal(state, talk, survivors, active - survivors)
+        mean = _mean(state, total, survivors, active - survivors, revealed, n)
+        out.record["secagg_unmask_seconds"] = time.perf_counter() - start
+    except SecAggError as err:
+        log.error("secure aggregation, round %d: %s; the global adapter is unchanged", rnd, err)
+        out.record["secagg_error"] = str(err)
+        out.failed = sorted(set(nodes) - {m.metadata.src_node_id for m in out.masked})
+        return out
+    out.arrays, out.train_metrics = _step(strategy, rnd, arrays, mean, out.masked)
+    out.failed = sorted(set(nodes) - {m.metadata.src_node_id for m in out.masked})
+    out.record.update({"secagg_survivors": len(survivors), "secagg_dropped": len(active - survivors),
+                       "secagg_threshold": state.threshold, "secagg_neighbours": params.degree(n)})  # fmt: skip
+    return out
+
+
+def _graph_seed(strategy: Any, rnd: int) -> int:
+    return int(getattr(strategy, "seed", 0)) * 1_000_003 + rnd
+
+
+@dataclass
+class _Talk:
+    """Send a stage's messages and keep every message and reply for the round's traffic count."""
+
+    grid: Grid
+    send: Sender
+    timeout: float
+    poll_interval: float
+    out: SecureOutcome
+
+    def __call__(self, messages: list[Message]) -> dict[int, Message]:
+        """Node -> its sound reply (errors and silence are left out)."""
+        replies = self.send(self.grid, messages, self.timeout, self.poll_interval)
+        self.out.sent.extend(messages)
+        self.out.replies.extend(replies)
+        return {r.metadata.src_node_id: r for r in replies if not r.has_error()}
+
+
+def _keys_and_shares(state: _Round, talk: _Talk) -> set[int]:
+    """The keys and share stages; the indices of the clients that completed both."""
+    got = talk([state.message(i, {K.STAGE: K.KEYS, K.INDEX: i}) for i in range(len(state.nodes))])
+    for i, node in enumerate(state.nodes):
+        conf = got[node].content.get(K.RECORD) if node in got else None
+        if conf is not None and K.C_PK in conf and K.S_PK in conf:
+            state.pubs[i] = (bytes(conf[K.C_PK]), bytes(conf[K.S_PK]))
+    _enough(state, set(state.pubs), "the keys stage")
+    share_msgs = []
+    for i in sorted(state.pubs):
+        peers = [j for j in state.graph[i] if j in state.pubs]
+        share_msgs.append(state.message(i, {
+            K.STAGE: K.SHARE, K.THRESHOLD: state.threshold, K.PEERS: peers,
+            K.PEER_C_PKS: [state.pubs[j][0] for j in peers], K.PEER_S_PKS: [state.pubs[j][1] for j in peers],
+        }))  # fmt: skip
+    got = talk(share_msgs)
+    for i in sorted(state.pubs):
+        conf = got[state.nodes[i]].content.get(K.RECORD) if state.nodes[i] in got else None
+        if conf is None or K.DST not in conf:
+            continue
+        for dst, ct in zip(K.listed(conf, K.DST), K.listed(conf, K.CIPHERTEXTS), strict=True):
+            state.ciphertexts.setdefault(int(dst), {})[i] = bytes(ct)
+    active = {i for i in state.pubs if any(i in held for held in state.ciphertexts.values())}
+    _enough(state, active, "the share stage")
+    return active
+
+
+def _enough(state: _Round, alive: set[int], stage: str) -> None:
+    if len(alive) < state.threshold:
+        raise SecAggError(
+            f"{len(alive)} of {len(state.nodes)} clients completed {stage}, fewer than the threshold of "
+            f"{state.threshold}: nothing was masked or revealed"
+        )
+
+
+def _mask(
+    state: _Round, talk: _Talk, messages: list[Message], active: set[int], arrays: ArrayRecord, strategy: Any
+) -> tuple[set[int], np.ndarray]:
+    """The train stage: every active client trains and replies its masked update; the survivors and the sum."""
+    size = _vector_size(arrays, strategy)
+    p = state.params
+    train = []
+    for i in sorted(active):
+        content = RecordDict({k: v for k, v in messages[i].content.items() if k != C_CLIENT_KEY})
+        held = state.ciphertexts.get(i, {})
+        srcs = sorted(s for s in held if s in active)
+        content[K.RECORD] = K.config({
+            K.STAGE: K.MASK, K.ROUND: state.rnd, K.ACTIVE: sorted(active), K.SIZE: len(state.nodes),
+            K.BITS: p.bits, K.CLIP_RANGE: p.clip_range,
+        })  # fmt: skip
+        content[K.SHARES_RECORD] = K.config({K.SRC: srcs, K.CIPHERTEXTS: [held[s] for s in srcs]})
+        train.append(Message(content, dst_node_id=state.nodes[i], message_type=K.TRAIN_TYPE))
+    got = talk(train)
+    total = np.zeros(size, dtype=np.uint64)
+    survivors = set()
+    for i in sorted(active):
+        reply = got.get(state.nodes[i])
+        vector = _masked_vector(reply, size, p)
+        if vector is None:
+            continue
+        total += vector.astype(np.uint64)  # wraps mod 2^64; reduced mod 2^bits when unmasked
+        survivors.add(i)
+        talk.out.masked.append(reply)  # type: ignore[arg-type]
+    return survivors, total
+
+
+def _masked_vector(reply: Message | None, size: int, p: SecAggParams) -> np.ndarray | None:
+    """The reply's masked vector if it is one (right length and type, metrics present); else None."""
+    if reply is None or K.MASKED_RECORD not in reply.content or METRICS_KEY not in reply.content:
+        return None
+    record = reply.content[K.MASKED_RECORD]
+    if K.MASKED not in record:
+        return None
+    vector = record[K.MASKED].numpy()
+    if vector.shape != (size,) or vector.dtype != np.dtype(p.dtype()):
+        log.warning("node %s sent a masked vector of %s %s, not (%d,) %s; it counts as dropped",
+                    reply.metadata.src_node_id, vector.shape, vector.dtype, size, np.dtype(p.dtype()))  # fmt: skip
+        return None
+    return vector
+
+
+def _vector_size(arrays: ArrayRecord, strategy: Any) -> int:
+    size = sum(int(a.numpy().size) for a in arrays.values())
+    return 2 * size if isinstance(strategy, Scaffold) else size
+
+
+def _check_enough(state: _Round, active: set[int], survivors: set[int], min_replies: int) -> None:
+    check_survivors(survivors, active, state.graph, state.threshold)
+    if len(survivors) < min_replies:
+        raise SecAggError(f"{len(survivors)} masked updates arrived, fewer than min_replies={min_replies}")
+
+
+def _reveal(state: _Round, talk: _Talk, survivors: set[int], dropped: set[int]) -> dict[int, dict[int, bytes]]:
+    """The unmask stage: each survivor's shares (``b`` of survivors, ``s`` of the dropped): src -> {holder -> share}."""
+    msgs = [
+        state.message(i, {K.STAGE: K.UNMASK, K.DROPPED: sorted(dropped & {i, *state.graph[i]})})
+        for i in sorted(survivors)
+    ]
+    got = talk(msgs)
+    revealed: dict[int, dict[int, bytes]] = {}
+    for holder in sorted(survivors):
+        conf = got[state.nodes[holder]].content.get(K.RECORD) if state.nodes[holder] in got else None
+        if conf is None or K.SRC not in conf:
+            continue
+        for src, share in zip(K.listed(conf, K.SRC), K.listed(conf, K.SHARES), strict=True):
+            revealed.setdefault(int(src), {})[holder] = bytes(share)
+    return revealed
+
+
+def _mean(
+    state: _Round,
+    total: np.ndarray,
+    survivors: set[int],
+    dropped: set[int],
+    revealed: dict[int, dict[int, bytes]],
+    n: int,
+) -> np.ndarray:
+    """The survivors' mean update (float) from the sum of their masked vectors."""
+    p = state.params
+    s_pks = {i: pk[1] for i, pk in state.pubs.items()}
+    q_sum = unmask(total, survivors, dropped, revealed, s_pks, state.graph, state.threshold,
+                   K.round_tag(state.rnd), p.bits)  # fmt: skip
+    return dequantize(q_sum, p.clip_range, p.bits, n, len(survivors)) / len(survivors)
+
+
+def unflatten(vector: np.ndarray, like: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Arrays shaped (and typed) as ``like``, in its order, from the front of ``vector``."""
+    out, pos = {}, 0
+    for k, v in like.items():
+        out[k] = vector[pos : pos + v.size].reshape(v.shape).astype(v.dtype)
+        pos += v.size
+    return out
+
+
+def _step(
+    strategy: Any, rnd: int, arrays: ArrayRecord, mean: np.ndarray, masked: list[Message]
+) -> tuple[ArrayRecord | None, MetricRecord]:
+    """The strategy's server step on the mean update: one synthetic reply, or SCAFFOLD's sums."""
+    global_ = from_record(arrays)
+    size = sum(v.size for v in global_.values())
+    delta = unflatten(mean, global_)
+    mean_y = {k: (v + delta[k]).astype(v.dtype) for k, v in global_.items()}
+    metrics = MetricRecord({
+        NUM_EXAMPLES_KEY: int(sum(int(m.content[METRICS_KEY].get(NUM_EXAMPLES_KEY, 0)) for m in masked)),
+        "train_loss": float(np.mean([float(m.content[METRICS_KEY].get("train_loss", 0.0)) for m in masked])),
+    })  # fmt: skip
+    if isinstance(strategy, Scaffold):
+        return strategy.aggregate_sums(mean_y, unflatten(mean[size:], global_), len(masked)), metrics
+    reply = Message(
+        RecordDict({ARRAYS_KEY: to_record(mean_y), METRICS_KEY: MetricRecord({**dict(metrics), WEIGHT_KEY: 1.0})}),
+        dst_node_id=0,
+        message_type=MessageType.TRAIN,
+    )
+    new, _ = strategy.aggregate_train(rnd, [reply])
+    return new, metrics
