@@ -123,7 +123,9 @@ class DPParams:
     clip_lr : float
         Step size of the geometric clip-norm update, > 0.
     count_std : float or None
-        Std of the noise on the count of updates within C; None: ``q N / 20`` (Andrew et al.'s choice).
+        Std of the noise on the count of updates within C; None: ``max(q N / 20, z)`` (Andrew et al. take
+        ``q N / 20``, meant for hundreds of clients per round; at least z keeps the updates' share of the noise
+        within 1.16 z for few clients).
     """
 
     clip_norm: float
@@ -159,7 +161,9 @@ class DPParams:
     @property
     def clipped_count_std(self) -> float:
         """Std of the noise on the count of updates within C (adaptive clipping)."""
-        return self.count_std if self.count_std is not None else self.expected_clients / 20.0
+        if self.count_std is not None:
+            return self.count_std
+        return max(self.expected_clients / 20.0, self.noise_multiplier)
 
     @property
     def update_multiplier(self) -> float:
