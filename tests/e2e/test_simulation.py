@@ -101,6 +101,14 @@ MIXED_RANKS = {
 }
 
 
+# DP-FedAvg (docs/privacy.md) rides along on two of these runs: SCAFFOLD (adapter and control deltas clipped
+# together on the client) and FedAdam (its moments act on the noised mean).
+PRIVATE = {
+    "scaffold": "privacy.dp=true privacy.clip_norm=0.5 privacy.noise_multiplier=0.3",
+    "fedadam": "privacy.dp=true privacy.clip_norm=0.5 privacy.noise_multiplier=0.3 privacy.accountant=pld",
+}
+
+
 @pytest.mark.parametrize(
     "name", ["fedprox", "scaffold", "fedavgm", "fedadagrad", "fedyogi", "fedadam", "local", "central"]
 )
@@ -108,7 +116,8 @@ def test_every_algorithm_runs_two_rounds_through_flower(flower, tmp_path, name):
     out = tmp_path / "outputs"
     overrides = (
         f"strategy={name} num_rounds=2 num_clients=2 sample_clients=2 training.max_steps=3 baseline=none "
-        f"dataset.test_per_domain=5 output_dir={out} run_name={name} {MIXED_RANKS.get(name, '')}"
+        f"dataset.test_per_domain=5 output_dir={out} run_name={name} {MIXED_RANKS.get(name, '')} "
+        f"{PRIVATE.get(name, '')}"
     )
     verbose = name == "fedprox"  # one run shows that logging.verbose brings Flower's own round lines back
     status, log = flower.run(overrides + (" logging.verbose=true" if verbose else ""), num_supernodes=2)
@@ -117,6 +126,9 @@ def test_every_algorithm_runs_two_rounds_through_flower(flower, tmp_path, name):
     lines = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
     nodes = 1 if name == "central" else 2  # central trains the pooled data on one node
     assert [(r["round"], r["replied"], r["failed"]) for r in lines] == [(1, nodes, 0), (2, nodes, 0)]
+    if name in PRIVATE:  # q = 1: both clients every round; every update clipped by its client, none by the server
+        assert 0 < lines[0]["epsilon"] < lines[1]["epsilon"] and lines[1]["dp_server_clipped"] == 0
+        assert f"{name} round 2/2" in log and "| epsilon " in log
     if name == "local":
         summary = json.loads((out / name / "summary.json").read_text())
         assert set(summary["baseline_local"]["clients"]) == {"0", "1"}

@@ -187,7 +187,7 @@ def test_strategies_that_average_nothing_cannot_be_wrapped():
         ("privacy.clip_norm=-2", r"privacy.clip_norm=-2 must be positive"),
         ("strategy=central", r"privacy.dp=true with strategy=central"),
         ("strategy=local", r"privacy.dp=true with strategy=local"),
-        ("strategy.aggregator=median", r"privacy.dp=true with strategy.aggregator=median.*set strategy.aggregator=mean"),
+        ("strategy.aggregator=median", r"strategy.aggregator=median.*set strategy.aggregator=mean"),
         ("lora_aggregation=hetlora model.lora.client_ranks=[4,8]", r"privacy.dp=true with lora_aggregation=hetlora"),
         ("baseline=local", r"privacy.dp=true with baseline=local.*set baseline=none"),
         ("privacy.target_epsilon=0.01", r"privacy.target_epsilon=0.01 is already exceeded by round 1"),
