@@ -66,20 +66,37 @@ def epsilon(sample_rate: float, noise_multiplier: float, rounds: int, delta: flo
 
 
 def noise_for_epsilon(target_epsilon: float, sample_rate: float, rounds: int, delta: float, kind: str = "rdp") -> float:
-    """The smallest noise multiplier z whose epsilon after ``rounds`` rounds is at most ``target_epsilon``."""
+    """The smallest noise multiplier z whose epsilon after ``rounds`` rounds is at most ``target_epsilon``.
+
+    Searched with RDP from z = 0.01 up; PLD's z (never above RDP's, PLD being tighter) is then searched between
+    half RDP's z and RDP's z, where its discretisation stays small (a PLD at z near 0 would need gigabytes).
+    """
     import dp_accounting
 
     if target_epsilon <= 0:
         raise ValueError(f"privacy.target_epsilon={target_epsilon} must be positive")
+    _accountant(kind)  # an unknown kind fails here, by name
     with _quiet_absl():
+        z = float(
+            dp_accounting.calibrate_dp_mechanism(
+                lambda: _accountant("rdp"),
+                lambda z: _event(sample_rate, z, rounds),
+                target_epsilon,
+                delta,
+                dp_accounting.LowerEndpointAndGuess(0.01, 1.0),
+                tol=1e-4,
+            )
+        )
+        if kind == "rdp":
+            return z
         return float(
             dp_accounting.calibrate_dp_mechanism(
                 lambda: _accountant(kind),
                 lambda z: _event(sample_rate, z, rounds),
                 target_epsilon,
                 delta,
-                dp_accounting.LowerEndpointAndGuess(1e-3, 1.0),
-                tol=1e-4,
+                dp_accounting.ExplicitBracketInterval(z / 2, z),
+                tol=1e-3,
             )
         )
 

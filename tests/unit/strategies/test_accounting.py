@@ -42,3 +42,10 @@ def test_the_derived_noise_multiplier_is_the_smallest_that_meets_the_target():
 def test_an_unknown_accountant_is_refused_by_name():
     with pytest.raises(ValueError, match=r"privacy.accountant='moments' must be one of rdp, pld"):
         epsilon(0.1, 1.0, 3, 1e-5, "moments")
+
+
+@pytest.mark.slow
+def test_the_derived_pld_noise_multiplier_meets_the_target_with_no_more_noise_than_rdp():
+    rdp_z, pld_z = (noise_for_epsilon(8.0, 0.1, 30, 1e-5, kind) for kind in ("rdp", "pld"))
+    assert pld_z <= rdp_z
+    assert 7.9 < epsilon(0.1, pld_z, 30, 1e-5, "pld") <= 8.0
