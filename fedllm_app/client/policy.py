@@ -63,6 +63,7 @@ CLIENT_OVERRIDE_KEYS = (
     "fault_injection",
     "lora_aggregation",
     "hetlora_weighting",
+    "privacy",
 )
 # Keys that name something on the node's disk or run code: set by the node config only (or a simulation).
 NODE_ONLY_KEYS = ("dataset.path", "dataset.hub_id", "model.name", "model.adapter", "model.trust_remote_code")

@@ -164,3 +164,7 @@ def test_the_client_app_writes_its_files_private_to_the_node_owner(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "cache-file").stat().st_mode & 0o077 == 0
+
+
+def test_a_run_may_ask_nodes_for_differential_privacy():
+    NodePolicy().check_run_config({"overrides": "privacy.dp=true privacy.clip_norm=0.5 baseline=none"})
