@@ -98,6 +98,13 @@ def clip_reply_parts(
     return new, extra, scaled
 
 
+def within_clip(reply: Message) -> float:
+    """A reply's ``dp-within-clip`` bit: 1.0 or 0.0 (any other value counts as its nearer bit, absent as 0), so
+    that one client moves the adaptive clipping count by at most 1, the sensitivity its noise covers.
+    """
+    return 1.0 if float(reply.content[METRICS_KEY].get(WITHIN_CLIP_KEY, 0.0)) >= 0.5 else 0.0
+
+
 class DPStrategy:
     """The DP round, placed before the strategy class in the method order (:func:`with_dp`)."""
 
@@ -166,7 +173,7 @@ class DPStrategy:
         std = noise_std(d.update_multiplier, c, d.expected_clients)
         noised = split_update(add_gaussian_noise(fixed_weight_mean(updates, d.expected_clients, like), std, self.rng))
         new = self.step_from_mean(global_, noised, d.expected_clients, per_partition)
-        within = sum(float(m.content[METRICS_KEY].get(WITHIN_CLIP_KEY, 0.0)) for m in ok)
+        within = sum(within_clip(m) for m in ok)
         self.dp_metrics = {
             "dp_clip_norm": c,
             "dp_noise_std": std,

@@ -11,6 +11,7 @@ from fedllm_app.server.outputs import format_round
 from fedllm_app.server.rounds import run_rounds
 from fedllm_app.server.run import build_strategy
 from strategies.accounting import epsilon
+from strategies.dp import WITHIN_CLIP_KEY
 from strategies.fedavg import ARRAYS_KEY, DATA_SIZE_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
 from strategies.records import from_record, to_record
 
@@ -27,8 +28,8 @@ def _task_identity():
 class Grid:
     """Nodes 1..n holding partitions 0..n-1; node k replies with the global arrays plus k (norm k sqrt 3)."""
 
-    def __init__(self, n):
-        self.n, self.sent = n, {}
+    def __init__(self, n, within=0.0):
+        self.n, self.sent, self.within = n, {}, within
 
     def get_node_ids(self):
         return list(range(1, self.n + 1))
@@ -54,6 +55,7 @@ class Grid:
             node = msg.metadata.dst_node_id
             arrays = {k: v + node for k, v in from_record(msg.content[ARRAYS_KEY]).items()}
             metrics = {NUM_EXAMPLES_KEY: 10, DATA_SIZE_KEY: 10, "train_loss": 1.0, "partition-id": node - 1}
+            metrics[WITHIN_CLIP_KEY] = self.within  # what a DP client reports
             out.append(Message(RecordDict({ARRAYS_KEY: to_record(arrays), METRICS_KEY: MetricRecord(metrics)}),
                                reply_to=msg))  # fmt: skip
         return out
@@ -67,17 +69,18 @@ class Writer:
         self.rows.append(record)
 
 
-def dp_rounds(overrides, nodes, num_rounds):
+def dp_rounds(overrides, nodes, num_rounds, within=0.0):
     cfg = load_config({"overrides": f"privacy.dp=true baseline=none num_rounds={num_rounds} {overrides}"})
     strategy = build_strategy(cfg)
     writer = Writer()
     start = to_record(START)
-    arrays, _ = run_rounds(Grid(nodes), strategy, start, num_rounds, 5.0, writer, "fedavg", poll_interval=0.01)
+    arrays, _ = run_rounds(Grid(nodes, within), strategy, start, num_rounds, 5.0, writer, "fedavg", poll_interval=0.01)
     return from_record(arrays)["w"], writer.rows, strategy
 
 
 def test_every_round_reports_epsilon_and_the_noise_in_metrics_and_the_round_line():
     w, rows, strategy = dp_rounds("num_clients=4 sample_clients=2 privacy.noise_multiplier=1.0", 4, 3)
+    assert [(r["replied"], r["rejected"]) for r in rows] == [(r["sampled"], []) for r in rows]  # DP replies pass
     assert [r["epsilon"] for r in rows] == [pytest.approx(epsilon(0.5, 1.0, t, 1e-5)) for t in (1, 2, 3)]
     assert all(r["dp_noise_std"] == pytest.approx(1.0 * 1.0 / 2) and r["dp_clip_norm"] == 1.0 for r in rows)
     assert all(r["clipped"] == [] for r in rows)  # no median-relative bound from the guard under DP
@@ -109,3 +112,11 @@ def test_a_round_where_poisson_sampling_drew_no_client_is_still_noised_and_aggre
     empty = next(r for r in range(1, 100) if not poisson_partitions(0, r, 5, 0.2, range(5)))
     w, rows, _ = dp_rounds("num_clients=5 sample_clients=1 privacy.noise_multiplier=1.0", 5, empty)
     assert rows[-1]["sampled"] == 0 and rows[-1]["aggregated"] is True
+
+
+def test_a_client_claiming_a_within_clip_bit_of_50_moves_the_adaptive_count_by_one_only():
+    _, rows, strategy = dp_rounds("num_clients=2 sample_clients=2 privacy.adaptive_clip=true", 2, 1, within=50.0)
+    assert rows[0]["replied"] == 2 and rows[0]["dp_clip_fraction"] == 0.0
+    # two bits of 1 and N(0, 1) count noise: C = exp(-0.2 ((2 + noise) / 2 - 0.5)), within [0.5, 1.6] unless the
+    # noise passes 5 std; taken at face value, 50 + 50 would give exp(-0.2 * 49.5), about 5e-5
+    assert 0.5 < strategy.clip_norm < 1.6
