@@ -28,7 +28,7 @@ from fedllm_app.server.outputs import RunWriter, comparison_table
 from fedllm_app.server.resume import ResumeState, load_state, restore_rng, save_state
 from fedllm_app.server.rounds import TOTAL_KEYS, run_rounds
 from strategies import registry
-from strategies.accounting import noise_for_epsilon
+from strategies.accounting import epsilon, noise_for_epsilon
 from strategies.dp import Accounting, with_dp
 from strategies.hetero import HeteroRankParams, with_lora_ranks
 from strategies.local import LocalOnly
@@ -61,8 +61,8 @@ def build_strategy(cfg: DictConfig) -> Any:
     """
     params = {k: v for k, v in OmegaConf.to_container(cfg.strategy, resolve=True).items() if k != "name"}
     hetero = hetero_params(cfg)
+    private = dp_settings(cfg)
     try:
-        private = dp_settings(cfg)
         if private is not None:
             return registry.build(params, wrap=with_dp, **strategy_kwargs(cfg), **private)
         if hetero is None:
@@ -85,6 +85,14 @@ def dp_settings(cfg: DictConfig) -> dict[str, Any] | None:
     rate = cfg.sample_clients / cfg.num_clients
     accounting = Accounting(float(p.delta), str(p.accountant), p.target_epsilon)
     z = p.noise_multiplier
+    if z is not None and p.target_epsilon is not None:
+        first = epsilon(rate, float(z), 1, accounting.delta, accounting.accountant)
+        if first > p.target_epsilon:
+            raise ConfigError(
+                f"privacy.target_epsilon={p.target_epsilon} is already exceeded by round 1 (epsilon {first:.3f} at "
+                f"q={rate:g}, z={z}); raise privacy.noise_multiplier or target_epsilon, or set noise_multiplier=null "
+                f"to derive it"
+            )
     if z is None:
         z = noise_for_epsilon(float(p.target_epsilon), rate, cfg.num_rounds, accounting.delta, accounting.accountant)
         log.info(

@@ -190,7 +190,6 @@ def test_strategies_that_average_nothing_cannot_be_wrapped():
         ("strategy.aggregator=median", r"strategy.aggregator=median.*set strategy.aggregator=mean"),
         ("lora_aggregation=hetlora model.lora.client_ranks=[4,8]", r"privacy.dp=true with lora_aggregation=hetlora"),
         ("baseline=local", r"privacy.dp=true with baseline=local.*set baseline=none"),
-        ("privacy.target_epsilon=0.01", r"privacy.target_epsilon=0.01 is already exceeded by round 1"),
         ("privacy.noise_multiplier=null", r"privacy.noise_multiplier=null needs privacy.target_epsilon"),
         ("privacy.accountant=moments", r"privacy.accountant='moments' must be one of rdp, pld"),
         ("privacy.delta=0", r"privacy.delta=0 must be in \(0, 1\)"),
@@ -199,3 +198,16 @@ def test_strategies_that_average_nothing_cannot_be_wrapped():
 def test_a_dp_setting_that_cannot_hold_fails_before_training_naming_it(override, pattern):
     with pytest.raises(ConfigError, match=pattern):
         load_config({"overrides": f"{DP} {override}"})
+
+
+def test_a_target_epsilon_already_exceeded_by_round_1_fails_when_the_server_builds_the_strategy():
+    cfg = load_config({"overrides": f"{DP} privacy.target_epsilon=0.01"})
+    with pytest.raises(ConfigError, match=r"privacy.target_epsilon=0.01 is already exceeded by round 1"):
+        build_strategy(cfg)
+
+
+def test_config_and_the_accountant_agree_on_the_accountants():
+    from fedllm_app.config import DP_ACCOUNTANTS
+    from strategies.accounting import ACCOUNTANTS
+
+    assert DP_ACCOUNTANTS == ACCOUNTANTS
