@@ -49,6 +49,8 @@ AGGREGATIONS = ("homogeneous", "hetlora", "flexlora")
 WEIGHTINGS = ("norm", "examples")
 # logging.report_to: the experiment trackers (fedllm_app.server.trackers implements one class per name).
 TRACKER_NAMES = ("tensorboard", "wandb", "mlflow")
+# privacy.accountant (strategies.accounting.ACCOUNTANTS; a test keeps them equal, as AGGREGATIONS).
+DP_ACCOUNTANTS = ("rdp", "pld")
 # hub.repo_id: <user or org>/<name>, or <name> in the token's own namespace.
 _HUB_REPO_ID = re.compile(r"^([\w.-]+/)?[\w.-]+$")
 
@@ -294,6 +296,7 @@ def validate(cfg: DictConfig) -> None:
     _validate_data(cfg)
     _validate_reporting(cfg)
     _validate_secagg(cfg)
+    _validate_dp(cfg)
     m = cfg.model
     adapter = m.get("adapter")
     _check(
@@ -461,6 +464,53 @@ def _validate_secagg(cfg: DictConfig) -> None:
     _check(clip > 0, f"privacy.secagg_clip_range={clip} must be positive; e.g. privacy.secagg_clip_range=1.0")
     bits = p.get("secagg_bits", 32)
     _check(16 <= bits <= 64, f"privacy.secagg_bits={bits} must be in 16..64; e.g. privacy.secagg_bits=32")
+
+
+def _validate_dp(cfg: DictConfig) -> None:
+    """``privacy.*`` DP settings that cannot hold fail here, before training (docs/privacy.md)."""
+    p = cfg.get("privacy") or {}
+    if not p.get("dp", False):
+        return
+    z, target = p.get("noise_multiplier"), p.get("target_epsilon")
+    _check(p.clip_norm > 0, f"privacy.clip_norm={p.clip_norm} must be positive; e.g. privacy.clip_norm=1.0")
+    _check(
+        z is not None or target is not None,
+        "privacy.noise_multiplier=null needs privacy.target_epsilon to derive it from; set one of them",
+    )
+    _check(z is None or z > 0, f"privacy.noise_multiplier={z} must be positive; e.g. privacy.noise_multiplier=1.0")
+    _check(target is None or target > 0, f"privacy.target_epsilon={target} must be positive (or null); e.g. 8")
+    _check(0 < p.delta < 1, f"privacy.delta={p.delta} must be in (0, 1), below 1/num_clients; e.g. 1e-5")
+    _check(
+        p.accountant in DP_ACCOUNTANTS,
+        f"privacy.accountant={p.accountant!r} must be one of {', '.join(DP_ACCOUNTANTS)}; e.g. privacy.accountant=rdp",
+    )
+    _check(
+        cfg.strategy.name not in ("central", "local"),
+        f"privacy.dp=true with strategy={cfg.strategy.name}: DP-FedAvg noises the mean of the clients' updates, "
+        f"which {cfg.strategy.name} does not compute; choose a federated strategy or set privacy.dp=false",
+    )
+    _check(
+        cfg.strategy.get("aggregator", "mean") == "mean",
+        f"privacy.dp=true with strategy.aggregator={cfg.strategy.get('aggregator')}: the noise is calibrated to the "
+        f"mean of clipped updates, not to a robust rule; set strategy.aggregator=mean (clipping already bounds "
+        f"each client) or privacy.dp=false",
+    )
+    _check(
+        cfg.get("lora_aggregation", "homogeneous") == "homogeneous",
+        f"privacy.dp=true with lora_aggregation={cfg.lora_aggregation}: its rank-wise weights and SVD change the "
+        f"sensitivity the noise covers; set lora_aggregation=homogeneous or privacy.dp=false",
+    )
+    _check(
+        cfg.baseline == "none",
+        "privacy.dp=true with baseline=local: the local-only baseline sends each client's own un-noised adapter "
+        "to the server; set baseline=none",
+    )
+    _check(
+        0 < p.target_quantile < 1 and p.clip_lr > 0,
+        f"privacy.target_quantile={p.target_quantile} must be in (0, 1) and privacy.clip_lr={p.clip_lr} positive",
+    )
+    # A target_epsilon already exceeded by round 1 is refused by the server when it builds the strategy
+    # (fedllm_app.server.run.dp_settings): the accountant lives in strategies, which config may not import.
 
 
 def _looks_like_path(name: str) -> bool:

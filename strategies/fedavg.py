@@ -38,6 +38,7 @@ from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from strategies.aggregation import Arrays
 from strategies.records import from_record, to_record
 from strategies.robust import AggregatorParams, aggregate
 from strategies.sampling import nodes_for, sample_partitions
@@ -130,6 +131,17 @@ class FedAvgLoRA(FedAvg):
         weights = [float(m.content[METRICS_KEY][self.weighted_by_key]) for m in valid]
         metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
         return to_record(aggregate(updates, weights, self.aggregation)), metrics
+
+    def step_from_mean(
+        self, global_: Arrays, mean: dict[str, Arrays], count: float, per_partition: dict[int, dict[str, Arrays]]
+    ) -> Arrays:
+        """The new global adapter from a mean update computed outside the strategy (DP-FedAvg's noised mean).
+
+        ``mean[ARRAYS_KEY]`` is the mean adapter delta (plus, by name, the means of :attr:`reply_arrays`);
+        ``count`` the number of clients the mean stands for; ``per_partition`` each contributing partition's
+        own (clipped) parts. FedAvg takes the mean step: ``x + mean``.
+        """
+        return {k: global_[k] + mean[ARRAYS_KEY][k] for k in global_}
 
     def train_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
         """The round's train config: the caller's, plus round, lr, mode and ``num-clients``."""

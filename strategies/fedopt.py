@@ -24,7 +24,7 @@ from strategies.aggregation import (
     initial_first_moment,
     initial_second_moment,
 )
-from strategies.fedavg import FedAvgLoRA
+from strategies.fedavg import ARRAYS_KEY, FedAvgLoRA
 from strategies.records import from_record, to_record
 
 
@@ -114,6 +114,12 @@ class ServerOptimizer(FedAvgLoRA):
             return mean, metrics
         current = self.global_arrays
         return to_record(self.step(current, delta(from_record(mean), current))), metrics
+
+    def step_from_mean(
+        self, global_: Arrays, mean: dict[str, Arrays], count: float, per_partition: dict[int, dict[str, Arrays]]
+    ) -> Arrays:
+        """The server optimizer's step on a mean delta computed elsewhere (DP-FedAvg's noised mean)."""
+        return self.step(global_, mean[ARRAYS_KEY])
 
     def step(self, global_: Arrays, d: Arrays) -> Arrays:
         """The new global adapter from the current one and the clients' mean delta."""

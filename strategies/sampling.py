@@ -34,3 +34,19 @@ def sample_partitions(seed: int, server_round: int, num_clients: int, size: int,
 def nodes_for(partitions: Iterable[int], node_of: Mapping[int, int]) -> list[int]:
     """The node ids holding ``partitions`` (``node_of``: partition id -> node id)."""
     return [node_of[p] for p in partitions]
+
+
+def poisson_partitions(
+    seed: int, server_round: int, num_clients: int, rate: float, available: Iterable[int]
+) -> list[int]:
+    """Poisson sampling: each partition trains round ``server_round`` with probability ``rate``, independently.
+
+    Used under differential privacy (``privacy.dp``), whose accountant credits the amplification of exactly
+    this sampling: the number of clients varies from round to round (it may be 0) around ``rate * num_clients``.
+    The draw depends on ``(seed, server_round)`` only; a drawn partition that is not ``available`` sits the
+    round out (its update counts as absent, which DP's fixed denominator allows).
+    """
+    rng = random.Random(f"poisson-{seed}-{server_round}")
+    drawn = [p for p in range(num_clients) if rng.random() < rate]
+    present = set(available)
+    return [p for p in drawn if p in present]

@@ -32,7 +32,7 @@ from flwr.common import MessageType
 from flwr.serverapp import Grid
 
 from strategies.aggregation import Arrays, scaffold_commit_controls, scaffold_server_step
-from strategies.fedavg import FedAvgLoRA
+from strategies.fedavg import ARRAYS_KEY, FedAvgLoRA
 from strategies.fedopt import check_range
 from strategies.records import from_record, to_record
 
@@ -119,6 +119,23 @@ class Scaffold(FedAvgLoRA):
             self.global_arrays, mean_y, self.c, mean_dc, num_replies, self.num_clients, self.params.server_lr
         )
         return to_record(new)
+
+    def step_from_mean(
+        self, global_: Arrays, mean: dict[str, Arrays], count: float, per_partition: dict[int, dict[str, Arrays]]
+    ) -> Arrays:
+        """SCAFFOLD's server step on a mean computed elsewhere (DP-FedAvg's noised mean of the jointly clipped
+        adapter and control deltas): ``x += lr mean``, ``c += (count / N) mean(delta c)`` with ``count`` the
+        expected number of clients, and each contributing partition's ``c_i`` moves by its own (clipped) delta.
+        """
+        assert self.c is not None
+        mean_y = {k: global_[k] + mean[ARRAYS_KEY][k] for k in global_}
+        new, c = scaffold_server_step(
+            global_, mean_y, self.c, mean[C_DELTA_KEY], count, self.num_clients, self.params.server_lr
+        )
+        self.c = {k: v.astype(np.float32) for k, v in c.items()}
+        own = {pid: {k: v.astype(np.float32) for k, v in p[C_DELTA_KEY].items()} for pid, p in per_partition.items()}
+        self.c_i = scaffold_commit_controls(self.c_i, own)
+        return new
 
     def reply_partition(self, reply: Message) -> int:
         """The partition the server sent this round to the reply's node (the server's record, not the reply's)."""

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from omegaconf import DictConfig
 
 from fedllm_app.client.gradient_terms import ScaffoldClient
@@ -38,6 +38,7 @@ from fedllm_app.data.rows import Row
 from fedllm_app.data.sampling import round_indices
 from fedllm_app.model import get_adapter, get_model, set_adapter
 from strategies.central import STEPS_MULTIPLIER_KEY
+from strategies.dp import CLIP_NORM_KEY, WITHIN_CLIP_KEY, clip_reply_parts
 from strategies.fedavg import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -161,7 +162,8 @@ def train_one_round(cfg: DictConfig, pid: int, msg: Message, state: Any, data_pa
         correction=scaffold.correction() if scaffold else None,
         max_steps=cfg.training.max_steps * plan.multiplier,
     )
-    trained = get_adapter(model)
+    extras = {C_DELTA_KEY: scaffold.finish(trainer.terms.mean_gradient())} if scaffold else {}
+    trained, extras, within = dp_clip(msg, global_, get_adapter(model), extras)
     arrays = to_record(trained)
     if plan.mode == "local":
         state[LOCAL_STATE_KEY] = arrays
@@ -177,7 +179,19 @@ def train_one_round(cfg: DictConfig, pid: int, msg: Message, state: Any, data_pa
         "model_load_seconds": model_load,  # 0 when the base model was already in this process
         "setup_seconds": setup,  # model, adapter, trainer and data before the first step
     }
-    content = RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: MetricRecord(metrics)})
-    if scaffold:
-        content[C_DELTA_KEY] = scaffold.finish(trainer.terms.mean_gradient())
-    return content
+    metrics.update(within)
+    return RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: MetricRecord(metrics), **extras})
+
+
+def dp_clip(
+    msg: Message, global_: dict[str, Any], trained: dict[str, Any], extras: dict[str, ArrayRecord]
+) -> tuple[dict[str, Any], dict[str, ArrayRecord], dict[str, float]]:
+    """Under DP-FedAvg (the train config names ``dp-clip-norm``): the update, with SCAFFOLD's ``c-delta``,
+    clipped to that norm all together (:mod:`strategies.dp`), and whether it was within it; else unchanged.
+    """
+    conf = msg.content[CONFIG_KEY]
+    if CLIP_NORM_KEY not in conf:
+        return trained, extras, {}
+    parts = {k: from_record(v) for k, v in extras.items()}
+    new, clipped, scaled = clip_reply_parts(global_, trained, parts, float(conf[CLIP_NORM_KEY]))
+    return new, {k: to_record(v) for k, v in clipped.items()}, {WITHIN_CLIP_KEY: 0.0 if scaled else 1.0}

@@ -105,6 +105,8 @@ def format_round(r: dict[str, Any]) -> str:
     loss = r.get("train_loss")
     rejected = f", {len(r['rejected'])} rejected" if r.get("rejected") else ""
     skipped = "" if r.get("aggregated", True) else " | NOT aggregated"
+    if "epsilon" in r:  # DP-FedAvg: the privacy spent so far
+        skipped += f" | epsilon {r['epsilon']:.2f} (delta {r['delta']:g})"
     return (
         f"{r['phase']} round {r['round']}/{r['num_rounds']} | clients {r['sampled']} sampled, "
         f"{r['replied']} replied, {r['failed']} failed{rejected}{skipped} | train_loss "

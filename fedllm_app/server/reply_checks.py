@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
+from strategies.dp import WITHIN_CLIP_KEY
 from strategies.fedavg import ARRAYS_KEY, DATA_SIZE_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, PARTITION_KEY
 
 Shapes = dict[str, tuple[int, ...]]
@@ -43,6 +44,7 @@ REPLY_METRICS: dict[str, type] = {
     "process_age_seconds": float,
     "model_load_seconds": float,
     "setup_seconds": float,
+    WITHIN_CLIP_KEY: float,  # DP-FedAvg: whether the update was within the clip norm (strategies/dp.py)
 }
 REQUIRED_METRICS = (NUM_EXAMPLES_KEY, DATA_SIZE_KEY, PARTITION_KEY, "train_loss")
 NUMPY_STYPE = "numpy.ndarray"

@@ -73,6 +73,8 @@ def run_rounds(
     last_eval: dict[str, float] = {}
     totals = totals if totals is not None else dict.fromkeys(TOTAL_KEYS, 0)
     for rnd in range(start_round, num_rounds + 1):
+        if not privacy_allows(strategy, rnd, phase):
+            break
         start, started_at = time.perf_counter(), time.time()
         messages = configure(strategy, rnd, arrays, grid, node_wait, min_replies, phase)
         secure = None
@@ -89,7 +91,7 @@ def run_rounds(
         train_metrics = None
         if secure is not None:
             arrays, train_metrics = _secure_result(secure, arrays, phase, rnd)
-        elif len(ok) >= min_replies:
+        elif len(ok) >= min_replies or is_private(strategy):  # DP releases every round's noised mean
             arrays, train_metrics = _aggregate(strategy, rnd, kept, arrays, phase)
         else:
             log.warning(
@@ -108,13 +110,16 @@ def run_rounds(
             "failed_nodes": failed,
             "rejected": rejected,
             "clipped": clipped,
-            "aggregated": secure.arrays is not None if secure is not None else len(ok) >= min_replies,
+            "aggregated": secure.arrays is not None
+            if secure is not None
+            else len(ok) >= min_replies or is_private(strategy),
             "lr": strategy.learning_rate(rnd),
             "train_loss": float(train_metrics["train_loss"])
             if train_metrics and "train_loss" in train_metrics
             else None,
         }
         record.update(secure.record if secure is not None else {})
+        record.update(privacy_record(strategy, rnd))
         record.update(traffic(secure.sent if secure is not None else messages, replies, totals))
         record.update(_client_timing(ok))
         record["train_phase_seconds"] = time.perf_counter() - start
@@ -142,9 +147,36 @@ def check_replies(
     sent_to = {m.metadata.dst_node_id for m in messages}
     kept, rejected = split_replies(replies, spec, sent_to, guard.book, sent_shapes(messages))
     sent = {m.metadata.dst_node_id: m.content[ARRAYS_KEY] for m in messages if ARRAYS_KEY in m.content}
-    bound = getattr(strategy, "averages", True)
+    # Under DP every update is clipped to privacy.clip_norm; a bound from the other replies' median would make
+    # one client's update change how the others are scaled, beyond the sensitivity the noise covers.
+    bound = getattr(strategy, "averages", True) and not is_private(strategy)
     kept, refused, clipped = guard.judge(kept, arrays, spec.extra, bound=bound, sent=sent)
     return _in_client_order(kept), rejected + refused, clipped
+
+
+def is_private(strategy: Any) -> bool:
+    """Whether the strategy runs DP-FedAvg (:mod:`strategies.dp`)."""
+    return hasattr(strategy, "privacy_spent")
+
+
+def privacy_allows(strategy: Any, rnd: int, phase: str) -> bool:
+    """False (and says so) when round ``rnd`` would take epsilon past ``privacy.target_epsilon``."""
+    if not is_private(strategy) or strategy.may_run(rnd):
+        return True
+    a = strategy.accounting
+    log.warning(
+        "%s: stopping before round %d: it would spend epsilon %.3f > privacy.target_epsilon=%s at delta %g "
+        "(%s accountant); the run ends after round %d",
+        phase, rnd, strategy.privacy_spent(rnd), a.target_epsilon, a.delta, a.accountant, rnd - 1,
+    )  # fmt: skip
+    return False
+
+
+def privacy_record(strategy: Any, rnd: int) -> dict[str, Any]:
+    """The round's DP metrics: epsilon spent so far (at ``delta``), the clip norm, the noise std, clipped shares."""
+    if not is_private(strategy):
+        return {}
+    return {"epsilon": strategy.privacy_spent(rnd), "delta": strategy.accounting.delta, **strategy.dp_metrics}
 
 
 def _aggregate(

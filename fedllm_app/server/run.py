@@ -29,8 +29,11 @@ from fedllm_app.server.resume import ResumeState, load_state, restore_rng, save_
 from fedllm_app.server.rounds import TOTAL_KEYS, run_rounds
 from fedllm_app.server.secure_round import secagg_params
 from strategies import registry
+from strategies.accounting import epsilon, noise_for_epsilon
+from strategies.dp import Accounting, with_dp
 from strategies.hetero import HeteroRankParams, with_lora_ranks
 from strategies.local import LocalOnly
+from strategies.privacy import DPParams
 from strategies.records import from_record, to_record
 
 log = logging.getLogger("fedllm")
@@ -59,13 +62,54 @@ def build_strategy(cfg: DictConfig) -> Any:
     """
     params = {k: v for k, v in OmegaConf.to_container(cfg.strategy, resolve=True).items() if k != "name"}
     hetero = hetero_params(cfg)
+    private = dp_settings(cfg)
     try:
+        if private is not None:
+            return registry.build(params, wrap=with_dp, **strategy_kwargs(cfg), **private)
         if hetero is None:
             return registry.build(params, **strategy_kwargs(cfg))
         wrap = partial(with_lora_ranks, method=hetero.method)
         return registry.build(params, wrap=wrap, **strategy_kwargs(cfg), hetero=hetero)
     except ValueError as err:
         raise ConfigError(f"strategy={cfg.strategy.name}: {err}") from None
+
+
+def dp_settings(cfg: DictConfig) -> dict[str, Any] | None:
+    """``privacy.*`` as DP-FedAvg's arguments (``dp``, ``accounting``), or None when ``privacy.dp`` is off.
+
+    ``privacy.noise_multiplier=null`` is derived here, before the run: the smallest z whose epsilon after
+    ``num_rounds`` rounds at q = sample_clients / num_clients is at most ``privacy.target_epsilon``.
+    """
+    p = cfg.get("privacy") or {}
+    if not p.get("dp", False):
+        return None
+    rate = cfg.sample_clients / cfg.num_clients
+    accounting = Accounting(float(p.delta), str(p.accountant), p.target_epsilon)
+    z = p.noise_multiplier
+    if z is not None and p.target_epsilon is not None:
+        first = epsilon(rate, float(z), 1, accounting.delta, accounting.accountant)
+        if first > p.target_epsilon:
+            raise ConfigError(
+                f"privacy.target_epsilon={p.target_epsilon} is already exceeded by round 1 (epsilon {first:.3f} at "
+                f"q={rate:g}, z={z}); raise privacy.noise_multiplier or target_epsilon, or set noise_multiplier=null "
+                f"to derive it"
+            )
+    if z is None:
+        z = noise_for_epsilon(float(p.target_epsilon), rate, cfg.num_rounds, accounting.delta, accounting.accountant)
+        log.info(
+            f"privacy.noise_multiplier derived: {z:.4f} keeps epsilon <= {p.target_epsilon} after {cfg.num_rounds} "
+            f"rounds at q={rate:g}, delta={accounting.delta:g} ({accounting.accountant})"
+        )
+    dp = DPParams(
+        clip_norm=float(p.clip_norm),
+        noise_multiplier=float(z),
+        sample_rate=rate,
+        num_clients=cfg.num_clients,
+        adaptive_clip=bool(p.adaptive_clip),
+        target_quantile=float(p.target_quantile),
+        clip_lr=float(p.clip_lr),
+    )
+    return {"dp": dp, "accounting": accounting}
 
 
 def hetero_params(cfg: DictConfig) -> HeteroRankParams | None:
@@ -225,7 +269,7 @@ class FederatedRun:
         else:
             self.summary["initial"] = self.evaluate(self.initial)
             self.summary["startup_seconds"] = time.perf_counter() - self.started
-        _, final = self._rounds(
+        arrays_out, final = self._rounds(
             grid,
             self.strategy,
             arrays,
@@ -239,6 +283,20 @@ class FederatedRun:
         )
         self.final = final or (self.resumed.last_eval if self.resumed else {})
         self.summary["final"] = self.final
+        self._checkpoint_early_stop(arrays_out)
+
+    def last_round(self) -> int:
+        """The last federated round completed (below num_rounds when privacy.target_epsilon stopped the run)."""
+        return int(self.writer.rounds[-1]["round"]) if self.writer.rounds else 0
+
+    def _checkpoint_early_stop(self, arrays: ArrayRecord) -> None:
+        """A run stopped before num_rounds (privacy.target_epsilon) saves its last global adapter, as the end does."""
+        last = self.last_round()
+        if 0 < last < self.cfg.num_rounds:
+            set_adapter(self.model, from_record(arrays))
+            self.writer.save_adapter(self.model, last)
+            self.summary["stopped_after_round"] = last
+            self.summary["stopped_because"] = "privacy.target_epsilon"
 
     def local_baseline(self, grid: Grid) -> None:
         """Each client trains alone for the same rounds and steps (skipped when that is the main run)."""
@@ -274,7 +332,8 @@ class FederatedRun:
         """The model card beside the final global adapter, then its upload if ``hub.push`` (strategy=local has no
         global adapter).
         """
-        folder = self.writer.dir / "checkpoints" / f"round-{self.cfg.num_rounds}"
+        last = self.summary.get("stopped_after_round", self.cfg.num_rounds)
+        folder = self.writer.dir / "checkpoints" / f"round-{last}"
         if not folder.is_dir():
             return
         card = write_model_card(folder, self.cfg, self.summary)

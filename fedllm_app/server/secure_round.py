@@ -6,7 +6,9 @@ message plus the relayed share ciphertexts; ``query.secagg``: unmask), learns on
 survivors' quantised updates, and hands their **mean** to the strategy's server step as one synthetic
 reply (FedAvg, FedProx, FedAvgM, FedAdagrad, FedAdam, FedYogi) or through
 :meth:`strategies.scaffold.Scaffold.aggregate_sums` (SCAFFOLD: the mean control delta travels masked
-beside the adapter delta). Every survivor weighs the same: data-size weights would need each client's
+beside the adapter delta). With ``privacy.dp=true`` the sum goes to
+:meth:`strategies.dp.DPStrategy.step_from_sum` instead: DP's fixed-weight mean, its noise, then the
+strategy's step (each client clipped its own update; the server cannot). Every survivor weighs the same: data-size weights would need each client's
 size, which the server could not check on a masked update.
 
 Fewer survivors than the threshold end the round before any share is asked: the adapter is unchanged,
@@ -27,9 +29,10 @@ from flwr.serverapp import Grid
 
 from fedllm_app.secure import keys as K
 from fedllm_app.secure.secagg import SecAggError, SecAggParams, check_survivors, dequantize, neighbourhoods, unmask
+from strategies.dp import DPStrategy
 from strategies.fedavg import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, WEIGHT_KEY
 from strategies.records import from_record, to_record
-from strategies.scaffold import C_CLIENT_KEY, Scaffold
+from strategies.scaffold import C_CLIENT_KEY, C_DELTA_KEY, Scaffold
 
 log = logging.getLogger("fedllm")
 Sender = Any  # (grid, messages, timeout, poll_interval) -> replies: rounds.send_and_receive
@@ -286,6 +289,12 @@ def _step(
         NUM_EXAMPLES_KEY: int(sum(int(m.content[METRICS_KEY].get(NUM_EXAMPLES_KEY, 0)) for m in masked)),
         "train_loss": float(np.mean([float(m.content[METRICS_KEY].get("train_loss", 0.0)) for m in masked])),
     })  # fmt: skip
+    if isinstance(strategy, DPStrategy):  # the sum's fixed-weight mean, noised, then the strategy's step
+        n = len(masked)
+        total = {ARRAYS_KEY: {k: v.astype(np.float64) * n for k, v in delta.items()}}
+        if isinstance(strategy, Scaffold):
+            total[C_DELTA_KEY] = {k: v.astype(np.float64) * n for k, v in unflatten(mean[size:], global_).items()}
+        return strategy.step_from_sum(total, masked), metrics
     if isinstance(strategy, Scaffold):
         return strategy.aggregate_sums(mean_y, unflatten(mean[size:], global_), len(masked)), metrics
     reply = Message(

@@ -101,8 +101,20 @@ MIXED_RANKS = {
 }
 
 
-# Secure aggregation (docs/privacy.md) rides along on FedYogi's run: the server sees only masked updates.
+# Secure aggregation (docs/privacy.md) rides along on FedYogi's run, with DP too: the server sees only masked
+# updates and noises their unmasked sum's mean.
 SECURE = {"fedyogi": "privacy.secagg=true"}
+
+# DP-FedAvg (docs/privacy.md) rides along on two of these runs: SCAFFOLD (adapter and control deltas clipped
+# together on the client) and FedAdam (its moments act on the noised mean), which privacy.target_epsilon stops
+# after round 1 (q = 1, z = 0.3, PLD: epsilon 19.1 after one round, 30.5 after two).
+PRIVATE = {
+    "scaffold": "privacy.dp=true privacy.clip_norm=0.5 privacy.noise_multiplier=0.3",
+    "fedyogi": "privacy.dp=true privacy.clip_norm=0.5 privacy.noise_multiplier=0.3",
+    "fedadam": "privacy.dp=true privacy.clip_norm=0.5 privacy.noise_multiplier=0.3 privacy.accountant=pld "
+    "privacy.target_epsilon=25",
+}
+LAST_ROUND = {"fedadam": 1}
 
 
 @pytest.mark.parametrize(
@@ -113,7 +125,8 @@ def test_every_algorithm_runs_two_rounds_through_flower(flower, tmp_path, name):
     overrides = (
         f"strategy={name} num_rounds=2 num_clients=2 sample_clients=2 training.max_steps=3 baseline=none "
         f"dataset.test_per_domain=5 output_dir={out} run_name={name} {MIXED_RANKS.get(name, '')} "
-        f"{SECURE.get(name, '')}"
+        f"{SECURE.get(name, '')} "
+        f"{PRIVATE.get(name, '')}"
     )
     verbose = name == "fedprox"  # one run shows that logging.verbose brings Flower's own round lines back
     status, log = flower.run(overrides + (" logging.verbose=true" if verbose else ""), num_supernodes=2)
@@ -121,9 +134,17 @@ def test_every_algorithm_runs_two_rounds_through_flower(flower, tmp_path, name):
     assert ("configure_train: Sampled 2 nodes" in log) == verbose
     lines = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
     nodes = 1 if name == "central" else 2  # central trains the pooled data on one node
-    assert [(r["round"], r["replied"], r["failed"]) for r in lines] == [(1, nodes, 0), (2, nodes, 0)]
+    last = LAST_ROUND.get(name, 2)
+    assert [(r["round"], r["replied"], r["failed"]) for r in lines] == [(r, nodes, 0) for r in range(1, last + 1)]
     if name in SECURE:  # both clients' masked updates unmasked as one sum, every round
         assert [(r["secagg_survivors"], r["aggregated"]) for r in lines] == [(2, True), (2, True)]
+    if name in PRIVATE:  # q = 1: both clients every round; every update clipped by its client, none by the server
+        epsilons = [r["epsilon"] for r in lines]
+        assert 0 < epsilons[0] and epsilons == sorted(epsilons) and lines[-1]["dp_server_clipped"] == 0
+        assert f"{name} round {last}/2" in log and "| epsilon " in log
+    if name in LAST_ROUND:
+        assert f"stopping before round {last + 1}" in log
+        assert json.loads((out / name / "summary.json").read_text())["stopped_after_round"] == last
     if name == "local":
         summary = json.loads((out / name / "summary.json").read_text())
         assert set(summary["baseline_local"]["clients"]) == {"0", "1"}
@@ -131,7 +152,7 @@ def test_every_algorithm_runs_two_rounds_through_flower(flower, tmp_path, name):
         return
     from safetensors.numpy import load_file
 
-    saved = load_file(out / name / "checkpoints" / "round-2" / "adapter_model.safetensors")
+    saved = load_file(out / name / "checkpoints" / f"round-{last}" / "adapter_model.safetensors")
     assert all(np.abs(v).max() > 0 for k, v in saved.items() if "lora_B" in k), "the global adapter did not move"
     if name in MIXED_RANKS:
         assert_each_rank_travels_alone(lines, saved)

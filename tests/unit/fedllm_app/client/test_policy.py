@@ -171,3 +171,7 @@ def test_a_run_may_set_the_codec_and_the_privacy_settings_on_a_node():
     policy.check_run_config({"overrides": "comm.codec=fp16 comm.budget_mb=100 privacy.dp=true privacy.secagg=true"})
     with pytest.raises(PolicyError, match="commx.codec is not a key a run may set"):
         policy.check_run_config({"overrides": "commx.codec=fp16"})
+
+
+def test_a_run_may_ask_nodes_for_differential_privacy():
+    NodePolicy().check_run_config({"overrides": "privacy.dp=true privacy.clip_norm=0.5 baseline=none"})

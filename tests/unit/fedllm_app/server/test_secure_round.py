@@ -18,12 +18,14 @@ from fedllm_app.secure import keys as K
 from fedllm_app.secure.secagg import SecAggParams
 from fedllm_app.server.rounds import run_rounds
 from fedllm_app.server.secure_round import unflatten
+from strategies.dp import with_dp
 from strategies.fedadagrad import FedAdagrad
 from strategies.fedadam import FedAdam
 from strategies.fedavg import ARRAYS_KEY, DATA_SIZE_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, WEIGHT_KEY, FedAvgLoRA
 from strategies.fedavgm import FedAvgM
 from strategies.fedprox import FedProx
 from strategies.fedyogi import FedYogi
+from strategies.privacy import DPParams
 from strategies.records import from_record, to_record
 from strategies.scaffold import C_CLIENT_KEY, C_DELTA_KEY, Scaffold
 
@@ -260,6 +262,26 @@ def test_every_strategy_steps_on_the_secure_mean_as_on_the_plain_equal_weight_me
         assert secure_strategy.c_i == {}  # each c_i stays with its client
         held = [ctx.state.get(secure.C_STATE_KEY) for ctx in grid.contexts.values()]
         assert sum(h is not None for h in held) == 3
+
+
+@pytest.mark.parametrize(
+    ("cls", "hp"), [STRATEGIES[0], STRATEGIES[4], STRATEGIES[6]], ids=["FedAvg", "FedAdam", "Scaffold"]
+)
+def test_dp_noise_is_added_to_the_unmasked_sum_as_to_the_plain_dp_mean(cls, hp):
+    """DP and secure aggregation at once: the server noises the fixed-weight mean of the unmasked sum, then
+    steps, exactly as plain DP-FedAvg does on the same (already clipped) updates with the same noise draw."""
+    dp = DPParams(clip_norm=1.0, noise_multiplier=0.5, sample_rate=1.0, num_clients=4)
+    secure_strategy = with_dp(cls)(dp=dp, rng=np.random.default_rng(7), **hp, **kw(4))
+    got, row = secure_rounds(LoopbackGrid(4, client_app()), secure_strategy)
+    plain = with_dp(cls)(dp=dp, rng=np.random.default_rng(7), **hp, **kw(4))
+    msgs = plain.configure_train(1, to_record(START), ConfigRecord(), LoopbackGrid(4, client_app()))
+    want, _ = plain.aggregate_train(1, [plain_reply(m, plain, cls is Scaffold) for m in msgs])
+    assert row["secagg_survivors"] == 4 and row["dp_noise_std"] == pytest.approx(0.5 / 4)
+    assert_close(got, from_record(want), atol=1e-5)
+    assert not np.allclose(got["a"], mean_of(range(4))["a"], atol=1e-3)  # the noise is there
+    if cls is Scaffold:
+        assert_close(secure_strategy.c, plain.c, atol=1e-5)
+        assert secure_strategy.c_i == {}  # each c_i stays with its client
 
 
 # --- real clients: the fedllm ClientApp trains the tiny model; the server runs its real round loop ---------

@@ -1,0 +1,213 @@
+"""DP-FedAvg around every strategy: Poisson sampling, server-side clipping, the noised mean before the server step."""
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+from fedllm_app.config import ConfigError, load_config
+from fedllm_app.server.run import build_strategy
+from strategies.dp import CLIP_NORM_KEY, WITHIN_CLIP_KEY, with_dp
+from strategies.fedavg import ARRAYS_KEY, CONFIG_KEY, DATA_SIZE_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, WEIGHT_KEY
+from strategies.local import LocalOnly
+from strategies.privacy import clip_update
+from strategies.records import from_record, to_record
+from strategies.sampling import poisson_partitions
+from strategies.scaffold import C_DELTA_KEY
+
+SEVEN = ["fedavg", "fedprox", "scaffold", "fedavgm", "fedadagrad", "fedyogi", "fedadam"]
+START = {"w": np.array([0.5, -0.5, 0.0], dtype=np.float32)}
+DP = "privacy.dp=true baseline=none privacy.clip_norm=1.0 privacy.noise_multiplier=0.5"
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+
+
+class Grid:
+    """Nodes 1..n; node k holds partition k - 1."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def get_node_ids(self):
+        return list(range(1, self.n + 1))
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return [
+            Message(RecordDict({METRICS_KEY: MetricRecord({"partition-id": m.metadata.dst_node_id - 1})}), reply_to=m)
+            for m in messages
+        ]
+
+
+def build(name, extra="", clients=4, sample=4):
+    cfg = load_config({"overrides": f"strategy={name} num_clients={clients} sample_clients={sample} {DP} {extra}"})
+    s = build_strategy(cfg)
+    s.rng = np.random.default_rng(0)
+    return s
+
+
+def update_of(node):
+    """Node k's adapter delta: small for nodes 1-3, norm 3 sqrt(3) (above C = 1) for node 4."""
+    return np.full(3, 3.0 if node == 4 else 0.1 * node)
+
+
+def replies_to(messages, scaffold=False):
+    out = []
+    for m in messages:
+        node = m.metadata.dst_node_id
+        d = update_of(node)
+        within = float(np.linalg.norm(d) <= 1.0)
+        metrics = {NUM_EXAMPLES_KEY: 5, DATA_SIZE_KEY: 5, WEIGHT_KEY: 5.0, "train_loss": 1.0, WITHIN_CLIP_KEY: within}
+        content = RecordDict(
+            {ARRAYS_KEY: to_record({"w": (START["w"] + d).astype(np.float32)}), METRICS_KEY: MetricRecord(metrics)}
+        )
+        if scaffold:
+            content[C_DELTA_KEY] = to_record({"w": np.full(3, 0.2, dtype=np.float32)})
+        out.append(Message(content, reply_to=m))
+    return out
+
+
+def expected_noised_mean(scaffold: bool):
+    """Clip each node's update (with its control delta) to C = 1, sum, divide by q N = 4, add seeded noise."""
+    parts = ["arrays", "c-delta"] if scaffold else ["arrays"]
+    total = {p: np.zeros(3) for p in parts}
+    own = {}
+    for node in (1, 2, 3, 4):
+        joint = {"arrays": update_of(node).astype(np.float32).astype(np.float64) + 0.0}
+        if scaffold:
+            joint["c-delta"] = np.full(3, 0.2, dtype=np.float32).astype(np.float64)
+        clipped, _ = clip_update(joint, 1.0)
+        own[node - 1] = clipped
+        for p in parts:
+            total[p] += clipped[p]
+    rng, std = np.random.default_rng(0), 0.5 * 1.0 / 4
+    return {p: {"w": total[p] / 4 + rng.normal(0.0, std, size=3)} for p in parts}, own
+
+
+@pytest.mark.parametrize("name", SEVEN)
+def test_every_strategy_takes_its_server_step_on_the_noised_mean(name):
+    scaffold = name == "scaffold"
+    s = build(name)
+    messages = list(s.configure_train(1, to_record(START), ConfigRecord(), Grid(4)))
+    assert [m.content[CONFIG_KEY][CLIP_NORM_KEY] for m in messages] == [1.0] * 4
+    new, metrics = s.aggregate_train(1, replies_to(messages, scaffold))
+
+    noised, own = expected_noised_mean(scaffold)
+    plain = build_strategy(load_config({"overrides": f"strategy={name} num_clients=4 sample_clients=4"}))
+    list(plain.configure_train(1, to_record(START), ConfigRecord(), Grid(4)))
+    per_partition = {pid: {p: {"w": v} for p, v in parts.items()} for pid, parts in own.items()}
+    want = plain.step_from_mean({"w": START["w"]}, noised, 4.0, per_partition)
+    np.testing.assert_allclose(from_record(new)["w"], want["w"], rtol=1e-5, atol=1e-6)
+    assert s.dp_metrics["dp_server_clipped"] == 1.0  # node 4 sent an update above C
+    assert s.dp_metrics["dp_clip_fraction"] == pytest.approx(0.25)
+    assert s.dp_metrics["dp_noise_std"] == pytest.approx(0.125)
+    assert metrics["train_loss"] == pytest.approx(1.0)
+    if scaffold:
+        np.testing.assert_allclose(s.c["w"], noised["c-delta"]["w"], rtol=1e-5)  # c += (4 / 4) noised mean
+        np.testing.assert_allclose(s.c_i[3]["w"], own[3]["c-delta"], rtol=1e-5)  # each c_i: its own clipped delta
+
+
+def test_fedavg_under_dp_is_the_global_plus_the_noised_fixed_weight_mean():
+    s = build("fedavg")
+    messages = list(s.configure_train(1, to_record(START), ConfigRecord(), Grid(4)))
+    new, _ = s.aggregate_train(1, replies_to(messages))
+    noised, _ = expected_noised_mean(False)
+    np.testing.assert_allclose(from_record(new)["w"], START["w"] + noised["arrays"]["w"], rtol=1e-5, atol=1e-6)
+
+
+def test_a_round_with_no_reply_still_releases_noise():
+    s = build("fedavg")
+    list(s.configure_train(1, to_record(START), ConfigRecord(), Grid(4)))
+    new, _ = s.aggregate_train(1, [])
+    noise = np.random.default_rng(0).normal(0.0, 0.125, size=3)
+    np.testing.assert_allclose(from_record(new)["w"], START["w"] + noise, rtol=1e-5, atol=1e-6)
+
+
+def test_clients_are_poisson_sampled_from_seed_and_round():
+    s = build("fedavg", clients=20, sample=5)  # q = 0.25
+    counts = []
+    for rnd in (1, 2, 3, 4, 5, 6):
+        messages = s.configure_train(rnd, to_record(START), ConfigRecord(), Grid(20))
+        drawn = sorted(m.metadata.dst_node_id - 1 for m in messages)
+        assert drawn == poisson_partitions(0, rnd, 20, 0.25, range(20))
+        counts.append(len(drawn))
+    assert len(set(counts)) > 1  # the number of clients varies from round to round
+
+
+def test_poisson_sampling_draws_each_partition_with_probability_q():
+    hits = np.zeros(50)
+    for rnd in range(1, 401):
+        for p in poisson_partitions(3, rnd, 50, 0.1, range(50)):
+            hits[p] += 1
+    assert hits.mean() / 400 == pytest.approx(0.1, abs=0.01)
+    assert poisson_partitions(3, 7, 50, 0.1, range(50)) == poisson_partitions(3, 7, 50, 0.1, range(50))
+    assert 0 not in poisson_partitions(3, 7, 50, 1.0, range(1, 50))  # an unavailable partition sits out
+
+
+def test_adaptive_clipping_lowers_the_clip_norm_when_every_update_is_within_it():
+    s = build("fedavg", "privacy.adaptive_clip=true")
+    messages = [m for m in s.configure_train(1, to_record(START), ConfigRecord(), Grid(4))]
+    small = [r for r in replies_to(messages) if r.metadata.src_node_id != 4]
+    s.aggregate_train(1, small)
+    assert s.clip_norm < 1.0
+    assert s.train_config(2, ConfigRecord())[CLIP_NORM_KEY] == s.clip_norm
+    s2 = build("fedavg", "privacy.adaptive_clip=true")
+    s2.load_state_dict(s.state_dict())
+    assert s2.clip_norm == s.clip_norm  # a resumed run keeps the adapted C
+
+
+def test_target_epsilon_refuses_the_round_that_would_exceed_it():
+    s = build("fedavg", "privacy.noise_multiplier=1.0 privacy.target_epsilon=3.0", clients=100, sample=10)
+    rounds = [r for r in range(1, 200) if s.may_run(r)]
+    last = rounds[-1]
+    assert rounds == list(range(1, last + 1))
+    assert s.privacy_spent(last) <= 3.0 < s.privacy_spent(last + 1)
+
+
+def test_a_null_noise_multiplier_is_derived_from_the_target_epsilon():
+    s = build("fedavg", "num_rounds=20 privacy.noise_multiplier=null privacy.target_epsilon=4.0", 100, 10)
+    assert s.privacy_spent(20) <= 4.0
+    assert s.may_run(20)
+
+
+def test_strategies_that_average_nothing_cannot_be_wrapped():
+    with pytest.raises(ValueError, match="privacy.dp=true with LocalOnly"):
+        with_dp(LocalOnly)
+
+
+@pytest.mark.parametrize(
+    ("override", "pattern"),
+    [
+        ("privacy.noise_multiplier=0", r"privacy.noise_multiplier=0 must be positive"),
+        ("privacy.noise_multiplier=-1", r"privacy.noise_multiplier=-1 must be positive"),
+        ("privacy.clip_norm=0", r"privacy.clip_norm=0 must be positive"),
+        ("privacy.clip_norm=-2", r"privacy.clip_norm=-2 must be positive"),
+        ("strategy=central", r"privacy.dp=true with strategy=central"),
+        ("strategy=local", r"privacy.dp=true with strategy=local"),
+        ("strategy.aggregator=median", r"strategy.aggregator=median.*set strategy.aggregator=mean"),
+        ("lora_aggregation=hetlora model.lora.client_ranks=[4,8]", r"privacy.dp=true with lora_aggregation=hetlora"),
+        ("baseline=local", r"privacy.dp=true with baseline=local.*set baseline=none"),
+        ("privacy.noise_multiplier=null", r"privacy.noise_multiplier=null needs privacy.target_epsilon"),
+        ("privacy.accountant=moments", r"privacy.accountant='moments' must be one of rdp, pld"),
+        ("privacy.delta=0", r"privacy.delta=0 must be in \(0, 1\)"),
+    ],
+)
+def test_a_dp_setting_that_cannot_hold_fails_before_training_naming_it(override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config({"overrides": f"{DP} {override}"})
+
+
+def test_a_target_epsilon_already_exceeded_by_round_1_fails_when_the_server_builds_the_strategy():
+    cfg = load_config({"overrides": f"{DP} privacy.target_epsilon=0.01"})
+    with pytest.raises(ConfigError, match=r"privacy.target_epsilon=0.01 is already exceeded by round 1"):
+        build_strategy(cfg)
+
+
+def test_config_and_the_accountant_agree_on_the_accountants():
+    from fedllm_app.config import DP_ACCOUNTANTS
+    from strategies.accounting import ACCOUNTANTS
+
+    assert DP_ACCOUNTANTS == ACCOUNTANTS

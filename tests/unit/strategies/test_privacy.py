@@ -1,0 +1,104 @@
+"""DP-FedAvg's math on hand-computed arrays: joint clipping, the fixed-weight mean, noise, adaptive clipping."""
+
+import math
+
+import numpy as np
+import pytest
+
+from strategies.dp import clip_reply_parts, join_update, split_update
+from strategies.privacy import (
+    DPParams,
+    adapt_clip_norm,
+    add_gaussian_noise,
+    clip_update,
+    fixed_weight_mean,
+    l2_norm,
+    noise_std,
+    update_noise_multiplier,
+)
+
+
+def test_clipping_scales_all_arrays_together_to_the_clip_norm():
+    update = {"a": np.array([3.0, 0.0]), "b": np.array([[0.0], [4.0]])}  # joint norm 5
+    clipped, scaled = clip_update(update, 1.0)
+    assert scaled
+    np.testing.assert_allclose(clipped["a"], [0.6, 0.0])
+    np.testing.assert_allclose(clipped["b"], [[0.0], [0.8]])
+    assert l2_norm(clipped) == pytest.approx(1.0)
+
+
+def test_an_update_within_the_clip_norm_is_unchanged_and_not_counted_as_clipped():
+    update = {"a": np.array([0.3, 0.4], dtype=np.float32)}
+    clipped, scaled = clip_update(update, 1.0)
+    assert not scaled
+    np.testing.assert_array_equal(clipped["a"], update["a"])
+    assert clipped["a"].dtype == np.float32
+
+
+def test_scaffold_adapter_and_control_deltas_are_clipped_as_one_vector():
+    global_ = {"w": np.array([1.0, 1.0], dtype=np.float32)}
+    trained = {"w": np.array([4.0, 1.0], dtype=np.float32)}  # adapter delta (3, 0)
+    extras = {"c-delta": {"w": np.array([0.0, 4.0])}}  # control delta (0, 4): joint norm 5
+    new, clipped_extras, scaled = clip_reply_parts(global_, trained, extras, 2.5)  # scale 0.5
+    assert scaled
+    np.testing.assert_allclose(new["w"], [2.5, 1.0])
+    np.testing.assert_allclose(clipped_extras["c-delta"]["w"], [0.0, 2.0])
+
+
+def test_join_and_split_update_are_inverse():
+    parts = {"arrays": {"x.y": np.ones(2)}, "c-delta": {"x.y": np.zeros(2)}}
+    back = split_update(join_update(parts))
+    assert set(back) == set(parts) and all(set(back[p]) == {"x.y"} for p in parts)
+
+
+def test_the_mean_divides_by_the_expected_not_the_realised_number_of_clients():
+    updates = [{"w": np.array([1.0])}, {"w": np.array([3.0])}]
+    np.testing.assert_allclose(fixed_weight_mean(updates, 4.0, {"w": np.zeros(1)})["w"], [1.0])
+    np.testing.assert_array_equal(fixed_weight_mean([], 4.0, {"w": np.zeros(2)})["w"], [0.0, 0.0])
+
+
+def test_noise_std_is_z_times_c_over_the_expected_clients_and_the_noise_has_that_std():
+    std = noise_std(1.5, 2.0, 10.0)
+    assert std == pytest.approx(0.3)
+    noised = add_gaussian_noise({"w": np.zeros(200_000)}, std, np.random.default_rng(0))
+    assert np.std(noised["w"]) == pytest.approx(0.3, rel=0.01)
+    assert abs(np.mean(noised["w"])) < 0.003
+
+
+def test_adaptive_clipping_splits_the_noise_so_the_round_stays_a_gaussian_mechanism_with_z():
+    z_delta = update_noise_multiplier(1.0, 5.0)
+    assert z_delta == pytest.approx((1 - 1 / 100) ** -0.5)
+    assert (z_delta**-2 + (2 * 5.0) ** -2) ** -0.5 == pytest.approx(1.0)
+    with pytest.raises(ValueError, match=r"needs noise_multiplier < 2 \* count_std = 1"):
+        update_noise_multiplier(1.0, 0.5)
+
+
+def test_the_clip_norm_moves_geometrically_towards_the_target_quantile():
+    # 3 of 4 expected clients within C: fraction 0.75 > 0.5, so C shrinks by exp(-0.2 * 0.25)
+    assert adapt_clip_norm(1.0, 3, 4.0, 0.5, 0.2, 0.0) == pytest.approx(math.exp(-0.05))
+    assert adapt_clip_norm(1.0, 1, 4.0, 0.5, 0.2, 0.0) == pytest.approx(math.exp(0.05))
+    assert adapt_clip_norm(1.0, 1, 4.0, 0.5, 0.2, 1.0) == pytest.approx(1.0)  # the count's noise counts
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        ({"clip_norm": 0.0}, r"privacy.clip_norm=0.0 must be positive"),
+        ({"noise_multiplier": -1.0}, r"privacy.noise_multiplier=-1.0 must be positive"),
+        ({"target_quantile": 1.0}, r"privacy.target_quantile=1.0"),
+        ({"adaptive_clip": True, "count_std": 1.0, "noise_multiplier": 5.0}, r"needs noise_multiplier < 2 \*"),
+    ],
+)
+def test_impossible_dp_settings_fail_naming_the_value(kwargs, pattern):
+    base = {"clip_norm": 1.0, "noise_multiplier": 1.0, "sample_rate": 0.1, "num_clients": 100}
+    with pytest.raises(ValueError, match=pattern):
+        DPParams(**{**base, **kwargs})
+
+
+def test_expected_clients_and_default_count_noise_follow_q_and_n():
+    p = DPParams(clip_norm=1.0, noise_multiplier=1.0, sample_rate=0.1, num_clients=100, adaptive_clip=True)
+    assert p.expected_clients == pytest.approx(10.0)
+    assert p.clipped_count_std == pytest.approx(1.0)  # max(10 / 20, z)
+    assert p.update_multiplier == pytest.approx(update_noise_multiplier(1.0, 1.0))
+    many = DPParams(clip_norm=1.0, noise_multiplier=1.0, sample_rate=0.5, num_clients=1000, adaptive_clip=True)
+    assert many.clipped_count_std == pytest.approx(25.0)  # Andrew et al.'s expected clients / 20
