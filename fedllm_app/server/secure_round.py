@@ -8,8 +8,8 @@ reply (FedAvg, FedProx, FedAvgM, FedAdagrad, FedAdam, FedYogi) or through
 :meth:`strategies.scaffold.Scaffold.aggregate_sums` (SCAFFOLD: the mean control delta travels masked
 beside the adapter delta). With ``privacy.dp=true`` the sum goes to
 :meth:`strategies.dp.DPStrategy.step_from_sum` instead: DP's fixed-weight mean, its noise, then the
-strategy's step (each client clipped its own update; the server cannot). Every survivor weighs the same: data-size weights would need each client's
-size, which the server could not check on a masked update.
+strategy's step (each client clipped its own update; the server cannot). Every survivor weighs the
+same: data-size weights would need each client's size, which the server could not check on a masked update.
 
 Fewer survivors than the threshold end the round before any share is asked: the adapter is unchanged,
 nothing is revealed, and the error is logged and written in the round's metrics.
