@@ -22,6 +22,8 @@ from omegaconf import DictConfig  # noqa: E402
 from fedllm_app.client import faults  # noqa: E402
 from fedllm_app.client.policy import NodePolicy, PolicyError  # noqa: E402
 from fedllm_app.client.round import DATA_PATH_KEY, round_config, train_one_round  # noqa: E402
+from fedllm_app.comm.codecs import CommParams  # noqa: E402
+from fedllm_app.comm.wire import decode_message, encode_reply  # noqa: E402
 from fedllm_app.config import EVERY_ROUND, ConfigError, load_config, parse_faults  # noqa: E402
 from fedllm_app.model import RANK_NODE_KEY, client_rank, with_client_rank  # noqa: E402
 from strategies.fedavg import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY  # noqa: E402
@@ -87,6 +89,7 @@ def _node_error(err: Exception) -> NodeError:
 def _train(msg: Message, context: Context) -> Message:
     """Parse the run config within the node's policy, train (on the node's ``data-path`` if set), reply."""
     policy = NodePolicy.from_node_config(context.node_config)
+    decode_message(msg)  # comm.codec: the arrays as sent (encoded), decoded before anything reads them
     cfg = round_config(context.run_config, msg, policy)
     setup_console(cfg.logging.verbose, progress=False)
     pid = partition_id(context)
@@ -96,7 +99,15 @@ def _train(msg: Message, context: Context) -> Message:
     fault = planned.get((int(msg.content[CONFIG_KEY]["server-round"]), pid)) or planned.get((EVERY_ROUND, pid))
     if fault:  # tests and the robustness benchmark only: reply with a deliberately bad update
         content = faults.corrupt(content, fault, from_record(msg.content[ARRAYS_KEY]))
-    return Message(content, reply_to=msg)
+    return Message(encoded(content, msg, cfg, context, pid), reply_to=msg)
+
+
+def encoded(content: RecordDict, msg: Message, cfg: DictConfig, context: Context, pid: int) -> RecordDict:
+    """The reply's content as it travels with ``comm.codec``: the update's delta against the global this
+    node received, encoded, with the codec's error feedback kept in the node's state (per partition).
+    """
+    comm = CommParams.from_config(cfg.get("comm"))
+    return encode_reply(content, from_record(msg.content[ARRAYS_KEY]), comm, context.state, pid)
 
 
 def partition_id(context: Context) -> int:

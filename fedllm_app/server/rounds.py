@@ -6,6 +6,11 @@ connected), send, collect replies until ``timeout``, reject unsound replies
 sound ones (:mod:`fedllm_app.server.guard`), aggregate if at least ``min_replies`` valid ones
 arrived (else keep the global adapter and say so loudly), count the bytes each
 client sent and received, log and hand the round to the hooks.
+
+With ``comm.codec`` (:mod:`fedllm_app.comm`) the messages travel encoded: the server encodes copies of
+them (its own arrays stay exact), counts the encoded bytes, and decodes each reply before the reply
+checks (a reply that does not decode is rejected). With ``comm.budget_mb`` a round that would take the
+run past its budget is not started: the run stops there.
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from fedllm_app.comm.budget import Budget
+from fedllm_app.comm.codecs import CodecError, CommParams
+from fedllm_app.comm.wire import decode_reply, to_wire
 from fedllm_app.server.guard import ReplyGuard, all_finite
 from fedllm_app.server.outputs import RunWriter, format_round
 from fedllm_app.server.reply_checks import ReplySpec, claimed_partition, sent_shapes, shapes_of, split_replies
@@ -55,6 +63,8 @@ def run_rounds(
     totals: dict[str, int] | None = None,
     on_round_end: RoundEndHook | None = None,
     guard: ReplyGuard | None = None,
+    comm: CommParams | None = None,
+    on_budget_stop: RoundHook | None = None,
 ) -> tuple[ArrayRecord, dict[str, float]]:
     """Train rounds ``start_round..num_rounds``; return the final global arrays and their last evaluation.
 
@@ -63,15 +73,31 @@ def run_rounds(
     silently). ``totals`` (cumulative bytes) is updated in place; ``on_round_end``
     runs after the round's metrics line is written (the server saves its state there).
     ``guard`` (weights, update bound, node -> partition book) is kept across calls by the run.
+    ``comm``: the codecs and budget (default: plain arrays, no budget); when the budget stops the run before
+    round N, ``on_budget_stop(N - 1, arrays)`` runs (the server saves its checkpoint there).
     """
     guard = guard if guard is not None else ReplyGuard()
     last_eval: dict[str, float] = {}
     totals = totals if totals is not None else dict.fromkeys(TOTAL_KEYS, 0)
+    comm = comm if comm is not None else CommParams()
+    budget = Budget(comm.budget_mb)
     for rnd in range(start_round, num_rounds + 1):
         start, started_at = time.perf_counter(), time.time()
         messages = configure(strategy, rnd, arrays, grid, node_wait, min_replies, phase)
-        replies = send_and_receive(grid, messages, timeout, poll_interval)
-        kept, rejected, clipped = check_replies(strategy, guard, messages, replies, arrays)
+        encode_start = time.perf_counter()
+        wire = to_wire(messages, comm)
+        encode_seconds = time.perf_counter() - encode_start
+        if reason := budget.stop_reason(rnd, used_bytes(totals), [content_bytes(m.content) for m in wire]):
+            log.warning("%s round %d: %s", phase, rnd, reason)
+            if on_budget_stop is not None:
+                on_budget_stop(rnd - 1, arrays)
+            break
+        replies = send_and_receive(grid, wire, timeout, poll_interval)
+        sizes = traffic(wire, replies, totals)
+        budget.note(sizes["bytes_by_node"])
+        decoded, undecodable, decode_seconds = decode_replies(replies, messages, comm)
+        kept, rejected, clipped = check_replies(strategy, guard, messages, decoded, arrays)
+        rejected = undecodable + rejected
         ok = [m for m in kept if not m.has_error()]
         failed = _failed_nodes(messages, replies)
         _log_problems(phase, rnd, rejected, failed, timeout, clipped)
@@ -101,7 +127,9 @@ def run_rounds(
             if train_metrics and "train_loss" in train_metrics
             else None,
         }
-        record.update(traffic(messages, replies, totals))
+        record.update(sizes)
+        record.update(budget.fields(used_bytes(totals)))
+        record["codec_seconds"] = encode_seconds + decode_seconds
         record.update(_client_timing(ok))
         record["train_phase_seconds"] = time.perf_counter() - start
         if evaluate is not None:
@@ -118,6 +146,38 @@ def run_rounds(
         if on_round_end is not None:
             on_round_end(rnd, arrays, record)
     return arrays, last_eval
+
+
+def used_bytes(totals: dict[str, int]) -> int:
+    """The run's bytes so far, both directions."""
+    return int(totals.get("bytes_sent_total", 0)) + int(totals.get("bytes_received_total", 0))
+
+
+def decode_replies(
+    replies: list[Message], messages: list[Message], comm: CommParams
+) -> tuple[list[Message], list[dict[str, Any]], float]:
+    """The replies with their encoded arrays decoded (in place), those that do not decode (as rejections)
+    and the seconds it took. A reply's delta is added to the exact arrays the server sent that node.
+    """
+    if comm.codec == "none":
+        return replies, [], 0.0
+    start = time.perf_counter()
+    sent = {m.metadata.dst_node_id: m.content[ARRAYS_KEY] for m in messages if ARRAYS_KEY in m.content}
+    decoded, rejected = [], []
+    for msg in replies:
+        node = msg.metadata.src_node_id
+        if msg.has_error() or node not in sent:  # errors and strangers: the reply checks deal with them
+            decoded.append(msg)
+            continue
+        try:
+            decode_reply(msg, {k: v.numpy() for k, v in sent[node].items()}, comm)
+        except Exception as err:  # noqa: BLE001 - a reply that does not decode is rejected, never fatal
+            why = str(err)[:200] if isinstance(err, CodecError) else f"{type(err).__name__}: {str(err)[:160]}"
+            reason = f"the reply does not decode as comm.codec={comm.codec}: {why}"
+            rejected.append({"node": node, "partition": claimed_partition(msg), "reason": reason})
+            continue
+        decoded.append(msg)
+    return decoded, rejected, time.perf_counter() - start
 
 
 def check_replies(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from evaluation.heldout import evaluate_adapter, exact_match_due
 from evaluation.preferences import HeldoutPreferences
 from evaluation.runner import check_round_benchmarks, round_benchmarks
+from fedllm_app.comm.codecs import CommParams
 from fedllm_app.config import ConfigError
 from fedllm_app.data import pipeline
 from fedllm_app.model import get_adapter, get_model, set_adapter
@@ -100,6 +102,7 @@ class FederatedRun:
         self.started = started
         self.strategy = build_strategy(cfg)  # validates the hyperparameters before anything is loaded
         self.guard_params = GuardParams.from_config(cfg.get("robust"))
+        self.comm = CommParams.from_config(cfg.get("comm"))
         check_round_benchmarks(cfg)
         self.exact_every = int(cfg.eval.get("exact_match_every", 1))
         exact_match_due(self.exact_every, 1, cfg.num_rounds)  # a bad value fails at start, not at round N
@@ -179,7 +182,7 @@ class FederatedRun:
             min_replies=self.cfg.min_replies,
             node_wait=self.cfg.node_wait_timeout,
             guard=self.guard,
-            **kwargs,
+            **{"comm": replace(self.comm, budget_mb=None), **kwargs},  # the budget is the federated run's
         )
 
     def save_state(self, rnd: int, arrays: ArrayRecord, record: dict[str, Any]) -> None:
@@ -229,10 +232,18 @@ class FederatedRun:
             after_round=self.checkpoint,
             totals=self.totals,
             on_round_end=self.save_state,
+            comm=self.comm,
+            on_budget_stop=self.budget_stop,
             **resume,
         )
         self.final = final or (self.resumed.last_eval if self.resumed else {})
         self.summary["final"] = self.final
+
+    def budget_stop(self, rnd: int, arrays: ArrayRecord) -> None:
+        """The communication budget ended the run after round ``rnd``: save that round's adapter, say so."""
+        set_adapter(self.model, from_record(arrays))
+        self.writer.save_adapter(self.model, rnd)
+        self.summary["stopped_by_budget_after_round"] = rnd
 
     def local_baseline(self, grid: Grid) -> None:
         """Each client trains alone for the same rounds and steps (skipped when that is the main run)."""
@@ -268,7 +279,8 @@ class FederatedRun:
         """The model card beside the final global adapter, then its upload if ``hub.push`` (strategy=local has no
         global adapter).
         """
-        folder = self.writer.dir / "checkpoints" / f"round-{self.cfg.num_rounds}"
+        last = self.summary.get("stopped_by_budget_after_round", self.cfg.num_rounds)
+        folder = self.writer.dir / "checkpoints" / f"round-{last}"
         if not folder.is_dir():
             return
         card = write_model_card(folder, self.cfg, self.summary)
