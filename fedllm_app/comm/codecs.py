@@ -9,8 +9,8 @@ codec     parts                                                  error of a deco
 none      ``values`` float32                                     exact
 fp16      ``values`` float16                                     relative <= 2**-11 (normal range)
 bf16      ``values`` uint16 (the bfloat16 bits)                  relative <= 2**-8
-int8      ``codes`` uint8 (one a value), ``absmax`` float32      <= half the widest gap of bitsandbytes'
-          (one a block of ``block_size`` values)                 dynamic 8-bit code book x block absmax
+int8      ``codes`` uint8 (one a value), ``absmax`` float32      <= 0.00704 x block absmax (bitsandbytes'
+          (one a block of ``block_size`` values)                 dynamic 8-bit code book)
 nf4       ``codes`` uint8 (two values a byte), ``absmax``        <= half the widest gap of the NF4 levels
           float32 (one a block)                                  (0.152) x block absmax
 topk      ``indices`` int32 and ``values`` float32 of the        the values not sent are zero: each error
