@@ -87,13 +87,14 @@ def run_rounds(
         encode_start = time.perf_counter()
         wire = to_wire(messages, comm)
         encode_seconds = time.perf_counter() - encode_start
-        if reason := budget.stop_reason(rnd, used_bytes(totals), [content_bytes(m.content) for m in wire]):
+        down = [content_bytes(m.content) for m in wire]  # counted before sending, as they travel
+        if reason := budget.stop_reason(rnd, used_bytes(totals), down):
             log.warning("%s round %d: %s", phase, rnd, reason)
             if on_budget_stop is not None:
                 on_budget_stop(rnd - 1, arrays)
             break
         replies = send_and_receive(grid, wire, timeout, poll_interval)
-        sizes = traffic(wire, replies, totals)
+        sizes = traffic(wire, replies, totals, down)
         budget.note(sizes["bytes_by_node"])
         decoded, undecodable, decode_seconds = decode_replies(replies, messages, comm)
         kept, rejected, clipped = check_replies(strategy, guard, messages, decoded, arrays)
@@ -279,16 +280,20 @@ def content_bytes(content: RecordDict) -> int:
     return sum(record.count_bytes() for record in content.values())
 
 
-def traffic(messages: list[Message], replies: list[Message], totals: dict[str, int]) -> dict[str, Any]:
+def traffic(
+    messages: list[Message], replies: list[Message], totals: dict[str, int], sent_bytes: list[int] | None = None
+) -> dict[str, Any]:
     """Bytes sent to and received from each node this round, the round's sums and the running totals.
+
+    ``sent_bytes``: each message's bytes, counted before it was sent (default: counted now).
 
     Counts the records' payload (what :meth:`ArrayRecord.count_bytes` and friends report),
     not the framing added by Flower's protocol, HTTP or TLS. Rejected replies count as received.
     """
     per_node: dict[str, dict[str, Any]] = {}
-    for msg in messages:
+    for i, msg in enumerate(messages):
         entry = per_node.setdefault(str(msg.metadata.dst_node_id), {"partition": None, "sent": 0, "received": 0})
-        entry["sent"] += content_bytes(msg.content)
+        entry["sent"] += sent_bytes[i] if sent_bytes is not None else content_bytes(msg.content)
     for msg in replies:
         if msg.has_error():
             continue
