@@ -145,9 +145,7 @@ def decode(parts: Parts, shape: tuple[int, ...], codec: str, *, block_size: int 
         torch = _torch_module()
         return torch.from_numpy(parts["values"].view(np.int16).copy()).view(torch.bfloat16).float().numpy()
     if codec == "int8":
-        out = _bnb().dequantize_blockwise(
-            _torch(parts["codes"]), absmax=_torch(parts["absmax"]), blocksize=block_size
-        )
+        out = _bnb().dequantize_blockwise(_torch(parts["codes"]), absmax=_torch(parts["absmax"]), blocksize=block_size)
         return out.numpy().astype(np.float32).reshape(shape)
     if codec == "nf4":
         return _nf4_decode(parts, shape, block_size)

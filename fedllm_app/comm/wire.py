@@ -37,7 +37,9 @@ RESIDUAL_KEY = "comm-residual"
 Shapes = dict[str, tuple[int, ...]]
 
 
-def encode_content(content: RecordDict, codec: str, params: CommParams, values: dict[str, Arrays] | None = None) -> RecordDict:
+def encode_content(
+    content: RecordDict, codec: str, params: CommParams, values: dict[str, Arrays] | None = None
+) -> RecordDict:
     """``content`` with every ArrayRecord encoded with ``codec`` (``values``: arrays to send instead, by record)."""
     values = values or {}
     out, meta = RecordDict(), ConfigRecord({"codec": codec, "block-size": params.block_size})
@@ -149,9 +151,7 @@ def with_feedback(arrays: Arrays, params: CommParams, state: Any, key: str) -> A
         return arrays
     kept = state.get(key) if key in state else None
     residual = from_record(kept) if isinstance(kept, ArrayRecord) else {}
-    corrected = {
-        k: v + residual[k] if k in residual and residual[k].shape == v.shape else v for k, v in arrays.items()
-    }
+    corrected = {k: v + residual[k] if k in residual and residual[k].shape == v.shape else v for k, v in arrays.items()}
     sent = {k: roundtrip(v, params.codec, params) for k, v in corrected.items()}
     state[key] = to_record({k: (corrected[k] - sent[k]).astype(np.float32) for k in corrected})
     return corrected
