@@ -60,6 +60,7 @@ CLIENT_OVERRIDE_KEYS = (
     "logging",
     "hub",
     "robust",
+    "comm",
     "fault_injection",
     "lora_aggregation",
     "hetlora_weighting",
