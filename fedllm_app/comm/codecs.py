@@ -24,6 +24,7 @@ imports neither the app nor Flower; torch and bitsandbytes are imported when a c
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -76,6 +77,12 @@ class CommParams:
                 continue
             if value not in CODECS:
                 raise CodecError(f"comm.{key}={value!r} is not a codec; use one of {', '.join(CODECS)}")
+        for key in ("codec", "downlink"):
+            if getattr(self, key) in ("int8", "nf4") and importlib.util.find_spec("bitsandbytes") is None:
+                raise CodecError(
+                    f"comm.{key}={getattr(self, key)} needs bitsandbytes; pip install 'fedllm[quant]', "
+                    f"or choose fp16, bf16 or topk"
+                )
         if not (isinstance(self.topk_fraction, int | float) and 0 < self.topk_fraction <= 1):
             raise CodecError(f"comm.topk_fraction={self.topk_fraction!r} must be in (0, 1]; e.g. 0.1 sends 10%")
         if self.block_size not in BLOCK_SIZES:
