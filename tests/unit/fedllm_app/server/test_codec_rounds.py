@@ -15,6 +15,7 @@ from fedllm_app.server.outputs import format_round
 from fedllm_app.server.rounds import run_rounds
 from fedllm_app.server.run import build_strategy
 from strategies.fedavg import ARRAYS_KEY, CONFIG_KEY, DATA_SIZE_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
+from strategies.hetero import RANK_KEY, RANK_QUERY
 from strategies.local import PARTITION_KEY
 from strategies.records import from_record, to_record
 from strategies.scaffold import C_DELTA_KEY, C_SERVER_KEY
@@ -44,10 +45,13 @@ class CodecGrid:
         return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
 
     def send_and_receive(self, messages, *, timeout=None):
-        return [
-            Message(RecordDict({METRICS_KEY: MetricRecord({PARTITION_KEY: m.metadata.dst_node_id - 1})}), reply_to=m)
-            for m in messages
-        ]
+        """Node k holds partition k - 1 and, asked for its LoRA rank, answers 2 * k."""
+        out = []
+        for m in messages:
+            node = m.metadata.dst_node_id
+            answer = {RANK_KEY: 2 * node} if m.metadata.message_type == RANK_QUERY else {PARTITION_KEY: node - 1}
+            out.append(Message(RecordDict({METRICS_KEY: MetricRecord(answer)}), reply_to=m))
+        return out
 
     def push_messages(self, messages):
         for m in messages:
@@ -86,11 +90,12 @@ class Writer:
         self.rows.append(record)
 
 
-def run(name, comm, rounds=2, tamper=None, **kwargs):
-    strategy = build_strategy(load_config({"overrides": f"strategy={name} num_clients=2 sample_clients=2"}))
+def run(name, comm, rounds=2, tamper=None, extra="", start=START, **kwargs):
+    overrides = f"strategy={name} num_clients=2 sample_clients=2 {extra}"
+    strategy = build_strategy(load_config({"overrides": overrides}))
     grid, writer = CodecGrid(2, comm, tamper), Writer()
     arrays, _ = run_rounds(
-        grid, strategy, to_record(START), rounds, 1.0, writer, name, poll_interval=0.01, comm=comm, **kwargs
+        grid, strategy, to_record(start), rounds, 1.0, writer, name, poll_interval=0.01, comm=comm, **kwargs
     )
     return from_record(arrays), writer.rows, grid
 
@@ -109,6 +114,22 @@ def test_every_strategy_aggregates_int8_replies_like_plain_ones(name):
     for r, p in zip(rows, plain_rows, strict=True):  # the encoded bytes are what is counted: about 1/4
         assert r["bytes_received"] < 0.45 * p["bytes_received"]
         assert r["bytes_sent"] < 0.45 * p["bytes_sent"] and r["codec_seconds"] > 0
+
+
+@pytest.mark.parametrize("method", ["hetlora", "flexlora"])
+def test_clients_of_lower_rank_get_and_send_their_slice_encoded(method):
+    rng = np.random.default_rng(0)
+    start = {"m.lora_A.weight": rng.standard_normal((4, 4096)), "m.lora_B.weight": rng.standard_normal((2048, 4))}
+    start = {k: v.astype(np.float32) for k, v in start.items()}
+    extra = f"lora_aggregation={method} model.lora.r=4"
+    plain, _, _ = run("fedavg", CommParams(), extra=extra, start=start)
+    got, rows, _ = run("fedavg", CommParams(codec="int8"), extra=extra, start=start)
+    for r in rows:
+        assert r["rejected"] == [] and r["replied"] == 2
+        by_node = r["bytes_by_node"]  # node 1 holds rank 2 of r_max 4: half the bytes of node 2, both ways
+        assert by_node["1"]["received"] / by_node["2"]["received"] == pytest.approx(0.5, abs=0.05)
+    for k in start:
+        np.testing.assert_allclose(got[k], plain[k], atol=0.1)
 
 
 def test_topk_with_error_feedback_sends_a_fraction_up_and_fp16_down():
