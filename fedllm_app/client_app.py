@@ -22,6 +22,8 @@ from omegaconf import DictConfig  # noqa: E402
 from fedllm_app.client import faults, secure  # noqa: E402
 from fedllm_app.client.policy import NodePolicy, PolicyError  # noqa: E402
 from fedllm_app.client.round import DATA_PATH_KEY, round_config, train_one_round  # noqa: E402
+from fedllm_app.comm.codecs import CommParams  # noqa: E402
+from fedllm_app.comm.wire import decode_message, encode_reply  # noqa: E402
 from fedllm_app.config import EVERY_ROUND, ConfigError, load_config, parse_faults  # noqa: E402
 from fedllm_app.model import RANK_NODE_KEY, client_rank, with_client_rank  # noqa: E402
 from fedllm_app.secure import keys as secagg_keys  # noqa: E402
@@ -116,6 +118,7 @@ def _train(msg: Message, context: Context) -> Message:
 def _trained(msg: Message, context: Context) -> RecordDict:
     """The content of this node's train reply (trained adapter, metrics, SCAFFOLD's control delta)."""
     policy = NodePolicy.from_node_config(context.node_config)
+    decode_message(msg)  # comm.codec: the arrays as sent (encoded), decoded before anything reads them
     cfg = round_config(context.run_config, msg, policy)
     setup_console(cfg.logging.verbose, progress=False)
     pid = partition_id(context)
@@ -125,7 +128,15 @@ def _trained(msg: Message, context: Context) -> RecordDict:
     fault = planned.get((int(msg.content[CONFIG_KEY]["server-round"]), pid)) or planned.get((EVERY_ROUND, pid))
     if fault:  # tests and the robustness benchmark only: reply with a deliberately bad update
         content = faults.corrupt(content, fault, from_record(msg.content[ARRAYS_KEY]))
-    return content
+    return encoded(content, msg, cfg, context, pid)
+
+
+def encoded(content: RecordDict, msg: Message, cfg: DictConfig, context: Context, pid: int) -> RecordDict:
+    """The reply's content as it travels with ``comm.codec``: the update's delta against the global this
+    node received, encoded, with the codec's error feedback kept in the node's state (per partition).
+    """
+    comm = CommParams.from_config(cfg.get("comm"))
+    return encode_reply(content, from_record(msg.content[ARRAYS_KEY]), comm, context.state, pid)
 
 
 def partition_id(context: Context) -> int:

@@ -27,6 +27,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 
+from fedllm_app.comm.codecs import CodecError, CommParams
+
 OVERRIDES_KEY = "overrides"
 # The default of every declared run-config key: not given, so Hydra's default applies.
 UNSET = ""
@@ -297,6 +299,7 @@ def validate(cfg: DictConfig) -> None:
     _validate_reporting(cfg)
     _validate_secagg(cfg)
     _validate_dp(cfg)
+    _validate_comm(cfg)
     m = cfg.model
     adapter = m.get("adapter")
     _check(
@@ -320,6 +323,16 @@ def validate(cfg: DictConfig) -> None:
             f"model.name={name!r} is not a directory; give a local folder saved with save_pretrained, "
             f"a Hub id such as meta-llama/Llama-2-7b-hf, or builtin:tiny",
         )
+
+
+def _validate_comm(cfg: DictConfig) -> None:
+    """The ``comm`` section: codec names, top-k fraction, block size, budget (:class:`CommParams`)."""
+    try:
+        CommParams.from_config(cfg.get("comm"))
+    except CodecError as err:
+        raise ConfigError(str(err)) from None
+    except TypeError as err:  # an unknown key inside comm
+        raise ConfigError(f"comm: {err}; the comm keys are those of conf/config.yaml") from None
 
 
 def _validate_data(cfg: DictConfig) -> None:

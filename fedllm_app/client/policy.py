@@ -61,6 +61,7 @@ CLIENT_OVERRIDE_KEYS = (
     "logging",
     "hub",
     "robust",
+    "comm",
     "fault_injection",
     "lora_aggregation",
     "hetlora_weighting",

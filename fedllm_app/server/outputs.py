@@ -107,11 +107,12 @@ def format_round(r: dict[str, Any]) -> str:
     skipped = "" if r.get("aggregated", True) else " | NOT aggregated"
     if "epsilon" in r:  # DP-FedAvg: the privacy spent so far
         skipped += f" | epsilon {r['epsilon']:.2f} (delta {r['delta']:g})"
+    budget = f" | comm {r['comm_mb_used']:.2f}/{r['comm_budget_mb']:g} MB" if r.get("comm_budget_mb") else ""
     return (
         f"{r['phase']} round {r['round']}/{r['num_rounds']} | clients {r['sampled']} sampled, "
         f"{r['replied']} replied, {r['failed']} failed{rejected}{skipped} | train_loss "
         f"{'n/a' if loss is None else f'{loss:.3f}'}{ev} | {r['seconds']:.1f} s | "
-        f"sent {r['bytes_sent'] / 1e6:.2f} MB, received {r['bytes_received'] / 1e6:.2f} MB"
+        f"sent {r['bytes_sent'] / 1e6:.2f} MB, received {r['bytes_received'] / 1e6:.2f} MB{budget}"
     )
 
 

@@ -6,6 +6,11 @@ connected), send, collect replies until ``timeout``, reject unsound replies
 sound ones (:mod:`fedllm_app.server.guard`), aggregate if at least ``min_replies`` valid ones
 arrived (else keep the global adapter and say so loudly), count the bytes each
 client sent and received, log and hand the round to the hooks.
+
+With ``comm.codec`` (:mod:`fedllm_app.comm`) the messages travel encoded: the server encodes copies of
+them (its own arrays stay exact), counts the encoded bytes, and decodes each reply before the reply
+checks (a reply that does not decode is rejected). With ``comm.budget_mb`` a round that would take the
+run past its budget is not started: the run stops there.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedllm_app.secure.secagg import SecAggParams
+from fedllm_app.comm.budget import Budget
+from fedllm_app.comm.codecs import CodecError, CommParams
+from fedllm_app.comm.wire import decode_reply, to_wire
 from fedllm_app.server.guard import ReplyGuard, all_finite
 from fedllm_app.server.outputs import RunWriter, format_round
 from fedllm_app.server.reply_checks import ReplySpec, claimed_partition, sent_shapes, shapes_of, split_replies
@@ -58,6 +66,8 @@ def run_rounds(
     on_round_end: RoundEndHook | None = None,
     guard: ReplyGuard | None = None,
     secagg: SecAggParams | None = None,
+    comm: CommParams | None = None,
+    on_budget_stop: RoundHook | None = None,
 ) -> tuple[ArrayRecord, dict[str, float]]:
     """Train rounds ``start_round..num_rounds``; return the final global arrays and their last evaluation.
 
@@ -68,23 +78,41 @@ def run_rounds(
     ``guard`` (weights, update bound, node -> partition book) is kept across calls by the run.
     With ``secagg`` each round runs secure aggregation (:mod:`fedllm_app.server.secure_round`): the server
     sees only masked updates, so neither the reply checks nor the guard judge them one by one.
+    ``comm``: the codecs and budget (default: plain arrays, no budget); when the budget stops the run before
+    round N, ``on_budget_stop(N - 1, arrays)`` runs (the server saves its checkpoint there).
     """
     guard = guard if guard is not None else ReplyGuard()
     last_eval: dict[str, float] = {}
     totals = totals if totals is not None else dict.fromkeys(TOTAL_KEYS, 0)
+    comm = comm if comm is not None else CommParams()
+    budget = Budget(comm.budget_mb)
     for rnd in range(start_round, num_rounds + 1):
         if not privacy_allows(strategy, rnd, phase):
             break
         start, started_at = time.perf_counter(), time.time()
         messages = configure(strategy, rnd, arrays, grid, node_wait, min_replies, phase)
-        secure = None
-        if secagg is not None:  # secure aggregation: the server sees masked updates, unmasks only their mean
+        encode_start = time.perf_counter()
+        wire = to_wire(messages, comm)
+        encode_seconds = time.perf_counter() - encode_start
+        down = [content_bytes(m.content) for m in wire]  # counted before sending, as they travel
+        if reason := budget.stop_reason(rnd, used_bytes(totals), down):
+            log.warning("%s round %d: %s", phase, rnd, reason)
+            if on_budget_stop is not None:
+                on_budget_stop(rnd - 1, arrays)
+            break
+        secure, decode_seconds = None, 0.0
+        if secagg is not None:  # secure aggregation (no codec): the server sees masked updates, unmasks their mean
             secure = secure_round(grid, strategy, rnd, arrays, messages, secagg, send_and_receive, timeout,
                                   poll_interval, min_replies)  # fmt: skip
             replies, kept, rejected, clipped = secure.replies, secure.masked, [], []
+            sizes = traffic(secure.sent, replies, totals)
         else:
-            replies = send_and_receive(grid, messages, timeout, poll_interval)
-            kept, rejected, clipped = check_replies(strategy, guard, messages, replies, arrays)
+            replies = send_and_receive(grid, wire, timeout, poll_interval)
+            sizes = traffic(wire, replies, totals, down)
+            decoded, undecodable, decode_seconds = decode_replies(replies, messages, comm)
+            kept, rejected, clipped = check_replies(strategy, guard, messages, decoded, arrays)
+            rejected = undecodable + rejected
+        budget.note(sizes["bytes_by_node"])
         ok = [m for m in kept if not m.has_error()]
         failed = secure.failed if secure is not None else _failed_nodes(messages, replies)
         _log_problems(phase, rnd, rejected, failed, timeout, clipped)
@@ -120,7 +148,9 @@ def run_rounds(
         }
         record.update(secure.record if secure is not None else {})
         record.update(privacy_record(strategy, rnd))
-        record.update(traffic(secure.sent if secure is not None else messages, replies, totals))
+        record.update(sizes)
+        record.update(budget.fields(used_bytes(totals)))
+        record["codec_seconds"] = encode_seconds + decode_seconds
         record.update(_client_timing(ok))
         record["train_phase_seconds"] = time.perf_counter() - start
         if evaluate is not None:
@@ -137,6 +167,38 @@ def run_rounds(
         if on_round_end is not None:
             on_round_end(rnd, arrays, record)
     return arrays, last_eval
+
+
+def used_bytes(totals: dict[str, int]) -> int:
+    """The run's bytes so far, both directions."""
+    return int(totals.get("bytes_sent_total", 0)) + int(totals.get("bytes_received_total", 0))
+
+
+def decode_replies(
+    replies: list[Message], messages: list[Message], comm: CommParams
+) -> tuple[list[Message], list[dict[str, Any]], float]:
+    """The replies with their encoded arrays decoded (in place), those that do not decode (as rejections)
+    and the seconds it took. A reply's delta is added to the exact arrays the server sent that node.
+    """
+    if comm.codec == "none":
+        return replies, [], 0.0
+    start = time.perf_counter()
+    sent = {m.metadata.dst_node_id: m.content[ARRAYS_KEY] for m in messages if ARRAYS_KEY in m.content}
+    decoded, rejected = [], []
+    for msg in replies:
+        node = msg.metadata.src_node_id
+        if msg.has_error() or node not in sent:  # errors and strangers: the reply checks deal with them
+            decoded.append(msg)
+            continue
+        try:
+            decode_reply(msg, {k: v.numpy() for k, v in sent[node].items()}, comm)
+        except Exception as err:  # noqa: BLE001 - a reply that does not decode is rejected, never fatal
+            why = str(err)[:200] if isinstance(err, CodecError) else f"{type(err).__name__}: {str(err)[:160]}"
+            reason = f"the reply does not decode as comm.codec={comm.codec}: {why}"
+            rejected.append({"node": node, "partition": claimed_partition(msg), "reason": reason})
+            continue
+        decoded.append(msg)
+    return decoded, rejected, time.perf_counter() - start
 
 
 def check_replies(
@@ -275,16 +337,20 @@ def content_bytes(content: RecordDict) -> int:
     return sum(record.count_bytes() for record in content.values())
 
 
-def traffic(messages: list[Message], replies: list[Message], totals: dict[str, int]) -> dict[str, Any]:
+def traffic(
+    messages: list[Message], replies: list[Message], totals: dict[str, int], sent_bytes: list[int] | None = None
+) -> dict[str, Any]:
     """Bytes sent to and received from each node this round, the round's sums and the running totals.
+
+    ``sent_bytes``: each message's bytes, counted before it was sent (default: counted now).
 
     Counts the records' payload (what :meth:`ArrayRecord.count_bytes` and friends report),
     not the framing added by Flower's protocol, HTTP or TLS. Rejected replies count as received.
     """
     per_node: dict[str, dict[str, Any]] = {}
-    for msg in messages:
+    for i, msg in enumerate(messages):
         entry = per_node.setdefault(str(msg.metadata.dst_node_id), {"partition": None, "sent": 0, "received": 0})
-        entry["sent"] += content_bytes(msg.content)
+        entry["sent"] += sent_bytes[i] if sent_bytes is not None else content_bytes(msg.content)
     for msg in replies:
         if msg.has_error():
             continue

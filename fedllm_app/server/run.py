@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from evaluation.heldout import evaluate_adapter, exact_match_due
 from evaluation.preferences import HeldoutPreferences
 from evaluation.runner import check_round_benchmarks, round_benchmarks
+from fedllm_app.comm.codecs import CommParams
 from fedllm_app.config import ConfigError, challenge_warning
 from fedllm_app.data import pipeline
 from fedllm_app.model import get_adapter, get_model, set_adapter
@@ -145,6 +147,7 @@ class FederatedRun:
         self.started = started
         self.strategy = build_strategy(cfg)  # validates the hyperparameters before anything is loaded
         self.guard_params = GuardParams.from_config(cfg.get("robust"))
+        self.comm = CommParams.from_config(cfg.get("comm"))
         check_round_benchmarks(cfg)
         self.exact_every = int(cfg.eval.get("exact_match_every", 1))
         exact_match_due(self.exact_every, 1, cfg.num_rounds)  # a bad value fails at start, not at round N
@@ -226,7 +229,7 @@ class FederatedRun:
             min_replies=self.cfg.min_replies,
             node_wait=self.cfg.node_wait_timeout,
             guard=self.guard,
-            **kwargs,
+            **{"comm": replace(self.comm, budget_mb=None), **kwargs},  # the budget is the federated run's
         )
 
     def save_state(self, rnd: int, arrays: ArrayRecord, record: dict[str, Any]) -> None:
@@ -279,6 +282,8 @@ class FederatedRun:
             totals=self.totals,
             on_round_end=self.save_state,
             secagg=secagg_params(self.cfg),
+            comm=self.comm,
+            on_budget_stop=self.budget_stop,
             **resume,
         )
         self.final = final or (self.resumed.last_eval if self.resumed else {})
@@ -292,11 +297,19 @@ class FederatedRun:
     def _checkpoint_early_stop(self, arrays: ArrayRecord) -> None:
         """A run stopped before num_rounds (privacy.target_epsilon) saves its last global adapter, as the end does."""
         last = self.last_round()
-        if 0 < last < self.cfg.num_rounds:
+        if 0 < last < self.cfg.num_rounds and "stopped_after_round" not in self.summary:  # not saved by budget_stop
             set_adapter(self.model, from_record(arrays))
             self.writer.save_adapter(self.model, last)
             self.summary["stopped_after_round"] = last
             self.summary["stopped_because"] = "privacy.target_epsilon"
+
+    def budget_stop(self, rnd: int, arrays: ArrayRecord) -> None:
+        """The communication budget ended the run after round ``rnd``: save that round's adapter, say so."""
+        set_adapter(self.model, from_record(arrays))
+        self.writer.save_adapter(self.model, rnd)
+        self.summary["stopped_by_budget_after_round"] = rnd
+        self.summary["stopped_after_round"] = rnd
+        self.summary["stopped_because"] = "comm.budget_mb"
 
     def local_baseline(self, grid: Grid) -> None:
         """Each client trains alone for the same rounds and steps (skipped when that is the main run)."""

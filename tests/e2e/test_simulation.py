@@ -116,6 +116,17 @@ PRIVATE = {
 }
 LAST_ROUND = {"fedadam": 1}
 
+# Four runs send compressed updates (docs/communication.md), the share of fp32 bytes they may use each way
+# (the tiny adapter's small arrays add headers and names: int8 is 0.32 of fp32 here, 0.27 on a 7B adapter):
+# SCAFFOLD int8 (its control arrays too, under DP), FedAdam NF4 (under DP), central top-k 25% (fp16 down), FedAdagrad
+# bf16 with a budget that stops the run before round 2 (each round moves about 0.48 MB).
+CODECS = {
+    "scaffold": ("comm.codec=int8", 0.35),
+    "fedadam": ("comm.codec=nf4", 0.22),
+    "central": ("comm.codec=topk comm.topk_fraction=0.25", 0.6),
+    "fedadagrad": ("comm.codec=bf16 comm.budget_mb=0.7", 0.55),
+}
+
 
 @pytest.mark.parametrize(
     "name", ["fedprox", "scaffold", "fedavgm", "fedadagrad", "fedyogi", "fedadam", "local", "central"]
@@ -126,7 +137,8 @@ def test_every_algorithm_runs_two_rounds_through_flower(flower, tmp_path, name):
         f"strategy={name} num_rounds=2 num_clients=2 sample_clients=2 training.max_steps=3 baseline=none "
         f"dataset.test_per_domain=5 output_dir={out} run_name={name} {MIXED_RANKS.get(name, '')} "
         f"{SECURE.get(name, '')} "
-        f"{PRIVATE.get(name, '')}"
+        f"{PRIVATE.get(name, '')} "
+        f"{CODECS.get(name, ('', 0))[0]}"
     )
     verbose = name == "fedprox"  # one run shows that logging.verbose brings Flower's own round lines back
     status, log = flower.run(overrides + (" logging.verbose=true" if verbose else ""), num_supernodes=2)
@@ -134,7 +146,7 @@ def test_every_algorithm_runs_two_rounds_through_flower(flower, tmp_path, name):
     assert ("configure_train: Sampled 2 nodes" in log) == verbose
     lines = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
     nodes = 1 if name == "central" else 2  # central trains the pooled data on one node
-    last = LAST_ROUND.get(name, 2)
+    last = 1 if "budget_mb" in CODECS.get(name, ("", 0))[0] else LAST_ROUND.get(name, 2)
     assert [(r["round"], r["replied"], r["failed"]) for r in lines] == [(r, nodes, 0) for r in range(1, last + 1)]
     if name in SECURE:  # both clients' masked updates unmasked as one sum, every round
         assert [(r["secagg_survivors"], r["aggregated"]) for r in lines] == [(2, True), (2, True)]
@@ -154,8 +166,29 @@ def test_every_algorithm_runs_two_rounds_through_flower(flower, tmp_path, name):
 
     saved = load_file(out / name / "checkpoints" / f"round-{last}" / "adapter_model.safetensors")
     assert all(np.abs(v).max() > 0 for k, v in saved.items() if "lora_B" in k), "the global adapter did not move"
+    if name in CODECS:
+        assert_compressed_both_ways(name, lines, saved, log, out / name)
     if name in MIXED_RANKS:
         assert_each_rank_travels_alone(lines, saved)
+
+
+def assert_compressed_both_ways(name, lines, saved, log, run):
+    """Replies and messages carry the codec's bytes (SCAFFOLD: the adapter and one control array each way);
+    the budget run stops before round 2 with its round-1 checkpoint and says so."""
+    codec, ratio = CODECS[name]
+    fp32 = 4 * sum(v.size for v in saved.values())
+    up, down = (2, 3) if name == "scaffold" else (1, 1)  # SCAFFOLD: c-delta up, c-server and c-client down
+    for r in lines:
+        assert r["rejected"] == [], r["rejected"]
+        for entry in r["bytes_by_node"].values():
+            assert entry["received"] < ratio * up * fp32 and entry["sent"] < ratio * down * fp32 * (
+                1.02 if name == "central" else 1
+            )
+    if "budget_mb" in codec:
+        assert "communication budget: round 2 would need about" in log
+        assert lines[0]["comm_budget_mb"] == 0.7 and 0 < lines[0]["comm_mb_used"] <= 0.7
+        assert f"| comm {lines[0]['comm_mb_used']:.2f}/0.7 MB" in log
+        assert json.loads((run / "summary.json").read_text())["stopped_by_budget_after_round"] == 1
 
 
 def assert_each_rank_travels_alone(lines, saved):
