@@ -24,10 +24,10 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from fedllm_app.secure.secagg import SecAggParams
 from fedllm_app.comm.budget import Budget
 from fedllm_app.comm.codecs import CodecError, CommParams
 from fedllm_app.comm.wire import decode_reply, to_wire
+from fedllm_app.secure.secagg import SecAggParams
 from fedllm_app.server.guard import ReplyGuard, all_finite
 from fedllm_app.server.outputs import RunWriter, format_round
 from fedllm_app.server.reply_checks import ReplySpec, claimed_partition, sent_shapes, shapes_of, split_replies
