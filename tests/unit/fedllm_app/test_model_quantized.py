@@ -33,9 +33,13 @@ def test_quantized_base_trains_lora(bits, tiny64_model):
     assert any(not np.allclose(before[k], after[k]) for k in before)
 
 
-def test_missing_hub_model_names_the_input():
+def test_missing_hub_model_names_the_input(monkeypatch):
+    import huggingface_hub.constants
+
     from fedllm_app.model import ModelLoadError
 
+    # Offline, the Hub client fails at once; without a network it first retries the name lookup (~45 s here).
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     cfg = load_config({"overrides": "model.name=no-such-org/no-such-model"})
     with pytest.raises(ModelLoadError, match="model.name='no-such-org/no-such-model'"):
         load_base(cfg.model)
