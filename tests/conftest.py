@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
 
-from fedllm_app.ops.flower_run import FlowerRunner, kill_flower_processes
+from fedllm_app.ops.flower_run import FlowerRunner, kill_flower_processes, pids_with_env
+
+# Flower's SuperExec looks for a new run's task every second by default; a test waits for it each run.
+SUPEREXEC_POLL = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
 
 
 @pytest.fixture(autouse=True)
@@ -23,12 +29,39 @@ def fedllm_info_logs(caplog):
     fed.setLevel(saved[2])
 
 
+@pytest.fixture(scope="session")
+def tiny64_model(tmp_path_factory) -> Path:
+    """A 64-wide tiny model, built once a session (bitsandbytes' CPU 4-bit kernels reject the default's 96)."""
+    from fedllm_app.tiny_model import TinySpec, build_tiny_model
+
+    path = tmp_path_factory.mktemp("tiny64")
+    build_tiny_model(path, TinySpec(hidden_size=64, pretrain_steps=1))
+    return path
+
+
 @pytest.fixture
 def flower(tmp_path: Path):
     home = tmp_path / "flwr-home"
     home.mkdir()
     runner = FlowerRunner(home)
+    runner.env.update(SUPEREXEC_POLL)
     try:
         yield runner
     finally:
-        kill_flower_processes(str(home))
+        end_flower_processes(str(home))
+
+
+def end_flower_processes(home: str, grace: float = 10.0) -> None:
+    """SIGTERM what runs under ``home`` and wait until it has exited (most take well under a second), instead of
+    kill_flower_processes' fixed 2 s; what is left after ``grace`` seconds gets its SIGKILL."""
+    marker = f"FLWR_HOME={home}"
+    for pid in pids_with_env(marker):
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    while pids_with_env(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if pids_with_env(marker):
+        kill_flower_processes(home)

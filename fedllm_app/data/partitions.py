@@ -5,7 +5,11 @@ partition.by=domain``):
 
 - ``iid``: :class:`flwr_datasets.partitioner.IidPartitioner` (equal shards of the seeded shuffle);
 - ``dirichlet``: :class:`~flwr_datasets.partitioner.DirichletPartitioner` over the ``by`` column,
-  every client at least ``training.batch_size`` rows;
+  every client at least ``training.batch_size`` rows. Where its draws cannot give every client a batch
+  (few values of ``by`` over many clients at a low ``alpha``: 4 domains over 20 clients at 0.1 leave most
+  clients empty), each client's mix of ``by`` values is drawn from Dirichlet(``alpha``) instead, with equal
+  client sizes (:class:`~flwr_datasets.partitioner.InnerDirichletPartitioner`), and a warning says so;
+  only fewer than ``num_clients * batch_size`` rows is an error;
 - ``natural``: :class:`~flwr_datasets.partitioner.NaturalIdPartitioner`, one client per value of
   ``by`` (e.g. a user or source id): as many clients as values;
 - ``pathological``: :class:`~flwr_datasets.partitioner.PathologicalPartitioner`, each client
@@ -16,7 +20,9 @@ partition.by=domain``):
 
 from __future__ import annotations
 
+import logging
 import random
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +33,8 @@ from fedllm_app.data import synthetic
 from fedllm_app.data.rows import Row
 
 PARTITIONERS = ("iid", "dirichlet", "natural", "pathological", "dominance")
+
+log = logging.getLogger("fedllm")
 
 
 def _column(rows: list[Row], by: str, kind: str) -> None:
@@ -96,6 +104,8 @@ def _with_flwr(rows: list[Row], p: DictConfig, num_clients: int, seed: int, batc
     table = {"row": list(range(len(shuffled)))}
     if p.name != "iid":
         table[str(p.by)] = [str(r[p.by]) for r in shuffled]
+    if p.name == "dirichlet":
+        return [[shuffled[i] for i in part] for part in _dirichlet(table, p, num_clients, seed, batch_size)]
     partitioner = _flwr_partitioner(p, num_clients, seed, batch_size)
     partitioner.dataset = Dataset.from_dict(table)
     if p.name == "natural" and (n := partitioner.num_partitions) != num_clients:
@@ -106,13 +116,49 @@ def _with_flwr(rows: list[Row], p: DictConfig, num_clients: int, seed: int, batc
     try:
         return [[shuffled[i] for i in _indices(partitioner, pid)] for pid in range(num_clients)]
     except ValueError as err:
-        if p.name == "dirichlet":
-            raise ConfigError(
-                f"partition=dirichlet partition.alpha={p.alpha} could not give each of the {num_clients} clients "
-                f"one batch (training.batch_size={batch_size} rows) from {len(rows)} rows: {err}. Raise "
-                f"partition.alpha, lower num_clients or training.batch_size, or use more data"
-            ) from None
         raise ConfigError(f"partition={p.name}: {err}") from None
+
+
+def _dirichlet(table: dict, p: DictConfig, num_clients: int, seed: int, batch_size: int) -> list[list[int]]:
+    """Row indices per client: DirichletPartitioner's split, else equal sizes with Dirichlet(alpha) mixes."""
+    from datasets import Dataset
+
+    num_rows = len(table["row"])
+    if num_rows < num_clients * batch_size:
+        raise ConfigError(
+            f"partition=dirichlet partition.alpha={p.alpha} could not give each of the {num_clients} clients "
+            f"one batch (training.batch_size={batch_size} rows) from {num_rows} rows, whatever the split; "
+            f"lower num_clients or training.batch_size, or use more data (at least {num_clients * batch_size} rows)"
+        )
+    partitioner = _flwr_partitioner(p, num_clients, seed, batch_size)
+    partitioner.dataset = Dataset.from_dict(table)
+    try:
+        with warnings.catch_warnings():  # one warning per failed draw; ours below says what happens instead
+            warnings.simplefilter("ignore", UserWarning)
+            return [_indices(partitioner, pid) for pid in range(num_clients)]
+    except ValueError:
+        pass
+    log.warning(
+        "partition=dirichlet partition.alpha=%s: Dirichlet draws over the %d values of %r leave some of the %d "
+        "clients without one batch (training.batch_size=%d rows); instead each client gets %d rows whose mix of "
+        "%r values is drawn from Dirichlet(%s) (flwr-datasets' InnerDirichletPartitioner)",
+        p.alpha, len(set(table[str(p.by)])), str(p.by), num_clients, batch_size, num_rows // num_clients,
+        str(p.by), p.alpha,
+    )  # fmt: skip
+    return _equal_sized_dirichlet(table, p, num_clients, seed)
+
+
+def _equal_sized_dirichlet(table: dict, p: DictConfig, num_clients: int, seed: int) -> list[list[int]]:
+    from datasets import Dataset
+    from flwr_datasets.partitioner import InnerDirichletPartitioner
+
+    by, num_rows = str(p.by), len(table["row"])
+    values = sorted(set(table[by]))
+    codes = {v: i for i, v in enumerate(values)}  # the partitioner wants labels 0..K-1
+    sizes = [num_rows // num_clients + (pid < num_rows % num_clients) for pid in range(num_clients)]
+    partitioner = InnerDirichletPartitioner(sizes, partition_by=by, alpha=float(p.alpha), seed=seed)
+    partitioner.dataset = Dataset.from_dict({"row": table["row"], by: [codes[v] for v in table[by]]})
+    return [_indices(partitioner, pid) for pid in range(num_clients)]
 
 
 def _indices(partitioner: Any, pid: int) -> list[int]:

@@ -1,18 +1,24 @@
 """End to end through Flower: `flwr run .` on the local simulation SuperLink, tiny model, 2 rounds."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
+EVAL_FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "evaluation"
+DATA_FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "data" / "datasets"
+
 
 def test_two_round_simulation_trains_saves_and_reloads(flower, tmp_path):
+    """The same run also checks the server's per-round benchmark hook (eval.benches)."""
     out = tmp_path / "outputs"
     overrides = (
         f"num_rounds=2 num_clients=2 sample_clients=2 save_every=1 training.max_steps=5 output_dir={out} run_name=it "
-        "logging.report_to=[tensorboard] eval.exact_match_every=1"
+        "logging.report_to=[tensorboard] eval.exact_match_every=1 "
+        f"eval.benches=[tfns] eval.every=2 eval.data_dir={EVAL_FIXTURES}"
     )
     status, log = flower.run(overrides, num_supernodes=2)
     assert status == "finished:completed", log[-3000:]
@@ -59,6 +65,14 @@ def test_two_round_simulation_trains_saves_and_reloads(flower, tmp_path):
     assert len(local_lines) == 2
     assert_tensorboard_has_every_round(run, lines, log)
     assert_the_card_names_the_run(run, lines)
+    assert_benchmarks_land_in_metrics_jsonl(run, lines)
+
+
+def assert_benchmarks_land_in_metrics_jsonl(run, rows):
+    """eval.benches=[tfns] eval.every=2: the benchmark's scores in round 2's metrics line only, and its report."""
+    assert "bench/tfns/accuracy" not in rows[0]
+    assert 0 <= rows[1]["bench/tfns/accuracy"] <= 1 and rows[1]["bench/tfns/f1_macro"] >= 0
+    assert (run / "eval" / "round-2.md").is_file()
 
 
 def assert_tensorboard_has_every_round(run, rows, log):
@@ -99,6 +113,13 @@ MIXED_RANKS = {
     "fedprox": "lora_aggregation=flexlora model.lora.client_ranks=[4,16]",
     "fedavgm": "lora_aggregation=hetlora model.lora.client_ranks=[4,16]",
 }
+# Two runs also take another data path, which would otherwise need runs of their own: a Hub-shaped local file
+# of the catalogue (FedYogi) and federated DPO (FedAdam).
+ALPACA = DATA_FIXTURES / "alpaca_gpt4.jsonl"
+DATA = {
+    "fedyogi": f"dataset=alpaca_gpt4 dataset.path={ALPACA} dataset.heldout=2 training.batch_size=2",
+    "fedadam": "task=dpo training.batch_size=8 dataset.train_per_domain=40 dataset.test_per_domain=5",
+}
 
 
 # Secure aggregation (docs/privacy.md) rides along on FedYogi's run, with DP too: the server sees only masked
@@ -118,11 +139,11 @@ LAST_ROUND = {"fedadam": 1}
 
 # Four runs send compressed updates (docs/communication.md), the share of fp32 bytes they may use each way
 # (the tiny adapter's small arrays add headers and names: int8 is 0.32 of fp32 here, 0.27 on a 7B adapter):
-# SCAFFOLD int8 (its control arrays too, under DP), FedAdam NF4 (under DP), central top-k 25% (fp16 down), FedAdagrad
-# bf16 with a budget that stops the run before round 2 (each round moves about 0.48 MB).
+# SCAFFOLD int8 (its control arrays too, under DP), FedAvgM NF4 (with HetLoRA's rank slices), central top-k 25% (fp16
+# down), FedAdagrad bf16 with a budget that stops the run before round 2 (each round moves about 0.48 MB).
 CODECS = {
     "scaffold": ("comm.codec=int8", 0.35),
-    "fedadam": ("comm.codec=nf4", 0.22),
+    "fedavgm": ("comm.codec=nf4", 0.22),
     "central": ("comm.codec=topk comm.topk_fraction=0.25", 0.6),
     "fedadagrad": ("comm.codec=bf16 comm.budget_mb=0.7", 0.55),
 }
@@ -135,10 +156,8 @@ def test_every_algorithm_runs_two_rounds_through_flower(flower, tmp_path, name):
     out = tmp_path / "outputs"
     overrides = (
         f"strategy={name} num_rounds=2 num_clients=2 sample_clients=2 training.max_steps=3 baseline=none "
-        f"dataset.test_per_domain=5 output_dir={out} run_name={name} {MIXED_RANKS.get(name, '')} "
-        f"{SECURE.get(name, '')} "
-        f"{PRIVATE.get(name, '')} "
-        f"{CODECS.get(name, ('', 0))[0]}"
+        f"output_dir={out} run_name={name} {DATA.get(name, 'dataset.test_per_domain=5')} {MIXED_RANKS.get(name, '')} "
+        f"{SECURE.get(name, '')} {PRIVATE.get(name, '')} {CODECS.get(name, ('', 0))[0]}"
     )
     verbose = name == "fedprox"  # one run shows that logging.verbose brings Flower's own round lines back
     status, log = flower.run(overrides + (" logging.verbose=true" if verbose else ""), num_supernodes=2)
@@ -170,6 +189,27 @@ def test_every_algorithm_runs_two_rounds_through_flower(flower, tmp_path, name):
         assert_compressed_both_ways(name, lines, saved, log, out / name)
     if name in MIXED_RANKS:
         assert_each_rank_travels_alone(lines, saved)
+    if name == "fedyogi":
+        assert_alpaca_gpt4_came_from_the_local_file(log, lines)
+    if name == "fedadam":
+        assert_dpo_reports_preference_metrics_every_round(out / name, log, lines)
+
+
+def assert_alpaca_gpt4_came_from_the_local_file(log, lines):
+    """dataset=alpaca_gpt4 read from a Hub-shaped local file: 8 rows, 2 held out, 3 per client."""
+    assert "alpaca_gpt4.jsonl': 8 rows read, 8 kept" in log
+    assert "[fedllm] client 0: 3 rows, domain mix {'alpaca_gpt4': 3}" in log
+    assert all(np.isfinite(r["train_loss"]) and np.isfinite(r["eval_loss"]) for r in lines)
+
+
+def assert_dpo_reports_preference_metrics_every_round(run, log, lines):
+    """task=dpo: the round line and metrics.jsonl carry the preference metrics; the margin starts at 0 and moves."""
+    assert f"acc {lines[-1]['accuracy']:.3f} margin {lines[-1]['reward_margin']:.3f}" in log
+    for r in lines:
+        assert np.isfinite(r["train_loss"]) and np.isfinite(r["dpo_loss"]) and np.isfinite(r["reward_margin"])
+        assert 0 <= r["preference_accuracy"] <= 1
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["initial"]["reward_margin"] == 0 and lines[-1]["reward_margin"] != 0
 
 
 def assert_compressed_both_ways(name, lines, saved, log, run):

@@ -17,6 +17,7 @@ from strategies.fedavg import (
 )
 from strategies.local import LocalOnly
 from strategies.records import from_record, to_record
+from tests.fakes import FakeGrid
 
 
 @pytest.fixture(autouse=True)
@@ -38,28 +39,6 @@ def create_mock_reply(arrays: dict, num_examples: int, loss: float, pid: int = 0
         }
     )
     return Message(content, dst_node_id=pid + 1, message_type="train")
-
-
-class FakeGrid:
-    """The two Grid methods a strategy's configure_train calls; node ids 1..n."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def get_node_ids(self):
-        return list(range(1, self.n + 1))
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        """Node k answers the partition query with partition k - 1."""
-        return [answer_partition(m, m.metadata.dst_node_id - 1) for m in messages]
-
-
-def answer_partition(query: Message, pid: int) -> Message:
-    """A node's answer to the server's partition query."""
-    return Message(RecordDict({METRICS_KEY: MetricRecord({"partition-id": pid})}), reply_to=query)
 
 
 KW = {"num_clients": 4, "sample_clients": 2, "num_rounds": 10, "lr_max": 1e-2, "lr_min": 1e-3}

@@ -15,10 +15,11 @@ from flwr.serverapp import strategy as flower
 
 from strategies.fedadagrad import FedAdagrad
 from strategies.fedadam import FedAdam
-from strategies.fedavg import METRICS_KEY, WEIGHT_KEY
+from strategies.fedavg import WEIGHT_KEY
 from strategies.fedavgm import FedAvgM
 from strategies.fedyogi import FedYogi
 from strategies.records import from_record, to_record
+from tests.fakes import FakeGrid
 
 KW = {"num_clients": 2, "sample_clients": 2, "num_rounds": 5, "lr_max": 1e-2, "lr_min": 1e-3}
 FLOWER_KW = {"fraction_evaluate": 0.0, "min_train_nodes": 2, "min_available_nodes": 2}
@@ -33,23 +34,6 @@ def _task_identity():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
 
 
-class FakeGrid:
-    def get_node_ids(self):
-        return [1, 2]
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        """Node k answers the partition query with partition k - 1."""
-        return [answer_partition(m, m.metadata.dst_node_id - 1) for m in messages]
-
-
-def answer_partition(query: Message, pid: int) -> Message:
-    """A node's answer to the server's partition query."""
-    return Message(RecordDict({METRICS_KEY: MetricRecord({"partition-id": pid})}), reply_to=query)
-
-
 def client_updates(rnd: int) -> list[tuple[dict, int]]:
     """Two clients' (update, examples) in round ``rnd``: different signs and sizes per entry and round."""
     rng = np.random.default_rng(rnd)
@@ -62,7 +46,7 @@ def reply(arrays: dict, n: int) -> Message:
 
 
 def one_round(strategy, rnd: int, x: dict) -> dict:
-    list(strategy.configure_train(rnd, to_record(x), ConfigRecord(), FakeGrid()))
+    list(strategy.configure_train(rnd, to_record(x), ConfigRecord(), FakeGrid(2)))
     replies = [reply({k: x[k] + u[k] for k in x}, n) for u, n in client_updates(rnd)]
     new, _ = strategy.aggregate_train(rnd, replies)
     return from_record(new)

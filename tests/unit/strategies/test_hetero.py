@@ -13,6 +13,7 @@ from strategies.fedavg import ARRAYS_KEY, DATA_SIZE_KEY, METRICS_KEY, NUM_EXAMPL
 from strategies.fedprox import PROXIMAL_MU_KEY
 from strategies.hetero import RANK_KEY, RANK_QUERY
 from strategies.records import from_record, to_record
+from tests.fakes import FakeGrid
 
 L = "m.q_proj"
 RANKS = {1: 1, 2: 2, 3: 4}  # node id -> rank; r_max = 4
@@ -25,26 +26,18 @@ def _task_identity():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
 
 
-class RankGrid:
-    """A grid whose nodes answer the rank query with their rank in ``ranks``, the partition query with id - 1."""
+class RankGrid(FakeGrid):
+    """Nodes answer the rank query with their rank in ``ranks``, the partition query with id - 1."""
 
     def __init__(self, ranks):
+        super().__init__(list(ranks))
         self.ranks, self.queried = ranks, []
 
-    def get_node_ids(self):
-        return list(self.ranks)
-
-    def send_and_receive(self, messages, timeout=None):
-        out = []
-        for m in messages:
-            node = m.metadata.dst_node_id
-            if m.metadata.message_type == RANK_QUERY:
-                self.queried.append(node)
-                answer = {RANK_KEY: self.ranks[node]}
-            else:  # the partition query: node k holds partition k - 1
-                answer = {PARTITION_KEY: node - 1}
-            out.append(Message(RecordDict({METRICS_KEY: MetricRecord(answer)}), reply_to=m))
-        return out
+    def answer_query(self, query):
+        if query.metadata.message_type != RANK_QUERY:
+            return super().answer_query(query)
+        self.queried.append(query.metadata.dst_node_id)
+        return {RANK_KEY: self.ranks[query.metadata.dst_node_id]}
 
 
 def glob(r=4, seed=0):

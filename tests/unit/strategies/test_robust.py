@@ -8,7 +8,8 @@ from fedllm_app.config import ConfigError, load_config
 from fedllm_app.server.run import build_strategy
 from strategies.records import from_record, to_record
 from strategies.robust import AggregatorParams, aggregate
-from tests.unit.strategies.test_strategies import FakeGrid, reply
+from tests.fakes import FakeGrid
+from tests.unit.strategies.test_strategies import reply
 
 
 @pytest.fixture(autouse=True)

@@ -4,12 +4,13 @@ import random
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord
 
-from strategies.fedavg import CONFIG_KEY, METRICS_KEY, PARTITION_KEY, FedAvgLoRA
+from strategies.fedavg import FedAvgLoRA
 from strategies.local import LocalOnly
 from strategies.records import to_record
 from strategies.sampling import draw_order, sample_partitions
+from tests.fakes import FakeGrid
 
 KW = {"num_clients": 6, "sample_clients": 2, "num_rounds": 10, "lr_max": 1e-2, "lr_min": 1e-3}
 ARRAYS = to_record({"w": np.zeros(2, np.float32)})
@@ -22,38 +23,18 @@ def _task_identity():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
 
 
-class PartitionGrid:
-    """Nodes with arbitrary ids, each holding one partition; counts the partition queries."""
-
-    def __init__(self, partition_of: dict[int, int | None]) -> None:
-        self.partition_of, self.queries = partition_of, 0
-
-    def get_node_ids(self):
-        return list(self.partition_of)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        self.queries += len(messages)
-        out = []
-        for m in messages:
-            assert m.metadata.message_type == "query" and dict(m.content[CONFIG_KEY]) == {"query": PARTITION_KEY}
-            pid = self.partition_of[m.metadata.dst_node_id]
-            if pid is not None:  # None: the node never answers
-                out.append(Message(RecordDict({METRICS_KEY: MetricRecord({PARTITION_KEY: pid})}), reply_to=m))
-        return out
-
-
 def trained(strategy, grid, rounds) -> list[list[int]]:
     """The partitions each round's train messages go to."""
     out = []
     for rnd in rounds:
         nodes = [m.metadata.dst_node_id for m in strategy.configure_train(rnd, ARRAYS, ConfigRecord(), grid)]
-        out.append(sorted(grid.partition_of[n] for n in nodes))
+        out.append(sorted(grid.partition(n) for n in nodes))
     return out
 
 
 def test_the_same_seed_trains_the_same_partitions_whatever_the_node_ids():
-    a = PartitionGrid({100 + p: p for p in range(6)})
-    b = PartitionGrid({n: p for n, p in zip([77, 3, 912, 45, 8, 600], [4, 0, 2, 5, 1, 3], strict=True)})
+    a = FakeGrid({100 + p: p for p in range(6)})
+    b = FakeGrid({n: p for n, p in zip([77, 3, 912, 45, 8, 600], [4, 0, 2, 5, 1, 3], strict=True)})
     random.seed(1)
     first = trained(FedAvgLoRA(**KW, seed=7), a, range(1, 11))
     random.seed(2)  # the process's random state plays no part
@@ -63,16 +44,16 @@ def test_the_same_seed_trains_the_same_partitions_whatever_the_node_ids():
 
 
 def test_a_resumed_run_trains_the_same_partitions_as_an_uninterrupted_one():
-    grid = PartitionGrid({10 + p: p for p in range(6)})
+    grid = FakeGrid({10 + p: p for p in range(6)})
     whole = trained(FedAvgLoRA(**KW, seed=3), grid, range(1, 9))
-    resumed = trained(FedAvgLoRA(**KW, seed=3), PartitionGrid({50 + p: p for p in range(6)}), range(5, 9))
+    resumed = trained(FedAvgLoRA(**KW, seed=3), FakeGrid({50 + p: p for p in range(6)}), range(5, 9))
     assert resumed == whole[4:]
 
 
 def test_each_node_is_asked_its_partition_once():
-    grid = PartitionGrid({10 + p: p for p in range(6)})
+    grid = FakeGrid({10 + p: p for p in range(6)})
     trained(FedAvgLoRA(**KW), grid, range(1, 5))
-    assert grid.queries == 6
+    assert len(grid.queries) == 6
 
 
 def test_every_partition_is_drawn_about_equally_often():
@@ -91,7 +72,7 @@ def test_a_missing_partition_gives_its_place_to_the_next_one_drawn():
 
 
 def test_a_node_that_does_not_tell_its_partition_is_not_sampled():
-    grid = PartitionGrid({1: 0, 2: None, 3: 2})
+    grid = FakeGrid({1: 0, 2: None, 3: 2})
     strategy = FedAvgLoRA(**{**KW, "num_clients": 3, "sample_clients": 2}, query_timeout=0.1)
     for rnd in range(1, 6):
         assert trained(strategy, grid, [rnd]) == [[0, 2]]
@@ -99,10 +80,10 @@ def test_a_node_that_does_not_tell_its_partition_is_not_sampled():
 
 def test_a_partition_id_outside_num_clients_fails_naming_the_fix():
     with pytest.raises(ValueError, match="node 2 holds partition-id 2, outside 0..1 for num_clients=2"):
-        trained(FedAvgLoRA(**{**KW, "num_clients": 2}), PartitionGrid({1: 0, 2: 2}), [1])
+        trained(FedAvgLoRA(**{**KW, "num_clients": 2}), FakeGrid({1: 0, 2: 2}), [1])
 
 
 def test_the_local_baseline_trains_every_client_every_round():
     """OpenFedLLM's local baseline trains its client in every round, not only when a federated run would draw it."""
-    grid = PartitionGrid({10 + p: p for p in range(6)})
+    grid = FakeGrid({10 + p: p for p in range(6)})
     assert trained(LocalOnly(**KW), grid, range(1, 4)) == [list(range(6))] * 3

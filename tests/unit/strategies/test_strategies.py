@@ -13,6 +13,7 @@ from strategies.fedavg import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES_
 from strategies.fedprox import PROXIMAL_MU_KEY
 from strategies.records import from_record, to_record
 from strategies.scaffold import C_DELTA_KEY, C_SERVER_KEY
+from tests.fakes import FakeGrid
 
 ALGORITHMS = ["fedavg", "fedprox", "scaffold", "fedavgm", "fedadagrad", "fedyogi", "fedadam", "local", "central"]
 
@@ -22,26 +23,6 @@ def _task_identity():
     from flwr.supercore.task_identity import TaskIdentity
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-
-
-class FakeGrid:
-    def __init__(self, n):
-        self.n = n
-
-    def get_node_ids(self):
-        return list(range(1, self.n + 1))
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        """Node k answers the partition query with partition k - 1."""
-        return [answer_partition(m, m.metadata.dst_node_id - 1) for m in messages]
-
-
-def answer_partition(query: Message, pid: int) -> Message:
-    """A node's answer to the server's partition query."""
-    return Message(RecordDict({METRICS_KEY: MetricRecord({"partition-id": pid})}), reply_to=query)
 
 
 def reply(arrays, n, extra=None):

@@ -8,18 +8,9 @@ from fedllm_app.config import load_config
 from fedllm_app.data.pipeline import partition
 from fedllm_app.data.sampling import round_indices
 from fedllm_app.model import get_adapter, get_model, set_adapter
-from fedllm_app.tiny_model import TinySpec, build_tiny_model
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("bitsandbytes")
-
-
-@pytest.fixture(scope="module")
-def nf4_model_path(tmp_path_factory):
-    # bitsandbytes' CPU 4-bit kernels reject the default tiny model's hidden size 96; 64 wide works.
-    path = tmp_path_factory.mktemp("tiny64")
-    build_tiny_model(path, TinySpec(hidden_size=64, pretrain_steps=1))
-    return path
 
 
 def lora_dtypes(model) -> dict[str, torch.dtype]:
@@ -27,9 +18,9 @@ def lora_dtypes(model) -> dict[str, torch.dtype]:
 
 
 @pytest.mark.parametrize("task", ["sft", "dpo"])
-def test_lora_weights_stay_float32_on_a_4bit_base_after_the_trainer_and_every_round(task, nf4_model_path):
+def test_lora_weights_stay_float32_on_a_4bit_base_after_the_trainer_and_every_round(task, tiny64_model):
     cfg = load_config(
-        {"overrides": f"task={task} model.name={nf4_model_path} model.quantization=4bit training.max_steps=2"}
+        {"overrides": f"task={task} model.name={tiny64_model} model.quantization=4bit training.max_steps=2"}
     )
     model, tok = get_model(cfg.model, cfg.seed)
     assert model.is_loaded_in_4bit

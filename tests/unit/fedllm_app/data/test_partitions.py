@@ -5,7 +5,7 @@ import pytest
 from fedllm_app.config import ConfigError, load_config
 from fedllm_app.data import pipeline as data
 from fedllm_app.data import synthetic
-from fedllm_app.data.partitions import split_by_dominance
+from fedllm_app.data.partitions import split, split_by_dominance
 
 
 def parts_for(overrides: str):
@@ -37,8 +37,9 @@ def test_iid_catalogue_dataset_with_uneven_rows():
 
 
 @pytest.mark.parametrize("alpha", [0.3, 100.0])
-def test_dirichlet_sizes_cover_every_row_and_skew_with_alpha(alpha):
+def test_dirichlet_sizes_cover_every_row_and_skew_with_alpha(alpha, caplog):
     parts = parts_for(f"partition=dirichlet partition.alpha={alpha}")
+    assert "InnerDirichletPartitioner" not in caplog.text, "a split DirichletPartitioner can draw needs no fallback"
     sizes = [len(p) for p in parts]
     assert sum(sizes) == 3200 and min(sizes) >= 16  # at least one batch (training.batch_size) each
     shares = [max(data.domain_mix(p).values()) / len(p) for p in parts]
@@ -79,12 +80,29 @@ def test_zero_rows_for_a_client_names_it():
         parts_for("partition=iid dataset.train_per_domain=1 num_clients=5 sample_clients=5")
 
 
-def test_dirichlet_that_cannot_give_each_client_a_batch_names_the_fix():
+def test_dirichlet_with_too_few_rows_for_a_batch_per_client_names_the_fix():
     with pytest.raises(ConfigError) as err:
         parts_for("partition=dirichlet partition.alpha=0.05 dataset.train_per_domain=10 training.batch_size=16")
     msg = str(err.value)
-    assert "could not give each of the 4 clients one batch (training.batch_size=16 rows) from 40 rows" in msg
-    assert "Raise partition.alpha, lower num_clients or training.batch_size" in msg
+    assert "partition=dirichlet partition.alpha=0.05 could not give each of the 4 clients one batch" in msg
+    assert "(training.batch_size=16 rows) from 40 rows, whatever the split" in msg
+    assert "lower num_clients or training.batch_size, or use more data (at least 64 rows)" in msg
+
+
+def test_dirichlet_point_one_over_twenty_clients_gives_each_a_batch_with_skewed_mixes(caplog):
+    """The paper's client setting on the built-in data: 4 domains at alpha 0.1 leave most of 20 clients empty
+    under DirichletPartitioner's draws; each client then gets an equal share with a Dirichlet(0.1) domain mix."""
+    overrides = "partition=dirichlet partition.alpha=0.1 num_clients=20 sample_clients=2"
+    parts = parts_for(overrides)
+    assert [len(p) for p in parts] == [160] * 20  # 3200 rows, every one used once
+    assert len({id(r) for p in parts for r in p}) == 3200
+    shares = [max(data.domain_mix(p).values()) / len(p) for p in parts]
+    assert sum(shares) / 20 > 0.5 and max(shares) > 0.8, shares  # an IID split gives about 0.3
+    assert "20 clients without one batch (training.batch_size=16 rows); instead each" in caplog.text
+    cfg = load_config({"overrides": overrides})
+    rows = [r.as_dict() for r in synthetic.train_test(800, 50, 0)[0]]
+    again = split(rows, cfg.partition, 20, cfg.seed, cfg.training.batch_size)  # anew, not the pipeline's cache
+    assert again == parts, "the fallback split must follow the seed"
 
 
 def test_partition_by_a_missing_column_lists_the_columns():

@@ -19,6 +19,7 @@ from strategies.fedavg import ARRAYS_KEY, CONFIG_KEY, DATA_SIZE_KEY, METRICS_KEY
 from strategies.local import PARTITION_KEY, LocalOnly
 from strategies.records import from_record, to_record
 from strategies.scaffold import C_DELTA_KEY, C_SERVER_KEY, Scaffold
+from tests.fakes import FakeGrid, trained_reply
 
 
 @pytest.fixture(autouse=True)
@@ -28,47 +29,21 @@ def _task_identity():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
 
 
-class HostileGrid:
+class HostileGrid(FakeGrid):
     """Nodes 1..n; node k replies with the global arrays + k, then ``answer(node, round, content)`` rewrites it."""
 
     def __init__(self, n, answer=None, data_size=10):
-        self.n, self.answer, self.sent, self.data_size = n, answer or (lambda node, rnd, c: c), {}, data_size
+        super().__init__(n, reply=self.hostile)
+        self.answer, self.data_size = answer or (lambda node, rnd, c: c), data_size
 
-    def get_node_ids(self):
-        return list(range(1, self.n + 1))
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        """Node k answers the server's partition query with partition k - 1."""
-        return [
-            Message(RecordDict({METRICS_KEY: MetricRecord({PARTITION_KEY: m.metadata.dst_node_id - 1})}), reply_to=m)
-            for m in messages
-        ]
-
-    def push_messages(self, messages):
-        for m in messages:
-            m.metadata.__dict__["_message_id"] = m.object_id
-            self.sent[m.object_id] = m
-        return [m.object_id for m in messages]
-
-    def pull_messages(self, ids):
-        out = []
-        for i in ids:
-            msg = self.sent.pop(i, None)
-            if msg is None:
-                continue
-            node, rnd = msg.metadata.dst_node_id, int(msg.content[CONFIG_KEY]["server-round"])
-            out.append(Message(self.answer(node, rnd, self.honest(node, msg)), reply_to=msg))
-        return out
+    def hostile(self, msg):
+        node, rnd = msg.metadata.dst_node_id, int(msg.content[CONFIG_KEY]["server-round"])
+        return self.answer(node, rnd, self.honest(node, msg))
 
     def honest(self, node, msg):
-        arrays = {k: v + node for k, v in from_record(msg.content[ARRAYS_KEY]).items()}
-        size = self.data_size(node) if callable(self.data_size) else self.data_size
-        metrics = {NUM_EXAMPLES_KEY: 10, DATA_SIZE_KEY: size, "train_loss": 1.0, PARTITION_KEY: node - 1}
-        content = RecordDict({ARRAYS_KEY: to_record(arrays), METRICS_KEY: MetricRecord(metrics)})
+        content = trained_reply(msg, self.data_size(node) if callable(self.data_size) else self.data_size)
         if C_SERVER_KEY in msg.content:
+            arrays = from_record(content[ARRAYS_KEY])
             content[C_DELTA_KEY] = to_record({k: np.full_like(v, 0.5) for k, v in arrays.items()})
         return content
 

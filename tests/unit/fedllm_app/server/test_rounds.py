@@ -47,12 +47,13 @@ import logging  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from flwr.app import Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.app import RecordDict  # noqa: E402
 
 from fedllm_app.client import faults  # noqa: E402
 from fedllm_app.server.rounds import NodeWaitError, content_bytes, run_rounds  # noqa: E402
-from strategies.fedavg import ARRAYS_KEY, DATA_SIZE_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, FedAvgLoRA  # noqa: E402
+from strategies.fedavg import ARRAYS_KEY, FedAvgLoRA  # noqa: E402
 from strategies.records import from_record, to_record  # noqa: E402
+from tests.fakes import FakeGrid, trained_reply  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -62,51 +63,9 @@ def _task_identity():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
 
 
-class AnsweringGrid:
+def answering(n, answer=lambda node, content: content):
     """Nodes 1..n; node k replies with the global arrays plus k (or what ``answer`` makes of it)."""
-
-    def __init__(self, n, answer=None):
-        self.n, self.answer, self.sent = n, answer or (lambda node, content: content), {}
-
-    def get_node_ids(self):
-        return list(range(1, self.n + 1))
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        """Node k answers the server's partition query with partition k - 1."""
-        return [
-            Message(RecordDict({METRICS_KEY: MetricRecord({"partition-id": m.metadata.dst_node_id - 1})}), reply_to=m)
-            for m in messages
-        ]
-
-    def push_messages(self, messages):
-        for m in messages:
-            m.metadata.__dict__["_message_id"] = m.object_id
-            self.sent[m.object_id] = m
-        return [m.object_id for m in messages]
-
-    def pull_messages(self, ids):
-        out = []
-        for i in ids:
-            msg = self.sent.pop(i, None)
-            if msg is None:
-                continue
-            node = msg.metadata.dst_node_id
-            arrays = {k: v + node for k, v in from_record(msg.content[ARRAYS_KEY]).items()}
-            content = RecordDict(
-                {
-                    ARRAYS_KEY: to_record(arrays),
-                    METRICS_KEY: MetricRecord(
-                        {NUM_EXAMPLES_KEY: 10, DATA_SIZE_KEY: 10, "train_loss": 1.0, "partition-id": node - 1}
-                    ),
-                }
-            )
-            content = self.answer(node, content)
-            if content is not None:
-                out.append(Message(content, reply_to=msg))
-        return out
+    return FakeGrid(n, reply=lambda msg: answer(msg.metadata.dst_node_id, trained_reply(msg)))
 
 
 class Writer:
@@ -130,7 +89,7 @@ def rounds(grid, num_rounds=1, **kwargs):
 
 
 def test_a_bad_update_is_rejected_and_the_others_are_aggregated(caplog):
-    grid = AnsweringGrid(2, lambda node, c: faults.corrupt(c, "nan") if node == 2 else c)
+    grid = answering(2, lambda node, c: faults.corrupt(c, "nan") if node == 2 else c)
     with caplog.at_level(logging.WARNING):
         w, rows = rounds(grid)
     np.testing.assert_array_equal(w, [1, 1, 1])  # node 1's update alone (start + 1)
@@ -139,7 +98,7 @@ def test_a_bad_update_is_rejected_and_the_others_are_aggregated(caplog):
 
 
 def test_a_round_without_valid_replies_keeps_the_model_and_says_so(caplog):
-    grid = AnsweringGrid(2, lambda node, c: faults.corrupt(c, "zero_examples"))
+    grid = answering(2, lambda node, c: faults.corrupt(c, "zero_examples"))
     with caplog.at_level(logging.WARNING):
         w, rows = rounds(grid)
     np.testing.assert_array_equal(w, [0, 0, 0])
@@ -148,17 +107,17 @@ def test_a_round_without_valid_replies_keeps_the_model_and_says_so(caplog):
 
 
 def test_min_replies_holds_back_a_thin_round():
-    grid = AnsweringGrid(2, lambda node, c: None if node == 2 else c)  # node 2 never answers
+    grid = answering(2, lambda node, c: None if node == 2 else c)  # node 2 never answers
     w, rows = rounds(grid, min_replies=2)
     np.testing.assert_array_equal(w, [0, 0, 0])
     assert rows[0]["failed_nodes"] == [2] and rows[0]["failed"] == 1
-    w, rows = rounds(AnsweringGrid(2, lambda node, c: None if node == 2 else c), min_replies=1)
+    w, rows = rounds(answering(2, lambda node, c: None if node == 2 else c), min_replies=1)
     np.testing.assert_array_equal(w, [1, 1, 1])
 
 
 def test_missing_nodes_sample_the_connected_ones_after_node_wait():
     start = time.monotonic()
-    w, rows = rounds(AnsweringGrid(1), node_wait=0.3)  # the strategy wants 2 nodes, 1 is connected
+    w, rows = rounds(answering(1), node_wait=0.3)  # the strategy wants 2 nodes, 1 is connected
     assert 0.3 <= time.monotonic() - start < 2.0
     assert rows[0]["sampled"] == 1
     np.testing.assert_array_equal(w, [1, 1, 1])
@@ -166,12 +125,12 @@ def test_missing_nodes_sample_the_connected_ones_after_node_wait():
 
 def test_too_few_nodes_end_with_a_clear_error_not_a_hang():
     with pytest.raises(NodeWaitError, match="0 SuperNodes connected after waiting node_wait_timeout=0.2 s"):
-        rounds(AnsweringGrid(0), node_wait=0.2)
+        rounds(answering(0), node_wait=0.2)
 
 
 def test_bytes_per_node_and_running_totals():
     totals = {}
-    _, rows = rounds(AnsweringGrid(2), num_rounds=2, totals=totals)
+    _, rows = rounds(answering(2), num_rounds=2, totals=totals)
     first = rows[0]
     assert set(first["bytes_by_node"]) == {"1", "2"}
     assert {e["partition"] for e in first["bytes_by_node"].values()} == {0, 1}

@@ -13,6 +13,7 @@ from fedllm_app.server.rounds import run_rounds
 from strategies.fedavg import ARRAYS_KEY, CONFIG_KEY, DATA_SIZE_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, PARTITION_KEY
 from strategies.records import from_record, to_record
 from strategies.scaffold import C_CLIENT_KEY, C_DELTA_KEY, C_SERVER_KEY, Scaffold
+from tests.fakes import FakeGrid
 
 N = 4
 KW = {"num_clients": N, "sample_clients": 3, "num_rounds": 8, "lr_max": 1e-2, "lr_min": 1e-3, "seed": 1}
@@ -43,38 +44,14 @@ def local_sgd(msg: Message, pid: int, steps: int = 5, lr: float = 0.05) -> Recor
     return RecordDict({ARRAYS_KEY: to_record(as_sent), METRICS_KEY: metrics, C_DELTA_KEY: dc})
 
 
-class ScaffoldGrid:
+def scaffold_grid(first_id: int, fault=lambda rnd, pid, content: content) -> FakeGrid:
     """Nodes ``first_id + p`` hold partition ``p``; ``fault(round, pid, content)`` may spoil or drop a reply."""
 
-    def __init__(self, first_id: int, fault=None) -> None:
-        self.first_id, self.fault, self.sent = first_id, fault or (lambda rnd, pid, c: c), {}
+    def reply(msg: Message) -> RecordDict | None:
+        pid = msg.metadata.dst_node_id - first_id
+        return fault(int(msg.content[CONFIG_KEY]["server-round"]), pid, local_sgd(msg, pid))
 
-    def get_node_ids(self):
-        return [self.first_id + p for p in range(N)]
-
-    def send_and_receive(self, messages, *, timeout=None):
-        answers = []
-        for m in messages:
-            pid = MetricRecord({PARTITION_KEY: m.metadata.dst_node_id - self.first_id})
-            answers.append(Message(RecordDict({METRICS_KEY: pid}), reply_to=m))
-        return answers
-
-    def push_messages(self, messages):
-        for m in messages:
-            m.metadata.__dict__["_message_id"] = m.object_id
-            self.sent[m.object_id] = m
-        return list(self.sent)
-
-    def pull_messages(self, ids):
-        out = []
-        for i in ids:
-            msg = self.sent.pop(i, None)
-            if msg is not None:
-                pid = msg.metadata.dst_node_id - self.first_id
-                content = self.fault(int(msg.content[CONFIG_KEY]["server-round"]), pid, local_sgd(msg, pid))
-                if content is not None:
-                    out.append(Message(content, reply_to=msg))
-        return out
+    return FakeGrid(range(first_id, first_id + N), reply=reply, partition_of=lambda node: node - first_id)
 
 
 class Writer:
@@ -117,14 +94,14 @@ def test_c_stays_the_mean_of_every_c_i_after_rejected_late_and_thin_rounds():
         np.testing.assert_allclose(strategy.c["w"], mean_of_client_controls(strategy), atol=1e-6)
         seen.append((record["replied"], record["aggregated"], len(record["rejected"])))
 
-    play(strategy, ScaffoldGrid(100, fault), 1, 6, min_replies=2, on_round_end=check)
+    play(strategy, scaffold_grid(100, fault), 1, 6, min_replies=2, on_round_end=check)
     assert seen[1:4] == [(2, True, 1), (2, True, 0), (1, False, 0)]
     assert np.abs(strategy.c["w"]).max() > 0.1  # the control variates did move
 
 
 def test_a_partitions_c_i_changes_only_when_its_reply_is_accepted():
     strategy = Scaffold(server_lr=1.0, **KW)
-    play(strategy, ScaffoldGrid(100), 1, 1)
+    play(strategy, scaffold_grid(100), 1, 1)
     before = {p: strategy.client_control(p)["w"].copy() for p in range(N)}
     rejected = sorted(strategy.round_partitions(2))[0]
 
@@ -133,7 +110,7 @@ def test_a_partitions_c_i_changes_only_when_its_reply_is_accepted():
             content[C_DELTA_KEY] = to_record({"w": np.full(3, np.inf, np.float32)})
         return content
 
-    play(strategy, ScaffoldGrid(100, fault), 2, 2)
+    play(strategy, scaffold_grid(100, fault), 2, 2)
     np.testing.assert_array_equal(strategy.client_control(rejected)["w"], before[rejected])
     changed = [p for p in range(N) if not np.array_equal(strategy.client_control(p)["w"], before[p])]
     assert sorted(changed) == sorted(set(strategy.round_partitions(2)) - {rejected})
@@ -141,8 +118,8 @@ def test_a_partitions_c_i_changes_only_when_its_reply_is_accepted():
 
 def test_each_train_message_carries_c_and_its_own_partitions_c_i():
     strategy = Scaffold(server_lr=1.0, **KW)
-    play(strategy, ScaffoldGrid(100), 1, 2)
-    grid = ScaffoldGrid(100)
+    play(strategy, scaffold_grid(100), 1, 2)
+    grid = scaffold_grid(100)
     for msg in strategy.configure_train(3, to_record(START), ConfigRecord(), grid):
         pid = msg.metadata.dst_node_id - 100
         np.testing.assert_array_equal(from_record(msg.content[C_SERVER_KEY])["w"], strategy.c["w"])
@@ -152,30 +129,30 @@ def test_each_train_message_carries_c_and_its_own_partitions_c_i():
 def test_a_resumed_run_continues_exactly_as_the_uninterrupted_one(tmp_path):
     """The next rounds' clients use the restored c and c_i: losing either changes the global model."""
     whole = Scaffold(server_lr=1.0, **KW)
-    w2, _ = play(whole, ScaffoldGrid(100), 1, 2)
+    w2, _ = play(whole, scaffold_grid(100), 1, 2)
     save_state(
         tmp_path, phase="scaffold", server_round=2, arrays=to_record({"w": w2}),
         strategy_state=whole.state_dict(), totals={}, summary={}, last_eval={}, metrics=[],
     )  # fmt: skip
-    expected, _ = play(whole, ScaffoldGrid(100), 3, 6, arrays=to_record({"w": w2}))
+    expected, _ = play(whole, scaffold_grid(100), 3, 6, arrays=to_record({"w": w2}))
 
     state = load_state(tmp_path)
     resumed = Scaffold(server_lr=1.0, **KW)
     resumed.load_state_dict(state.strategy)
-    got, _ = play(resumed, ScaffoldGrid(500), 3, 6, arrays=state.arrays)  # a new run: other node ids
+    got, _ = play(resumed, scaffold_grid(500), 3, 6, arrays=state.arrays)  # a new run: other node ids
     np.testing.assert_allclose(got, expected, rtol=1e-12)
     np.testing.assert_allclose(resumed.c["w"], whole.c["w"], rtol=1e-12)
 
     lost = Scaffold(server_lr=1.0, **KW)
     lost.load_state_dict({k: v for k, v in state.strategy.items() if k != "c"})
-    without_c, _ = play(lost, ScaffoldGrid(500), 3, 6, arrays=state.arrays)
+    without_c, _ = play(lost, scaffold_grid(500), 3, 6, arrays=state.arrays)
     assert not np.allclose(without_c, expected, rtol=1e-6)
 
 
 def test_server_lr_scales_the_step_towards_the_clients_mean():
     for server_lr, expected in [(1.0, 1.0), (0.5, 0.5)]:
         strategy = Scaffold(server_lr=server_lr, **{**KW, "sample_clients": N})
-        grid = ScaffoldGrid(100, lambda rnd, pid, c: same_reply(c, 1.0))
+        grid = scaffold_grid(100, lambda rnd, pid, c: same_reply(c, 1.0))
         w, _ = play(strategy, grid, 1, 1)
         np.testing.assert_allclose(w, np.full(3, expected))
 
