@@ -1,4 +1,5 @@
-"""The run's communication budget (``comm.budget_mb``): megabytes counted both ways on the message bytes.
+"""The run's communication budget (``comm.budget_mb``): megabytes (2**20 bytes, the leaderboard's unit) counted both
+ways on the message bytes.
 
 Before each round the server estimates what the round will cost: the downlink exactly (the encoded
 messages are built before they are sent) plus, per sampled client, the largest reply seen so far
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-MB = 1_000_000  # bytes; the round lines' MB
+MB = 2**20  # bytes: the FlowerTune leaderboard's tracker counts MB as 1024**2 bytes (its 200,000 MB budget)
 
 
 @dataclass

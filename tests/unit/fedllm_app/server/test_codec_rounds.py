@@ -6,6 +6,8 @@ import logging
 
 import numpy as np
 import pytest
+
+from fedllm_app.comm.budget import MB
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from fedllm_app.comm.codecs import CommParams
@@ -177,7 +179,7 @@ def test_a_reply_that_does_not_decode_is_rejected_and_the_round_goes_on(bad, wor
 def test_the_budget_stops_the_run_before_the_round_that_would_exceed_it(caplog):
     _, full, _ = run("fedavg", CommParams(codec="int8"), rounds=3)
     per_round = full[0]["bytes_sent"] + full[0]["bytes_received"]
-    budget_mb = 2.5 * per_round / 1e6
+    budget_mb = 2.5 * per_round / MB
     stops = []
     with caplog.at_level(logging.WARNING, logger="fedllm"):
         _, rows, _ = run(
@@ -187,8 +189,8 @@ def test_the_budget_stops_the_run_before_the_round_that_would_exceed_it(caplog):
     assert [r["round"] for r in rows] == [1, 2] and stops == [(2, ["a", "b"])]
     assert "communication budget: round 3 would need about" in caplog.text
     assert "the run stops before it, its last checkpoint is round 2" in caplog.text
-    assert rows[-1]["comm_mb_used"] == pytest.approx(2 * per_round / 1e6) and rows[-1]["comm_budget_mb"] == budget_mb
-    assert f"| comm {2 * per_round / 1e6:.2f}/{budget_mb:g} MB" in format_round({**rows[-1], "seconds": 1.0})
+    assert rows[-1]["comm_mb_used"] == pytest.approx(2 * per_round / MB) and rows[-1]["comm_budget_mb"] == budget_mb
+    assert f"| comm {2 * per_round / MB:.2f}/{budget_mb:g} MB" in format_round({**rows[-1], "seconds": 1.0})
 
 
 def test_before_any_reply_the_budget_counts_a_reply_as_large_as_its_message():
