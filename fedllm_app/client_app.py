@@ -14,6 +14,7 @@ quiet_library_warnings()  # before torch and transformers are imported: some war
 
 import logging  # noqa: E402
 import os  # noqa: E402
+from dataclasses import replace  # noqa: E402
 
 from flwr.app import Context, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
@@ -134,8 +135,15 @@ def _trained(msg: Message, context: Context) -> RecordDict:
 def encoded(content: RecordDict, msg: Message, cfg: DictConfig, context: Context, pid: int) -> RecordDict:
     """The reply's content as it travels with ``comm.codec``: the update's delta against the global this
     node received, encoded, with the codec's error feedback kept in the node's state (per partition).
+
+    No error feedback in a local-only round (the global never moves, so the delta is the client's whole drift
+    since the start, not one round's change: a kept residual would be counted again every round) nor under
+    DP (the residual would push the encoded update past the clip norm, and the server clips that part off).
     """
     comm = CommParams.from_config(cfg.get("comm"))
+    local = str(msg.content[CONFIG_KEY].get("mode", "federated")) == "local"
+    if local or bool((cfg.get("privacy") or {}).get("dp", False)):
+        comm = replace(comm, error_feedback=False)
     return encode_reply(content, from_record(msg.content[ARRAYS_KEY]), comm, context.state, pid)
 
 

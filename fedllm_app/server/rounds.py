@@ -24,7 +24,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from fedllm_app.comm.budget import Budget
+from fedllm_app.comm.budget import Budget, reply_guess
 from fedllm_app.comm.codecs import CodecError, CommParams
 from fedllm_app.comm.wire import decode_reply, to_wire
 from fedllm_app.secure.secagg import SecAggParams
@@ -95,7 +95,8 @@ def run_rounds(
         wire = to_wire(messages, comm)
         encode_seconds = time.perf_counter() - encode_start
         down = [content_bytes(m.content) for m in wire]  # counted before sending, as they travel
-        if reason := budget.stop_reason(rnd, used_bytes(totals), down):
+        guess = [reply_guess(m.content, comm, secagg.bits if secagg else None) for m in messages]
+        if reason := budget.stop_reason(rnd, used_bytes(totals), down, guess):
             log.warning("%s round %d: %s", phase, rnd, reason)
             if on_budget_stop is not None:
                 on_budget_stop(rnd - 1, arrays)

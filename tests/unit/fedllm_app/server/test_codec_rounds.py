@@ -6,10 +6,9 @@ import logging
 
 import numpy as np
 import pytest
-
-from fedllm_app.comm.budget import MB
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
+from fedllm_app.comm.budget import MB
 from fedllm_app.comm.codecs import CommParams
 from fedllm_app.comm.wire import COMM_KEY, decode_message, encode_reply
 from fedllm_app.config import load_config
