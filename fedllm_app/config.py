@@ -454,6 +454,12 @@ def _validate_secagg(cfg: DictConfig) -> None:
         f"privacy.secagg=true with comm.codec={codec}: the masked updates are field elements that no codec can "
         f"compress; set comm.codec=none {fix}",
     )
+    downlink = (cfg.get("comm") or {}).get("downlink")
+    _check(
+        downlink in (None, "none"),
+        f"privacy.secagg=true with comm.downlink={downlink}: secure aggregation sends the global adapter as it is; "
+        f"set comm.downlink=null {fix}",
+    )
     threshold = p.get("secagg_threshold", 0.667)
     if isinstance(threshold, int) and not isinstance(threshold, bool):
         _check(

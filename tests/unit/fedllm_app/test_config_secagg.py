@@ -19,6 +19,7 @@ ON = "privacy.secagg=true num_clients=4"
         ("strategy.aggregator=median", r"strategy.aggregator=median: a robust aggregator needs each client's update"),
         ("lora_aggregation=hetlora model.lora.client_ranks=[4,8]", r"lora_aggregation=hetlora: clients of different"),
         ("comm.codec=int8", r"comm.codec=int8: .* set comm.codec=none"),
+        ("comm.downlink=fp16", r"comm.downlink=fp16: .* set comm.downlink=null"),
         ("privacy.secagg_clip_range=0", r"privacy.secagg_clip_range=0 must be positive"),
         ("privacy.secagg_bits=8", r"privacy.secagg_bits=8 must be in 16..64"),
         ("privacy.secagg_neighbours=1", r"privacy.secagg_neighbours=1 must be an integer >= 2 or null"),
