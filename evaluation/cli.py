@@ -190,16 +190,19 @@ def evaluate_challenge(checkpoint: str | Path, settings: EvalSettings) -> dict[s
 
         torch.set_num_threads(settings.threads or cfg.training.num_threads)
     cfg.model.quantization = eval_quantization(cfg, settings.overrides)
+    if cfg.model.quantization == flowertune.BOARD_QUANTIZATION and not any(
+        o.startswith("model.dtype=") for o in settings.overrides
+    ):
+        cfg.model.dtype = "float32"  # the board loads the 4-bit base with torch_dtype float32
     model, tokenizer = load_for_eval(checkpoint, cfg)
     # Raw prompts: the board's own text, with the tokenizer's BOS as its tokenizer adds it.
     gen = Generator(model, tokenizer, "alpaca", settings.batch_size, progress=settings.progress)
     results = flowertune.run_challenge(gen, settings.challenge, settings)
-    row = flowertune.leaderboard_row(settings.challenge, results, cfg, Path(checkpoint).expanduser())
+    evaluated = {"eval_quantization": cfg.model.quantization, "data_dir": settings.data_dir, "limit": settings.limit}
+    row = flowertune.leaderboard_row(settings.challenge, results, cfg, Path(checkpoint).expanduser(), evaluated)
     meta = {
         "checkpoint": str(Path(checkpoint).expanduser().resolve()),
-        "eval_quantization": cfg.model.quantization,
-        "data_dir": settings.data_dir,
-        "limit": settings.limit,
+        **evaluated,
         "total_seconds": round(time.perf_counter() - start, 2),
     }
     md = flowertune.write_row(Path(checkpoint).expanduser() / "eval", row, results, meta)
@@ -209,15 +212,18 @@ def evaluate_challenge(checkpoint: str | Path, settings: EvalSettings) -> dict[s
 
 
 def eval_quantization(cfg: Any, overrides: list[str]) -> str | None:
-    """4bit (the board's evaluation) for a Hub or local model on a CUDA GPU unless an override sets
-    model.quantization; else the run's own setting (the built-in tiny model and CPUs run unquantised).
+    """The board's 4-bit (bitsandbytes' default FP4, float32 compute: ``flowertune.BOARD_QUANTIZATION``) for a
+    Hub or local model on a CUDA GPU unless an override sets model.quantization; else the run's own setting (the
+    built-in tiny model and CPUs run unquantised; the row then says it is not a leaderboard entry).
     """
     import torch
 
     if any(o.startswith("model.quantization=") for o in overrides):
         return cfg.model.quantization
     if torch.cuda.is_available() and not str(cfg.model.name).startswith("builtin:"):
-        return "4bit"
+        from evaluation.flowertune import BOARD_QUANTIZATION
+
+        return BOARD_QUANTIZATION
     return cfg.model.quantization
 
 

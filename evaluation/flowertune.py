@@ -48,6 +48,10 @@ log = logging.getLogger("fedllm")
 REFERENCE = "Flower FlowerTune LLM leaderboard evaluation (benchmarks/flowertune-llm/evaluation)"
 BOARD_SEED = 2024  # torch.manual_seed in the board's general-nlp, medical and finance eval.py
 CODE_SEED = 0  # bigcode-evaluation-harness's default seed
+# The board's eval.py loads the base with BitsAndBytesConfig(load_in_4bit=True) (FP4, no double quantisation)
+# and torch_dtype float32: fedllm's model.quantization=4bit-fp4 with model.dtype=float32.
+BOARD_QUANTIZATION = "4bit-fp4"
+BOARD_BUDGET_MB = 200_000
 CHOICE_BATCH = 16  # the board's default --batch-size (general-nlp, medical): sets each batch's answer length
 SENTIMENT_BATCH = 32  # the board's finance --batch-size
 SENTIMENT_LENGTH = 512  # the board's finance generate(max_length=512): prompt batch and answer together
@@ -339,14 +343,22 @@ def communication_mb(checkpoint: Path) -> float | None:
     return None if total is None else total / 2**20
 
 
-def leaderboard_row(name: str, results: dict[str, Any], cfg: Any, checkpoint: Path) -> dict[str, Any]:
-    """The board's row: base model, each column, their mean, communication, and whether it may be an entry."""
+def leaderboard_row(
+    name: str, results: dict[str, Any], cfg: Any, checkpoint: Path, evaluated: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The board's row: base model, each column, their mean, communication, and whether it may be an entry
+    (trained as the board fixes, within its budget, and ``evaluated`` as it evaluates: every row of the board's
+    benchmarks, the base model in its 4-bit).
+    """
     cells = columns(name, results)
     scored = [v for v in cells.values() if v is not None]
     comm = communication_mb(checkpoint)
     void = challenge_deviations(cfg) if cfg.get("challenge") else ["the run was not started with challenge=" + name]
     if cfg.get("challenge") and cfg.challenge.name != name:
         void = [f"the run was trained for challenge={cfg.challenge.name}"]
+    if comm is not None and comm > BOARD_BUDGET_MB:
+        void.append(f"the run used {comm:,.0f} MB, above the board's {BOARD_BUDGET_MB:,} MB budget")
+    void += evaluation_deviations(evaluated or {})
     return {
         "challenge": name,
         "base_model": str(cfg.model.name),
@@ -357,6 +369,21 @@ def leaderboard_row(name: str, results: dict[str, Any], cfg: Any, checkpoint: Pa
         "not_eligible_because": void,
         "metric": challenge(name).metric,
     }
+
+
+def evaluation_deviations(evaluated: dict[str, Any]) -> list[str]:
+    """Why an evaluation is not the board's: a row limit, local benchmark files, another quantisation."""
+    out = []
+    if evaluated.get("limit"):
+        out.append(f"scored on the first {evaluated['limit']} rows of each benchmark (--limit)")
+    if evaluated.get("data_dir"):
+        out.append(f"scored on local benchmark files ({evaluated['data_dir']}), not the board's")
+    if "eval_quantization" in evaluated and evaluated["eval_quantization"] != BOARD_QUANTIZATION:
+        out.append(
+            f"the base model was evaluated with model.quantization={evaluated['eval_quantization']}, not the board's "
+            f"4-bit ({BOARD_QUANTIZATION}, a CUDA GPU)"
+        )
+    return out
 
 
 def row_markdown(row: dict[str, Any]) -> str:

@@ -35,7 +35,7 @@ UNSET = ""
 GROUPS = ("model", "dataset", "partition", "task", "strategy", "training")
 TASKS = ("sft", "dpo")
 BASELINES = ("local", "none")
-QUANTIZATIONS = (None, "4bit", "8bit")
+QUANTIZATIONS = (None, "4bit", "4bit-fp4", "8bit")
 DTYPES = ("float32", "bfloat16", "float16")
 # accelerate's device_map strategies (model.device_map); null = the client's one device.
 DEVICE_MAPS = (None, "auto", "balanced", "balanced_low_0", "sequential")
@@ -307,7 +307,9 @@ def validate(cfg: DictConfig) -> None:
         f"model.adapter={adapter!r} is not a directory; give a checkpoint folder of an earlier run "
         f"(outputs/<run>/checkpoints/round-<N>) or model.adapter=null",
     )
-    _check(m.quantization in QUANTIZATIONS, f"model.quantization={m.quantization!r} must be null, 4bit or 8bit")
+    _check(
+        m.quantization in QUANTIZATIONS, f"model.quantization={m.quantization!r} must be null, 4bit, 4bit-fp4 or 8bit"
+    )
     _check(m.dtype in DTYPES, f"model.dtype={m.dtype!r} must be one of {', '.join(DTYPES)}")
     _check(
         m.get("device_map") in DEVICE_MAPS,

@@ -41,13 +41,18 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def quantization_config(model_cfg: DictConfig) -> Any:
-    """Bitsandbytes config for ``model.quantization`` (4bit NF4 / 8bit), or None."""
+    """Bitsandbytes config for ``model.quantization`` (4bit: NF4 with double quantisation and the model's compute
+    dtype, as QLoRA trains; 4bit-fp4: bitsandbytes' defaults, FP4 computing in float32, as the FlowerTune
+    leaderboard evaluates; 8bit), or None.
+    """
     if model_cfg.quantization is None:
         return None
     from transformers import BitsAndBytesConfig
 
     if model_cfg.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
+    if model_cfg.quantization == "4bit-fp4":
+        return BitsAndBytesConfig(load_in_4bit=True)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",

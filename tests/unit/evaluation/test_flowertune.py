@@ -123,6 +123,24 @@ def test_the_row_averages_the_columns_and_says_why_a_run_is_not_an_entry(tmp_pat
     assert plain["not_eligible_because"] == ["the run was not started with challenge=finance"]
 
 
+def test_a_limited_local_or_unquantised_evaluation_or_a_run_past_the_budget_is_not_an_entry(tmp_path):
+    results = {b: {"accuracy": 50.0} for b in ("fpb", "fiqa", "tfns")}
+    cfg = load_config({"overrides": "challenge=finance"})
+    board = {"eval_quantization": "4bit-fp4", "limit": None, "data_dir": None}
+    assert flowertune.leaderboard_row("finance", results, cfg, run_folder(tmp_path / "ok", [(1, 1)]), board)["eligible"]
+    cases = [
+        ({**board, "limit": 50}, "scored on the first 50 rows of each benchmark (--limit)"),
+        ({**board, "data_dir": "bench"}, "scored on local benchmark files (bench), not the board's"),
+        ({**board, "eval_quantization": "4bit"}, "evaluated with model.quantization=4bit, not the board's 4-bit"),
+    ]
+    for i, (evaluated, reason) in enumerate(cases):
+        row = flowertune.leaderboard_row("finance", results, cfg, run_folder(tmp_path / str(i), [(1, 1)]), evaluated)
+        assert not row["eligible"] and reason in "; ".join(row["not_eligible_because"])
+    over = run_folder(tmp_path / "big", [(150_000 * 2**20, 60_000 * 2**20)])
+    row = flowertune.leaderboard_row("finance", results, cfg, over, board)
+    assert row["not_eligible_because"] == ["the run used 210,000 MB, above the board's 200,000 MB budget"]
+
+
 # ---------------------------------------------------------------- code
 
 
