@@ -43,6 +43,7 @@ from strategies.privacy import (
     fixed_weight_mean,
     l2_norm,
     noise_std,
+    noised_fraction_within,
     secure_rng,
 )
 from strategies.records import from_record, to_record
@@ -202,7 +203,8 @@ class DPStrategy:
         }
         if d.adaptive_clip:
             noise = float(self.rng.normal(0.0, d.clipped_count_std))
-            self.clip_norm = adapt_clip_norm(c, within, d.expected_clients, d.target_quantile, d.clip_lr, noise)
+            fraction = noised_fraction_within(within, len(ok), d.expected_clients, noise)
+            self.clip_norm = adapt_clip_norm(c, fraction, d.target_quantile, d.clip_lr)
         return to_record({k: new[k].astype(global_[k].dtype) for k in global_})
 
     def reply_update(self, msg: Message, global_: Arrays) -> dict[str, Arrays]:

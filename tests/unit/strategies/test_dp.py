@@ -159,6 +159,18 @@ def test_adaptive_clipping_lowers_the_clip_norm_when_every_update_is_within_it()
     assert s2.clip_norm == s.clip_norm  # a resumed run keeps the adapted C
 
 
+def test_adaptive_clipping_adapts_to_the_centred_noised_count_of_updates_within_the_clip_norm():
+    # 4 expected clients, only nodes 1 and 2 reply (both within C = 1): the count's noise is the 4th draw of the
+    # seeded generator (3 go to the update), std max(4 / 20, z = 0.5) = 0.5; the released fraction is
+    # (sum (b - 1/2) + noise) / 4 + 1/2 = (1 + noise) / 4 + 1/2, not the uncentred (2 + noise) / 4
+    s = build("fedavg", "privacy.adaptive_clip=true")
+    messages = list(s.configure_train(1, to_record(START), ConfigRecord(), Grid(4)))
+    s.aggregate_train(1, [r for r in replies_to(messages) if r.metadata.src_node_id in (1, 2)])
+    noise = 0.5 * np.random.default_rng(0).standard_normal(4)[3]
+    fraction = (1.0 + noise) / 4 + 0.5
+    assert s.clip_norm == pytest.approx(np.exp(-0.2 * (fraction - 0.5)))
+
+
 def test_target_epsilon_refuses_the_round_that_would_exceed_it():
     s = build("fedavg", "privacy.noise_multiplier=1.0 privacy.target_epsilon=3.0", clients=100, sample=10)
     rounds = [r for r in range(1, 200) if s.may_run(r)]
