@@ -156,6 +156,7 @@ class DPStrategy:
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.dp_global = from_record(arrays)
+        self.dp_metrics = {}  # a round that releases nothing (failed secure aggregation) reports none
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(

@@ -196,6 +196,17 @@ def test_adaptive_clipping_adapts_to_the_centred_noised_count_of_updates_within_
     assert s.clip_norm == pytest.approx(np.exp(-0.2 * (fraction - 0.5)))
 
 
+def test_a_round_that_releases_nothing_logs_no_dp_metrics_of_the_previous_round():
+    from fedllm_app.server.rounds import privacy_record
+
+    s = build("fedavg")
+    s.aggregate_train(1, replies_to(list(s.configure_train(1, to_record(START), ConfigRecord(), Grid(4)))))
+    assert privacy_record(s, 1)["dp_clip_norm"] == 1.0
+    list(s.configure_train(2, to_record(START), ConfigRecord(), Grid(4)))  # round 2: no release (e.g. secagg failed)
+    record = privacy_record(s, 2)
+    assert "dp_clip_norm" not in record and "dp_noise_std" not in record and record["epsilon"] > 0
+
+
 def test_target_epsilon_refuses_the_round_that_would_exceed_it():
     s = build("fedavg", "privacy.noise_multiplier=1.0 privacy.target_epsilon=3.0", clients=100, sample=10)
     rounds = [r for r in range(1, 200) if s.may_run(r)]
