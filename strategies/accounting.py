@@ -4,7 +4,7 @@ Built on Google's ``dp-accounting`` (the library Flower's own accountant wraps),
 each round is ``PoissonSampledDpEvent(q, GaussianDpEvent(z))``, composed T times, and the epsilon at
 ``delta`` comes from Rényi DP (``rdp``, Mironov 2017; an upper bound) or from privacy loss distributions
 (``pld``, tighter). The amplification holds only because the server samples each partition independently
-with probability q each round (:func:`strategies.sampling.poisson_partitions`).
+with probability q each round (:func:`strategies.sampling.secret_poisson_partitions`).
 """
 
 from __future__ import annotations

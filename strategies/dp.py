@@ -4,7 +4,8 @@
 one whose round is user-level differentially private (McMahan et al. 2018; math in :mod:`strategies.privacy`):
 
 1. each partition trains with probability ``q = sample_clients / num_clients`` (Poisson sampling,
-   :func:`strategies.sampling.poisson_partitions`), which the accountant credits;
+   :func:`strategies.sampling.secret_poisson_partitions`), which the accountant credits: drawn with a secret
+   key created at run start (kept in :meth:`DPStrategy.state_dict` for resuming), never the public seed;
 2. the server clips every reply's update (adapter delta, and SCAFFOLD's control delta with it) to ``C``
    again, whatever the client did, sums them with weight 1 each and divides by ``q N``;
 3. adds ``N(0, (z C / q N)^2)`` noise to that mean, from the OS's entropy;
@@ -24,6 +25,7 @@ metrics, which adaptive clipping counts (with noise).
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -43,10 +45,11 @@ from strategies.privacy import (
     fixed_weight_mean,
     l2_norm,
     noise_std,
+    noised_fraction_within,
     secure_rng,
 )
 from strategies.records import from_record, to_record
-from strategies.sampling import poisson_partitions
+from strategies.sampling import SAMPLING_KEY_BYTES, secret_poisson_partitions
 
 CLIP_NORM_KEY = "dp-clip-norm"
 WITHIN_CLIP_KEY = "dp-within-clip"
@@ -118,6 +121,7 @@ class DPStrategy:
         super().__init__(**kw)
         self.clip_norm = dp.clip_norm
         self.rng = rng if rng is not None else secure_rng()
+        self.sampling_key = secrets.token_bytes(SAMPLING_KEY_BYTES)  # the secret Poisson sample's key
         self.dp_global: Arrays | None = None
         self.dp_metrics: dict[str, float] = {}
 
@@ -141,7 +145,7 @@ class DPStrategy:
 
     def round_partitions(self, server_round: int, available: Iterable[int] | None = None) -> list[int]:
         pool = range(self.num_clients) if available is None else available
-        return poisson_partitions(self.seed, server_round, self.num_clients, self.dp.sample_rate, pool)
+        return secret_poisson_partitions(self.sampling_key, server_round, self.num_clients, self.dp.sample_rate, pool)
 
     def train_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
         out = super().train_config(server_round, config)
@@ -152,6 +156,7 @@ class DPStrategy:
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.dp_global = from_record(arrays)
+        self.dp_metrics = {}  # a round that releases nothing (failed secure aggregation) reports none
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
@@ -202,7 +207,8 @@ class DPStrategy:
         }
         if d.adaptive_clip:
             noise = float(self.rng.normal(0.0, d.clipped_count_std))
-            self.clip_norm = adapt_clip_norm(c, within, d.expected_clients, d.target_quantile, d.clip_lr, noise)
+            fraction = noised_fraction_within(within, len(ok), d.expected_clients, noise)
+            self.clip_norm = adapt_clip_norm(c, fraction, d.target_quantile, d.clip_lr)
         return to_record({k: new[k].astype(global_[k].dtype) for k in global_})
 
     def reply_update(self, msg: Message, global_: Arrays) -> dict[str, Arrays]:
@@ -222,6 +228,7 @@ class DPStrategy:
     def state_dict(self) -> dict[str, Any]:
         state = dict(super().state_dict())
         state["dp-clip-norm"] = {"value": np.array([self.clip_norm], dtype=np.float64)}
+        state["dp-sampling-key"] = {"value": np.frombuffer(self.sampling_key, dtype=np.uint8).copy()}
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -229,6 +236,9 @@ class DPStrategy:
         saved = state.pop("dp-clip-norm", None)
         if saved is not None:
             self.clip_norm = float(saved["value"][0])
+        key = state.pop("dp-sampling-key", None)
+        if key is not None:  # a resumed run draws the same secret sample
+            self.sampling_key = np.asarray(key["value"], dtype=np.uint8).tobytes()
         super().load_state_dict(state)
 
 

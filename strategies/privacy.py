@@ -12,9 +12,10 @@ mechanism with noise multiplier ``z``. Any server step that follows (FedAvgM's m
 SCAFFOLD's ``x`` and ``c``) acts on ``noised_mean`` only, which is post-processing.
 
 Adaptive clipping (Andrew et al. 2021, "Differentially private learning with adaptive clipping") moves
-``C`` geometrically towards the ``target_quantile`` of the update norms, from a noised count of the
-clients whose update was within ``C``; the noise budget is split between the count and the update
-(:func:`update_noise_multiplier`) so that the round as a whole is still the Gaussian mechanism with ``z``.
+``C`` geometrically towards the ``target_quantile`` of the update norms, from a noised centred count of the
+clients whose update was within ``C`` (``sum_i (b_i - 1/2)``, sensitivity 1/2); the noise budget is split
+between the count and the update (:func:`update_noise_multiplier`) so that the round as a
+whole is still the Gaussian mechanism with ``z``.
 """
 
 from __future__ import annotations
@@ -76,9 +77,10 @@ def secure_rng() -> np.random.Generator:
 def update_noise_multiplier(noise_multiplier: float, count_std: float) -> float:
     """The updates' noise multiplier when a noised count of std ``count_std`` is released as well.
 
-    Andrew et al. (2021), Thm. 1: releasing the clipped count with noise ``count_std`` (sensitivity 1) and
-    the update sum with ``z_delta`` costs as much as one Gaussian mechanism with
-    ``z = (z_delta^-2 + (2 count_std)^-2)^(-1/2)``; so ``z_delta = (z^-2 - (2 count_std)^-2)^(-1/2)``.
+    Andrew et al. (2021), Thm. 1: releasing the CENTRED count ``sum_i (b_i - 1/2)`` (sensitivity 1/2, see
+    :func:`noised_fraction_within`) with noise ``count_std`` and the update sum with ``z_delta`` costs as much as
+    one Gaussian mechanism with ``z = (z_delta^-2 + (2 count_std)^-2)^(-1/2)``
+    (:func:`combined_noise_multiplier`); so ``z_delta = (z^-2 - (2 count_std)^-2)^(-1/2)``.
     """
     rest = noise_multiplier**-2 - (2.0 * count_std) ** -2
     if rest <= 0:
@@ -89,15 +91,35 @@ def update_noise_multiplier(noise_multiplier: float, count_std: float) -> float:
     return rest**-0.5
 
 
-def adapt_clip_norm(
-    clip_norm: float, within: float, expected_clients: float, target_quantile: float, clip_lr: float, noise: float
-) -> float:
-    """The next round's clip norm (geometric update): ``C exp(-clip_lr (b - target_quantile))``.
+def combined_noise_multiplier(update_multiplier: float, count_std: float) -> float:
+    """The noise multiplier of the pair (update sum with ``update_multiplier``, centred count with ``count_std``).
 
-    ``within``: how many updates had a norm of at most ``C`` before clipping; ``noise``: a draw of
-    ``N(0, count_std^2)`` added to it; ``b = (within + noise) / expected_clients``.
+    Each user moves the update sum by at most C (noise ``update_multiplier * C``) and the centred count by at
+    most 1/2 (noise ``count_std``, i.e. multiplier ``2 count_std``); together, one Gaussian mechanism with
+    ``(update_multiplier^-2 + (2 count_std)^-2)^(-1/2)``.
     """
-    fraction = (within + noise) / expected_clients
+    return (update_multiplier**-2 + (2.0 * count_std) ** -2) ** -0.5
+
+
+def noised_fraction_within(within: float, reports: int, expected_clients: float, noise: float) -> float:
+    """The released estimate of the fraction of updates within C: ``(sum_i (b_i - 1/2) + noise) / qN + 1/2``.
+
+    ``within``: ``sum_i b_i`` over the ``reports`` clients that replied (each ``b_i`` in {0, 1}); ``noise``: a
+    draw of ``N(0, count_std^2)``. Centring each bit on 1/2 makes the noised sum's sensitivity 1/2 whether a
+    user is added or removed (with ``b_i`` or not), which the noise split of :func:`update_noise_multiplier`
+    assumes; the uncentred ``sum_i b_i`` has sensitivity 1 and would cost twice the count's share.
+    """
+    if expected_clients <= 0:
+        raise ValueError(f"expected clients {expected_clients} must be positive")
+    return (within - 0.5 * reports + noise) / expected_clients + 0.5
+
+
+def adapt_clip_norm(clip_norm: float, fraction: float, target_quantile: float, clip_lr: float) -> float:
+    """The next round's clip norm (geometric update): ``C exp(-clip_lr (fraction - target_quantile))``.
+
+    ``fraction``: the released (noised) estimate of the fraction of updates within C,
+    :func:`noised_fraction_within`.
+    """
     return clip_norm * math.exp(-clip_lr * (fraction - target_quantile))
 
 

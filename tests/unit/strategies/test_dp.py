@@ -11,7 +11,7 @@ from strategies.fedavg import ARRAYS_KEY, CONFIG_KEY, DATA_SIZE_KEY, METRICS_KEY
 from strategies.local import LocalOnly
 from strategies.privacy import clip_update
 from strategies.records import from_record, to_record
-from strategies.sampling import poisson_partitions
+from strategies.sampling import secret_poisson_partitions
 from strategies.scaffold import C_DELTA_KEY
 
 SEVEN = ["fedavg", "fedprox", "scaffold", "fedavgm", "fedadagrad", "fedyogi", "fedadam"]
@@ -126,25 +126,50 @@ def test_a_round_with_no_reply_still_releases_noise():
     np.testing.assert_allclose(from_record(new)["w"], START["w"] + noise, rtol=1e-5, atol=1e-6)
 
 
-def test_clients_are_poisson_sampled_from_seed_and_round():
+def test_clients_are_poisson_sampled_from_the_strategys_secret_key_and_the_round():
     s = build("fedavg", clients=20, sample=5)  # q = 0.25
     counts = []
     for rnd in (1, 2, 3, 4, 5, 6):
         messages = s.configure_train(rnd, to_record(START), ConfigRecord(), Grid(20))
         drawn = sorted(m.metadata.dst_node_id - 1 for m in messages)
-        assert drawn == poisson_partitions(0, rnd, 20, 0.25, range(20))
+        assert drawn == secret_poisson_partitions(s.sampling_key, rnd, 20, 0.25, range(20))
         counts.append(len(drawn))
     assert len(set(counts)) > 1  # the number of clients varies from round to round
 
 
 def test_poisson_sampling_draws_each_partition_with_probability_q():
-    hits = np.zeros(50)
+    key, hits = bytes(range(32)), np.zeros(50)
     for rnd in range(1, 401):
-        for p in poisson_partitions(3, rnd, 50, 0.1, range(50)):
+        for p in secret_poisson_partitions(key, rnd, 50, 0.1, range(50)):
             hits[p] += 1
     assert hits.mean() / 400 == pytest.approx(0.1, abs=0.01)
-    assert poisson_partitions(3, 7, 50, 0.1, range(50)) == poisson_partitions(3, 7, 50, 0.1, range(50))
-    assert 0 not in poisson_partitions(3, 7, 50, 1.0, range(1, 50))  # an unavailable partition sits out
+    assert secret_poisson_partitions(key, 7, 50, 0.1, range(50)) == secret_poisson_partitions(
+        key, 7, 50, 0.1, range(50)
+    )
+    assert 0 not in secret_poisson_partitions(key, 7, 50, 1.0, range(1, 50))  # an unavailable partition sits out
+
+
+def test_two_dp_runs_with_the_same_public_seed_draw_different_clients():
+    a, b = build("fedavg", clients=40, sample=20), build("fedavg", clients=40, sample=20)  # same seed, q = 1/2
+    assert a.seed == b.seed
+    assert [a.round_partitions(r) for r in (1, 2, 3)] != [b.round_partitions(r) for r in (1, 2, 3)]
+
+
+def test_a_dp_strategy_restored_from_the_state_dict_draws_the_same_clients(tmp_path):
+    from fedllm_app.server.resume import load_state, save_state
+
+    a, b = build("fedavg", clients=40, sample=20), build("fedavg", clients=40, sample=20)
+    state = a.state_dict()
+    assert state["dp-sampling-key"]["value"].dtype == np.uint8 and state["dp-sampling-key"]["value"].size == 32
+    kw = {"totals": {}, "summary": {}, "last_eval": {}, "metrics": []}
+    save_state(tmp_path, phase="train", server_round=1, arrays=to_record(START), strategy_state=state, **kw)
+    b.load_state_dict(load_state(tmp_path).strategy)  # through resume_state.npz, as a resumed run
+    assert [a.round_partitions(r) for r in range(1, 6)] == [b.round_partitions(r) for r in range(1, 6)]
+
+
+def test_a_sampling_key_too_short_to_be_secret_is_refused():
+    with pytest.raises(ValueError, match="sampling key of 4 bytes is too short"):
+        secret_poisson_partitions(b"abcd", 1, 10, 0.5, range(10))
 
 
 def test_adaptive_clipping_lowers_the_clip_norm_when_every_update_is_within_it():
@@ -157,6 +182,29 @@ def test_adaptive_clipping_lowers_the_clip_norm_when_every_update_is_within_it()
     s2 = build("fedavg", "privacy.adaptive_clip=true")
     s2.load_state_dict(s.state_dict())
     assert s2.clip_norm == s.clip_norm  # a resumed run keeps the adapted C
+
+
+def test_adaptive_clipping_adapts_to_the_centred_noised_count_of_updates_within_the_clip_norm():
+    # 4 expected clients, only nodes 1 and 2 reply (both within C = 1): the count's noise is the 4th draw of the
+    # seeded generator (3 go to the update), std max(4 / 20, z = 0.5) = 0.5; the released fraction is
+    # (sum (b - 1/2) + noise) / 4 + 1/2 = (1 + noise) / 4 + 1/2, not the uncentred (2 + noise) / 4
+    s = build("fedavg", "privacy.adaptive_clip=true")
+    messages = list(s.configure_train(1, to_record(START), ConfigRecord(), Grid(4)))
+    s.aggregate_train(1, [r for r in replies_to(messages) if r.metadata.src_node_id in (1, 2)])
+    noise = 0.5 * np.random.default_rng(0).standard_normal(4)[3]
+    fraction = (1.0 + noise) / 4 + 0.5
+    assert s.clip_norm == pytest.approx(np.exp(-0.2 * (fraction - 0.5)))
+
+
+def test_a_round_that_releases_nothing_logs_no_dp_metrics_of_the_previous_round():
+    from fedllm_app.server.rounds import privacy_record
+
+    s = build("fedavg")
+    s.aggregate_train(1, replies_to(list(s.configure_train(1, to_record(START), ConfigRecord(), Grid(4)))))
+    assert privacy_record(s, 1)["dp_clip_norm"] == 1.0
+    list(s.configure_train(2, to_record(START), ConfigRecord(), Grid(4)))  # round 2: no release (e.g. secagg failed)
+    record = privacy_record(s, 2)
+    assert "dp_clip_norm" not in record and "dp_noise_std" not in record and record["epsilon"] > 0
 
 
 def test_target_epsilon_refuses_the_round_that_would_exceed_it():

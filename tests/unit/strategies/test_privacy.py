@@ -11,9 +11,11 @@ from strategies.privacy import (
     adapt_clip_norm,
     add_gaussian_noise,
     clip_update,
+    combined_noise_multiplier,
     fixed_weight_mean,
     l2_norm,
     noise_std,
+    noised_fraction_within,
     update_noise_multiplier,
 )
 
@@ -73,11 +75,32 @@ def test_adaptive_clipping_splits_the_noise_so_the_round_stays_a_gaussian_mechan
         update_noise_multiplier(1.0, 0.5)
 
 
+def test_the_update_and_the_centred_count_together_are_a_gaussian_mechanism_with_z():
+    for z, count_std in [(1.0, 5.0), (0.5, 0.5), (2.0, 1.5), (1.0, 1.0)]:
+        z_delta = update_noise_multiplier(z, count_std)
+        assert z_delta > z
+        assert combined_noise_multiplier(z_delta, count_std) == pytest.approx(z)
+
+
+def test_the_released_fraction_within_clip_is_the_centred_noised_count_over_the_expected_clients():
+    # 2 of 3 replies within C, 4 expected, noise 0.3: ((2 - 3 / 2) + 0.3) / 4 + 1 / 2 = 0.7
+    assert noised_fraction_within(2, 3, 4.0, 0.3) == pytest.approx(0.7)
+    assert noised_fraction_within(4, 4, 4.0, 0.0) == pytest.approx(1.0)
+    assert noised_fraction_within(0, 0, 4.0, 0.0) == pytest.approx(0.5)  # no reply: no evidence either way
+
+
+def test_one_user_moves_the_noised_count_by_half_a_count_whatever_their_bit():
+    # the sensitivity the noise split assumes: adding a user with b = 1 or b = 0 moves the sum by +-1/2
+    base = noised_fraction_within(2, 3, 4.0, 0.0) * 4.0
+    assert noised_fraction_within(3, 4, 4.0, 0.0) * 4.0 - base == pytest.approx(0.5)
+    assert noised_fraction_within(2, 4, 4.0, 0.0) * 4.0 - base == pytest.approx(-0.5)
+
+
 def test_the_clip_norm_moves_geometrically_towards_the_target_quantile():
-    # 3 of 4 expected clients within C: fraction 0.75 > 0.5, so C shrinks by exp(-0.2 * 0.25)
-    assert adapt_clip_norm(1.0, 3, 4.0, 0.5, 0.2, 0.0) == pytest.approx(math.exp(-0.05))
-    assert adapt_clip_norm(1.0, 1, 4.0, 0.5, 0.2, 0.0) == pytest.approx(math.exp(0.05))
-    assert adapt_clip_norm(1.0, 1, 4.0, 0.5, 0.2, 1.0) == pytest.approx(1.0)  # the count's noise counts
+    # fraction 0.75 > 0.5, so C shrinks by exp(-0.2 * 0.25)
+    assert adapt_clip_norm(1.0, 0.75, 0.5, 0.2) == pytest.approx(math.exp(-0.05))
+    assert adapt_clip_norm(1.0, 0.25, 0.5, 0.2) == pytest.approx(math.exp(0.05))
+    assert adapt_clip_norm(1.0, 0.5, 0.5, 0.2) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize(

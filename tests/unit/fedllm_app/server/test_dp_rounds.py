@@ -69,9 +69,14 @@ class Writer:
         self.rows.append(record)
 
 
-def dp_rounds(overrides, nodes, num_rounds, within=0.0):
-    cfg = load_config({"overrides": f"privacy.dp=true baseline=none num_rounds={num_rounds} {overrides}"})
-    strategy = build_strategy(cfg)
+def dp_strategy(overrides, num_rounds):
+    return build_strategy(
+        load_config({"overrides": f"privacy.dp=true baseline=none num_rounds={num_rounds} {overrides}"})
+    )
+
+
+def dp_rounds(overrides, nodes, num_rounds, within=0.0, strategy=None):
+    strategy = strategy or dp_strategy(overrides, num_rounds)
     writer = Writer()
     start = to_record(START)
     arrays, _ = run_rounds(Grid(nodes, within), strategy, start, num_rounds, 5.0, writer, "fedavg", poll_interval=0.01)
@@ -106,11 +111,11 @@ def test_target_epsilon_ends_the_run_before_the_round_that_would_exceed_it(caplo
 
 
 def test_a_round_where_poisson_sampling_drew_no_client_is_still_noised_and_aggregated():
-    # q = 1/5: find a seed-0 round with an empty draw, run up to it
-    from strategies.sampling import poisson_partitions
-
-    empty = next(r for r in range(1, 100) if not poisson_partitions(0, r, 5, 0.2, range(5)))
-    w, rows, _ = dp_rounds("num_clients=5 sample_clients=1 privacy.noise_multiplier=1.0", 5, empty)
+    # q = 1/5: find a round whose (secret) draw is empty, run up to it
+    overrides = "num_clients=5 sample_clients=1 privacy.noise_multiplier=1.0"
+    strategy = dp_strategy(overrides, 1)
+    empty = next(r for r in range(1, 200) if not strategy.round_partitions(r))
+    w, rows, _ = dp_rounds(overrides, 5, empty, strategy=strategy)
     assert rows[-1]["sampled"] == 0 and rows[-1]["aggregated"] is True
 
 
