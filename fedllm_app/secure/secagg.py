@@ -39,7 +39,7 @@ from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_
 
 MASK_INFO = b"fedllm-secagg-mask"
 SHARE_INFO = b"fedllm-secagg-share"
-MIN_BITS, MAX_BITS = 16, 64
+MIN_BITS, MAX_BITS = 16, 53  # above 53 bits float64 levels round up: +R would wrap past the field's half
 
 
 class SecAggError(RuntimeError):
@@ -62,7 +62,7 @@ class SecAggParams:
     clip_range : float
         Each update coordinate is clipped to ``[-clip_range, clip_range]`` before quantisation.
     bits : int
-        The field is ``Z_{2^bits}`` (16..64); each client gets ``floor((2^bits - 1) / n)`` levels, so the
+        The field is ``Z_{2^bits}`` (16..53: the levels are computed in float64, exact up to 2^53); each client gets ``floor((2^bits - 1) / n)`` levels, so the
         sum of ``n`` quantised updates never wraps. ``bits <= 32`` travels as uint32 (as float32 updates).
     """
 
@@ -92,7 +92,7 @@ class SecAggParams:
         """Shares needed per secret, for a neighbourhood (itself included) of ``degree(n) + 1``."""
         size = self.degree(n) + 1
         t = self.threshold if isinstance(self.threshold, int) else math.ceil(self.threshold * size)
-        if not 2 <= t <= size:
+        if not (2 <= t <= size and 2 * t > size):  # more than half: two disjoint groups never both rebuild
             raise SecAggError(
                 f"privacy.secagg_threshold={self.threshold} asks {t} shares of neighbourhoods of {size} clients "
                 f"({n} participants); lower the threshold or raise privacy.secagg_neighbours"
@@ -122,6 +122,14 @@ def _raw_private(key: X25519PrivateKey) -> bytes:
 def public_bytes(private: bytes) -> bytes:
     """The raw X25519 public key of a raw private key."""
     return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def check_public_key(public: bytes) -> bytes:
+    """``public`` if it is a 32-byte X25519 key that agrees to a non-zero secret; else ValueError."""
+    if len(public) != 32:
+        raise ValueError(f"a public key of {len(public)} bytes, not 32")
+    X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(public))  # a low-order key raises
+    return public
 
 
 def agree(private: bytes, public: bytes, info: bytes) -> bytes:
