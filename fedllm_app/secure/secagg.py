@@ -29,6 +29,7 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -251,11 +252,21 @@ def reveal(
     c_pks: dict[int, bytes],
     dropped: set[int],
     round_tag: bytes,
+    unopened: list[int] | None = None,
 ) -> dict[int, bytes]:
-    """For each client whose shares ``me`` holds: its ``s`` share if it dropped, else its ``b`` share."""
+    """For each client whose shares ``me`` holds: its ``s`` share if it dropped, else its ``b`` share.
+
+    A ciphertext that does not open (forged, misdirected, from an unknown client) is skipped, its sender
+    appended to ``unopened``: one hostile neighbour cannot stop this client from revealing the others' shares.
+    """
     out = {}
     for src, ciphertext in held.items():
-        b_share, s_share = open_shares(me, keys, src, c_pks[src], ciphertext, round_tag)
+        try:
+            b_share, s_share = open_shares(me, keys, src, c_pks[src], ciphertext, round_tag)
+        except (InvalidTag, KeyError, ValueError, struct.error):
+            if unopened is not None:
+                unopened.append(src)
+            continue
         out[src] = s_share if src in dropped else b_share
     return out
 

@@ -324,7 +324,19 @@ def _reveal(state: _Round, talk: _Talk, survivors: set[int], dropped: set[int]) 
         shares = _parse(got.get(state.nodes[holder]), "unmask", lambda conf, h=held: _shares(conf, h))
         for src, share in (shares or {}).items():
             revealed.setdefault(src, {})[holder] = share
+        _report_unopened(got.get(state.nodes[holder]), holder)
     return revealed
+
+
+def _report_unopened(reply: Message | None, holder: int) -> None:
+    """Log the senders whose share ciphertexts a holder could not open (a forged or corrupt ciphertext)."""
+    try:
+        unopened = K.listed(reply.content[K.RECORD], K.UNOPENED) if reply is not None else []
+    except MALFORMED:
+        return
+    if unopened:
+        log.warning("client %d could not open the share ciphertexts of clients %s; they were skipped",
+                    holder, [u for u in unopened[:8] if isinstance(u, int)])  # fmt: skip
 
 
 def _shares(conf: Any, held: set[int]) -> dict[int, bytes]:

@@ -129,3 +129,13 @@ def test_a_field_wider_than_float64_can_quantise_exactly_is_refused():
 def test_a_threshold_count_of_half_a_neighbourhood_or_less_is_refused():
     with pytest.raises(SecAggError, match="asks 2 shares of neighbourhoods of 4 clients"):
         SecAggParams(threshold=2).share_threshold(4)
+
+
+def test_a_holder_skips_and_reports_a_forged_share_ciphertext_and_still_reveals_the_others():
+    keys = [ClientKeys.generate() for _ in range(3)]
+    c_pks = {j: k.public()[0] for j, k in enumerate(keys)}
+    held = {src: share_secrets(src, keys[src], c_pks, 2, TAG)[0] for src in (1, 2)}
+    held[1] = held[1][:-1] + bytes([held[1][-1] ^ 1])  # one flipped bit: AES-GCM refuses it
+    unopened = []
+    out = reveal(0, keys[0], held, c_pks, set(), TAG, unopened)
+    assert set(out) == {2} and unopened == [1]
