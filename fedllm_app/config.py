@@ -488,7 +488,8 @@ def _validate_secagg(cfg: DictConfig) -> None:
 
 def secagg_degree(n: int, neighbours: int | None) -> int:
     """Neighbours of each of ``n`` secure-aggregation clients: ``neighbours`` or ``2 ceil(log2 n)``, made
-    even, and ``n - 1`` (the full graph) when that reaches it. The same as ``SecAggParams.degree``."""
+    even, and ``n - 1`` (the full graph) when that reaches it. The same as ``SecAggParams.degree``.
+    """
     k = neighbours if neighbours is not None else 2 * math.ceil(math.log2(max(n, 2)))
     return n - 1 if k >= n - 1 else k + (k % 2)
 

@@ -63,8 +63,9 @@ class SecAggParams:
     clip_range : float
         Each update coordinate is clipped to ``[-clip_range, clip_range]`` before quantisation.
     bits : int
-        The field is ``Z_{2^bits}`` (16..53: the levels are computed in float64, exact up to 2^53); each client gets ``floor((2^bits - 1) / n)`` levels, so the
-        sum of ``n`` quantised updates never wraps. ``bits <= 32`` travels as uint32 (as float32 updates).
+        The field is ``Z_{2^bits}`` (16..53: the levels are computed in float64, exact up to 2^53); each
+        client gets ``floor((2^bits - 1) / n)`` levels, so the sum of ``n`` quantised updates never wraps.
+        ``bits <= 32`` travels as uint32 (as float32 updates).
     """
 
     threshold: float | int = 2 / 3
