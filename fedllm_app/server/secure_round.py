@@ -41,7 +41,7 @@ from fedllm_app.secure.secagg import (
     neighbourhoods,
     unmask,
 )
-from fedllm_app.server.reply_checks import metrics_problem
+from fedllm_app.server.reply_checks import NUMPY_STYPE, metrics_problem
 from strategies.dp import DPStrategy
 from strategies.fedavg import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, WEIGHT_KEY
 from strategies.records import from_record, to_record
@@ -49,7 +49,7 @@ from strategies.scaffold import C_CLIENT_KEY, C_DELTA_KEY, Scaffold
 
 log = logging.getLogger("fedllm")
 # What reading a hostile reply may raise: the reply is malformed, and its client counts as dropped.
-MALFORMED = (TypeError, ValueError, KeyError, AttributeError, OverflowError, IndexError)
+MALFORMED = (TypeError, ValueError, KeyError, AttributeError, OverflowError, IndexError, EOFError)
 Sender = Any  # (grid, messages, timeout, poll_interval) -> replies: rounds.send_and_receive
 
 
@@ -294,7 +294,9 @@ def _masked_problem(reply: Message, size: int, p: SecAggParams) -> tuple[str | N
         return "a masked reply without its masked ArrayRecord and MetricRecord", None
     if problem := metrics_problem(metrics, None):
         return f"unsound metrics: {problem}", None
-    vector = record[K.MASKED].numpy()
+    if record[K.MASKED].stype != NUMPY_STYPE:
+        return f"a masked array of serialization {record[K.MASKED].stype!r}, not {NUMPY_STYPE!r}", None
+    vector = record[K.MASKED].numpy()  # np.load(allow_pickle=False): pickles and garbage raise
     if vector.shape != (size,) or vector.dtype != np.dtype(p.dtype()):
         return f"a masked vector of {vector.shape} {vector.dtype}, not ({size},) {np.dtype(p.dtype())}", None
     return None, vector

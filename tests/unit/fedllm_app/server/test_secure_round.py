@@ -378,6 +378,10 @@ def _each_share(share):
     return rewrite
 
 
+def raw_array(stype, data):
+    return Array(dtype="uint32", shape=(17,), stype=stype, data=data)
+
+
 ALL, NOT_1 = [0, 1, 2, 3], [0, 2, 3]
 HOSTILE = {  # id: (stage, rewrite of partition 1's reply, whose mean the round ends with; None: the round fails)
     "keys-str-key": (K.KEYS, _set(K.RECORD, K.C_PK, "not bytes"), NOT_1),
@@ -390,6 +394,8 @@ HOSTILE = {  # id: (stage, rewrite of partition 1's reply, whose mean the round 
     "mask-inf-num-examples": (K.MASK, _set(METRICS_KEY, NUM_EXAMPLES_KEY, float("inf")), NOT_1),
     "mask-list-metric": (K.MASK, _set(METRICS_KEY, "train_loss", [1.0, 2.0]), NOT_1),
     "mask-config-for-array": (K.MASK, _replace(K.MASKED_RECORD, ConfigRecord({K.MASKED: "x"})), NOT_1),
+    "mask-garbage-array": (K.MASK, _set(K.MASKED_RECORD, K.MASKED, raw_array("numpy.ndarray", b"x" * 9)), NOT_1),
+    "mask-foreign-stype": (K.MASK, _set(K.MASKED_RECORD, K.MASKED, raw_array("torch", b"x" * 68)), NOT_1),
     "unmask-uneven-lists": (K.UNMASK, _uneven(K.SRC, K.SHARES), ALL),
     "unmask-str-src": (K.UNMASK, _set(K.RECORD, K.SRC, ["a", "b", "c", "d"]), ALL),
     "unmask-empty-shares": (K.UNMASK, _each_share(b""), None),
