@@ -13,6 +13,7 @@ bad value fails at start with a sentence that names it and the fix.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shlex
@@ -462,12 +463,20 @@ def _validate_secagg(cfg: DictConfig) -> None:
         f"privacy.secagg=true with comm.downlink={downlink}: secure aggregation sends the global adapter as it is; "
         f"set comm.downlink=null {fix}",
     )
+    _check(cfg.sample_clients >= 2, f"privacy.secagg=true needs sample_clients >= 2, got {cfg.sample_clients} {fix}")
+    neighbours = p.get("secagg_neighbours")
+    _check(
+        neighbours is None or (isinstance(neighbours, int) and not isinstance(neighbours, bool) and neighbours >= 2),
+        f"privacy.secagg_neighbours={neighbours!r} must be an integer >= 2 or null (2 ceil(log2 n))",
+    )
     threshold = p.get("secagg_threshold", 0.667)
     if isinstance(threshold, int) and not isinstance(threshold, bool):
+        size = secagg_degree(cfg.sample_clients, neighbours) + 1
         _check(
-            2 <= threshold <= cfg.sample_clients,
-            f"privacy.secagg_threshold={threshold} must be between 2 and sample_clients={cfg.sample_clients} (a "
-            f"count of shares), or a fraction in (0.5, 1]; e.g. privacy.secagg_threshold=0.667",
+            size < 2 * threshold and threshold <= size,
+            f"privacy.secagg_threshold={threshold} shares must be more than half of and at most the {size} clients "
+            f"of each neighbourhood (sample_clients={cfg.sample_clients}, privacy.secagg_neighbours={neighbours}); "
+            f"set it in {size // 2 + 1}..{size}, or a fraction such as privacy.secagg_threshold=0.667",
         )
     else:
         _check(
@@ -475,16 +484,22 @@ def _validate_secagg(cfg: DictConfig) -> None:
             f"privacy.secagg_threshold={threshold!r} must be a fraction in (0.5, 1] of each neighbourhood or a "
             f"count >= 2; e.g. privacy.secagg_threshold=0.667",
         )
-    _check(cfg.sample_clients >= 2, f"privacy.secagg=true needs sample_clients >= 2, got {cfg.sample_clients} {fix}")
-    neighbours = p.get("secagg_neighbours")
-    _check(
-        neighbours is None or (isinstance(neighbours, int) and neighbours >= 2),
-        f"privacy.secagg_neighbours={neighbours!r} must be an integer >= 2 or null (2 ceil(log2 n))",
-    )
     clip = p.get("secagg_clip_range", 1.0)
     _check(clip > 0, f"privacy.secagg_clip_range={clip} must be positive; e.g. privacy.secagg_clip_range=1.0")
     bits = p.get("secagg_bits", 32)
-    _check(16 <= bits <= 64, f"privacy.secagg_bits={bits} must be in 16..64; e.g. privacy.secagg_bits=32")
+    _check(
+        isinstance(bits, int) and 16 <= bits <= 53,
+        f"privacy.secagg_bits={bits} must be in 16..53 (quantisation levels are exact in float64 only up to "
+        f"2^53); e.g. privacy.secagg_bits=32",
+    )
+
+
+def secagg_degree(n: int, neighbours: int | None) -> int:
+    """Neighbours of each of ``n`` secure-aggregation clients: ``neighbours`` or ``2 ceil(log2 n)``, made
+    even, and ``n - 1`` (the full graph) when that reaches it. The same as ``SecAggParams.degree``.
+    """
+    k = neighbours if neighbours is not None else 2 * math.ceil(math.log2(max(n, 2)))
+    return n - 1 if k >= n - 1 else k + (k % 2)
 
 
 def _validate_dp(cfg: DictConfig) -> None:

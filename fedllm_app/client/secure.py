@@ -146,7 +146,8 @@ def _unmask(conf: ConfigRecord, state: Any) -> RecordDict:
     c_pks = _by_index(saved, K.PEERS, K.PEER_C_PKS)
     c_pks[me] = keys.public()[0]
     dropped = {int(d) for d in K.listed(conf, K.DROPPED)}
-    out = reveal(me, keys, held, c_pks, dropped, K.round_tag(int(conf[K.ROUND])))
+    unopened: list[int] = []
+    out = reveal(me, keys, held, c_pks, dropped, K.round_tag(int(conf[K.ROUND])), unopened)
     saved["revealed"] = True
     src = sorted(out)
-    return RecordDict({K.RECORD: K.config({K.SRC: src, K.SHARES: [out[s] for s in src]})})
+    return RecordDict({K.RECORD: K.config({K.SRC: src, K.SHARES: [out[s] for s in src], K.UNOPENED: unopened})})

@@ -22,6 +22,7 @@ C_PK, S_PK = "c-pk", "s-pk"
 PEERS, PEER_C_PKS, PEER_S_PKS = "peers", "peer-c-pks", "peer-s-pks"
 THRESHOLD, SIZE, ACTIVE, DROPPED = "threshold", "size", "active", "dropped"
 DST, SRC, CIPHERTEXTS, SHARES = "dst", "src", "ciphertexts", "shares"
+UNOPENED = "unopened"  # senders whose share ciphertext a holder could not open (reported, skipped)
 CLIP_RANGE, BITS = "clip-range", "bits"
 
 

@@ -29,6 +29,7 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -39,7 +40,7 @@ from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_
 
 MASK_INFO = b"fedllm-secagg-mask"
 SHARE_INFO = b"fedllm-secagg-share"
-MIN_BITS, MAX_BITS = 16, 64
+MIN_BITS, MAX_BITS = 16, 53  # above 53 bits float64 levels round up: +R would wrap past the field's half
 
 
 class SecAggError(RuntimeError):
@@ -62,8 +63,9 @@ class SecAggParams:
     clip_range : float
         Each update coordinate is clipped to ``[-clip_range, clip_range]`` before quantisation.
     bits : int
-        The field is ``Z_{2^bits}`` (16..64); each client gets ``floor((2^bits - 1) / n)`` levels, so the
-        sum of ``n`` quantised updates never wraps. ``bits <= 32`` travels as uint32 (as float32 updates).
+        The field is ``Z_{2^bits}`` (16..53: the levels are computed in float64, exact up to 2^53); each
+        client gets ``floor((2^bits - 1) / n)`` levels, so the sum of ``n`` quantised updates never wraps.
+        ``bits <= 32`` travels as uint32 (as float32 updates).
     """
 
     threshold: float | int = 2 / 3
@@ -92,7 +94,7 @@ class SecAggParams:
         """Shares needed per secret, for a neighbourhood (itself included) of ``degree(n) + 1``."""
         size = self.degree(n) + 1
         t = self.threshold if isinstance(self.threshold, int) else math.ceil(self.threshold * size)
-        if not 2 <= t <= size:
+        if not (2 <= t <= size and 2 * t > size):  # more than half: two disjoint groups never both rebuild
             raise SecAggError(
                 f"privacy.secagg_threshold={self.threshold} asks {t} shares of neighbourhoods of {size} clients "
                 f"({n} participants); lower the threshold or raise privacy.secagg_neighbours"
@@ -122,6 +124,14 @@ def _raw_private(key: X25519PrivateKey) -> bytes:
 def public_bytes(private: bytes) -> bytes:
     """The raw X25519 public key of a raw private key."""
     return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def check_public_key(public: bytes) -> bytes:
+    """``public`` if it is a 32-byte X25519 key that agrees to a non-zero secret; else ValueError."""
+    if len(public) != 32:
+        raise ValueError(f"a public key of {len(public)} bytes, not 32")
+    X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(public))  # a low-order key raises
+    return public
 
 
 def agree(private: bytes, public: bytes, info: bytes) -> bytes:
@@ -243,11 +253,21 @@ def reveal(
     c_pks: dict[int, bytes],
     dropped: set[int],
     round_tag: bytes,
+    unopened: list[int] | None = None,
 ) -> dict[int, bytes]:
-    """For each client whose shares ``me`` holds: its ``s`` share if it dropped, else its ``b`` share."""
+    """For each client whose shares ``me`` holds: its ``s`` share if it dropped, else its ``b`` share.
+
+    A ciphertext that does not open (forged, misdirected, from an unknown client) is skipped, its sender
+    appended to ``unopened``: one hostile neighbour cannot stop this client from revealing the others' shares.
+    """
     out = {}
     for src, ciphertext in held.items():
-        b_share, s_share = open_shares(me, keys, src, c_pks[src], ciphertext, round_tag)
+        try:
+            b_share, s_share = open_shares(me, keys, src, c_pks[src], ciphertext, round_tag)
+        except (InvalidTag, KeyError, ValueError, struct.error):
+            if unopened is not None:
+                unopened.append(src)
+            continue
         out[src] = s_share if src in dropped else b_share
     return out
 

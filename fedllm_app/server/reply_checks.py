@@ -132,7 +132,7 @@ def _content_problem(content: RecordDict, spec: ReplySpec) -> str | None:
     for key in (ARRAYS_KEY, *spec.extra):
         if problem := _arrays_problem(content[key], spec.shapes):
             return f"{problem} of '{key}'" if key != ARRAYS_KEY else problem
-    return _metrics_problem(content[METRICS_KEY], spec.num_partitions)
+    return metrics_problem(content[METRICS_KEY], spec.num_partitions)
 
 
 def _arrays_problem(record: ArrayRecord, expected: Shapes) -> str | None:
@@ -161,7 +161,8 @@ def _array_problem(array: Array, shape: tuple[int, ...]) -> str | None:
     return None
 
 
-def _metrics_problem(metrics: MetricRecord, num_partitions: int | None) -> str | None:
+def metrics_problem(metrics: MetricRecord, num_partitions: int | None) -> str | None:
+    """Why a reply's metrics must be rejected (keys, types, finite, positive sizes), or None."""
     unexpected = sorted(set(metrics) - set(REPLY_METRICS))
     if unexpected:
         return f"unexpected metrics {unexpected[:3]}; a reply holds only {sorted(REPLY_METRICS)}"

@@ -12,7 +12,11 @@ strategy's step (each client clipped its own update; the server cannot). Every s
 same: data-size weights would need each client's size, which the server could not check on a masked update.
 
 Fewer survivors than the threshold end the round before any share is asked: the adapter is unchanged,
-nothing is revealed, and the error is logged and written in the round's metrics.
+nothing is revealed, and the error is logged and written in the round's metrics. A malformed reply in any
+stage (wrong types, uneven lists, keys that are not 32-byte X25519 keys, ciphertexts for a client outside
+the sender's neighbourhood, shares of a client the holder holds none of, unsound metrics) counts as that
+client's dropout; any remaining failure while unmasking (e.g. a forged share) fails the round the same loud
+way (:class:`SecAggError`), never the run.
 """
 
 from __future__ import annotations
@@ -28,13 +32,24 @@ from flwr.common import MessageType
 from flwr.serverapp import Grid
 
 from fedllm_app.secure import keys as K
-from fedllm_app.secure.secagg import SecAggError, SecAggParams, check_survivors, dequantize, neighbourhoods, unmask
+from fedllm_app.secure.secagg import (
+    SecAggError,
+    SecAggParams,
+    check_public_key,
+    check_survivors,
+    dequantize,
+    neighbourhoods,
+    unmask,
+)
+from fedllm_app.server.reply_checks import NUMPY_STYPE, metrics_problem
 from strategies.dp import DPStrategy
 from strategies.fedavg import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, WEIGHT_KEY
 from strategies.records import from_record, to_record
 from strategies.scaffold import C_CLIENT_KEY, C_DELTA_KEY, Scaffold
 
 log = logging.getLogger("fedllm")
+# What reading a hostile reply may raise: the reply is malformed, and its client counts as dropped.
+MALFORMED = (TypeError, ValueError, KeyError, AttributeError, OverflowError, IndexError, EOFError)
 Sender = Any  # (grid, messages, timeout, poll_interval) -> replies: rounds.send_and_receive
 
 
@@ -147,9 +162,9 @@ def _keys_and_shares(state: _Round, talk: _Talk) -> set[int]:
     """The keys and share stages; the indices of the clients that completed both."""
     got = talk([state.message(i, {K.STAGE: K.KEYS, K.INDEX: i}) for i in range(len(state.nodes))])
     for i, node in enumerate(state.nodes):
-        conf = got[node].content.get(K.RECORD) if node in got else None
-        if conf is not None and K.C_PK in conf and K.S_PK in conf:
-            state.pubs[i] = (bytes(conf[K.C_PK]), bytes(conf[K.S_PK]))
+        pubs = _parse(got.get(node), "keys", _public_keys)
+        if pubs is not None:
+            state.pubs[i] = pubs
     _enough(state, set(state.pubs), "the keys stage")
     share_msgs = []
     for i in sorted(state.pubs):
@@ -160,14 +175,61 @@ def _keys_and_shares(state: _Round, talk: _Talk) -> set[int]:
         }))  # fmt: skip
     got = talk(share_msgs)
     for i in sorted(state.pubs):
-        conf = got[state.nodes[i]].content.get(K.RECORD) if state.nodes[i] in got else None
-        if conf is None or K.DST not in conf:
-            continue
-        for dst, ct in zip(K.listed(conf, K.DST), K.listed(conf, K.CIPHERTEXTS), strict=True):
-            state.ciphertexts.setdefault(int(dst), {})[i] = bytes(ct)
+        holders = {i, *(j for j in state.graph[i] if j in state.pubs)}
+        sent = _parse(got.get(state.nodes[i]), "share", lambda conf, h=holders: _ciphertexts(conf, h))
+        for dst, ct in (sent or {}).items():  # relayed only when the reply addressed exactly its neighbourhood
+            state.ciphertexts.setdefault(dst, {})[i] = ct
     active = {i for i in state.pubs if any(i in held for held in state.ciphertexts.values())}
     _enough(state, active, "the share stage")
     return active
+
+
+def _parse(reply: Message | None, stage: str, read: Any) -> Any:
+    """``read(reply's secagg ConfigRecord)``, or None when the reply is missing or malformed (a dropout)."""
+    if reply is None:
+        return None
+    try:
+        return read(reply.content[K.RECORD])
+    except MALFORMED as err:
+        log.warning("node %s sent a malformed %s reply (%s: %s); it counts as dropped",
+                    reply.metadata.src_node_id, stage, type(err).__name__, str(err)[:120])  # fmt: skip
+        return None
+
+
+def _blob(value: Any, what: str) -> bytes:
+    if not isinstance(value, bytes):
+        raise TypeError(f"{what} is a {type(value).__name__}, not bytes")
+    return value
+
+
+def _index(value: Any, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{what} is a {type(value).__name__}, not an int")
+    return value
+
+
+def _public_keys(conf: Any) -> tuple[bytes, bytes]:
+    """``(c_pk, s_pk)`` of a keys reply: two valid 32-byte X25519 public keys."""
+    return (check_public_key(_blob(conf[K.C_PK], K.C_PK)), check_public_key(_blob(conf[K.S_PK], K.S_PK)))
+
+
+def _pairs(conf: Any, keys: str, values: str) -> list[tuple[int, bytes]]:
+    """Two parallel lists of a reply as (index, bytes) pairs: same length, ints and bytes, no index twice."""
+    idx, blobs = K.listed(conf, keys), K.listed(conf, values)
+    if len(idx) != len(blobs):
+        raise ValueError(f"{len(idx)} {keys} but {len(blobs)} {values}")
+    pairs = [(_index(i, keys), _blob(b, values)) for i, b in zip(idx, blobs, strict=True)]
+    if len({i for i, _ in pairs}) != len(pairs):
+        raise ValueError(f"an index appears twice in {keys}")
+    return pairs
+
+
+def _ciphertexts(conf: Any, holders: set[int]) -> dict[int, bytes]:
+    """A share reply: one ciphertext for each holder of the sender's neighbourhood (itself included)."""
+    sent = dict(_pairs(conf, K.DST, K.CIPHERTEXTS))
+    if set(sent) != holders:
+        raise ValueError(f"ciphertexts for {sorted(sent)[:8]}, not for its neighbourhood {sorted(holders)[:8]}")
+    return sent
 
 
 def _enough(state: _Round, alive: set[int], stage: str) -> None:
@@ -210,18 +272,34 @@ def _mask(
 
 
 def _masked_vector(reply: Message | None, size: int, p: SecAggParams) -> np.ndarray | None:
-    """The reply's masked vector if it is one (right length and type, metrics present); else None."""
-    if reply is None or K.MASKED_RECORD not in reply.content or METRICS_KEY not in reply.content:
+    """The reply's masked vector if it is one (right length and type, sound metrics); else None."""
+    if reply is None:
         return None
-    record = reply.content[K.MASKED_RECORD]
-    if K.MASKED not in record:
-        return None
-    vector = record[K.MASKED].numpy()
-    if vector.shape != (size,) or vector.dtype != np.dtype(p.dtype()):
-        log.warning("node %s sent a masked vector of %s %s, not (%d,) %s; it counts as dropped",
-                    reply.metadata.src_node_id, vector.shape, vector.dtype, size, np.dtype(p.dtype()))  # fmt: skip
+    try:
+        problem, vector = _masked_problem(reply, size, p)
+    except MALFORMED as err:
+        problem, vector = f"an unreadable masked reply ({type(err).__name__}: {str(err)[:120]})", None
+    if problem is not None:
+        log.warning("node %s sent %s; it counts as dropped", reply.metadata.src_node_id, problem)
         return None
     return vector
+
+
+def _masked_problem(reply: Message, size: int, p: SecAggParams) -> tuple[str | None, np.ndarray | None]:
+    content = reply.content
+    if set(content.keys()) != {K.MASKED_RECORD, METRICS_KEY}:
+        return f"records {sorted(content.keys())[:4]}, not {sorted([K.MASKED_RECORD, METRICS_KEY])}", None
+    record, metrics = content[K.MASKED_RECORD], content[METRICS_KEY]
+    if not isinstance(record, ArrayRecord) or not isinstance(metrics, MetricRecord) or K.MASKED not in record:
+        return "a masked reply without its masked ArrayRecord and MetricRecord", None
+    if problem := metrics_problem(metrics, None):
+        return f"unsound metrics: {problem}", None
+    if record[K.MASKED].stype != NUMPY_STYPE:
+        return f"a masked array of serialization {record[K.MASKED].stype!r}, not {NUMPY_STYPE!r}", None
+    vector = record[K.MASKED].numpy()  # np.load(allow_pickle=False): pickles and garbage raise
+    if vector.shape != (size,) or vector.dtype != np.dtype(p.dtype()):
+        return f"a masked vector of {vector.shape} {vector.dtype}, not ({size},) {np.dtype(p.dtype())}", None
+    return None, vector
 
 
 def _vector_size(arrays: ArrayRecord, strategy: Any) -> int:
@@ -244,12 +322,31 @@ def _reveal(state: _Round, talk: _Talk, survivors: set[int], dropped: set[int]) 
     got = talk(msgs)
     revealed: dict[int, dict[int, bytes]] = {}
     for holder in sorted(survivors):
-        conf = got[state.nodes[holder]].content.get(K.RECORD) if state.nodes[holder] in got else None
-        if conf is None or K.SRC not in conf:
-            continue
-        for src, share in zip(K.listed(conf, K.SRC), K.listed(conf, K.SHARES), strict=True):
-            revealed.setdefault(int(src), {})[holder] = bytes(share)
+        held = set(state.ciphertexts.get(holder, {})) & (survivors | dropped)
+        shares = _parse(got.get(state.nodes[holder]), "unmask", lambda conf, h=held: _shares(conf, h))
+        for src, share in (shares or {}).items():
+            revealed.setdefault(src, {})[holder] = share
+        _report_unopened(got.get(state.nodes[holder]), holder)
     return revealed
+
+
+def _report_unopened(reply: Message | None, holder: int) -> None:
+    """Log the senders whose share ciphertexts a holder could not open (a forged or corrupt ciphertext)."""
+    try:
+        unopened = K.listed(reply.content[K.RECORD], K.UNOPENED) if reply is not None else []
+    except MALFORMED:
+        return
+    if unopened:
+        log.warning("client %d could not open the share ciphertexts of clients %s; they were skipped",
+                    holder, [u for u in unopened[:8] if isinstance(u, int)])  # fmt: skip
+
+
+def _shares(conf: Any, held: set[int]) -> dict[int, bytes]:
+    """An unmask reply: shares only of clients whose ciphertexts the server relayed to this holder."""
+    shares = dict(_pairs(conf, K.SRC, K.SHARES))
+    if not set(shares) <= held:
+        raise ValueError(f"shares of {sorted(set(shares) - held)[:8]}, whose shares it was never sent")
+    return shares
 
 
 def _mean(
@@ -263,8 +360,11 @@ def _mean(
     """The survivors' mean update (float) from the sum of their masked vectors."""
     p = state.params
     s_pks = {i: pk[1] for i, pk in state.pubs.items()}
-    q_sum = unmask(total, survivors, dropped, revealed, s_pks, state.graph, state.threshold,
-                   K.round_tag(state.rnd), p.bits)  # fmt: skip
+    try:
+        q_sum = unmask(total, survivors, dropped, revealed, s_pks, state.graph, state.threshold,
+                       K.round_tag(state.rnd), p.bits)  # fmt: skip
+    except MALFORMED as err:  # e.g. a forged share: Shamir or X25519 refuses what it rebuilt
+        raise SecAggError(f"unmasking failed on the revealed shares ({type(err).__name__}: {str(err)[:160]})") from err
     return dequantize(q_sum, p.clip_range, p.bits, n, len(survivors)) / len(survivors)
 
 

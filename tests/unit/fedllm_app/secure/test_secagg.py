@@ -110,3 +110,32 @@ def test_one_masked_vector_is_uniform_and_independent_of_its_update():
     update = np.random.default_rng(9).normal(0, 0.3, size)
     _, masked_c = run_protocol([update, *updates_of(3, size)], params, seed=7)
     assert abs(np.corrcoef(update, masked_c[0].astype(np.float64))[0, 1]) < 0.05
+
+
+@pytest.mark.parametrize("bits", [32, 53])
+def test_updates_at_the_clip_range_sum_to_n_times_the_range_at_every_allowed_width(bits):
+    """Every client at +R: the sum decodes to +nR, never wraps past the field's half to -nR."""
+    n = 4
+    params = SecAggParams(bits=bits, threshold=3)
+    got, _ = run_protocol([np.full(8, 1.0) for _ in range(n)], params)
+    np.testing.assert_allclose(got, n * 1.0, atol=1e-6)
+
+
+def test_a_field_wider_than_float64_can_quantise_exactly_is_refused():
+    with pytest.raises(ValueError, match=r"privacy.secagg_bits=64 must be in 16..53"):
+        SecAggParams(bits=64)
+
+
+def test_a_threshold_count_of_half_a_neighbourhood_or_less_is_refused():
+    with pytest.raises(SecAggError, match="asks 2 shares of neighbourhoods of 4 clients"):
+        SecAggParams(threshold=2).share_threshold(4)
+
+
+def test_a_holder_skips_and_reports_a_forged_share_ciphertext_and_still_reveals_the_others():
+    keys = [ClientKeys.generate() for _ in range(3)]
+    c_pks = {j: k.public()[0] for j, k in enumerate(keys)}
+    held = {src: share_secrets(src, keys[src], c_pks, 2, TAG)[0] for src in (1, 2)}
+    held[1] = held[1][:-1] + bytes([held[1][-1] ^ 1])  # one flipped bit: AES-GCM refuses it
+    unopened = []
+    out = reveal(0, keys[0], held, c_pks, set(), TAG, unopened)
+    assert set(out) == {2} and unopened == [1]

@@ -328,3 +328,91 @@ def test_real_clients_train_under_secure_aggregation_and_the_server_steps_on_the
             d = mean[k] - start[k]
             big = np.abs(d) > 1e-4
             assert np.all(np.sign(end[k] - start[k])[big] == np.sign(d)[big])
+
+
+def rewriting_app(stage, pid, rewrite):
+    """The real secure client, except that partition ``pid`` passes its ``stage`` reply through ``rewrite``."""
+    inner = client_app()
+    app = ClientApp()
+
+    def relay(msg, context):
+        reply = inner(msg, context)
+        if stage_of(msg) == stage and context.node_config["partition-id"] == pid and not reply.has_error():
+            rewrite(reply.content)
+        return reply
+
+    app.query()(relay)
+    app.query("secagg")(relay)
+    app.train("secagg")(relay)
+    return app
+
+
+def _set(record, key, value):
+    def rewrite(content):
+        content[record][key] = value
+
+    return rewrite
+
+
+def _replace(record, value):
+    def rewrite(content):
+        content[record] = value
+
+    return rewrite
+
+
+def _uneven(keys, values):
+    def rewrite(content):
+        conf = content[K.RECORD]
+        conf[keys] = [*list(conf[keys]), 3]
+        conf[values] = list(conf[values])[:1]
+
+    return rewrite
+
+
+def _each_share(share):
+    def rewrite(content):
+        conf = content[K.RECORD]
+        conf[K.SHARES] = [share] * len(conf[K.SRC])
+
+    return rewrite
+
+
+def raw_array(stype, data):
+    return Array(dtype="uint32", shape=(17,), stype=stype, data=data)
+
+
+ALL, NOT_1 = [0, 1, 2, 3], [0, 2, 3]
+HOSTILE = {  # id: (stage, rewrite of partition 1's reply, whose mean the round ends with; None: the round fails)
+    "keys-str-key": (K.KEYS, _set(K.RECORD, K.C_PK, "not bytes"), NOT_1),
+    "keys-short-key": (K.KEYS, _set(K.RECORD, K.S_PK, b"\x01" * 31), NOT_1),
+    "keys-zero-key": (K.KEYS, _set(K.RECORD, K.S_PK, b"\x00" * 32), NOT_1),
+    "keys-int-key": (K.KEYS, _set(K.RECORD, K.C_PK, 7), NOT_1),
+    "share-uneven-lists": (K.SHARE, _uneven(K.DST, K.CIPHERTEXTS), NOT_1),
+    "share-str-dst": (K.SHARE, _set(K.RECORD, K.DST, ["a", "b", "c", "d"]), NOT_1),
+    "share-foreign-dst": (K.SHARE, _set(K.RECORD, K.DST, [0, 1, 2, 99]), NOT_1),
+    "mask-inf-num-examples": (K.MASK, _set(METRICS_KEY, NUM_EXAMPLES_KEY, float("inf")), NOT_1),
+    "mask-list-metric": (K.MASK, _set(METRICS_KEY, "train_loss", [1.0, 2.0]), NOT_1),
+    "mask-config-for-array": (K.MASK, _replace(K.MASKED_RECORD, ConfigRecord({K.MASKED: "x"})), NOT_1),
+    "mask-garbage-array": (K.MASK, _set(K.MASKED_RECORD, K.MASKED, raw_array("numpy.ndarray", b"x" * 9)), NOT_1),
+    "mask-foreign-stype": (K.MASK, _set(K.MASKED_RECORD, K.MASKED, raw_array("torch", b"x" * 68)), NOT_1),
+    "unmask-uneven-lists": (K.UNMASK, _uneven(K.SRC, K.SHARES), ALL),
+    "unmask-str-src": (K.UNMASK, _set(K.RECORD, K.SRC, ["a", "b", "c", "d"]), ALL),
+    "unmask-empty-shares": (K.UNMASK, _each_share(b""), None),
+    "unmask-garbage-shares": (K.UNMASK, _each_share(b"\xff" * 40), None),
+}
+
+
+@pytest.mark.parametrize(("stage", "rewrite", "survivors"), HOSTILE.values(), ids=HOSTILE.keys())
+def test_a_malformed_secure_reply_is_a_dropout_or_fails_the_round_loudly_never_the_run(
+    stage, rewrite, survivors, caplog
+):
+    with caplog.at_level(logging.WARNING):
+        got, row = secure_rounds(LoopbackGrid(4, rewriting_app(stage, 1, rewrite)), FedAvgLoRA(**kw(4)))
+    if survivors is None:
+        assert row["aggregated"] is False and "unmasking failed" in row["secagg_error"]
+        assert_close(got, START, atol=0)
+    else:
+        assert row["aggregated"] and row["secagg_survivors"] == len(survivors), row.get("secagg_error")
+        assert_close(got, mean_of(survivors))
+        assert "it counts as dropped" in caplog.text
