@@ -139,11 +139,12 @@ LAST_ROUND = {"fedadam": 1}
 
 # Four runs send compressed updates (docs/communication.md), the share of fp32 bytes they may use each way
 # (the tiny adapter's small arrays add headers and names: int8 is 0.32 of fp32 here, 0.27 on a 7B adapter):
-# SCAFFOLD int8 (its control arrays too, under DP), FedAvgM NF4 (with HetLoRA's rank slices), central top-k 25% (fp16
-# down), FedAdagrad bf16 with a budget that stops the run before round 2 (each round moves about 0.48 MB).
+# SCAFFOLD int8 (its control arrays too, under DP), FedAdam NF4 (federated DPO under DP), central top-k 25% (fp16
+# down), FedAdagrad bf16 with a budget that stops the run before round 2 (each round moves about 0.48 MB). (Not on
+# the mixed-rank runs: a codec's per-array scales and headers break their "a quarter of the bytes" check.)
 CODECS = {
     "scaffold": ("comm.codec=int8", 0.35),
-    "fedavgm": ("comm.codec=nf4", 0.22),
+    "fedadam": ("comm.codec=nf4", 0.22),
     "central": ("comm.codec=topk comm.topk_fraction=0.25", 0.6),
     "fedadagrad": ("comm.codec=bf16 comm.budget_mb=0.7", 0.55),
 }
@@ -171,7 +172,9 @@ def test_every_algorithm_runs_two_rounds_through_flower(flower, tmp_path, name):
         assert [(r["secagg_survivors"], r["aggregated"]) for r in lines] == [(2, True), (2, True)]
     if name in PRIVATE:  # q = 1: both clients every round; every update clipped by its client, none by the server
         epsilons = [r["epsilon"] for r in lines]
-        assert 0 < epsilons[0] and epsilons == sorted(epsilons) and lines[-1]["dp_server_clipped"] == 0
+        assert 0 < epsilons[0] and epsilons == sorted(epsilons)
+        # a lossy codec's quantisation error can push a clipped update a little past C: the server clips it again
+        assert lines[-1]["dp_server_clipped"] == 0 or (name in CODECS and lines[-1]["dp_server_clipped"] <= nodes)
         assert f"{name} round {last}/2" in log and "| epsilon " in log
     if name in LAST_ROUND:
         assert f"stopping before round {last + 1}" in log
