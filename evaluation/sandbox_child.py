@@ -239,6 +239,9 @@ def build_root(libc: ctypes.CDLL, cfg: dict) -> None:
     program's uid at ``/sandbox``, nothing else (no ``/proc``, ``/dev``, ``/sys``, ``/tmp``).
     """
     new = cfg["newroot"]
+    # The mount points below must be traversable by the program's uid, whatever umask the caller had (the
+    # ServerApp and ClientApp set 077, which would make every directory made here root-only: no stdlib).
+    os.umask(0o022)
     _mount(libc, None, "/", None, _MS_REC | _MS_PRIVATE)
     _mount(libc, "tmpfs", new, "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=755,size=1m")
     for path in cfg["ro"]:

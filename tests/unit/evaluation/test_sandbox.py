@@ -97,6 +97,20 @@ def test_an_answer_passes_only_when_its_tests_ran_to_the_end(backend):
 
 
 @pytest.mark.parametrize("backend", STRONG)
+def test_a_caller_with_umask_077_still_gives_the_program_its_interpreter_and_stdlib(backend):
+    # The ServerApp and ClientApp set umask 077 (private run files); the sandbox's own mount points must not
+    # inherit it, or the program's uid cannot reach the interpreter under them.
+    old = os.umask(0o077)
+    try:
+        r = run_program(
+            "import collections, math\ndef f(x):\n    return x + 1\n", "assert f(1) == 2\n", backend=backend
+        )
+    finally:
+        os.umask(old)
+    assert r.passed, r.stderr[-500:]
+
+
+@pytest.mark.parametrize("backend", STRONG)
 def test_a_syntax_error_fails_with_its_traceback(backend):
     r = run_program("def f(x) return x\n", "assert f(1) == 1\n", backend=backend)
     assert not r.passed and "SyntaxError" in r.stderr
