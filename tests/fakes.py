@@ -94,3 +94,13 @@ def trained_reply(msg: Message, data_size: int = 10) -> RecordDict:
     arrays = {k: (v + node).astype(np.float32) for k, v in from_record(msg.content[ARRAYS_KEY]).items()}
     metrics = {NUM_EXAMPLES_KEY: 10, DATA_SIZE_KEY: data_size, "train_loss": 1.0, PARTITION_KEY: node - 1}
     return RecordDict({ARRAYS_KEY: to_record(arrays), METRICS_KEY: MetricRecord(metrics)})
+
+
+class Writer:
+    """The round loop's run writer, keeping each round's record in ``rows`` instead of writing metrics.jsonl."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def log_round(self, record: dict, path: str = "metrics.jsonl") -> None:
+        self.rows.append(record)

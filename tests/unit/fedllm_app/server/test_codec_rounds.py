@@ -20,6 +20,7 @@ from strategies.hetero import RANK_KEY, RANK_QUERY
 from strategies.local import PARTITION_KEY
 from strategies.records import from_record, to_record
 from strategies.scaffold import C_DELTA_KEY, C_SERVER_KEY
+from tests.fakes import Writer
 
 ALGORITHMS = ["fedavg", "fedprox", "scaffold", "fedavgm", "fedadagrad", "fedyogi", "fedadam", "local", "central"]
 START = {"a": np.linspace(-1, 1, 8192, dtype=np.float32).reshape(64, 128), "b": np.zeros((32, 128), np.float32)}
@@ -81,14 +82,6 @@ class CodecGrid:
         content = encode_reply(content, from_record(msg.content[ARRAYS_KEY]), self.comm, self.state, node - 1)
         rnd = int(msg.content[CONFIG_KEY]["server-round"])
         return self.tamper(node, rnd, content) if self.tamper else content
-
-
-class Writer:
-    def __init__(self):
-        self.rows = []
-
-    def log_round(self, record, path="metrics.jsonl"):
-        self.rows.append(record)
 
 
 def run(name, comm, rounds=2, tamper=None, extra="", start=START, **kwargs):

@@ -14,6 +14,7 @@ from strategies.accounting import epsilon
 from strategies.dp import WITHIN_CLIP_KEY
 from strategies.fedavg import ARRAYS_KEY, DATA_SIZE_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
 from strategies.records import from_record, to_record
+from tests.fakes import Writer
 
 START = {"w": np.zeros(3, dtype=np.float32)}
 
@@ -59,14 +60,6 @@ class Grid:
             out.append(Message(RecordDict({ARRAYS_KEY: to_record(arrays), METRICS_KEY: MetricRecord(metrics)}),
                                reply_to=msg))  # fmt: skip
         return out
-
-
-class Writer:
-    def __init__(self):
-        self.rows = []
-
-    def log_round(self, record, path="metrics.jsonl"):
-        self.rows.append(record)
 
 
 def dp_strategy(overrides, num_rounds):

@@ -19,7 +19,7 @@ from strategies.fedavg import ARRAYS_KEY, CONFIG_KEY, DATA_SIZE_KEY, METRICS_KEY
 from strategies.local import PARTITION_KEY, LocalOnly
 from strategies.records import from_record, to_record
 from strategies.scaffold import C_DELTA_KEY, C_SERVER_KEY, Scaffold
-from tests.fakes import FakeGrid, trained_reply
+from tests.fakes import FakeGrid, Writer, trained_reply
 
 
 @pytest.fixture(autouse=True)
@@ -46,14 +46,6 @@ class HostileGrid(FakeGrid):
             arrays = from_record(content[ARRAYS_KEY])
             content[C_DELTA_KEY] = to_record({k: np.full_like(v, 0.5) for k, v in arrays.items()})
         return content
-
-
-class Writer:
-    def __init__(self):
-        self.rows = []
-
-    def log_round(self, record, path="metrics.jsonl"):
-        self.rows.append(record)
 
 
 START = {"w": np.zeros(3, dtype=np.float32)}

@@ -53,7 +53,7 @@ from fedllm_app.client import faults  # noqa: E402
 from fedllm_app.server.rounds import NodeWaitError, content_bytes, run_rounds  # noqa: E402
 from strategies.fedavg import ARRAYS_KEY, FedAvgLoRA  # noqa: E402
 from strategies.records import from_record, to_record  # noqa: E402
-from tests.fakes import FakeGrid, trained_reply  # noqa: E402
+from tests.fakes import FakeGrid, Writer, trained_reply  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -66,14 +66,6 @@ def _task_identity():
 def answering(n, answer=lambda node, content: content):
     """Nodes 1..n; node k replies with the global arrays plus k (or what ``answer`` makes of it)."""
     return FakeGrid(n, reply=lambda msg: answer(msg.metadata.dst_node_id, trained_reply(msg)))
-
-
-class Writer:
-    def __init__(self):
-        self.rows = []
-
-    def log_round(self, record, path="metrics.jsonl"):
-        self.rows.append(record)
 
 
 KW = {"num_clients": 2, "sample_clients": 2, "num_rounds": 2, "lr_max": 1e-2, "lr_min": 1e-3}

@@ -13,7 +13,7 @@ from fedllm_app.server.rounds import run_rounds
 from strategies.fedavg import ARRAYS_KEY, CONFIG_KEY, DATA_SIZE_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, PARTITION_KEY
 from strategies.records import from_record, to_record
 from strategies.scaffold import C_CLIENT_KEY, C_DELTA_KEY, C_SERVER_KEY, Scaffold
-from tests.fakes import FakeGrid
+from tests.fakes import FakeGrid, Writer
 
 N = 4
 KW = {"num_clients": N, "sample_clients": 3, "num_rounds": 8, "lr_max": 1e-2, "lr_min": 1e-3, "seed": 1}
@@ -52,14 +52,6 @@ def scaffold_grid(first_id: int, fault=lambda rnd, pid, content: content) -> Fak
         return fault(int(msg.content[CONFIG_KEY]["server-round"]), pid, local_sgd(msg, pid))
 
     return FakeGrid(range(first_id, first_id + N), reply=reply, partition_of=lambda node: node - first_id)
-
-
-class Writer:
-    def __init__(self):
-        self.rows = []
-
-    def log_round(self, record, path="metrics.jsonl"):
-        self.rows.append(record)
 
 
 def mean_of_client_controls(strategy: Scaffold) -> np.ndarray:

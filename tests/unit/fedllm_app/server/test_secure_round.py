@@ -28,6 +28,7 @@ from strategies.fedyogi import FedYogi
 from strategies.privacy import DPParams
 from strategies.records import from_record, to_record
 from strategies.scaffold import C_CLIENT_KEY, C_DELTA_KEY, Scaffold
+from tests.fakes import Writer
 
 START = {"a": np.zeros((4, 3), dtype=np.float32), "b": np.full(5, 0.5, dtype=np.float32)}
 
@@ -126,14 +127,6 @@ class LoopbackGrid:
                 out.append(reply)
         self.received.extend(out)
         return out
-
-
-class Writer:
-    def __init__(self):
-        self.rows = []
-
-    def log_round(self, record, path="metrics.jsonl"):
-        self.rows.append(record)
 
 
 def kw(n):
