@@ -109,17 +109,6 @@ class Scaffold(FedAvgLoRA):
         self.c_i = scaffold_commit_controls(self.c_i, deltas)
         return to_record(new), metrics
 
-    def aggregate_sums(self, mean_y: Arrays, mean_dc: Arrays, num_replies: int) -> ArrayRecord:
-        """The new global adapter from the replies' mean adapter and mean control delta, as secure aggregation
-        gives them (no reply seen alone): ``c`` moves as in :meth:`aggregate_train`; each ``c_i`` stays with
-        its client, which adds its own ``delta c_i`` (``fedllm_app/client/secure.py``).
-        """
-        assert self.global_arrays is not None and self.c is not None
-        new, self.c = scaffold_server_step(
-            self.global_arrays, mean_y, self.c, mean_dc, num_replies, self.num_clients, self.params.server_lr
-        )
-        return to_record(new)
-
     def step_from_mean(
         self, global_: Arrays, mean: dict[str, Arrays], count: float, per_partition: dict[int, dict[str, Arrays]]
     ) -> Arrays:

@@ -3,10 +3,9 @@
 The round loop (:func:`fedllm_app.server.rounds.run_rounds`) hands this module the strategy's train
 messages. It runs the stages as messages (``query.secagg``: keys, share; ``train.secagg``: the train
 message plus the relayed share ciphertexts; ``query.secagg``: unmask), learns only the sum of the
-survivors' quantised updates, and hands their **mean** to the strategy's server step as one synthetic
-reply (FedAvg, FedProx, FedAvgM, FedAdagrad, FedAdam, FedYogi) or through
-:meth:`strategies.scaffold.Scaffold.aggregate_sums` (SCAFFOLD: the mean control delta travels masked
-beside the adapter delta). With ``privacy.dp=true`` the sum goes to
+survivors' quantised updates, and hands their **mean** to the strategy's server step
+(:meth:`strategies.fedavg.FedAvgLoRA.step_from_mean`; SCAFFOLD: the mean control delta travels masked
+beside the adapter delta, and each ``c_i`` stays with its client). With ``privacy.dp=true`` the sum goes to
 :meth:`strategies.dp.DPStrategy.step_from_sum` instead: DP's fixed-weight mean, its noise, then the
 strategy's step (each client clipped its own update; the server cannot). Every survivor weighs the
 same: data-size weights would need each client's size, which the server could not check on a masked update.
@@ -28,7 +27,6 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
-from flwr.common import MessageType
 from flwr.serverapp import Grid
 
 from fedllm_app.secure import keys as K
@@ -43,7 +41,7 @@ from fedllm_app.secure.secagg import (
 )
 from fedllm_app.server.reply_checks import NUMPY_STYPE, metrics_problem
 from strategies.dp import DPStrategy
-from strategies.fedavg import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, WEIGHT_KEY
+from strategies.fedavg import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
 from strategies.records import from_record, to_record
 from strategies.scaffold import C_CLIENT_KEY, C_DELTA_KEY, Scaffold
 
@@ -380,11 +378,12 @@ def unflatten(vector: np.ndarray, like: dict[str, np.ndarray]) -> dict[str, np.n
 def _step(
     strategy: Any, rnd: int, arrays: ArrayRecord, mean: np.ndarray, masked: list[Message]
 ) -> tuple[ArrayRecord | None, MetricRecord]:
-    """The strategy's server step on the mean update: one synthetic reply, or SCAFFOLD's sums."""
+    """The strategy's server step on the survivors' mean update (:meth:`~strategies.fedavg.FedAvgLoRA.step_from_mean`,
+    as DP's noised mean takes it); under DP the sum goes through DP's fixed-weight mean and noise first.
+    """
     global_ = from_record(arrays)
     size = sum(v.size for v in global_.values())
     delta = unflatten(mean, global_)
-    mean_y = {k: (v + delta[k]).astype(v.dtype) for k, v in global_.items()}
     metrics = MetricRecord({
         NUM_EXAMPLES_KEY: int(sum(int(m.content[METRICS_KEY].get(NUM_EXAMPLES_KEY, 0)) for m in masked)),
         "train_loss": float(np.mean([float(m.content[METRICS_KEY].get("train_loss", 0.0)) for m in masked])),
@@ -395,12 +394,8 @@ def _step(
         if isinstance(strategy, Scaffold):
             total[C_DELTA_KEY] = {k: v.astype(np.float64) * n for k, v in unflatten(mean[size:], global_).items()}
         return strategy.step_from_sum(total, masked), metrics
-    if isinstance(strategy, Scaffold):
-        return strategy.aggregate_sums(mean_y, unflatten(mean[size:], global_), len(masked)), metrics
-    reply = Message(
-        RecordDict({ARRAYS_KEY: to_record(mean_y), METRICS_KEY: MetricRecord({**dict(metrics), WEIGHT_KEY: 1.0})}),
-        dst_node_id=0,
-        message_type=MessageType.TRAIN,
-    )
-    new, _ = strategy.aggregate_train(rnd, [reply])
-    return new, metrics
+    parts = {ARRAYS_KEY: delta}
+    if isinstance(strategy, Scaffold):  # the mean control delta travelled masked beside the adapter's
+        parts[C_DELTA_KEY] = unflatten(mean[size:], global_)
+    new = strategy.step_from_mean(global_, parts, len(masked), {})  # each c_i stays with its client
+    return to_record({k: np.asarray(new[k]).astype(v.dtype) for k, v in global_.items()}), metrics
