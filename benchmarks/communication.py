@@ -16,7 +16,6 @@ markdown tables.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -122,7 +121,7 @@ def bytes_table(global_: Arrays, title: str, per_run: tuple[int, int] | None = N
 
 def accuracy(strategies: list[str], codecs: list[str], seeds: list[int], rounds: int, extra: str) -> str:
     """Markdown: final held-out exact match (mean +- sd over seeds) and total MB per (strategy, codec)."""
-    from fedllm_app.ops.flower_run import FlowerRunner, kill_flower_processes
+    from flower_cells import run_cell, summary_of
 
     lines = ["| strategy | codec | exact match (mean ± sd) | per seed | total MB both ways |", "|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -133,20 +132,12 @@ def accuracy(strategies: list[str], codecs: list[str], seeds: list[int], rounds:
                 accs, mbs = [], []
                 for seed in seeds:
                     name = f"{strategy}-{label.replace('%', '')}-{seed}"
-                    home = work / "homes" / name
-                    home.mkdir(parents=True)
                     cell = (
                         f"strategy={strategy} comm.codec={p.codec} comm.topk_fraction={p.topk_fraction} "
-                        f"seed={seed} num_rounds={rounds} baseline=none {extra} output_dir={work / 'out'} "
-                        f"run_name={name}"
+                        f"seed={seed} num_rounds={rounds} baseline=none {extra}"
                     )
-                    try:
-                        status, _ = FlowerRunner(home).run(cell, num_supernodes=2)
-                    finally:
-                        kill_flower_processes(str(home))
-                    summary = work / "out" / name / "summary.json"
-                    if status == "finished:completed" and summary.is_file():
-                        s = json.loads(summary.read_text())
+                    s = summary_of(run_cell(cell, 2, work, name))
+                    if s is not None:
                         accs.append(s["final"].get("accuracy", float("nan")))
                         mbs.append((s["bytes_sent_total"] + s["bytes_received_total"]) / 1e6)
                 sd = statistics.stdev(accs) if len(accs) > 1 else 0.0

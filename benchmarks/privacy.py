@@ -19,7 +19,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from fedllm_app.ops.flower_run import FlowerRunner, kill_flower_processes
+from flower_cells import final_accuracy, run_cell
 
 
 def overrides(clients: int, q: float, rounds: int, target: float | None, extra: str) -> str:
@@ -31,20 +31,12 @@ def overrides(clients: int, q: float, rounds: int, target: float | None, extra: 
     return f"{base} privacy.dp=true privacy.noise_multiplier=null privacy.target_epsilon={target}"
 
 
-def run_one(cell: str, clients: int, work: Path, name: str) -> tuple[float | None, float | None]:
+def accuracy_and_epsilon(run: Path | None) -> tuple[float | None, float | None]:
     """(final held-out accuracy, last epsilon) of one run; (None, None) if it did not complete."""
-    home = work / "homes" / name
-    home.mkdir(parents=True)
-    try:
-        status, _ = FlowerRunner(home).run(f"{cell} output_dir={work / 'out'} run_name={name}", num_supernodes=clients)
-    finally:
-        kill_flower_processes(str(home))
-    run = work / "out" / name
-    if status != "finished:completed" or not (run / "summary.json").is_file():
+    if run is None:
         return None, None
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    accuracy = json.loads((run / "summary.json").read_text())["final"].get("accuracy")
-    return accuracy, rows[-1].get("epsilon") if rows else None
+    return final_accuracy(run), rows[-1].get("epsilon") if rows else None
 
 
 def main() -> None:
@@ -64,7 +56,7 @@ def main() -> None:
             if args.dry_run:
                 print(f"| {label} | `{cell}` | |")
                 continue
-            acc, eps = run_one(cell, args.clients, Path(tmp), f"dp-{label.replace(' ', '')}")
+            acc, eps = accuracy_and_epsilon(run_cell(cell, args.clients, Path(tmp), f"dp-{label.replace(' ', '')}"))
             spent = "-" if eps is None else f"{eps:.2f}"
             print(f"| {label} | {spent} | {'failed' if acc is None else f'{acc:.3f}'} |", flush=True)
 

@@ -19,20 +19,18 @@ Not a test: it prints a markdown table (final held-out exact match) to paste int
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
 
-from fedllm_app.ops.flower_run import FlowerRunner, kill_flower_processes
+from flower_cells import final_accuracy, run_cell
+
 from strategies.robust import AGGREGATORS
 
 ATTACKS = ("none", "scale", "signflip")
 
 
-def overrides(
-    clients: int, attackers: int, attack: str, aggregator: str, rounds: int, steps: int | None = None
-) -> str:
+def overrides(clients: int, attackers: int, attack: str, aggregator: str, rounds: int, steps: int | None = None) -> str:
     """The run config of one cell of the table."""
     faults = [] if attack == "none" else [f"{attack}-every-p{p}" for p in range(attackers)]
     cell = (
@@ -50,20 +48,6 @@ def parse_setting(text: str) -> tuple[int, int, int | None]:
         raise SystemExit(f"--settings {text!r}: write clients:attackers or clients:attackers:steps, e.g. 10:2:16")
     clients, attackers = int(parts[0]), int(parts[1])
     return clients, attackers, int(parts[2]) if len(parts) == 3 else None
-
-
-def run_one(cell: str, clients: int, work: Path, name: str) -> float | None:
-    """Final held-out accuracy of one run (None if it did not complete)."""
-    home = work / "homes" / name
-    home.mkdir(parents=True)
-    try:
-        status, _ = FlowerRunner(home).run(f"{cell} output_dir={work / 'out'} run_name={name}", num_supernodes=clients)
-    finally:
-        kill_flower_processes(str(home))
-    summary = work / "out" / name / "summary.json"
-    if status != "finished:completed" or not summary.is_file():
-        return None
-    return json.loads(summary.read_text())["final"].get("accuracy")
 
 
 def main() -> None:
@@ -89,7 +73,8 @@ def main() -> None:
                     if args.dry_run:
                         cells.append(f"`{cell}`")
                         continue
-                    acc = run_one(cell, clients, Path(tmp), f"{aggregator}-{clients}-{attackers}-{attack}")
+                    name = f"{aggregator}-{clients}-{attackers}-{attack}"
+                    acc = final_accuracy(run_cell(cell, clients, Path(tmp), name))
                     cells.append("failed" if acc is None else f"{acc:.3f}")
                     print(f"{aggregator} {clients}:{attackers} {attack}: {cells[-1]}", file=sys.stderr, flush=True)
             print(f"| {aggregator} | " + " | ".join(cells) + " |", flush=True)
