@@ -2,7 +2,7 @@
 
 One plain SuperLink with two SuperNodes serves most tests (starting one costs ~20 s);
 the dropout test kills one of its SuperNodes, so it comes last. A second deployment
-runs with TLS and SuperNode authentication. Tiny model, 1-2 optimizer steps a round.
+runs with TLS and SuperNode authentication, secure aggregation and DP. Tiny model, 1-2 optimizer steps a round.
 """
 
 from __future__ import annotations
@@ -143,6 +143,24 @@ def test_resume_after_the_server_is_killed_matches_an_uninterrupted_run(plain, u
     assert metrics(plain, "cut")[-1]["bytes_sent_total"] == metrics(plain, "whole")[-1]["bytes_sent_total"]
 
 
+def test_flexlora_nodes_of_different_ranks_each_get_and_send_their_own_rank(plain):
+    """FlexLoRA in deployment: node 0 at rank 4 by model.lora.client_ranks, node 1 at 16 by its node config; the
+    global stays a standard rank-16 adapter and each node moves only its own rank's factors (about a quarter of
+    the bytes for rank 4)."""
+    ranks = "lora_aggregation=flexlora model.lora.client_ranks=[4]"
+    result = plain.run(f"num_rounds=2 {FAST} {ranks} output_dir=out run_name=flex")
+    assert result.status == "finished:completed", result.output[-3000:]
+    rows = metrics(plain, "flex")
+    assert [(r["replied"], r["aggregated"], r["rejected"]) for r in rows] == [(2, True, []), (2, True, [])]
+    final = adapter(plain, "flex", 2)
+    assert {v.shape[0] for k, v in final.items() if "lora_A" in k} == {16}
+    assert all(np.abs(v).max() > 0 for k, v in final.items() if "lora_B" in k), "the global adapter did not move"
+    for r in rows:
+        by_pid = {e["partition"]: e for e in r["bytes_by_node"].values()}
+        for way in ("sent", "received"):
+            assert by_pid[0][way] / by_pid[1][way] == pytest.approx(0.25, abs=0.03), (way, r["bytes_by_node"])
+
+
 # Last: it kills node1 of the shared deployment.
 def test_a_supernode_killed_mid_round_the_run_completes_with_the_survivor(plain):
     run = plain.start_run(f"num_rounds=2 {FAST} node_wait_timeout=5 round_timeout=120 output_dir=out run_name=drop")
@@ -181,12 +199,19 @@ def secure(tmp_path_factory):
         yield dep
 
 
-def test_tls_and_supernode_auth_run_on_each_nodes_own_file(secure):
+def test_tls_and_supernode_auth_run_on_each_nodes_own_file_with_secure_aggregation_and_dp(secure):
+    """The production setting: TLS, SuperNode auth, private files on the nodes, and both privacy layers at once
+    (the server sees only the masked updates and noises the mean of their unmasked sum)."""
     assert "--insecure" not in secure.superlink_command() and "--enable-supernode-auth" in secure.superlink_command()
-    result = secure.run(f"num_rounds=2 {FAST} output_dir=out run_name=tls")
+    private = "privacy.secagg=true privacy.dp=true privacy.clip_norm=0.5 privacy.noise_multiplier=0.3"
+    result = secure.run(f"num_rounds=2 {FAST} {private} output_dir=out run_name=tls")
     assert result.status == "finished:completed", result.output[-3000:]
     rows = metrics(secure, "tls")
     assert [(r["replied"], r["failed"]) for r in rows] == [(2, 0), (2, 0)]
+    assert [(r["secagg_survivors"], r["aggregated"]) for r in rows] == [(2, True), (2, True)]
+    epsilons = [r["epsilon"] for r in rows]
+    assert 0 < epsilons[0] < epsilons[1]
+    assert "| epsilon " in result.output
     for p, private in enumerate(PRIVATE_ROWS):
         log = "\n".join(
             (secure.root / "logs" / f"{name}.log").read_text(errors="replace")
