@@ -43,18 +43,22 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args()
     print("| setting | exact match (mean ± sd) | per seed |\n|---|---|---|")
-    with tempfile.TemporaryDirectory() as tmp:
+    if args.dry_run:
         for setting in args.settings:
-            if args.dry_run:
-                print(f"| {setting} | `{overrides(setting, args.seeds[0], args.rounds)}` | |")
-                continue
-            accs = []
-            for seed in args.seeds:
+            print(f"| {setting} | `{overrides(setting, args.seeds[0], args.rounds)}` | |")
+        return
+    accs: dict[str, list[float | None]] = {setting: [] for setting in args.settings}
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in args.seeds:  # seed by seed: a table cut short still compares every setting
+            for setting in args.settings:
                 name = f"{setting.split(',')[0].replace(' ', '').replace('=', '')}-{seed}"
-                accs.append(final_accuracy(run_cell(overrides(setting, seed, args.rounds), 4, Path(tmp), name)))
-                print(f"{setting} seed {seed}: {accs[-1]}", file=sys.stderr, flush=True)
-            per_seed = ", ".join("failed" if a is None else f"{a:.3f}" for a in accs)
-            print(f"| {setting} | {mean_sd(accs)} | {per_seed} |", flush=True)
+                accs[setting].append(
+                    final_accuracy(run_cell(overrides(setting, seed, args.rounds), 4, Path(tmp), name))
+                )
+                print(f"{setting} seed {seed}: {accs[setting][-1]}", file=sys.stderr, flush=True)
+    for setting, values in accs.items():
+        per_seed = ", ".join("failed" if a is None else f"{a:.3f}" for a in values)
+        print(f"| {setting} | {mean_sd(values)} | {per_seed} |", flush=True)
 
 
 if __name__ == "__main__":
