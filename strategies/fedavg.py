@@ -99,6 +99,7 @@ class FedAvgLoRA(FedAvg):
         self.lr_max, self.lr_min = lr_max, lr_min
         self.seed, self.query_timeout = seed, query_timeout
         self.partition_of: dict[int, int | None] = {}  # node id -> its partition id (None: did not answer)
+        self._shared_warned: set[tuple[int, int]] = set()  # (partition, node) already warned as held twice
 
     def state_dict(self) -> dict[str, Any]:
         """Server-side state to save for resuming (FedAvg has none)."""
@@ -191,8 +192,10 @@ class FedAvgLoRA(FedAvg):
         node_of: dict[int, int] = {}
         for node in connected:
             pid = self.partition_of.get(node)
-            if pid is not None:
-                node_of.setdefault(pid, node)
+            if pid is not None and node_of.setdefault(pid, node) != node and (pid, node) not in self._shared_warned:
+                self._shared_warned.add((pid, node))
+                log.warning("nodes %s and %s both hold partition-id %s; only node %s is sampled for it: give each "
+                            "SuperNode its own partition-id", node_of[pid], node, pid, node_of[pid])  # fmt: skip
         return node_of
 
     def query_partitions(self, grid: Grid, nodes: list[int]) -> dict[int, int | None]:
@@ -216,8 +219,9 @@ class FedAvgLoRA(FedAvg):
             log.warning("node %s answered the partition query with %r, not an integer; it is not sampled", node, pid)
             return None
         if not 0 <= pid < self.num_clients:
-            raise ValueError(
-                f"node {node} holds partition-id {pid}, outside 0..{self.num_clients - 1} for "
-                f"num_clients={self.num_clients}; give each SuperNode a partition-id below num_clients"
-            )
+            log.error(
+                "node %s holds partition-id %s, outside 0..%s for num_clients=%s; it is not sampled: give each "
+                "SuperNode a partition-id below num_clients", node, pid, self.num_clients - 1, self.num_clients,
+            )  # fmt: skip
+            return None
         return pid
