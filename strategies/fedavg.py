@@ -183,6 +183,15 @@ class FedAvgLoRA(FedAvg):
         pool = range(self.num_clients) if available is None else available
         return sample_partitions(self.seed, server_round, self.num_clients, self.min_train_nodes, pool)
 
+    def sent_partition(self, reply: Message) -> int:
+        """The partition the server sent this round to the reply's node: its answer to the partition query (the
+        server's record, never the reply's own claim).
+        """
+        pid = self.partition_of.get(reply.metadata.src_node_id)
+        if pid is None:
+            raise ValueError(f"a reply from node {reply.metadata.src_node_id}, which was sent no round")
+        return pid
+
     def connected_partitions(self, grid: Grid) -> dict[int, int]:
         """Partition id -> connected node holding it; nodes not met before are queried first."""
         connected = sorted(grid.get_node_ids())
