@@ -40,7 +40,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from strategies.aggregation import Arrays
 from strategies.records import from_record, to_record
-from strategies.robust import AggregatorParams, aggregate
+from strategies.robust import AggregatorParams, aggregate, trimming_shortfall
 from strategies.sampling import nodes_for, sample_partitions
 from strategies.schedule import cosine_lr
 
@@ -85,6 +85,8 @@ class FedAvgLoRA(FedAvg):
         query_timeout: float = 600.0,
     ) -> None:
         self.aggregation = AggregatorParams(aggregator, num_malicious, trim_fraction)
+        if shortfall := trimming_shortfall(self.aggregation, sample_clients):
+            log.warning(shortfall)
         super().__init__(
             fraction_train=sample_clients / num_clients,
             fraction_evaluate=0.0,
