@@ -173,7 +173,7 @@ class DPStrategy:
             over += l2_norm(update) > c * (1 + CLIENT_CLIP_TOLERANCE)
             clipped, _ = clip_update(update, c)
             updates.append(clipped)
-            per_partition[self.reply_partition_id(msg)] = split_update(clipped)
+            per_partition[self.sent_partition(msg)] = split_update(clipped)
         new = self._release(updates, per_partition, ok, over)
         metrics = self.train_metrics_aggr_fn([m.content for m in ok], self.weighted_by_key) if ok else MetricRecord()
         return new, metrics
@@ -217,13 +217,6 @@ class DPStrategy:
         parts = {ARRAYS_KEY: {k: trained[k].astype(np.float64) - global_[k].astype(np.float64) for k in global_}}
         parts.update({k: from_record(msg.content[k]) for k in self.reply_arrays})
         return parts
-
-    def reply_partition_id(self, msg: Message) -> int:
-        """The partition the server sent this round to the reply's node (the server's own record)."""
-        pid = self.partition_of.get(msg.metadata.src_node_id)
-        if pid is None:
-            raise ValueError(f"a reply from node {msg.metadata.src_node_id}, which was sent no round")
-        return pid
 
     def state_dict(self) -> dict[str, Any]:
         state = dict(super().state_dict())

@@ -40,7 +40,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from strategies.aggregation import Arrays
 from strategies.records import from_record, to_record
-from strategies.robust import AggregatorParams, aggregate
+from strategies.robust import AggregatorParams, aggregate, trimming_shortfall
 from strategies.sampling import nodes_for, sample_partitions
 from strategies.schedule import cosine_lr
 
@@ -85,6 +85,8 @@ class FedAvgLoRA(FedAvg):
         query_timeout: float = 600.0,
     ) -> None:
         self.aggregation = AggregatorParams(aggregator, num_malicious, trim_fraction)
+        if shortfall := trimming_shortfall(self.aggregation, sample_clients):
+            log.warning(shortfall)
         super().__init__(
             fraction_train=sample_clients / num_clients,
             fraction_evaluate=0.0,
@@ -99,6 +101,7 @@ class FedAvgLoRA(FedAvg):
         self.lr_max, self.lr_min = lr_max, lr_min
         self.seed, self.query_timeout = seed, query_timeout
         self.partition_of: dict[int, int | None] = {}  # node id -> its partition id (None: did not answer)
+        self._shared_warned: set[tuple[int, int]] = set()  # (partition, node) already warned as held twice
 
     def state_dict(self) -> dict[str, Any]:
         """Server-side state to save for resuming (FedAvg has none)."""
@@ -182,6 +185,15 @@ class FedAvgLoRA(FedAvg):
         pool = range(self.num_clients) if available is None else available
         return sample_partitions(self.seed, server_round, self.num_clients, self.min_train_nodes, pool)
 
+    def sent_partition(self, reply: Message) -> int:
+        """The partition the server sent this round to the reply's node: its answer to the partition query (the
+        server's record, never the reply's own claim).
+        """
+        pid = self.partition_of.get(reply.metadata.src_node_id)
+        if pid is None:
+            raise ValueError(f"a reply from node {reply.metadata.src_node_id}, which was sent no round")
+        return pid
+
     def connected_partitions(self, grid: Grid) -> dict[int, int]:
         """Partition id -> connected node holding it; nodes not met before are queried first."""
         connected = sorted(grid.get_node_ids())
@@ -191,8 +203,10 @@ class FedAvgLoRA(FedAvg):
         node_of: dict[int, int] = {}
         for node in connected:
             pid = self.partition_of.get(node)
-            if pid is not None:
-                node_of.setdefault(pid, node)
+            if pid is not None and node_of.setdefault(pid, node) != node and (pid, node) not in self._shared_warned:
+                self._shared_warned.add((pid, node))
+                log.warning("nodes %s and %s both hold partition-id %s; only node %s is sampled for it: give each "
+                            "SuperNode its own partition-id", node_of[pid], node, pid, node_of[pid])  # fmt: skip
         return node_of
 
     def query_partitions(self, grid: Grid, nodes: list[int]) -> dict[int, int | None]:
@@ -216,8 +230,9 @@ class FedAvgLoRA(FedAvg):
             log.warning("node %s answered the partition query with %r, not an integer; it is not sampled", node, pid)
             return None
         if not 0 <= pid < self.num_clients:
-            raise ValueError(
-                f"node {node} holds partition-id {pid}, outside 0..{self.num_clients - 1} for "
-                f"num_clients={self.num_clients}; give each SuperNode a partition-id below num_clients"
-            )
+            log.error(
+                "node %s holds partition-id %s, outside 0..%s for num_clients=%s; it is not sampled: give each "
+                "SuperNode a partition-id below num_clients", node, pid, self.num_clients - 1, self.num_clients,
+            )  # fmt: skip
+            return None
         return pid

@@ -66,6 +66,20 @@ class AggregatorParams:
             raise ValueError(f"strategy.trim_fraction={self.trim_fraction} must be in [0, 0.5); e.g. 0.2")
 
 
+def trimming_shortfall(p: AggregatorParams, replies: int) -> str | None:
+    """Why ``trimmed_mean`` over ``replies`` updates cuts fewer values per side than there are attackers (at
+    least one), or None. Flower's ``trim_mean`` cuts ``int(trim_fraction * n)``: 0.2 of 4 replies cuts none.
+    """
+    cut, need = int(p.trim_fraction * replies), max(p.num_malicious, 1)
+    if p.aggregator != "trimmed_mean" or cut >= need:
+        return None
+    return (
+        f"strategy.aggregator=trimmed_mean with {replies} replies a round and strategy.trim_fraction="
+        f"{p.trim_fraction} cuts {cut} value(s) per side, fewer than the {need} attacker(s) it should drop "
+        f"(strategy.num_malicious={p.num_malicious}); set strategy.trim_fraction={need / replies:.3g} or more"
+    )
+
+
 def aggregate(updates: list[Arrays], weights: list[float], p: AggregatorParams) -> Arrays:
     """The aggregate of the clients' adapters under rule ``p.aggregator``."""
     if p.aggregator == "mean":

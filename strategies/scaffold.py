@@ -97,7 +97,7 @@ class Scaffold(FedAvgLoRA):
         deltas: dict[int, Arrays] = {}
         for m in replies:
             if not m.has_error():
-                deltas[self.reply_partition(m)] = from_record(m.content[C_DELTA_KEY])
+                deltas[self.sent_partition(m)] = from_record(m.content[C_DELTA_KEY])
                 del m.content[C_DELTA_KEY]  # Flower's FedAvg expects exactly one ArrayRecord
         mean, metrics = super().aggregate_train(server_round, replies)
         if mean is None or self.global_arrays is None or self.c is None:
@@ -125,13 +125,6 @@ class Scaffold(FedAvgLoRA):
         own = {pid: {k: v.astype(np.float32) for k, v in p[C_DELTA_KEY].items()} for pid, p in per_partition.items()}
         self.c_i = scaffold_commit_controls(self.c_i, own)
         return new
-
-    def reply_partition(self, reply: Message) -> int:
-        """The partition the server sent this round to the reply's node (the server's record, not the reply's)."""
-        pid = self.partition_of.get(reply.metadata.src_node_id)
-        if pid is None:
-            raise ValueError(f"a SCAFFOLD reply from node {reply.metadata.src_node_id}, which was sent no round")
-        return pid
 
     def state_dict(self) -> dict[str, Arrays | None]:
         state: dict[str, Arrays | None] = {"c": None if self.c is None else _copy(self.c)}

@@ -110,6 +110,18 @@ class PartitionBook:
     def bind(self, node: int, pid: int) -> None:
         self.by_node[node] = pid
 
+    def assign(self, planned: dict[int, int]) -> None:
+        """Bind each node to the partition the server sent it this round (``planned``: node -> partition, from
+        the strategy's partition query, the one source the round plan, weights and control variates use).
+
+        A node bound before to another partition, or a partition bound before to another node (a claim made
+        before its holder replied, or state from before a resume), follows the plan.
+        """
+        for node, pid in planned.items():
+            for other in [n for n, p in self.by_node.items() if p == pid and n != node]:
+                del self.by_node[other]
+            self.by_node[node] = pid
+
 
 def reply_problem(content: RecordDict, spec: ReplySpec | Shapes) -> str | None:
     """Why a reply's content must be rejected, or None when it is sound (never raises)."""

@@ -208,6 +208,7 @@ def check_replies(
     """The round's replies to aggregate in partition order (errors last), the rejected and the clipped ones."""
     spec = ReplySpec(shapes_of(arrays), tuple(getattr(strategy, "reply_arrays", ())), strategy.num_clients)
     sent_to = {m.metadata.dst_node_id for m in messages}
+    guard.book.assign(planned_partitions(strategy, sent_to))
     kept, rejected = split_replies(replies, spec, sent_to, guard.book, sent_shapes(messages))
     sent = {m.metadata.dst_node_id: m.content[ARRAYS_KEY] for m in messages if ARRAYS_KEY in m.content}
     # Under DP every update is clipped to privacy.clip_norm; a bound from the other replies' median would make
@@ -215,6 +216,12 @@ def check_replies(
     bound = getattr(strategy, "averages", True) and not is_private(strategy)
     kept, refused, clipped = guard.judge(kept, arrays, spec.extra, bound=bound, sent=sent)
     return _in_client_order(kept), rejected + refused, clipped
+
+
+def planned_partitions(strategy: Any, sent_to: set[int]) -> dict[int, int]:
+    """Node -> the partition the strategy sent it this round (its partition query's answer), where known."""
+    known = getattr(strategy, "partition_of", {})
+    return {node: known[node] for node in sent_to if known.get(node) is not None}
 
 
 def is_private(strategy: Any) -> bool:

@@ -7,7 +7,7 @@ from flwr.app import ConfigRecord
 from fedllm_app.config import ConfigError, load_config
 from fedllm_app.server.run import build_strategy
 from strategies.records import from_record, to_record
-from strategies.robust import AggregatorParams, aggregate
+from strategies.robust import AggregatorParams, aggregate, trimming_shortfall
 from tests.fakes import FakeGrid
 from tests.unit.strategies.test_strategies import reply
 
@@ -68,3 +68,14 @@ def test_a_robust_rule_feeds_the_algorithms_server_step():
 def test_an_unknown_rule_fails_at_start_with_the_choices():
     with pytest.raises(ConfigError, match=r"strategy.aggregator='mode' must be one of mean, median"):
         build_strategy(load_config({"overrides": "strategy.aggregator=mode"}))
+
+
+def test_a_trim_fraction_that_cuts_fewer_values_than_attackers_is_named_with_the_fraction_that_would(caplog):
+    """Flower's trim_mean cuts int(fraction x n) per side: the default 0.2 of 4 replies cuts none (a plain mean)."""
+    assert "set strategy.trim_fraction=0.25 or more" in trimming_shortfall(AggregatorParams("trimmed_mean", 1), 4)
+    assert trimming_shortfall(AggregatorParams("trimmed_mean", 1, 0.25), 4) is None
+    assert trimming_shortfall(AggregatorParams("trimmed_mean", 2), 10) is None  # cuts 2 per side
+    assert "cuts 2 value(s) per side, fewer than the 3" in trimming_shortfall(AggregatorParams("trimmed_mean", 3), 10)
+    assert trimming_shortfall(AggregatorParams("median", 1), 4) is None
+    build_strategy(load_config({"overrides": "strategy.aggregator=trimmed_mean strategy.num_malicious=1"}))
+    assert "with 4 replies a round and strategy.trim_fraction=0.2 cuts 0 value(s) per side" in caplog.text

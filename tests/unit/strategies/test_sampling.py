@@ -78,9 +78,19 @@ def test_a_node_that_does_not_tell_its_partition_is_not_sampled():
         assert trained(strategy, grid, [rnd]) == [[0, 2]]
 
 
-def test_a_partition_id_outside_num_clients_fails_naming_the_fix():
-    with pytest.raises(ValueError, match="node 2 holds partition-id 2, outside 0..1 for num_clients=2"):
-        trained(FedAvgLoRA(**{**KW, "num_clients": 2}), FakeGrid({1: 0, 2: 2}), [1])
+def test_a_partition_id_outside_num_clients_leaves_that_node_out_and_logs_the_fix(caplog):
+    """A node's answer must not end the run (a hostile or misconfigured node would stop everyone's training)."""
+    strategy = FedAvgLoRA(**{**KW, "num_clients": 2, "sample_clients": 1}, query_timeout=0.1)
+    assert trained(strategy, FakeGrid({1: 0, 2: 2}), [1, 2]) == [[0], [0]]
+    assert "node 2 holds partition-id 2, outside 0..1 for num_clients=2; it is not sampled" in caplog.text
+    assert "give each SuperNode a partition-id below num_clients" in caplog.text
+
+
+def test_two_nodes_holding_one_partition_are_named_once_and_only_one_trains_it(caplog):
+    grid = FakeGrid({1: 0, 2: 0, 3: 1})
+    strategy = FedAvgLoRA(**{**KW, "num_clients": 2, "sample_clients": 2})
+    assert trained(strategy, grid, [1, 2, 3]) == [[0, 1]] * 3
+    assert caplog.text.count("nodes 1 and 2 both hold partition-id 0; only node 1 is sampled for it") == 1
 
 
 def test_the_local_baseline_trains_every_client_every_round():

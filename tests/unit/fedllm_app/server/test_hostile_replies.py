@@ -233,8 +233,21 @@ def test_local_only_keeps_each_partition_for_the_node_that_first_held_it():
     np.testing.assert_array_equal(from_record(strategy.client_arrays[0])["w"], [1, 1, 1])  # node 1's adapter
     race = lambda n, rnd, c: with_metric(c, PARTITION_KEY, 0) if n == 2 else c  # noqa: E731
     _, rows, strategy = run(HostileGrid(2, race), LocalOnly(**kw(2)), num_rounds=2)  # a race wins nothing
-    assert {r["node"] for r in rows[0]["rejected"]} == {1, 2} and not strategy.client_arrays
-    assert "claimed by several nodes this round" in rows[0]["rejected"][0]["reason"]
+    assert [[r["node"] for r in row["rejected"]] for row in rows] == [[2], [2]]
+    assert rows[0]["rejected"][0]["reason"] == "'partition-id' is 0, but this node trains partition 1"
+    assert set(strategy.client_arrays) == {0}
+    np.testing.assert_array_equal(from_record(strategy.client_arrays[0])["w"], [1, 1, 1])
+
+
+def test_a_node_claiming_a_partition_first_cannot_lock_its_holder_out():
+    """Node 2 (partition 1 by the partition query) claims partition 0 before node 1 ever replies; node 1's
+    replies for partition 0 still count, as the server sent it partition 0's round (the one source of
+    node -> partition is the query, which also picks the nodes and their weights)."""
+    silent_first = lambda n, rnd, c: None if (n, rnd) == (1, 1) else c  # noqa: E731
+    steal = lambda n, rnd, c: with_metric(c, PARTITION_KEY, 0) if n == 2 else silent_first(n, rnd, c)  # noqa: E731
+    _, rows, _ = run(HostileGrid(2, steal), num_rounds=2)
+    assert [[r["node"] for r in row["rejected"]] for row in rows] == [[2], [2]]
+    assert rows[1]["replied"] == 1 and rows[1]["aggregated"]
 
 
 def test_a_reply_that_breaks_any_reader_is_a_rejection_not_a_crash():
