@@ -39,11 +39,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedllm_app.data.canaries import Canary
+from fedllm_app.config import CANARY_METHODS
+from fedllm_app.data.canaries import Canary, CanarySpec, make_canaries
 from fedllm_app.data.templates import to_prompt_completion
 from fedllm_app.data.trl_form import trl_token_ids
 
-METHODS = ("auto", "exact", "estimate")
+METHODS = CANARY_METHODS
 # auto scores every candidate up to 10^6 of them (111,111 prefixes); beyond, it estimates.
 EXACT_MAX_DIGITS = 6
 DIGITS = "0123456789"
@@ -114,6 +115,27 @@ def full_ids(tokenizer: Any, canary: Canary, secret: str, template: str) -> list
     row = to_prompt_completion(canary.instruction, canary.response(secret), template)
     prompt, (completion,) = trl_token_ids(tokenizer, row["prompt"], [row["completion"]])
     return prompt + completion
+
+
+def candidate_ids(tokenizer: Any, canary: Canary, secrets: list[str], template: str) -> list[list[int]]:
+    """:func:`full_ids` of many candidate secrets at once: the canary's training text is rendered once, the
+    secret replaced in it and the texts tokenised in one batch. Checked against :func:`full_ids` for the canary
+    and the first candidate; where a tokenizer or template does not render that way, one by one instead.
+    """
+    row = to_prompt_completion(canary.instruction, canary.response(), template)
+    if isinstance(row["prompt"], str):  # a string template: TRL appends EOS and adds the special tokens
+        eos = tokenizer.eos_token or ""
+        completion = row["completion"] if row["completion"].endswith(eos) else row["completion"] + eos
+        text, special = row["prompt"] + completion, True
+    else:
+        text, special = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False), False
+    mark = canary.response()
+    texts = [text.replace(mark, canary.response(s)) for s in [canary.secret, *secrets]]
+    ids = [list(x) for x in tokenizer(texts, add_special_tokens=special)["input_ids"]]
+    checks = [canary.secret, *secrets[:1]]
+    if text.count(mark) == 1 and all(ids[i] == full_ids(tokenizer, canary, s, template) for i, s in enumerate(checks)):
+        return ids[1:]
+    return [full_ids(tokenizer, canary, s, template) for s in secrets]
 
 
 def _common_prefix(seqs: list[list[int]]) -> int:
@@ -278,7 +300,8 @@ def canary_exposure(
                 "rank": rank, "log_perplexity": own}  # fmt: skip
     rng = np.random.default_rng([settings.seed, canary.number])
     drawn = [f"{int(n):0{digits}d}" for n in rng.integers(0, space, settings.sample)]
-    targets = [layout.target(full_ids(tokenizer, canary, s, template), s) for s in drawn + [canary.secret]]
+    candidates = drawn + [canary.secret]
+    targets = [layout.target(f, s) for f, s in zip(candidate_ids(tokenizer, canary, candidates, template), candidates)]
     logppl = -sequence_scores(model, layout.context, targets, settings.batch_size)
     own = float(logppl[-1])
     return {"number": canary.number, "method": method,
@@ -298,3 +321,16 @@ def exposure_report(
         "digits": digits,
         "canaries": per,
     }
+
+
+def audit(model: Any, tokenizer: Any, cfg: Any) -> dict[str, Any]:
+    """:func:`exposure_report` of the canaries a run config's ``privacy.canaries`` inserts, rebuilt from their
+    seed (no client data needed), under the model's current adapter.
+    """
+    spec = CanarySpec.from_config(cfg)
+    c = cfg.privacy.canaries
+    settings = ExposureSettings(
+        method=str(c.method), sample=int(c.sample), batch_size=int(cfg.training.eval_batch_size), seed=spec.seed
+    )
+    report = exposure_report(model, tokenizer, make_canaries(spec), spec.digits, cfg.training.template, settings)
+    return {**report, "partition": spec.partition, "repeats": spec.repeats}

@@ -54,8 +54,8 @@ WEIGHTINGS = ("norm", "examples")
 TRACKER_NAMES = ("tensorboard", "wandb", "mlflow")
 # privacy.accountant (strategies.accounting.ACCOUNTANTS; a test keeps them equal, as AGGREGATIONS).
 DP_ACCOUNTANTS = ("rdp", "pld")
-# privacy.canaries.method (evaluation.exposure.METHODS; a test keeps them equal, as AGGREGATIONS) and the longest
-# secret (10^9 candidates: Carlini et al.'s own 9-digit canaries).
+# privacy.canaries.method (how evaluation/exposure.py finds a canary's rank) and the longest secret (10^9
+# candidates: Carlini et al.'s own 9-digit canaries).
 CANARY_METHODS = ("auto", "exact", "estimate")
 MAX_CANARY_DIGITS = 9
 # hub.repo_id: <user or org>/<name>, or <name> in the token's own namespace.
@@ -572,7 +572,8 @@ def _validate_canaries(cfg: DictConfig) -> None:
     _check(
         0 <= c.partition < cfg.num_clients,
         f"privacy.canaries.partition={c.partition} is outside 0..{cfg.num_clients - 1} (num_clients="
-        f"{cfg.num_clients}); name the partition whose training rows get the canaries, e.g. privacy.canaries.partition=0",
+        f"{cfg.num_clients}); name the partition whose training rows get the canaries, e.g. "
+        f"privacy.canaries.partition=0",
     )
     _check(
         1 <= c.digits <= MAX_CANARY_DIGITS,
