@@ -290,22 +290,35 @@ def canary_exposure(
 ) -> dict[str, Any]:
     """One canary's exposure, log-perplexity (nats) and method; its rank too when exact."""
     layout = secret_layout(tokenizer, canary, template, digits)
-    method = choose_method(settings, layout, digits)
-    space = 10**digits
-    if method == "exact":
+    if choose_method(settings, layout, digits) == "exact":
         logppl = -digit_tree_scores(model, layout.context, layout.digit_ids, digits, settings.batch_size)
         rank = rank_of(logppl, int(canary.secret))
-        own = float(logppl[int(canary.secret)])
-        return {"number": canary.number, "method": method, "exposure": exposure_from_rank(rank, space),
-                "rank": rank, "log_perplexity": own}  # fmt: skip
+        found = {"method": "exact", "exposure": exposure_from_rank(rank, 10**digits), "rank": rank}
+        return {"number": canary.number, **found, "log_perplexity": float(logppl[int(canary.secret)])}
     rng = np.random.default_rng([settings.seed, canary.number])
-    drawn = [f"{int(n):0{digits}d}" for n in rng.integers(0, space, settings.sample)]
-    candidates = drawn + [canary.secret]
-    targets = [layout.target(f, s) for f, s in zip(candidate_ids(tokenizer, canary, candidates, template), candidates)]
+    candidates = [f"{int(n):0{digits}d}" for n in rng.integers(0, 10**digits, settings.sample)] + [canary.secret]
+    ids = candidate_ids(tokenizer, canary, candidates, template)
+    targets = [layout.target(f, s) for f, s in zip(ids, candidates, strict=True)]
     logppl = -sequence_scores(model, layout.context, targets, settings.batch_size)
-    own = float(logppl[-1])
-    return {"number": canary.number, "method": method,
-            "exposure": estimated_exposure(own, logppl[:-1], space), "log_perplexity": own}  # fmt: skip
+    own = float(logppl[-1])  # the canary's own secret, scored with the sample
+    exposure = estimated_exposure(own, logppl[:-1], 10**digits)
+    return {"number": canary.number, "method": "estimate", "exposure": exposure, "log_perplexity": own}
+
+
+def check_method(tokenizer: Any, cfg: Any) -> str:
+    """The method the audit will use for a run config's canaries (before the run: ``exact`` asked of a tokenizer
+    that merges digits fails here, not after the last round).
+    """
+    spec = CanarySpec.from_config(cfg)
+    layout = secret_layout(tokenizer, make_canaries(spec)[0], cfg.training.template, spec.digits)
+    return choose_method(_settings(cfg), layout, spec.digits)
+
+
+def _settings(cfg: Any) -> ExposureSettings:
+    c = cfg.privacy.canaries
+    return ExposureSettings(
+        method=str(c.method), sample=int(c.sample), batch_size=int(cfg.training.eval_batch_size), seed=int(c.seed)
+    )
 
 
 def exposure_report(
@@ -328,9 +341,5 @@ def audit(model: Any, tokenizer: Any, cfg: Any) -> dict[str, Any]:
     seed (no client data needed), under the model's current adapter.
     """
     spec = CanarySpec.from_config(cfg)
-    c = cfg.privacy.canaries
-    settings = ExposureSettings(
-        method=str(c.method), sample=int(c.sample), batch_size=int(cfg.training.eval_batch_size), seed=spec.seed
-    )
-    report = exposure_report(model, tokenizer, make_canaries(spec), spec.digits, cfg.training.template, settings)
+    report = exposure_report(model, tokenizer, make_canaries(spec), spec.digits, cfg.training.template, _settings(cfg))
     return {**report, "partition": spec.partition, "repeats": spec.repeats}

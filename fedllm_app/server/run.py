@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 from omegaconf import DictConfig, OmegaConf
 
-from evaluation.exposure import audit
+from evaluation.exposure import audit, check_method
 from evaluation.heldout import evaluate_adapter, exact_match_due
 from evaluation.preferences import HeldoutPreferences
 from evaluation.runner import check_round_benchmarks, round_benchmarks
@@ -189,7 +189,11 @@ class FederatedRun:
         self.guard = ReplyGuard(self.guard_params, plan)
         log.info(f"server held-out: {len(self.test)} rows")
         if (spec := CanarySpec.from_config(cfg)).count:
-            log.info(f"{describe(spec)}; the server measures their exposure after the last round")
+            try:
+                method = check_method(self.tokenizer, cfg)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+            log.info(f"{describe(spec)}; the server measures their exposure ({method}) after the last round")
         # DPO is evaluated on held-out pairs (loss, reward margin, preference accuracy) against the reference.
         self.preferences = (
             HeldoutPreferences(self.model, self.tokenizer, self.test, cfg) if cfg.task.name == "dpo" else None

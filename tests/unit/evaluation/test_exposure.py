@@ -106,7 +106,8 @@ def test_the_whole_sequence_scores_are_the_tokens_training_sees(tiny):
     full = full_ids(tok, canary, "58", "chat")
     assert layout.target(full, "58") == [layout.digit_ids[5], layout.digit_ids[8]]
     tree = digit_tree_scores(model, layout.context, layout.digit_ids, 2, batch_size=100)
-    assert sequence_scores(model, layout.context, [layout.target(full, "58")], 1)[0] == pytest.approx(tree[58], abs=1e-4)
+    whole = sequence_scores(model, layout.context, [layout.target(full, "58")], 1)[0]
+    assert whole == pytest.approx(tree[58], abs=1e-4)
 
 
 @pytest.mark.parametrize("template", ["chat", "alpaca", "vicuna"])
@@ -123,7 +124,7 @@ def test_a_report_holds_each_canary_and_stays_within_log2_space(tiny):
     model, tok = tiny
     canaries = make_canaries(CanarySpec(count=2, digits=3, seed=5))
     exact = exposure_report(model, tok, canaries, 3, "chat", ExposureSettings(batch_size=200))
-    estimate = exposure_report(model, tok, canaries, 3, "chat", ExposureSettings(method="estimate", sample=300))
+    estimate = exposure_report(model, tok, canaries, 3, "chat", ExposureSettings(method="estimate", sample=100))
     for report, method in ((exact, "exact"), (estimate, "estimate")):
         assert report["log2_space"] == pytest.approx(math.log2(1000)) and report["digits"] == 3
         assert [c["number"] for c in report["canaries"]] == [1, 2]
@@ -133,3 +134,14 @@ def test_a_report_holds_each_canary_and_stays_within_log2_space(tiny):
     # both methods score the same tokens: the same log-perplexity of each canary
     for a, b in zip(exact["canaries"], estimate["canaries"], strict=True):
         assert a["log_perplexity"] == pytest.approx(b["log_perplexity"], abs=1e-4)
+
+
+def test_the_server_knows_the_method_before_the_run(tiny):
+    from evaluation.exposure import check_method
+    from fedllm_app.config import load_config
+
+    _, tok = tiny
+    on = "privacy.canaries.count=2 privacy.canaries.digits"
+    assert check_method(tok, load_config({"overrides": f"{on}=6"})) == "exact"
+    assert check_method(tok, load_config({"overrides": f"{on}=7"})) == "estimate"
+    assert check_method(tok, load_config({"overrides": f"{on}=3 privacy.canaries.method=estimate"})) == "estimate"
