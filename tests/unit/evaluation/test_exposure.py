@@ -40,7 +40,7 @@ def test_exposure_is_log2_space_minus_log2_rank():
 
 
 def test_the_estimate_follows_the_fitted_distributions_tail():
-    sample = np.random.default_rng(0).normal(10.0, 2.0, 20_000)
+    sample = np.random.default_rng(0).normal(10.0, 2.0, 4000)
     assert estimated_exposure(10.0, sample, 10**6) == pytest.approx(1.0, abs=0.05)  # the median: half below
     assert estimated_exposure(4.0, sample, 10**6) == pytest.approx(-math.log2(0.0013499), abs=0.3)  # 3 sd below
     assert estimated_exposure(-100.0, sample, 10**6) == pytest.approx(math.log2(10**6))  # clipped to log2 |R|
@@ -72,6 +72,9 @@ def test_exact_needs_one_token_per_digit_and_auto_falls_back_to_the_estimate():
         ExposureSettings(method="rank")
 
 
+# The tests below load the tiny model: slow, as the project marks every test that loads a model.
+
+
 @pytest.fixture(scope="module")
 def tiny():
     from fedllm_app.config import load_config
@@ -82,6 +85,7 @@ def tiny():
     return model, tokenizer
 
 
+@pytest.mark.slow
 def test_the_digit_tree_gives_the_log_probs_of_scoring_whole_sequences(tiny):
     model, tok = tiny
     canary = Canary(1, "407")
@@ -96,6 +100,7 @@ def test_the_digit_tree_gives_the_log_probs_of_scoring_whole_sequences(tiny):
     assert np.exp(tree).sum() <= 1.0 + 1e-6  # the secrets' probabilities (other continuations take the rest)
 
 
+@pytest.mark.slow
 def test_the_whole_sequence_scores_are_the_tokens_training_sees(tiny):
     """The estimate's scorer reads the secret's tokens out of TRL's tokenisation of the canary row."""
     model, tok = tiny
@@ -110,6 +115,7 @@ def test_the_whole_sequence_scores_are_the_tokens_training_sees(tiny):
     assert whole == pytest.approx(tree[58], abs=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("template", ["chat", "alpaca", "vicuna"])
 def test_candidates_tokenised_in_one_batch_are_the_tokens_trl_makes(tiny, template):
     from evaluation.exposure import candidate_ids, full_ids
@@ -120,6 +126,7 @@ def test_candidates_tokenised_in_one_batch_are_the_tokens_trl_makes(tiny, templa
     assert candidate_ids(tok, canary, secrets, template) == [full_ids(tok, canary, s, template) for s in secrets]
 
 
+@pytest.mark.slow
 def test_a_report_holds_each_canary_and_stays_within_log2_space(tiny):
     model, tok = tiny
     canaries = make_canaries(CanarySpec(count=2, digits=3, seed=5))
@@ -136,6 +143,7 @@ def test_a_report_holds_each_canary_and_stays_within_log2_space(tiny):
         assert a["log_perplexity"] == pytest.approx(b["log_perplexity"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_the_server_knows_the_method_before_the_run(tiny):
     from evaluation.exposure import check_method
     from fedllm_app.config import load_config
