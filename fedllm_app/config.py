@@ -54,6 +54,10 @@ WEIGHTINGS = ("norm", "examples")
 TRACKER_NAMES = ("tensorboard", "wandb", "mlflow")
 # privacy.accountant (strategies.accounting.ACCOUNTANTS; a test keeps them equal, as AGGREGATIONS).
 DP_ACCOUNTANTS = ("rdp", "pld")
+# privacy.canaries.method (how evaluation/exposure.py finds a canary's rank) and the longest secret (10^9
+# candidates: Carlini et al.'s own 9-digit canaries).
+CANARY_METHODS = ("auto", "exact", "estimate")
+MAX_CANARY_DIGITS = 9
 # hub.repo_id: <user or org>/<name>, or <name> in the token's own namespace.
 _HUB_REPO_ID = re.compile(r"^([\w.-]+/)?[\w.-]+$")
 
@@ -300,6 +304,7 @@ def validate(cfg: DictConfig) -> None:
     _validate_reporting(cfg)
     _validate_secagg(cfg)
     _validate_dp(cfg)
+    _validate_canaries(cfg)
     _validate_comm(cfg)
     m = cfg.model
     adapter = m.get("adapter")
@@ -547,6 +552,54 @@ def _validate_dp(cfg: DictConfig) -> None:
     )
     # A target_epsilon already exceeded by round 1 is refused by the server when it builds the strategy
     # (fedllm_app.server.run.dp_settings): the accountant lives in strategies, which config may not import.
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _validate_canaries(cfg: DictConfig) -> None:
+    """``privacy.canaries``: the exposure audit's canaries (:mod:`fedllm_app.data.canaries`)."""
+    c = (cfg.get("privacy") or {}).get("canaries")
+    if c is None:
+        return
+    for key in ("count", "repeats", "partition", "digits", "seed", "sample"):
+        _check(_int(c.get(key)), f"privacy.canaries.{key}={c.get(key)!r} must be an integer; see conf/config.yaml")
+    _check(c.count >= 0, f"privacy.canaries.count={c.count} must be >= 0 (0 = no canaries); e.g. 10")
+    if c.count == 0:
+        return
+    _check(c.repeats >= 1, f"privacy.canaries.repeats={c.repeats} must be at least 1 (copies of each canary)")
+    _check(
+        0 <= c.partition < cfg.num_clients,
+        f"privacy.canaries.partition={c.partition} is outside 0..{cfg.num_clients - 1} (num_clients="
+        f"{cfg.num_clients}); name the partition whose training rows get the canaries, e.g. "
+        f"privacy.canaries.partition=0",
+    )
+    _check(
+        1 <= c.digits <= MAX_CANARY_DIGITS,
+        f"privacy.canaries.digits={c.digits} must be in 1..{MAX_CANARY_DIGITS} (10^digits possible secrets); "
+        f"e.g. privacy.canaries.digits=6",
+    )
+    _check(
+        c.count <= 10**c.digits,
+        f"privacy.canaries.count={c.count} distinct secrets do not fit in 10^{c.digits} candidates; lower count or "
+        f"raise privacy.canaries.digits",
+    )
+    _check(
+        c.method in CANARY_METHODS,
+        f"privacy.canaries.method={c.method!r} must be one of {', '.join(CANARY_METHODS)}; e.g. auto",
+    )
+    _check(c.sample >= 100, f"privacy.canaries.sample={c.sample} must be at least 100 (candidates for the estimate)")
+    _check(
+        task_name(cfg) == "sft",
+        "privacy.canaries with task=dpo: canaries are instruction/response rows; run the audit with task=sft or set "
+        "privacy.canaries.count=0",
+    )
+    _check(
+        cfg.strategy.name != "local",
+        "privacy.canaries with strategy=local: there is no global adapter whose exposure to measure; choose a "
+        "federated strategy or set privacy.canaries.count=0",
+    )
 
 
 def _looks_like_path(name: str) -> bool:

@@ -18,6 +18,9 @@ ClientApp accepts from the run config only:
   ``allowed-models`` / ``allowed-datasets`` (comma-separated ``model.name`` / ``dataset.name`` values)
   pin what the node serves; ``require-secagg=true`` makes it answer only secure-aggregation rounds (it
   refuses a plain train message, which would send its adapter in clear).
+- never the exposure audit's canaries (``privacy.canaries.count > 0``, :mod:`fedllm_app.data.canaries`):
+  they change the node's training data (random secrets written into its rows), so whoever starts runs
+  must not turn them on; a node owner who audits their own deployment sets ``trust-run-config=true``.
 
 A simulation, where one person owns every simulated node and the run config, keeps the run config's
 local paths: the ClientApp runs inside Flower's simulation engine (:func:`in_simulation`), or the node
@@ -189,7 +192,13 @@ class NodePolicy:
             raise PolicyError(f"{group}={value!r} is not one of the app's {group} choices")
 
     def check_config(self, cfg: DictConfig) -> None:
-        """The composed config against the node's pins (allowed models and datasets)."""
+        """The composed config against the node's pins (allowed models and datasets) and its training data."""
+        canaries = int(((cfg.get("privacy") or {}).get("canaries") or {}).get("count", 0))
+        if canaries and not self.trust_run_config:
+            raise PolicyError(
+                f"privacy.canaries.count={canaries} would write canary rows into this node's training data (an "
+                f"exposure audit for simulations); refused unless the node config sets {TRUST_RUN_CONFIG_KEY}=true"
+            )
         if self.allowed_models is not None and str(cfg.model.name) not in self.allowed_models:
             raise PolicyError(f"model {cfg.model.name!r} is not in this node's allowed-models {self.allowed_models}")
         if self.allowed_datasets is not None and str(cfg.dataset.name) not in self.allowed_datasets:

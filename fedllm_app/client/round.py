@@ -17,6 +17,7 @@ only the adapter and metrics travel.
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
 import time
@@ -33,6 +34,7 @@ from fedllm_app.client.gradient_terms import ScaffoldClient
 from fedllm_app.client.policy import DATA_PATH_KEY, NodePolicy
 from fedllm_app.client.trainer import ClientTrainer, client_trainer
 from fedllm_app.config import ConfigError, cfg_key, load_config
+from fedllm_app.data.canaries import CanarySpec
 from fedllm_app.data.pipeline import local_rows, partition, pooled
 from fedllm_app.data.rows import Row
 from fedllm_app.data.sampling import round_indices
@@ -52,6 +54,7 @@ from strategies.local import PARTITION_KEY
 from strategies.records import from_record, to_record
 from strategies.scaffold import C_DELTA_KEY
 
+log = logging.getLogger("fedllm")
 LOCAL_STATE_KEY = "local-adapter"
 __all__ = ["DATA_PATH_KEY", "round_config", "train_one_round"]
 
@@ -105,6 +108,8 @@ def client_rows(
                 f"client {pid} has its own data-path {data_path!r}, but strategy=central pools every client's data "
                 f"on one node; private files cannot be pooled: run strategy=central in simulation without data-path"
             )
+        if CanarySpec.from_config(cfg).count:
+            log.warning("client %d trains on its own file (data-path): privacy.canaries inserts nothing into it", pid)
         return local_rows(cfg, data_path, who=f"client {pid}"), f"client {pid} (data-path '{data_path}')"
     if mode == "central":
         return pooled(cfg), "pooled data"

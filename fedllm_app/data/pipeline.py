@@ -7,6 +7,8 @@ The data of a run is ``dataset`` (the built-in synthetic set or a catalogue entr
 rebuilds the same split from the seed, so no data travels. In a real federation a
 SuperNode can instead train on its own file, named in its node config (``data-path``,
 :func:`local_rows`): the whole file is its partition and never leaves it.
+With ``privacy.canaries.count > 0`` the canaries of the exposure audit (:mod:`fedllm_app.data.canaries`)
+are inserted into one partition's training rows right after the split.
 Rows are described in :mod:`fedllm_app.data.rows`.
 """
 
@@ -18,7 +20,7 @@ import logging
 from omegaconf import DictConfig, OmegaConf
 
 from fedllm_app.config import ConfigError, conf_dir, task_name
-from fedllm_app.data import catalogue, pairs, partitions, synthetic
+from fedllm_app.data import canaries, catalogue, pairs, partitions, synthetic
 from fedllm_app.data.holdout import hold_out
 from fedllm_app.data.rows import Row
 
@@ -28,11 +30,13 @@ Split = tuple[tuple[tuple[Row, ...], ...], tuple[Row, ...]]
 # Explicit per-process cache of the loaded split, keyed on the config sections that shape it.
 _SPLITS: dict[str, Split] = {}
 _LOCAL: dict[str, list[Row]] = {}
+# Split keys whose canaries this process has announced (logged once per process, where they are trained).
+_ANNOUNCED: set[str] = set()
 
 
 def _split_key(cfg: DictConfig) -> str:
     parts = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("dataset", "partition") if k in cfg}
-    extra = (task_name(cfg), cfg.num_clients, cfg.seed, cfg.training.batch_size)
+    extra = (task_name(cfg), cfg.num_clients, cfg.seed, cfg.training.batch_size, canaries.CanarySpec.from_config(cfg))
     return json.dumps([parts, extra], sort_keys=True, default=str)
 
 
@@ -58,6 +62,7 @@ def _build(cfg: DictConfig) -> Split:
         if d.get("heldout_in_training"):  # a FlowerTune challenge trains on its whole fixed set
             train = rows
     parts = partitions.split(train, cfg.partition, cfg.num_clients, cfg.seed, cfg.training.batch_size)
+    parts = canaries.insert(parts, canaries.CanarySpec.from_config(cfg))
     return tuple(tuple(p) for p in parts), tuple(test)
 
 
@@ -69,6 +74,10 @@ def partition(cfg: DictConfig, partition_id: int) -> list[Row]:
             f"partition-id={partition_id} is outside 0..{len(parts) - 1}: the run config has num_clients={len(parts)}; "
             f"start as many SuperNodes (num-supernodes) as num_clients"
         )
+    spec = canaries.CanarySpec.from_config(cfg)
+    if spec.count and spec.partition == partition_id and (key := _split_key(cfg)) not in _ANNOUNCED:
+        _ANNOUNCED.add(key)
+        log.info("client %d: %s", partition_id, canaries.describe(spec))
     return list(parts[partition_id])
 
 

@@ -16,12 +16,14 @@ from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 from omegaconf import DictConfig, OmegaConf
 
+from evaluation.exposure import audit, check_method
 from evaluation.heldout import evaluate_adapter, exact_match_due
 from evaluation.preferences import HeldoutPreferences
 from evaluation.runner import check_round_benchmarks, round_benchmarks
 from fedllm_app.comm.codecs import CommParams
 from fedllm_app.config import ConfigError, challenge_warning
 from fedllm_app.data import pipeline
+from fedllm_app.data.canaries import CanarySpec, describe
 from fedllm_app.model import get_adapter, get_model, set_adapter
 from fedllm_app.server.guard import GuardParams, ReplyGuard
 from fedllm_app.server.hub import check_hub, push_adapter
@@ -186,6 +188,12 @@ class FederatedRun:
         # One judge of weights, update sizes and node -> partition for the whole run, baseline included.
         self.guard = ReplyGuard(self.guard_params, plan)
         log.info(f"server held-out: {len(self.test)} rows")
+        if (spec := CanarySpec.from_config(cfg)).count:
+            try:
+                method = check_method(self.tokenizer, cfg)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+            log.info(f"{describe(spec)}; the server measures their exposure ({method}) after the last round")
         # DPO is evaluated on held-out pairs (loss, reward margin, preference accuracy) against the reference.
         self.preferences = (
             HeldoutPreferences(self.model, self.tokenizer, self.test, cfg) if cfg.task.name == "dpo" else None
@@ -289,6 +297,27 @@ class FederatedRun:
         self.final = final or (self.resumed.last_eval if self.resumed else {})
         self.summary["final"] = self.final
         self._checkpoint_early_stop(arrays_out)
+        self.canary_audit(arrays_out)
+
+    def canary_audit(self, arrays: ArrayRecord) -> None:
+        """With ``privacy.canaries``: the canaries' exposure in the final global adapter ``arrays``, and for
+        reference in the initial one, into the summary (``canary_exposure``; :mod:`evaluation.exposure`).
+        """
+        if not CanarySpec.from_config(self.cfg).count:
+            return
+        start = time.perf_counter()
+        set_adapter(self.model, from_record(self.initial))
+        initial = audit(self.model, self.tokenizer, self.cfg)
+        set_adapter(self.model, from_record(arrays))
+        report = audit(self.model, self.tokenizer, self.cfg)
+        report["initial"] = {k: initial[k] for k in ("mean", "max")}
+        report["seconds"] = time.perf_counter() - start
+        self.summary["canary_exposure"] = report
+        log.info(
+            f"canary exposure (bits, of at most log2|R| = {report['log2_space']:.2f}): mean {report['mean']:.2f}, "
+            f"max {report['max']:.2f} in the final adapter; mean {initial['mean']:.2f} in the initial one "
+            f"({report['canaries'][0]['method']}, {report['seconds']:.0f} s)"
+        )
 
     def last_round(self) -> int:
         """The last federated round completed (below num_rounds when privacy.target_epsilon stopped the run)."""

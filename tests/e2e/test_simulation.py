@@ -13,12 +13,15 @@ DATA_FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "data" / "dat
 
 
 def test_two_round_simulation_trains_saves_and_reloads(flower, tmp_path):
-    """The same run also checks the server's per-round benchmark hook (eval.benches)."""
+    """The same run also checks the server's per-round benchmark hook (eval.benches) and its canary audit
+    (privacy.canaries: two canaries of 2 digits in partition 0, their exposure in summary.json).
+    """
     out = tmp_path / "outputs"
     overrides = (
         f"num_rounds=2 num_clients=2 sample_clients=2 save_every=1 training.max_steps=5 output_dir={out} run_name=it "
         "logging.report_to=[tensorboard] eval.exact_match_every=1 "
-        f"eval.benches=[tfns] eval.every=2 eval.data_dir={EVAL_FIXTURES}"
+        f"eval.benches=[tfns] eval.every=2 eval.data_dir={EVAL_FIXTURES} "
+        "privacy.canaries.count=2 privacy.canaries.repeats=3 privacy.canaries.digits=2"
     )
     status, log = flower.run(overrides, num_supernodes=2)
     assert status == "finished:completed", log[-3000:]
@@ -59,6 +62,11 @@ def test_two_round_simulation_trains_saves_and_reloads(flower, tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert set(summary["baseline_local"]["clients"]) == {"0", "1"}
     assert summary["final"]["accuracy"] == pytest.approx(lines[-1]["accuracy"])
+    exposure = summary["canary_exposure"]
+    assert [(c["number"], c["method"]) for c in exposure["canaries"]] == [(1, "exact"), (2, "exact")]
+    assert exposure["log2_space"] == pytest.approx(6.6439, abs=1e-4)  # log2 of 10^2 candidates
+    assert all(0 <= c["exposure"] <= exposure["log2_space"] for c in exposure["canaries"])
+    assert "privacy.canaries: 2 secret(s) of 2 digits" in log
     assert (run / "metrics.png").stat().st_size > 1000
     assert "| held-out exact match | fedavg | local-only mean |" in (run / "comparison.md").read_text()
     local_lines = (run / "baseline_local" / "metrics.jsonl").read_text().splitlines()

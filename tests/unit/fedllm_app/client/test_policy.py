@@ -175,3 +175,17 @@ def test_a_run_may_set_the_codec_and_the_privacy_settings_on_a_node():
 
 def test_a_run_may_ask_nodes_for_differential_privacy():
     NodePolicy().check_run_config({"overrides": "privacy.dp=true privacy.clip_norm=0.5 baseline=none"})
+
+
+def test_a_run_cannot_write_canaries_into_a_real_nodes_data_unless_the_node_trusts_it():
+    """privacy.canaries changes the node's training rows: an audit for simulations, or for a node owner who says so."""
+    run_config = {"overrides": "privacy.canaries.count=2 privacy.canaries.digits=3"}
+    deployment = NodePolicy.from_node_config(NODE, simulation=False)
+    with pytest.raises(PolicyError, match="privacy.canaries.count=2 .* trust-run-config=true"):
+        round_config(run_config, message(), deployment)
+    for policy in (
+        NodePolicy.from_node_config(NODE, simulation=True),
+        NodePolicy.from_node_config({**NODE, "trust-run-config": True}, simulation=False),
+    ):
+        assert round_config(run_config, message(), policy).privacy.canaries.count == 2
+    assert round_config({"overrides": "privacy.canaries.count=0"}, message(), deployment).privacy.canaries.count == 0
