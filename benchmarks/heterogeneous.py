@@ -23,6 +23,8 @@ from flower_cells import final_accuracy, mean_sd, run_cell
 SETTINGS = {
     "HetLoRA, ranks 4/8/16/32": "lora_aggregation=hetlora model.lora.r=32 model.lora.alpha=64 "
     "model.lora.client_ranks=[4,8,16,32]",
+    "HetLoRA per-rank average, ranks 4/8/16/32": "lora_aggregation=hetlora hetlora_average=per_rank "
+    "model.lora.r=32 model.lora.alpha=64 model.lora.client_ranks=[4,8,16,32]",
     "FlexLoRA, ranks 4/8/16/32": "lora_aggregation=flexlora model.lora.r=32 model.lora.alpha=64 "
     "model.lora.client_ranks=[4,8,16,32]",
     "homogeneous r=4": "model.lora.r=4 model.lora.alpha=8",
@@ -51,7 +53,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:  # seed by seed: a table cut short still compares every setting
             for setting in args.settings:
-                name = f"{setting.split(',')[0].replace(' ', '').replace('=', '')}-{seed}"
+                name = f"{setting.split(',')[0].replace(' ', '-').replace('=', '')}-{seed}"
                 accs[setting].append(
                     final_accuracy(run_cell(overrides(setting, seed, args.rounds), 4, Path(tmp), name))
                 )

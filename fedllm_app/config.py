@@ -50,6 +50,7 @@ EVERY_ROUND = 0  # the round of a fault_injection entry <kind>-every-p<partition
 # keeps them equal: config is imported by evaluation, which never imports the strategies).
 AGGREGATIONS = ("homogeneous", "hetlora", "flexlora")
 WEIGHTINGS = ("norm", "examples")
+HETLORA_AVERAGES = ("zero_padded", "per_rank")
 # logging.report_to: the experiment trackers (fedllm_app.server.trackers implements one class per name).
 TRACKER_NAMES = ("tensorboard", "wandb", "mlflow")
 # privacy.accountant (strategies.accounting.ACCOUNTANTS; a test keeps them equal, as AGGREGATIONS).
@@ -364,7 +365,9 @@ def _validate_data(cfg: DictConfig) -> None:
 
 
 def _validate_lora_ranks(cfg: DictConfig) -> None:
-    """``lora_aggregation``, ``hetlora_weighting`` and ``model.lora.client_ranks`` (each rank in 1..model.lora.r)."""
+    """``lora_aggregation``, ``hetlora_weighting``, ``hetlora_average`` and ``model.lora.client_ranks`` (each rank in
+    1..model.lora.r).
+    """
     method, lora = cfg.get("lora_aggregation", "homogeneous"), cfg.model.lora
     _check(
         method in AGGREGATIONS,
@@ -374,6 +377,11 @@ def _validate_lora_ranks(cfg: DictConfig) -> None:
     _check(
         weighting in WEIGHTINGS,
         f"hetlora_weighting={weighting!r} must be one of {', '.join(WEIGHTINGS)}; e.g. hetlora_weighting=norm",
+    )
+    average = cfg.get("hetlora_average", "zero_padded")
+    _check(
+        average in HETLORA_AVERAGES,
+        f"hetlora_average={average!r} must be one of {', '.join(HETLORA_AVERAGES)}; e.g. hetlora_average=per_rank",
     )
     ranks = lora.get("client_ranks") or []
     _check(

@@ -44,7 +44,14 @@ from flwr.serverapp import Grid
 from strategies.central import Central
 from strategies.fedavg import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, FedAvgLoRA
 from strategies.fedopt import ServerOptimizer
-from strategies.hetero_rank import WEIGHTINGS, flexlora_aggregate, hetlora_aggregate, hetlora_weights, pad_rank
+from strategies.hetero_rank import (
+    AVERAGES,
+    WEIGHTINGS,
+    flexlora_aggregate,
+    hetlora_aggregate,
+    hetlora_weights,
+    pad_rank,
+)
 from strategies.hetero_rank import slice_rank as slice_arrays
 from strategies.local import LocalOnly
 from strategies.records import from_record, to_record
@@ -79,6 +86,9 @@ class HeteroRankParams:
     weighting : str
         HetLoRA's client weights: ``"norm"`` (the paper's, by the size of each client's ``B A``) or
         ``"examples"`` (FedAvg's example counts). FlexLoRA always weights by example counts.
+    average : str
+        HetLoRA's ranks: ``"zero_padded"`` (the paper's weighted sum of zero-padded factors) or ``"per_rank"``
+        (each rank the weighted mean of the clients that hold it); see :mod:`strategies.hetero_rank`.
     query_timeout : float
         Seconds to wait for a node's answer to the rank query (the server passes ``round_timeout``); a node
         that has not answered is left out of the round and asked again the next.
@@ -88,6 +98,7 @@ class HeteroRankParams:
     r_max: int
     weighting: str = "norm"
     query_timeout: float = 600.0
+    average: str = "zero_padded"
 
     def __post_init__(self) -> None:
         if self.method not in AGGREGATIONS[1:]:
@@ -96,6 +107,8 @@ class HeteroRankParams:
             raise ValueError(f"model.lora.r={self.r_max} must be at least 1")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting={self.weighting!r} must be one of {', '.join(WEIGHTINGS)}")
+        if self.average not in AVERAGES:
+            raise ValueError(f"average={self.average!r} must be one of {', '.join(AVERAGES)}")
 
 
 class HeteroRank(FedAvgLoRA):
@@ -171,7 +184,7 @@ class HeteroRank(FedAvgLoRA):
         if p.method == "flexlora":
             return flexlora_aggregate(clients, num_examples, p.r_max, np.random.default_rng(server_round))
         weights = hetlora_weights(clients, num_examples, p.weighting)
-        return hetlora_aggregate(clients, weights, p.r_max, previous=self.sent)
+        return hetlora_aggregate(clients, weights, p.r_max, previous=self.sent, average=p.average)
 
 
 class HeteroLocalOnly(LocalOnly, HeteroRank):

@@ -28,6 +28,13 @@ rank-``r_max`` client was not sampled or was rejected) keep the previous global'
 of becoming zero: a rank whose ``A`` row and ``B`` column are both zero gets no gradient, so it
 would never train again. The paper's rank self-pruning on the clients is NOT implemented.
 
+``average="per_rank"`` (not the paper's; an option) divides each rank by the share of the weights of the
+clients that hold it, so a rank is the weighted mean of its holders' values: zero-padding's sum shrinks
+the ranks held only by high-rank clients by that share every round (Byun and Lee, 2024, "Towards Federated
+Low-Rank Adaptation of Language Models with Rank Heterogeneity", call this dilution), and as both a
+rank's ``A`` row and ``B`` column shrink, the rank's product decays to zero and its gradient with it. Ranks
+every client holds are the same under both.
+
 FlexLoRA (Bai et al., NeurIPS 2024)
 -----------------------------------
 The server averages the full-size products weighted by example counts,
@@ -53,6 +60,7 @@ from strategies.aggregation import Arrays
 A_SUFFIX = ".lora_A.weight"
 B_SUFFIX = ".lora_B.weight"
 WEIGHTINGS = ("norm", "examples")
+AVERAGES = ("zero_padded", "per_rank")
 
 
 def lora_layers(arrays: Arrays) -> list[str]:
@@ -126,22 +134,41 @@ def hetlora_weights(clients: list[Arrays], num_examples: list[float], weighting:
 
 
 def hetlora_aggregate(
-    clients: list[Arrays], weights: list[float], r_max: int, previous: Arrays | None = None
+    clients: list[Arrays],
+    weights: list[float],
+    r_max: int,
+    previous: Arrays | None = None,
+    average: str = "zero_padded",
 ) -> Arrays:
     """``sum_k p_k pad(x_k)`` for every factor, at rank ``r_max`` (weights as :func:`hetlora_weights` gives).
 
-    With ``previous`` (the global the clients started from), the ranks above every client's rank keep its values.
+    ``average="per_rank"``: rank ``i`` is divided by ``sum_{k: r_k > i} p_k``, the weights of the clients
+    holding it. With ``previous`` (the global the clients started from), the ranks above every client's
+    rank keep its values.
     """
     if not clients:
         raise ValueError("no client adapters to aggregate")
+    if average not in AVERAGES:
+        raise ValueError(f"average={average!r} must be one of {', '.join(AVERAGES)}")
     padded = [pad_rank(c, r_max) for c in clients]
     out = {k: sum(w * p[k] for p, w in zip(padded, weights, strict=True)) for k in padded[0]}
+    if average == "per_rank":
+        _divide_by_holders_share(out, [rank_of(c) for c in clients], weights, r_max)
     held = max(rank_of(c) for c in clients)
     if previous is not None and held < r_max:
         for layer in lora_layers(out):
             out[layer + A_SUFFIX][held:] = previous[layer + A_SUFFIX][held:]
             out[layer + B_SUFFIX][:, held:] = previous[layer + B_SUFFIX][:, held:]
     return out
+
+
+def _divide_by_holders_share(out: Arrays, ranks: list[int], weights: list[float], r_max: int) -> None:
+    """Rank ``i`` of every factor in ``out`` divided by the weight share of the clients of rank above ``i``."""
+    share = np.array([sum(w for w, r in zip(weights, ranks, strict=True) if r > i) for i in range(r_max)])
+    scale = np.divide(1.0, share, out=np.zeros(r_max), where=share > 0)  # a rank no one holds stays zero here
+    for layer in lora_layers(out):
+        out[layer + A_SUFFIX] = out[layer + A_SUFFIX] * scale[:, None].astype(out[layer + A_SUFFIX].dtype)
+        out[layer + B_SUFFIX] = out[layer + B_SUFFIX] * scale[None, :].astype(out[layer + B_SUFFIX].dtype)
 
 
 def low_rank_svd(b: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

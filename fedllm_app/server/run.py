@@ -125,6 +125,7 @@ def hetero_params(cfg: DictConfig) -> HeteroRankParams | None:
         method=method,
         r_max=cfg.model.lora.r,
         weighting=cfg.get("hetlora_weighting", "norm"),
+        average=cfg.get("hetlora_average", "zero_padded"),
         query_timeout=cfg.round_timeout,  # a node that does not say its rank in time sits the round out
     )
 

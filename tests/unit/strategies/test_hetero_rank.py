@@ -63,6 +63,29 @@ def test_hetlora_averages_the_zero_padded_factors_with_its_weights():
     np.testing.assert_allclose(got[L + hr.B_SUFFIX], [[5, 0], [4 / 3, 16 / 3]])
 
 
+def test_hetlora_per_rank_averages_each_rank_over_the_clients_that_hold_it():
+    """Rank 0 (both clients) is the same as zero-padding's; rank 1 (only the rank-2 client, weight 2/3) is that
+    client's own row and column, where zero-padding keeps 2/3 of them."""
+    small = lora([[1, 0]], [[3], [4]])
+    big = lora([[1, 0], [0, 1]], [[6, 0], [0, 8]])
+    got = hr.hetlora_aggregate([small, big], [1 / 3, 2 / 3], r_max=2, average="per_rank")
+    np.testing.assert_allclose(got[L + hr.A_SUFFIX], [[1, 0], [0, 1]])
+    np.testing.assert_allclose(got[L + hr.B_SUFFIX], [[5, 0], [4 / 3, 8]])
+    with pytest.raises(ValueError, match="average='mean' must be one of zero_padded, per_rank"):
+        hr.hetlora_aggregate([small], [1.0], r_max=2, average="mean")
+
+
+def test_hetlora_per_rank_keeps_a_rank_held_by_one_client_instead_of_shrinking_it_every_round():
+    """Zero-padding shrinks the top rank's product by the holder's weight squared each round (here 1/4); per
+    rank keeps it, round after round."""
+    small, big = lora([[1, 0]], [[1], [1]]), lora([[1, 0], [0, 1]], [[1, 0], [0, 1]])
+    for average, top in (("zero_padded", 0.5**6), ("per_rank", 1.0)):
+        g = big
+        for _ in range(3):  # every round the rank-2 client sends back what it got (no training)
+            g = hr.hetlora_aggregate([small, hr.slice_rank(g, 2)], [0.5, 0.5], r_max=2, average=average)
+        assert g[L + hr.A_SUFFIX][1, 1] * g[L + hr.B_SUFFIX][1, 1] == pytest.approx(top)
+
+
 def test_flexlora_of_one_rank_one_client_returns_its_product_split_evenly():
     c = lora([[0, 2]], [[0], [8]])  # B A = [[0, 0], [0, 16]]: singular value 16
     got = hr.flexlora_aggregate([c], [5], r_max=2)
