@@ -156,10 +156,15 @@ def run_fedllm(work: Path, model: Path, rows: Path, rounds: int, task: str = "sf
         "wall": wall,
         "rounds": [r["seconds"] for r in lines],
         "first_start": lines[0]["started_at"] - launched,
-        "train": [r["train_phase_seconds"] for r in lines],
-        "eval": [r.get("eval_seconds", 0.0) for r in lines],
-        "loss": [r.get("train_loss", float("nan")) for r in lines],
+        "train": [number(r.get("train_phase_seconds")) for r in lines],
+        "eval": [number(r.get("eval_seconds"), 0.0) for r in lines],
+        "loss": [number(r.get("train_loss")) for r in lines],
     }
+
+
+def number(value: float | None, missing: float = float("nan")) -> float:
+    """A metric of metrics.jsonl as a float; ``missing`` where the round has none (null or absent)."""
+    return missing if value is None else float(value)
 
 
 # Its own per-round line (printed before a round's clients train) and the metrics dict transformers prints
@@ -299,6 +304,7 @@ def main() -> None:
     parser.add_argument("--task", choices=sorted(TASKS), default="sft")
     parser.add_argument("--openfedllm", type=Path, default=None, help="a checkout of OpenFedLLM (optional)")
     parser.add_argument("--openfedllm-python", default="python", help="the Python of OpenFedLLM's environment")
+    parser.add_argument("--json", type=Path, default=None, help="also write the raw per-round results here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -311,6 +317,8 @@ def main() -> None:
             results["OpenFedLLM"] = run_openfedllm(
                 args.openfedllm, args.openfedllm_python, model, rows, args.rounds, work, args.task
             )
+    if args.json:
+        args.json.write_text(json.dumps({"task": args.task, "rounds": args.rounds, **results}, indent=1))
     print(
         "| tool | total wall | launch to round 1 | round 1 | later rounds mean (median) "
         "| training phase, later rounds mean | evaluation, later rounds mean | last round's train loss |"
