@@ -216,8 +216,9 @@ def openfedllm_env(work: Path) -> dict[str, str]:
 def parse_openfedllm(lines: list[tuple[float, str]], launched: float, ended: float) -> dict:
     """Per-round times from OpenFedLLM's timestamped output.
 
-    A round runs from its ``Round N`` line to the next one (the last to the process's exit); its training
-    phase is the sum of its clients' ``train_runtime``; launch to round 1 is the start-up (imports, data,
+    A round runs from its ``Round N`` line to the next, the last to the last line of output (tqdm closing
+    its rounds bar as the loop ends; the interpreter's exit comes after); its training phase is the sum of
+    its clients' ``train_runtime``; launch to round 1 is the start-up (imports, data,
     model, tokenizer). OpenFedLLM evaluates nothing during training, so its evaluation time is 0.
     """
     marks: list[float] = []
@@ -236,7 +237,7 @@ def parse_openfedllm(lines: list[tuple[float, str]], launched: float, ended: flo
             losses[-1].append(metrics["train_loss"])
     if not marks:
         raise ValueError("no 'Round N' line in OpenFedLLM's output: is it main_sft.py of rui-ye/OpenFedLLM?")
-    ends = [*marks[1:], ended]
+    ends = [*marks[1:], lines[-1][0]]
     return {
         "wall": ended - launched,
         "rounds": [b - a for a, b in zip(marks, ends, strict=True)],

@@ -45,12 +45,13 @@ OUTPUT = [
     (112.5, " 50%|#####     | 1/2 [00:02<00:02,  2.95s/it]" + round_line(2, "[1, 2]")),  # a bar before it
     (113.0, train_line(0.3, 6.6)),
     (114.0, train_line(0.5, 6.8)),
+    (114.25, "100%|##########| 2/2 [00:06<00:00,  3.00s/it]\n"),  # the rounds bar closes; then the exit
 ]
 
 
-def test_rounds_run_from_each_round_line_to_the_next_and_the_last_to_the_exit(bench):
+def test_rounds_run_from_each_round_line_to_the_next_and_the_last_to_the_last_output(bench):
     r = bench.parse_openfedllm(OUTPUT, launched=100.0, ended=115.0)
-    assert r["rounds"] == pytest.approx([4.5, 2.5])
+    assert r["rounds"] == pytest.approx([4.5, 1.75])
     assert r["first_start"] == pytest.approx(8.0)
     assert r["wall"] == pytest.approx(15.0)
 
