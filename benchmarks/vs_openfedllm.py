@@ -218,8 +218,8 @@ def parse_openfedllm(lines: list[tuple[float, str]], launched: float, ended: flo
 
     A round runs from its ``Round N`` line to the next, the last to the last line of output (tqdm closing
     its rounds bar as the loop ends; the interpreter's exit comes after); its training phase is the sum of
-    its clients' ``train_runtime``; launch to round 1 is the start-up (imports, data,
-    model, tokenizer). OpenFedLLM evaluates nothing during training, so its evaluation time is 0.
+    its clients' ``train_runtime``; launch to round 1 is the start-up (imports, data, model, tokenizer).
+    OpenFedLLM evaluates nothing during training, so its evaluation time is 0.
     """
     marks: list[float] = []
     train: list[float] = []
@@ -236,7 +236,7 @@ def parse_openfedllm(lines: list[tuple[float, str]], launched: float, ended: flo
             train[-1] += metrics["train_runtime"]
             losses[-1].append(metrics["train_loss"])
     if not marks:
-        raise ValueError("no 'Round N' line in OpenFedLLM's output: is it main_sft.py of rui-ye/OpenFedLLM?")
+        raise ValueError("no 'Round N' line in OpenFedLLM's output: is it main_sft.py or main_dpo.py of rui-ye/OpenFedLLM?")
     ends = [*marks[1:], lines[-1][0]]
     return {
         "wall": ended - launched,

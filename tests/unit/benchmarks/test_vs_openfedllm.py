@@ -64,7 +64,7 @@ def test_a_rounds_training_phase_and_loss_come_from_its_clients_train_metrics(be
 
 
 def test_output_without_round_lines_is_an_error_naming_the_expected_script(bench):
-    with pytest.raises(ValueError, match="main_sft.py of rui-ye/OpenFedLLM"):
+    with pytest.raises(ValueError, match="main_sft.py or main_dpo.py of rui-ye/OpenFedLLM"):
         bench.parse_openfedllm(OUTPUT[:1], launched=100.0, ended=101.0)
 
 
