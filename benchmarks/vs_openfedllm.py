@@ -236,7 +236,9 @@ def parse_openfedllm(lines: list[tuple[float, str]], launched: float, ended: flo
             train[-1] += metrics["train_runtime"]
             losses[-1].append(metrics["train_loss"])
     if not marks:
-        raise ValueError("no 'Round N' line in OpenFedLLM's output: is it main_sft.py or main_dpo.py of rui-ye/OpenFedLLM?")
+        raise ValueError(
+            "no 'Round N' line in OpenFedLLM's output: is it main_sft.py or main_dpo.py of rui-ye/OpenFedLLM?"
+        )
     ends = [*marks[1:], lines[-1][0]]
     return {
         "wall": ended - launched,
