@@ -204,9 +204,13 @@ def openfedllm_args(model: Path, data_dir: str, rounds: int, out: Path, task: st
     ]  # fmt: skip
 
 
-def openfedllm_env(work: Path) -> dict[str, str]:
-    """Unbuffered output (its round lines are timed as they arrive), offline, a fresh datasets cache."""
+def openfedllm_env(work: Path, threads: int = 0) -> dict[str, str]:
+    """Unbuffered output (its round lines are timed as they arrive), offline, a fresh datasets cache; with
+    ``threads`` > 0 that many torch threads (``OMP_NUM_THREADS``), else torch's default (one per core).
+    """
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     return {
         **env, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_CACHE": str(work / "ofl-hf-cache"), "WANDB_DISABLED": "true",
@@ -251,7 +255,7 @@ def parse_openfedllm(lines: list[tuple[float, str]], launched: float, ended: flo
 
 
 def run_openfedllm(
-    checkout: Path, python: str, model: Path, rows: Path, rounds: int, work: Path, task: str = "sft"
+    checkout: Path, python: str, model: Path, rows: Path, rounds: int, work: Path, task: str = "sft", threads: int = 0
 ) -> dict:
     """OpenFedLLM's main_sft.py (main_dpo.py) on the same model and rows, in its own environment; its output
     timed line by line.
@@ -266,7 +270,12 @@ def run_openfedllm(
     lines: list[tuple[float, str]] = []
     launched = time.time()
     with subprocess.Popen(
-        args, cwd=checkout, env=openfedllm_env(work), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        args,
+        cwd=checkout,
+        env=openfedllm_env(work, threads),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     ) as proc:
         for line in proc.stdout:
             lines.append((time.time(), line))
@@ -307,6 +316,10 @@ def main() -> None:
     parser.add_argument("--task", choices=sorted(TASKS), default="sft")
     parser.add_argument("--openfedllm", type=Path, default=None, help="a checkout of OpenFedLLM (optional)")
     parser.add_argument("--openfedllm-python", default="python", help="the Python of OpenFedLLM's environment")
+    parser.add_argument(
+        "--openfedllm-threads", type=int, default=0,
+        help="torch threads of OpenFedLLM's one process (0: torch's default, one per core)",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, default=None, help="also write the raw per-round results here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -318,10 +331,16 @@ def main() -> None:
         results = {"fedllm": run_fedllm(work, model, rows, args.rounds, args.task)}
         if args.openfedllm:
             results["OpenFedLLM"] = run_openfedllm(
-                args.openfedllm, args.openfedllm_python, model, rows, args.rounds, work, args.task
-            )
+                args.openfedllm, args.openfedllm_python, model, rows, args.rounds, work, args.task,
+                args.openfedllm_threads,
+            )  # fmt: skip
     if args.json:
-        args.json.write_text(json.dumps({"task": args.task, "rounds": args.rounds, **results}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {"task": args.task, "rounds": args.rounds, "openfedllm_threads": args.openfedllm_threads, **results},
+                indent=1,
+            )
+        )
     print(
         "| tool | total wall | launch to round 1 | round 1 | later rounds mean (median) "
         "| training phase, later rounds mean | evaluation, later rounds mean | last round's train loss |"

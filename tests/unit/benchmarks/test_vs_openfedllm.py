@@ -89,3 +89,11 @@ def test_dpo_pairs_share_the_human_turn_and_part_where_the_replies_begin(bench, 
         turn = pair["chosen"][: pair["chosen"].index("\n\nAssistant: ") + len("\n\nAssistant: ")]
         assert pair["rejected"].startswith(turn)
         assert pair["chosen"][len(turn)] != pair["rejected"][len(turn)]
+
+
+def test_openfedllm_gets_a_thread_count_only_when_one_is_asked_for(bench, tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert "OMP_NUM_THREADS" not in bench.openfedllm_env(tmp_path)
+    env = bench.openfedllm_env(tmp_path, threads=1)
+    assert env["OMP_NUM_THREADS"] == "1"
+    assert env["PYTHONUNBUFFERED"] == "1" and "PYTHONPATH" not in env
