@@ -2,7 +2,7 @@
 
 The workload (issue 18): a random Llama (hidden 128, 2 layers) with a SentencePiece vocabulary of 1,024
 trained here on the rows, 4,000 rows of random words (alpaca-format for SFT, Anthropic-HH pairs for DPO),
-4 clients with 2 sampled per round, 5 steps of batch 8, sequence length 128, LoRA r8/alpha 16 on q/v (dropout
+4 clients with 2 sampled per round, 5 steps of batch 8, sequence length 128 (DPO: 256), LoRA r8/alpha 16 on q/v (dropout
 0.05), lr 1e-3 cosine over the rounds down to OpenFedLLM's fixed floor (1e-6 SFT, 1e-5 DPO), FedAvg, IID,
 20 rounds. fedllm runs through ``flwr run`` (simulation, one CPU and one thread per client). With
 ``--openfedllm PATH`` (a checkout of github.com/rui-ye/OpenFedLLM, never vendored here) its ``main_sft.py``
@@ -66,11 +66,11 @@ class Task:
 TASKS = {
     "sft": Task(
         "main_sft.py", "yahma/alpaca-cleaned", "alpaca",
-        "dataset=alpaca training.template=alpaca training.min_learning_rate=1e-6",
+        "dataset=alpaca training.template=alpaca training.min_learning_rate=1e-6 training.max_length=128",
     ),
     "dpo": Task(
         "main_dpo.py", "Anthropic/hh-rlhf", "vicuna_v1.1",
-        "task=dpo dataset=hh_rlhf training.template=vicuna training.min_learning_rate=1e-5",
+        "task=dpo dataset=hh_rlhf training.template=vicuna training.min_learning_rate=1e-5 training.max_length=256",
     ),
 }  # fmt: skip
 
@@ -126,7 +126,7 @@ def fedllm_overrides(model: Path, rows: Path, rounds: int, task: str = "sft") ->
         f"model.lora.target_modules=[q_proj,v_proj] {TASKS[task].fedllm} "
         f"dataset.path={rows} num_clients=4 sample_clients=2 strategy=fedavg num_rounds={rounds} "
         "baseline=none save_every=1000 training.batch_size=8 training.max_steps=5 "
-        "training.max_length=128 training.learning_rate=1e-3 training.max_new_tokens=16 training.num_threads=1"
+        "training.learning_rate=1e-3 training.max_new_tokens=16 training.num_threads=1"
     )
 
 
@@ -152,6 +152,7 @@ def run_fedllm(work: Path, model: Path, rows: Path, rounds: int, task: str = "sf
     if status != "finished:completed":
         raise SystemExit(f"fedllm run ended {status}:\n{log[-3000:]}")
     lines = [json.loads(x) for x in (out / "bench" / "metrics.jsonl").read_text().splitlines()]
+    check_every_round_trained(lines, log)
     return {
         "wall": wall,
         "rounds": [r["seconds"] for r in lines],
@@ -160,6 +161,16 @@ def run_fedllm(work: Path, model: Path, rows: Path, rounds: int, task: str = "sf
         "eval": [number(r.get("eval_seconds"), 0.0) for r in lines],
         "loss": [number(r.get("train_loss")) for r in lines],
     }
+
+
+def check_every_round_trained(lines: list[dict], log: str) -> None:
+    """Stop when a round of the fedllm run lost a client or was not aggregated: its times would be those of
+    clients that failed (e.g. every row dropped by ``training.max_length``), not of training."""
+    bad = [r["round"] for r in lines if not r.get("aggregated") or r.get("failed")]
+    if bad:
+        errors = [line for line in log.splitlines() if "ERROR" in line][-3:]
+        raise SystemExit(f"fedllm rounds {bad} lost clients or were not aggregated; the times would not be "
+                         f"training's:\n" + "\n".join(errors))  # fmt: skip
 
 
 def number(value: float | None, missing: float = float("nan")) -> float:
@@ -190,7 +201,9 @@ def openfedllm_args(model: Path, data_dir: str, rounds: int, out: Path, task: st
     are fixed in its code; its default gradient checkpointing is turned off (fedllm's local models train
     without) and checkpoints every ``save_model_freq`` rounds are pushed past the run, as fedllm's
     ``save_every=1000``. ``dataset_sample 0`` keeps every row. main_dpo.py ignores ``seq_length`` (TRL 0.7's
-    DPOTrainer then caps at 512 tokens, prompts at 128); the rows are far shorter than either.
+    DPOTrainer then caps at 512 tokens and cuts a prompt to 128 only when prompt and reply pass 512); the rows
+    (about 150 tokens with the vicuna system prompt) are far shorter. fedllm's DPO gets ``training.max_length=256``:
+    at 128 its vicuna prompts alone (about 140 tokens) do not fit and every row is dropped.
     """
     t = TASKS[task]
     return [

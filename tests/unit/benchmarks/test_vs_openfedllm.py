@@ -97,3 +97,21 @@ def test_openfedllm_gets_a_thread_count_only_when_one_is_asked_for(bench, tmp_pa
     env = bench.openfedllm_env(tmp_path, threads=1)
     assert env["OMP_NUM_THREADS"] == "1"
     assert env["PYTHONUNBUFFERED"] == "1" and "PYTHONPATH" not in env
+
+
+def test_a_fedllm_round_that_lost_clients_stops_the_benchmark_instead_of_timing_failures(bench):
+    """Its DPO clients once dropped every row (vicuna prompts longer than max_length) and the failed rounds' times
+    were reported as training times."""
+    check_every_round_trained = bench.check_every_round_trained
+    good = {"round": 1, "aggregated": True, "failed": 0}
+    check_every_round_trained([good], "")
+    log = "x\n[fedllm] ERROR: ValueError: client 0: no row fits training.max_length=128; raise it\n"
+    with pytest.raises(SystemExit, match=r"(?s)rounds \[2\] lost clients.*no row fits"):
+        check_every_round_trained([good, {"round": 2, "aggregated": False, "failed": 2}], log)
+
+
+def test_fedllms_dpo_length_fits_its_vicuna_prompts(bench):
+    fedllm_overrides = bench.fedllm_overrides
+    assert fedllm_overrides(Path("m"), Path("r.jsonl"), 2, "dpo").count("training.max_length=") == 1
+    assert "training.max_length=256" in fedllm_overrides(Path("m"), Path("r.jsonl"), 2, "dpo")
+    assert "training.max_length=128" in fedllm_overrides(Path("m"), Path("r.jsonl"), 2, "sft")
