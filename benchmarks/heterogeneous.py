@@ -27,6 +27,8 @@ SETTINGS = {
     "model.lora.r=32 model.lora.alpha=64 model.lora.client_ranks=[4,8,16,32]",
     "FlexLoRA, ranks 4/8/16/32": "lora_aggregation=flexlora model.lora.r=32 model.lora.alpha=64 "
     "model.lora.client_ranks=[4,8,16,32]",
+    "FlexLoRA update average, ranks 4/8/16/32": "lora_aggregation=flexlora flexlora_average=updates "
+    "model.lora.r=32 model.lora.alpha=64 model.lora.client_ranks=[4,8,16,32]",
     "homogeneous r=4": "model.lora.r=4 model.lora.alpha=8",
     "homogeneous r=32": "model.lora.r=32 model.lora.alpha=64",
 }

@@ -51,6 +51,7 @@ EVERY_ROUND = 0  # the round of a fault_injection entry <kind>-every-p<partition
 AGGREGATIONS = ("homogeneous", "hetlora", "flexlora")
 WEIGHTINGS = ("norm", "examples")
 HETLORA_AVERAGES = ("zero_padded", "per_rank")
+FLEXLORA_AVERAGES = ("products", "updates")
 # logging.report_to: the experiment trackers (fedllm_app.server.trackers implements one class per name).
 TRACKER_NAMES = ("tensorboard", "wandb", "mlflow")
 # privacy.accountant (strategies.accounting.ACCOUNTANTS; a test keeps them equal, as AGGREGATIONS).
@@ -365,8 +366,8 @@ def _validate_data(cfg: DictConfig) -> None:
 
 
 def _validate_lora_ranks(cfg: DictConfig) -> None:
-    """``lora_aggregation``, ``hetlora_weighting``, ``hetlora_average`` and ``model.lora.client_ranks`` (each rank in
-    1..model.lora.r).
+    """``lora_aggregation``, ``hetlora_weighting``, ``hetlora_average``, ``flexlora_average`` and
+    ``model.lora.client_ranks`` (each rank in 1..model.lora.r).
     """
     method, lora = cfg.get("lora_aggregation", "homogeneous"), cfg.model.lora
     _check(
@@ -382,6 +383,11 @@ def _validate_lora_ranks(cfg: DictConfig) -> None:
     _check(
         average in HETLORA_AVERAGES,
         f"hetlora_average={average!r} must be one of {', '.join(HETLORA_AVERAGES)}; e.g. hetlora_average=per_rank",
+    )
+    flex = cfg.get("flexlora_average", "products")
+    _check(
+        flex in FLEXLORA_AVERAGES,
+        f"flexlora_average={flex!r} must be one of {', '.join(FLEXLORA_AVERAGES)}; e.g. flexlora_average=updates",
     )
     ranks = lora.get("client_ranks") or []
     _check(

@@ -46,6 +46,7 @@ from strategies.fedavg import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, FedAvgLoRA
 from strategies.fedopt import ServerOptimizer
 from strategies.hetero_rank import (
     AVERAGES,
+    FLEXLORA_AVERAGES,
     WEIGHTINGS,
     flexlora_aggregate,
     hetlora_aggregate,
@@ -89,6 +90,9 @@ class HeteroRankParams:
     average : str
         HetLoRA's ranks: ``"zero_padded"`` (the paper's weighted sum of zero-padded factors) or ``"per_rank"``
         (each rank the weighted mean of the clients that hold it); see :mod:`strategies.hetero_rank`.
+    flexlora_average : str
+        FlexLoRA's mean: ``"products"`` (the paper's: of the clients' ``B_k A_k``) or ``"updates"`` (of their
+        changes from what each was sent, added to the global); see :mod:`strategies.hetero_rank`.
     query_timeout : float
         Seconds to wait for a node's answer to the rank query (the server passes ``round_timeout``); a node
         that has not answered is left out of the round and asked again the next.
@@ -99,6 +103,7 @@ class HeteroRankParams:
     weighting: str = "norm"
     query_timeout: float = 600.0
     average: str = "zero_padded"
+    flexlora_average: str = "products"
 
     def __post_init__(self) -> None:
         if self.method not in AGGREGATIONS[1:]:
@@ -109,6 +114,10 @@ class HeteroRankParams:
             raise ValueError(f"weighting={self.weighting!r} must be one of {', '.join(WEIGHTINGS)}")
         if self.average not in AVERAGES:
             raise ValueError(f"average={self.average!r} must be one of {', '.join(AVERAGES)}")
+        if self.flexlora_average not in FLEXLORA_AVERAGES:
+            raise ValueError(
+                f"flexlora_average={self.flexlora_average!r} must be one of {', '.join(FLEXLORA_AVERAGES)}"
+            )
 
 
 class HeteroRank(FedAvgLoRA):
@@ -182,7 +191,10 @@ class HeteroRank(FedAvgLoRA):
         """
         p = self.hetero
         if p.method == "flexlora":
-            return flexlora_aggregate(clients, num_examples, p.r_max, np.random.default_rng(server_round))
+            previous = self.sent if p.flexlora_average == "updates" else None
+            return flexlora_aggregate(
+                clients, num_examples, p.r_max, np.random.default_rng(server_round), previous=previous
+            )
         weights = hetlora_weights(clients, num_examples, p.weighting)
         return hetlora_aggregate(clients, weights, p.r_max, previous=self.sent, average=p.average)
 

@@ -44,7 +44,11 @@ split evenly between the factors, ``B = U_r S_r^(1/2)``, ``A = S_r^(1/2) V_r^T``
 does not change the product; the even split keeps both factors at equal norm; the choice is
 fedllm's). Singular triplets are kept in decreasing order, so the first ``r_k`` ranks of the
 global are exactly the rank-``r_k`` truncated SVD of ``W``: by Eckart-Young the best rank-``r_k``
-approximation, which is what FlexLoRA gives client ``k``. Ranks beyond the rank of ``W`` (when the
+approximation, which is what FlexLoRA gives client ``k``. ``flexlora_average=updates`` (not the
+paper's; an option) averages the clients' product *updates* ``B_k A_k - W_{r_k}`` (``W_{r_k}`` what client
+``k`` was sent) and adds them to ``W``: averaging the products themselves replaces ``W`` by a mix of its
+truncations, which shrinks the part beyond a low-rank client's rank by that client's weight every round.
+Ranks beyond the rank of ``W`` (when the
 round's ranks sum to less than ``r_max``) get LoRA's own start, a fresh random ``A`` row and a zero
 ``B`` column: the product is unchanged and the rank can train again. ``W`` is never formed: it is
 ``[B_1 .. B_K] [A_1; ..; A_K]``, a product of thin factors, whose SVD comes from two QR
@@ -61,6 +65,7 @@ A_SUFFIX = ".lora_A.weight"
 B_SUFFIX = ".lora_B.weight"
 WEIGHTINGS = ("norm", "examples")
 AVERAGES = ("zero_padded", "per_rank")
+FLEXLORA_AVERAGES = ("products", "updates")
 
 
 def lora_layers(arrays: Arrays) -> list[str]:
@@ -184,9 +189,18 @@ def low_rank_svd(b: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
 
 
 def flexlora_aggregate(
-    clients: list[Arrays], num_examples: list[float], r_max: int, rng: np.random.Generator | None = None
+    clients: list[Arrays],
+    num_examples: list[float],
+    r_max: int,
+    rng: np.random.Generator | None = None,
+    previous: Arrays | None = None,
 ) -> Arrays:
     """FlexLoRA: the rank-``r_max`` truncated SVD of ``sum_k n_k B_k A_k / sum_k n_k``, per layer.
+
+    With ``previous`` (the rank-``r_max`` global the clients were sent; ``flexlora_average=updates``) the
+    SVD is of ``W + sum_k p_k (B_k A_k - B[:, :r_k] A[:r_k])`` instead, ``W = B A`` the previous global and
+    ``p_k = n_k / sum_j n_j``: the mean of the clients' product updates added to the global, so the part of
+    ``W`` a low-rank client never received is kept instead of being averaged with its truncation.
 
     Returns ``B = U S^(1/2)``, ``A = S^(1/2) V^T`` in decreasing singular-value order, in the clients'
     dtype. Ranks beyond the SVD's (the clients' ranks sum to less than ``r_max``) have a zero ``B``
@@ -200,9 +214,16 @@ def flexlora_aggregate(
         raise ValueError(f"example counts must sum to a positive number, got {num_examples}")
     out: Arrays = {}
     dtype = clients[0][lora_layers(clients[0])[0] + A_SUFFIX].dtype
+    weights = [n / total for n in num_examples]
     for layer in lora_layers(clients[0]):
-        b = np.concatenate([(n / total) * c[layer + B_SUFFIX] for c, n in zip(clients, num_examples, strict=True)], 1)
-        a = np.concatenate([c[layer + A_SUFFIX] for c in clients], 0)
+        b_parts = [w * c[layer + B_SUFFIX] for c, w in zip(clients, weights, strict=True)]
+        a_parts = [c[layer + A_SUFFIX] for c in clients]
+        if previous is not None:  # + W - sum_k p_k W[:r_k]: each client's update, not its product
+            b_prev, a_prev = previous[layer + B_SUFFIX], previous[layer + A_SUFFIX]
+            ranks = [c[layer + A_SUFFIX].shape[0] for c in clients]
+            b_parts += [b_prev] + [-w * b_prev[:, :r] for w, r in zip(weights, ranks, strict=True)]
+            a_parts += [a_prev] + [a_prev[:r] for r in ranks]
+        b, a = np.concatenate(b_parts, 1), np.concatenate(a_parts, 0)
         u, s, vt = low_rank_svd(b, a)
         keep = min(r_max, s.size)
         root = np.sqrt(s[:keep])

@@ -126,6 +126,7 @@ def hetero_params(cfg: DictConfig) -> HeteroRankParams | None:
         r_max=cfg.model.lora.r,
         weighting=cfg.get("hetlora_weighting", "norm"),
         average=cfg.get("hetlora_average", "zero_padded"),
+        flexlora_average=cfg.get("flexlora_average", "products"),
         query_timeout=cfg.round_timeout,  # a node that does not say its rank in time sits the round out
     )
 

@@ -161,7 +161,7 @@ def test_the_config_accepts_exactly_the_methods_and_weightings_the_strategies_im
     from strategies import hetero
 
     assert (config.AGGREGATIONS, config.WEIGHTINGS) == (hetero.AGGREGATIONS, hr.WEIGHTINGS)
-    assert config.HETLORA_AVERAGES == hr.AVERAGES
+    assert (config.HETLORA_AVERAGES, config.FLEXLORA_AVERAGES) == (hr.AVERAGES, hr.FLEXLORA_AVERAGES)
 
 
 @pytest.mark.parametrize(
@@ -169,6 +169,7 @@ def test_the_config_accepts_exactly_the_methods_and_weightings_the_strategies_im
     [
         ("lora_aggregation=svd", r"lora_aggregation='svd' must be one of homogeneous, hetlora, flexlora"),
         ("hetlora_average=mean", r"hetlora_average='mean' must be one of zero_padded, per_rank"),
+        ("flexlora_average=mean", r"flexlora_average='mean' must be one of products, updates"),
         ("model.lora.client_ranks=[4,32]", r"client_ranks=\[4, 32\] holds 32, outside 1..model.lora.r=16.*at least 32"),
         ("model.lora.client_ranks=[4,8]", r"lora_aggregation=homogeneous.*set lora_aggregation=hetlora or flexlora"),
         ("lora_aggregation=hetlora hetlora_weighting=size", r"hetlora_weighting='size' must be one of norm, examples"),

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from strategies import hetero_rank as hr
+from strategies.hetero import HeteroRankParams
 
 L = "m.layers.0.q_proj"
 
@@ -116,6 +117,31 @@ def test_flexlora_pads_with_zeros_when_the_mean_has_rank_below_r_max():
     glob = hr.flexlora_aggregate([random_lora(1, seed=4)], [1], r_max=3)
     assert glob[L + hr.A_SUFFIX].shape == (3, 5) and glob[L + hr.B_SUFFIX].shape == (6, 3)
     np.testing.assert_allclose(glob[L + hr.A_SUFFIX][1:], 0, atol=1e-12)
+
+
+def test_flexlora_updates_adds_the_mean_of_the_clients_product_changes_to_the_global():
+    """W + sum_k p_k (B_k A_k - W_{r_k}), W_{r_k} the slice client k was sent; r_max holds it exactly."""
+    previous = random_lora(3, seed=1)
+    small = random_lora(1, seed=2)  # sent previous's rank 1
+    big = random_lora(3, seed=3)  # sent all of it
+    got = hr.flexlora_aggregate([small, big], [1, 3], r_max=6, previous=previous)
+    sent_small = product(hr.slice_rank(previous, 1))
+    want = product(previous) + 0.25 * (product(small) - sent_small) + 0.75 * (product(big) - product(previous))
+    np.testing.assert_allclose(product(got), want, atol=1e-10)
+    with pytest.raises(ValueError, match="flexlora_average='mean' must be one of products, updates"):
+        HeteroRankParams("flexlora", r_max=4, flexlora_average="mean")
+
+
+def test_flexlora_updates_keeps_the_global_when_clients_return_what_they_got_where_products_shrinks_it():
+    """Averaging products mixes W with a rank-1 client's truncation of it, losing the rest of W by that client's
+    weight each round; averaging updates keeps W."""
+    w = hr.flexlora_aggregate([random_lora(2, seed=4)], [1], r_max=2)  # an SVD-ordered rank-2 global
+    for previous, kept in ((w, 1.0), (None, 0.5)):
+        clients = [hr.slice_rank(w, 1), w]  # both send back what they got (no training), equal weights
+        got = hr.flexlora_aggregate(clients, [1, 1], r_max=2, previous=previous)
+        rest = product(w) - product(hr.slice_rank(w, 1))  # the part of W beyond rank 1
+        got_rest = product(got) - product(hr.slice_rank(w, 1))
+        np.testing.assert_allclose(got_rest, kept * rest, atol=1e-10)
 
 
 def test_low_rank_svd_equals_numpys_svd_of_the_product():
