@@ -13,7 +13,8 @@ it drops as many values per side as there are attackers. The server's norm bound
 A setting is ``clients:attackers`` or ``clients:attackers:steps`` (``training.max_steps`` per client per
 round; default the benchmark's 40). ``10:2:16`` gives each round of 10 clients the same 160 steps in all as
 a round of 4 clients at 40. ``--cells FILE`` keeps each finished cell (one JSON line) and reuses the cells
-already in it, so a table can be made over several sittings. Bulyan needs ``n >= 4f + 3`` replies; below
+already in it, so a table can be made over several sittings; ``--table-only`` prints the table of the cells
+there without running any (a missing one reads "not run"). Bulyan needs ``n >= 4f + 3`` replies; below
 that every round of it takes the coordinate-wise median (logged), so such a cell is not run and the table
 says so.
 
@@ -86,6 +87,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--cells", type=Path, help="JSON lines of finished cells: reused, and appended to")
     parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--table-only", action="store_true", help="print the table of --cells; run nothing")
     args = parser.parse_args()
     settings = [parse_setting(s) for s in args.settings]
     done = load_cells(args.cells)
@@ -105,6 +107,9 @@ def main() -> None:
                         cells.append(f"= median (n < {4 * attackers + 3})")
                     elif args.dry_run:
                         cells.append(f"`{cell}`")
+                    elif args.table_only:
+                        acc = done.get(cell, "not run")
+                        cells.append("failed" if acc is None else acc if isinstance(acc, str) else f"{acc:.3f}")
                     else:
                         name = f"{aggregator}-{clients}-{attackers}-{attack}"
                         acc = done[cell] if cell in done else measure(cell, clients, name, Path(tmp), args.cells)
