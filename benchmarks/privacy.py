@@ -46,10 +46,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=50)
     parser.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 4.0, 8.0])
     parser.add_argument("--extra", default="", help="more overrides for every run, e.g. 'privacy.clip_norm=0.5'")
+    parser.add_argument("--keep", type=Path, default=None, help="keep the run folders here (default: a temporary folder)")
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args()
     print("| target epsilon | epsilon spent (delta 1e-5) | held-out exact match |\n|---|---|---|")
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.keep or Path(scratch)
+        tmp.mkdir(parents=True, exist_ok=True)
         for target in [None, *args.epsilons]:
             cell = overrides(args.clients, args.q, args.rounds, target, args.extra)
             label = "no DP" if target is None else f"{target:g}"
