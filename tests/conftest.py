@@ -29,6 +29,15 @@ def fedllm_info_logs(caplog):
     fed.setLevel(saved[2])
 
 
+@pytest.fixture
+def task_identity():
+    """Flower stamps messages with the current run and node; outside a run (a fake Grid), set them."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    yield
+
+
 @pytest.fixture(scope="session")
 def tiny64_model(tmp_path_factory) -> Path:
     """A 64-wide tiny model, built once a session (bitsandbytes' CPU 4-bit kernels reject the default's 96)."""

@@ -358,11 +358,24 @@ class FederatedRun:
         return mean
 
     def finish(self) -> None:
+        """Summary, plot and comparison table; then the model card (and upload) of the final global adapter.
+
+        Raises :class:`NoRoundAggregated`, after writing the summary, when rounds ran but none of them changed
+        the global adapter: the run produced nothing, and it says so instead of ending as completed.
+        """
         self.summary.update(self.totals)
+        self.summary.update(aggregation_counts(self.writer.rounds, self.cfg.strategy.name))
         mean_acc = self.summary.get("baseline_local", {}).get("mean", {}).get("accuracy")
         self.summary["total_seconds"] = time.perf_counter() - self.started
         self.writer.write_summary(self.summary)
         self.writer.plot(mean_acc)
+        if self.writer.rounds and self.summary.get("rounds_aggregated") == 0:
+            raise NoRoundAggregated(
+                f"none of the {len(self.writer.rounds)} rounds was aggregated: each had fewer than "
+                f"min_replies={self.cfg.min_replies} valid replies, so the global adapter is still the initial "
+                f"one and nothing is published; the failed and rejected nodes of each round are in "
+                f"{self.writer.dir / 'metrics.jsonl'} (look at those nodes' logs, e.g. `flwr log`)"
+            )
         if self.local:
             metric = "held-out preference accuracy" if self.preferences is not None else "held-out exact match"
             table = comparison_table(self.final, self.local, self.cfg.strategy.name, metric)
@@ -384,6 +397,20 @@ class FederatedRun:
         log.info(f"model card: {card}")
         if self.cfg.hub.push:
             push_adapter(folder, self.cfg.hub)
+
+
+class NoRoundAggregated(RuntimeError):
+    """Every federated round ran without enough valid replies: the run has no trained global adapter."""
+
+
+def aggregation_counts(rounds: list[dict[str, Any]], strategy: str) -> dict[str, Any]:
+    """``rounds_aggregated`` and ``rounds_not_aggregated`` (their numbers) of the federated rounds in ``rounds``
+    (metrics.jsonl's records); empty for ``strategy=local``, which aggregates nothing.
+    """
+    if strategy == "local":
+        return {}
+    skipped = [int(r["round"]) for r in rounds if not r.get("aggregated", True)]
+    return {"rounds_aggregated": len(rounds) - len(skipped), "rounds_not_aggregated": skipped}
 
 
 # Keys that may differ between an interrupted run and its resumption. Not num_rounds: the cosine lr

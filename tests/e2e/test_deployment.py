@@ -95,6 +95,8 @@ def test_bad_updates_are_rejected_and_an_empty_round_keeps_the_model(plain):
     r1, r2 = metrics(plain, "bad")
     assert (r1["replied"], r1["aggregated"], len(r1["rejected"])) == (0, False, 2)
     assert (r2["replied"], r2["aggregated"], [x["partition"] for x in r2["rejected"]]) == (1, True, [1])
+    summary = json.loads((plain.root / "out" / "bad" / "summary.json").read_text())
+    assert (summary["rounds_aggregated"], summary["rounds_not_aggregated"]) == (1, [1])
     node = r2["rejected"][0]["node"]
     assert f"rejected the update of node {node} (partition 1): 'num-examples' is -5" in result.output
     assert "contains NaN or Inf" in result.output and "has shape" in result.output
