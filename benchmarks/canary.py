@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--digits", type=int, default=6, help="digits of a secret: |R| = 10^digits")
     parser.add_argument("--extra", default="", help="more overrides for every run, e.g. 'training.max_steps=20'")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per run")
-    parser.add_argument("--keep", type=Path, default=None, help="keep the run folders here (default: a temporary folder)")
+    parser.add_argument("--keep", type=Path, default=None, help="keep the run folders here (default: temporary)")
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args()
     print(HEADER, flush=True)

@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=50)
     parser.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 4.0, 8.0])
     parser.add_argument("--extra", default="", help="more overrides for every run, e.g. 'privacy.clip_norm=0.5'")
-    parser.add_argument("--keep", type=Path, default=None, help="keep the run folders here (default: a temporary folder)")
+    parser.add_argument("--keep", type=Path, default=None, help="keep the run folders here (default: temporary)")
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args()
     print("| target epsilon | epsilon spent (delta 1e-5) | held-out exact match |\n|---|---|---|")

@@ -7,10 +7,6 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.skip(
-    reason="order-dependent: passes alone (18 s) but measured the untrained exposure (4.5 bits) after the whole "
-    "suite in a fresh clone; the shared state it meets is not found yet (stop note of 2026-11-28)"
-)
 def test_a_canary_trained_into_the_adapter_is_exposed_far_above_the_untrained_model(tmp_path):
     """60 steps on rows half of which are one canary (4 digits, |R| = 10^4): from 4.5 bits in the untrained
     model to 10.5 (rank 7 of 10^4) when written, of at most log2 |R| = 13.3.
