@@ -132,7 +132,7 @@ def test_a_curious_server_with_exactly_t_survivors_and_c_colluders_still_sees_no
     assert row["secagg_survivors"] == 3
     s = Z * C / math.sqrt(3 - colluders)
     noise = released_noise_sum(got, [0, 1, 2]) - sum(share(p, s) for p in range(colluders))
-    assert abs(noise.mean()) < 5 * Z * C / math.sqrt(SIZE)
+    assert abs(noise.mean()) < 7 * Z * C / math.sqrt(SIZE)  # seven standard errors
     assert noise.std() == pytest.approx(Z * C, rel=0.05)
 
 
