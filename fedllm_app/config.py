@@ -56,6 +56,8 @@ FLEXLORA_AVERAGES = ("products", "updates")
 TRACKER_NAMES = ("tensorboard", "wandb", "mlflow")
 # privacy.accountant (strategies.accounting.ACCOUNTANTS; a test keeps them equal, as AGGREGATIONS).
 DP_ACCOUNTANTS = ("rdp", "pld")
+# privacy.noise (strategies.privacy.NOISE_PLACEMENTS; a test keeps them equal).
+DP_NOISE_PLACEMENTS = ("server", "distributed")
 # privacy.canaries.method (how evaluation/exposure.py finds a canary's rank) and the longest secret (10^9
 # candidates: Carlini et al.'s own 9-digit canaries).
 CANARY_METHODS = ("auto", "exact", "estimate")
@@ -564,8 +566,44 @@ def _validate_dp(cfg: DictConfig) -> None:
         0 < p.target_quantile < 1 and p.clip_lr > 0,
         f"privacy.target_quantile={p.target_quantile} must be in (0, 1) and privacy.clip_lr={p.clip_lr} positive",
     )
+    _validate_distributed_noise(cfg)
     # A target_epsilon already exceeded by round 1 is refused by the server when it builds the strategy
     # (fedllm_app.server.run.dp_settings): the accountant lives in strategies, which config may not import.
+
+
+def _validate_distributed_noise(cfg: DictConfig) -> None:
+    """``privacy.noise`` and, for distributed noise, what it needs: secure aggregation, fixed clipping, and an
+    honest share left when ``noise_colluders`` clients collude (t - c >= 1 for the smallest threshold t a round
+    may use). The quantiser's range is checked where z is known (:func:`fedllm_app.server.run.dp_settings`).
+    """
+    p = cfg.privacy
+    noise = p.get("noise", "server")
+    _check(
+        noise in DP_NOISE_PLACEMENTS,
+        f"privacy.noise={noise!r} must be one of {', '.join(DP_NOISE_PLACEMENTS)}; e.g. privacy.noise=server",
+    )
+    if noise != "distributed":
+        return
+    _check(
+        bool(p.get("secagg", False)),
+        "privacy.noise=distributed needs privacy.secagg=true: without masks the server would see each client's "
+        "update with only its own small share of the noise; set privacy.secagg=true or privacy.noise=server",
+    )
+    _check(
+        not p.adaptive_clip,
+        "privacy.noise=distributed with privacy.adaptive_clip=true: the clipped count's noise is the server's to "
+        "add; set privacy.adaptive_clip=false or privacy.noise=server",
+    )
+    colluders = p.get("noise_colluders", 0)
+    _check(_int(colluders) and colluders >= 0, f"privacy.noise_colluders={colluders!r} must be an integer >= 0")
+    threshold = p.get("secagg_threshold", 0.667)
+    smallest = threshold if _int(threshold) else 2  # a fraction gives t = 2 in a round of 2 clients
+    _check(
+        smallest - colluders >= 1,
+        f"privacy.noise_colluders={colluders} leaves no honest noise share in a round of threshold t={smallest} "
+        f"(privacy.secagg_threshold={threshold}{'' if _int(threshold) else ': 2 shares when 2 clients are sampled'}"
+        f"); set privacy.noise_colluders below {smallest}, or a count privacy.secagg_threshold above {colluders}",
+    )
 
 
 def _int(value: Any) -> bool:

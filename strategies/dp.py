@@ -12,6 +12,10 @@ one whose round is user-level differentially private (McMahan et al. 2018; math 
 4. hands the noised mean to the strategy's :meth:`~strategies.fedavg.FedAvgLoRA.step_from_mean` (FedAvgM's
    momentum, FedOpt's moments, SCAFFOLD's ``x`` and ``c`` act on the noised mean only: post-processing).
 
+With ``noise="distributed"`` (secure aggregation only: :meth:`DPStrategy.step_from_sum`), step 3 is the
+clients': each adds a share of std :func:`strategies.privacy.noise_share_std` to its clipped update before
+masking it, and the server adds none; the unmasked sum already carries noise of variance ``>= (z C)^2``.
+
 Every round releases a noised mean, even when no reply arrived. The epsilon spent after each round comes
 from :mod:`strategies.accounting`; :meth:`DPStrategy.may_run` says whether a round fits ``target_epsilon``.
 
@@ -20,11 +24,14 @@ Client contract
 The strategy's own, plus: the train config carries ``dp-clip-norm`` (this round's ``C``); the client clips
 its update (``trained - global``, with its ``c-delta`` under SCAFFOLD, all arrays together) to that norm
 before replying and reports ``dp-within-clip`` (1.0 if the update's norm was at most ``C``, else 0.0) in its
-metrics, which adaptive clipping counts (with noise).
+metrics, which adaptive clipping counts (with noise). Under distributed noise the train config also
+carries ``dp-noise-multiplier`` (z) and ``dp-noise-colluders`` (c): the client adds a share of std
+``z C / sqrt(t - c)`` (t: the round's secure-aggregation threshold) to its clipped update before masking it.
 """
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -44,6 +51,7 @@ from strategies.privacy import (
     clip_update,
     fixed_weight_mean,
     l2_norm,
+    noise_share_std,
     noise_std,
     noised_fraction_within,
     secure_rng,
@@ -53,6 +61,8 @@ from strategies.sampling import SAMPLING_KEY_BYTES, secret_poisson_partitions
 
 CLIP_NORM_KEY = "dp-clip-norm"
 WITHIN_CLIP_KEY = "dp-within-clip"
+NOISE_MULTIPLIER_KEY = "dp-noise-multiplier"  # distributed noise: z, for the clients' shares
+NOISE_COLLUDERS_KEY = "dp-noise-colluders"  # distributed noise: c, the colluders each share allows for
 SEPARATOR = "::"
 # A reply whose update exceeds C by more than float32 rounding was not clipped by its client.
 CLIENT_CLIP_TOLERANCE = 1e-3
@@ -130,7 +140,8 @@ class DPStrategy:
         return (
             f"{super().describe()}; DP-FedAvg clip_norm {d.clip_norm} noise_multiplier {d.noise_multiplier} "
             f"Poisson rate {d.sample_rate:g} (expected {d.expected_clients:g} clients) adaptive_clip {d.adaptive_clip} "
-            f"accountant {a.accountant} delta {a.delta:g} target_epsilon {a.target_epsilon}"
+            f"accountant {a.accountant} delta {a.delta:g} target_epsilon {a.target_epsilon} noise {d.noise}"
+            + (f" (tolerating {d.noise_colluders} colluding clients)" if d.distributed else "")
         )
 
     def privacy_spent(self, rounds: int) -> float:
@@ -150,6 +161,9 @@ class DPStrategy:
     def train_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
         out = super().train_config(server_round, config)
         out[CLIP_NORM_KEY] = float(self.clip_norm)
+        if self.dp.distributed:
+            out[NOISE_MULTIPLIER_KEY] = float(self.dp.noise_multiplier)
+            out[NOISE_COLLUDERS_KEY] = int(self.dp.noise_colluders)
         return out
 
     def configure_train(
@@ -165,6 +179,8 @@ class DPStrategy:
         """Clip each reply's update, take the fixed-weight mean, add noise, apply the strategy's step."""
         if self.dp_global is None:
             return None, None
+        if self.dp.distributed:  # each plain reply would carry one client's share only: far too little noise
+            raise RuntimeError("privacy.noise=distributed needs secure aggregation: set privacy.secagg=true")
         ok = [m for m in replies if not m.has_error()]
         global_, c = self.dp_global, self.clip_norm
         updates, per_partition, over = [], {}, 0
@@ -178,25 +194,45 @@ class DPStrategy:
         metrics = self.train_metrics_aggr_fn([m.content for m in ok], self.weighted_by_key) if ok else MetricRecord()
         return new, metrics
 
-    def step_from_sum(self, total: dict[str, Arrays], replies: list[Message]) -> ArrayRecord | None:
+    def step_from_sum(
+        self, total: dict[str, Arrays], replies: list[Message], threshold: int | None = None
+    ) -> ArrayRecord | None:
         """The DP round on the SUM of the clients' updates computed elsewhere (secure aggregation: the server
         never sees one update, so it cannot clip them; each client clipped its own to ``C``): the fixed-weight
         mean, the noise, the strategy's step. ``total`` is by part, as :meth:`reply_update`; SCAFFOLD's ``c_i``
         stay with their clients. ``replies`` give the clients' metrics (the within-clip bits).
+
+        Under distributed noise the sum already carries one noise share per reply (each of std
+        :func:`noise_share_std` at the round's secure-aggregation ``threshold``, which sizes them) and the
+        server adds none.
         """
         if self.dp_global is None:
             return None
-        return self._release([join_update(total)], {}, [m for m in replies if not m.has_error()], 0)
+        return self._release([join_update(total)], {}, [m for m in replies if not m.has_error()], 0, threshold)
 
     def _release(
-        self, updates: list[Arrays], per_partition: dict[int, dict[str, Arrays]], ok: list[Message], over: int
+        self,
+        updates: list[Arrays],
+        per_partition: dict[int, dict[str, Arrays]],
+        ok: list[Message],
+        over: int,
+        threshold: int | None = None,
     ) -> ArrayRecord:
-        """Noise the fixed-weight mean of ``updates``, step the strategy on it, and adapt the clip norm."""
+        """Noise the fixed-weight mean of ``updates`` (unless the clients did), step the strategy on it, and
+        adapt the clip norm.
+        """
         assert self.dp_global is not None
         global_, d, c = self.dp_global, self.dp, self.clip_norm
         like = join_update({ARRAYS_KEY: global_, **{k: global_ for k in self.reply_arrays}})
-        std = noise_std(d.update_multiplier, c, d.expected_clients)
-        noised = split_update(add_gaussian_noise(fixed_weight_mean(updates, d.expected_clients, like), std, self.rng))
+        mean = fixed_weight_mean(updates, d.expected_clients, like)
+        if d.distributed:  # the clients' shares are in the sum already: the server draws nothing
+            if threshold is None:
+                raise RuntimeError("privacy.noise=distributed needs secure aggregation: set privacy.secagg=true")
+            share = noise_share_std(d.noise_multiplier, c, threshold, d.noise_colluders)
+            std, noised = math.sqrt(len(ok)) * share / d.expected_clients, split_update(mean)
+        else:
+            std = noise_std(d.update_multiplier, c, d.expected_clients)
+            noised = split_update(add_gaussian_noise(mean, std, self.rng))
         new = self.step_from_mean(global_, noised, d.expected_clients, per_partition)
         within = sum(within_clip(m) for m in ok)
         self.dp_metrics = {
@@ -205,6 +241,8 @@ class DPStrategy:
             "dp_clip_fraction": (1.0 - within / len(ok)) if ok else 0.0,
             "dp_server_clipped": float(over),
         }
+        if d.distributed:
+            self.dp_metrics["dp_noise_shares"] = float(len(ok))
         if d.adaptive_clip:
             noise = float(self.rng.normal(0.0, d.clipped_count_std))
             fraction = noised_fraction_within(within, len(ok), d.expected_clients, noise)

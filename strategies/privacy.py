@@ -16,6 +16,11 @@ Adaptive clipping (Andrew et al. 2021, "Differentially private learning with ada
 clients whose update was within ``C`` (``sum_i (b_i - 1/2)``, sensitivity 1/2); the noise budget is split
 between the count and the update (:func:`update_noise_multiplier`) so that the round as a
 whole is still the Gaussian mechanism with ``z``.
+
+Distributed noise (``noise="distributed"``, with secure aggregation): instead of the server, each sampled
+client adds ``N(0, s^2)`` to its clipped update before masking, with ``s = z C / sqrt(t - c)``
+(:func:`noise_share_std`): the round unmasks only with at least ``t`` survivors, so the unmasked sum carries at
+least ``t`` shares, and even after ``c`` colluding clients subtract their own, variance ``>= (z C)^2``.
 """
 
 from __future__ import annotations
@@ -27,6 +32,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from strategies.aggregation import Arrays
+
+# Who adds the Gaussian noise: the server to the mean (central DP), or each client a share before masking.
+NOISE_PLACEMENTS = ("server", "distributed")
+# A distributed-noise coordinate (within C, plus a share of std s) stays inside the quantiser's range
+# C + QUANTISER_SIGMAS s but with probability 2 Phi(-8) ~ 1.2e-15 per coordinate.
+QUANTISER_SIGMAS = 8.0
 
 
 def l2_norm(update: Arrays) -> float:
@@ -72,6 +83,29 @@ def add_gaussian_noise(mean: Arrays, std: float, rng: np.random.Generator) -> Ar
 def secure_rng() -> np.random.Generator:
     """A generator seeded from the OS's entropy: DP noise must not be reproducible from the run's seed."""
     return np.random.default_rng(secrets.randbits(128))
+
+
+def noise_share_std(noise_multiplier: float, clip_norm: float, threshold: int, colluders: int) -> float:
+    """The std ``s = z C / sqrt(t - c)`` of one client's noise share under distributed noise.
+
+    At least ``threshold`` (t) shares reach the unmasked sum; ``colluders`` (c) of them may be known to the
+    server (colluding clients subtract their own), so the rest carry variance ``(t - c) s^2 = (z C)^2``, the
+    noise the accountant assumes on the sum. Raises ValueError unless ``t - c >= 1``.
+    """
+    honest = threshold - colluders
+    if honest < 1:
+        raise ValueError(
+            f"distributed noise with threshold {threshold} and {colluders} tolerated colluders leaves no honest "
+            f"share; lower privacy.noise_colluders below the secure-aggregation threshold"
+        )
+    return noise_multiplier * clip_norm / math.sqrt(honest)
+
+
+def noise_share_range(clip_norm: float, share_std: float) -> float:
+    """The quantiser range ``C + 8 s`` that holds a clipped coordinate plus a share of std ``s``
+    (:data:`QUANTISER_SIGMAS`): what ``privacy.secagg_clip_range`` must reach under distributed noise.
+    """
+    return clip_norm + QUANTISER_SIGMAS * share_std
 
 
 def update_noise_multiplier(noise_multiplier: float, count_std: float) -> float:
@@ -148,6 +182,13 @@ class DPParams:
         Std of the noise on the count of updates within C; None: ``max(q N / 20, z)`` (Andrew et al. take
         ``q N / 20``, meant for hundreds of clients per round; at least z keeps the updates' share of the noise
         within 1.16 z for few clients).
+    noise : str
+        Who adds the noise (:data:`NOISE_PLACEMENTS`): ``server`` (to the mean) or ``distributed`` (each
+        client a share of std :func:`noise_share_std` before secure aggregation masks it; the server adds none).
+        Distributed noise does not combine with adaptive clipping (whose count noise the server adds).
+    noise_colluders : int
+        c: clients that may collude with the server under distributed noise (they know their own shares);
+        each share is sized so that the others still carry ``(z C)^2``. >= 0.
     """
 
     clip_norm: float
@@ -158,6 +199,8 @@ class DPParams:
     target_quantile: float = 0.5
     clip_lr: float = 0.2
     count_std: float | None = None
+    noise: str = "server"
+    noise_colluders: int = 0
 
     def __post_init__(self) -> None:
         if not self.clip_norm > 0:
@@ -174,6 +217,23 @@ class DPParams:
             raise ValueError(f"privacy.clip_lr={self.clip_lr} must be positive; e.g. 0.2")
         if self.adaptive_clip:
             update_noise_multiplier(self.noise_multiplier, self.clipped_count_std)
+        self._check_noise()
+
+    def _check_noise(self) -> None:
+        if self.noise not in NOISE_PLACEMENTS:
+            raise ValueError(f"privacy.noise={self.noise!r} must be one of {', '.join(NOISE_PLACEMENTS)}")
+        if not self.noise_colluders >= 0:
+            raise ValueError(f"privacy.noise_colluders={self.noise_colluders} must be >= 0; e.g. 0")
+        if self.distributed and self.adaptive_clip:
+            raise ValueError(
+                "privacy.noise=distributed with privacy.adaptive_clip=true: the clipped count's noise is the "
+                "server's to add; set privacy.adaptive_clip=false or privacy.noise=server"
+            )
+
+    @property
+    def distributed(self) -> bool:
+        """Whether the clients add the noise (as shares, under secure aggregation) instead of the server."""
+        return self.noise == "distributed"
 
     @property
     def expected_clients(self) -> float:

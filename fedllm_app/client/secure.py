@@ -5,10 +5,15 @@ the node's ``Context.state`` between the stages of a round and are replaced at t
 stage. Only public keys, AES-GCM ciphertexts addressed to other clients, the masked update and at most
 one share per neighbour and round leave the node. Under SCAFFOLD the client's control variate ``c_i``
 lives here too (:data:`C_STATE_KEY`): the server learns only the sum of the control deltas.
+
+Under DP with distributed noise (the train config names ``dp-noise-multiplier``), the client adds its own
+Gaussian noise share (std ``z C / sqrt(t - c)``, :func:`strategies.privacy.noise_share_std`, drawn from the
+OS's entropy) to its clipped update before quantising and masking it (:func:`add_noise_share`).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -16,10 +21,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedllm_app.secure import keys as K
 from fedllm_app.secure.secagg import ClientKeys, mask, quantize, reveal, share_secrets
-from strategies.fedavg import ARRAYS_KEY, METRICS_KEY
+from strategies.dp import CLIP_NORM_KEY, NOISE_COLLUDERS_KEY, NOISE_MULTIPLIER_KEY
+from strategies.fedavg import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
+from strategies.privacy import noise_share_range, noise_share_std, secure_rng
 from strategies.records import from_record, to_record
 from strategies.scaffold import C_CLIENT_KEY, C_DELTA_KEY, C_SERVER_KEY
 
+log = logging.getLogger("fedllm")
 STATE_KEY = "secagg"
 C_STATE_KEY = "secagg-c-client"
 
@@ -99,8 +107,40 @@ def update_vector(msg: Message, content: RecordDict) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def masked_content(msg: Message, content: RecordDict, state: Any) -> RecordDict:
-    """The reply of the mask stage: the masked update and the round's metrics, nothing else of the update."""
+def share_std(train_conf: ConfigRecord, threshold: int) -> float | None:
+    """The std of the noise share a client adds under distributed noise (None: the train config asks none)."""
+    if NOISE_MULTIPLIER_KEY not in train_conf:
+        return None
+    z, c = float(train_conf[NOISE_MULTIPLIER_KEY]), float(train_conf[CLIP_NORM_KEY])
+    return noise_share_std(z, c, threshold, int(train_conf.get(NOISE_COLLUDERS_KEY, 0)))
+
+
+def add_noise_share(
+    vector: np.ndarray, std: float, clip_norm: float, clip_range: float, rng: np.random.Generator
+) -> np.ndarray:
+    """``vector`` (the clipped update) plus ``N(0, std^2)`` on every coordinate, refused (ValueError) when the
+    quantiser's ``clip_range`` is below ``C + 8 std`` (it would clip the noise off); a coordinate that still
+    leaves the range (probability ~1e-15 each) is logged here, on the node.
+    """
+    need = noise_share_range(clip_norm, std)
+    if clip_range < need:
+        raise ValueError(
+            f"privacy.secagg_clip_range={clip_range:g} would clip this client's noise share (std {std:.4g}; a "
+            f"clipped coordinate plus 8 std reaches {need:.4g}); set privacy.secagg_clip_range={need:.4g} or more"
+        )
+    noised = vector + rng.normal(0.0, std, size=vector.shape)
+    if outside := int(np.count_nonzero(np.abs(noised) > clip_range)):
+        log.warning("%d noised coordinates left [-%g, %g] and were clipped by the quantiser", outside, clip_range,
+                    clip_range)  # fmt: skip
+    return noised
+
+
+def masked_content(msg: Message, content: RecordDict, state: Any, rng: np.random.Generator | None = None) -> RecordDict:
+    """The reply of the mask stage: the masked update and the round's metrics, nothing else of the update.
+
+    Under distributed noise the update carries this client's noise share, drawn from ``rng`` (default: a
+    generator seeded from the OS's entropy, never the run's seed).
+    """
     conf = msg.content[K.RECORD]
     saved = _mine(conf, state, K.SHARE)
     if K.MASK in saved:
@@ -116,7 +156,13 @@ def masked_content(msg: Message, content: RecordDict, state: Any) -> RecordDict:
             f"round {conf[K.ROUND]}: {len(s_pks)} active neighbours, fewer than the threshold {saved[K.THRESHOLD]} - 1"
         )
     bits, clip, n = int(conf[K.BITS]), float(conf[K.CLIP_RANGE]), int(conf[K.SIZE])
-    q = quantize(update_vector(msg, content), clip, bits, n, np.random.default_rng())
+    vector = update_vector(msg, content)
+    train_conf = msg.content[CONFIG_KEY]
+    std = share_std(train_conf, int(saved[K.THRESHOLD]))
+    if std is not None:
+        rng = rng if rng is not None else secure_rng()
+        vector = add_noise_share(vector, std, float(train_conf[CLIP_NORM_KEY]), clip, rng)
+    q = quantize(vector, clip, bits, n, np.random.default_rng())
     masked = mask(q, me, keys, s_pks, K.round_tag(int(conf[K.ROUND])), bits)
     if C_DELTA_KEY in content:  # SCAFFOLD: c_i += delta c_i, here only
         c_i = from_record(msg.content[C_CLIENT_KEY])

@@ -5,6 +5,7 @@ model card (and Hub upload); the experiment trackers are closed when the run end
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import replace
 from functools import partial
@@ -37,7 +38,7 @@ from strategies.accounting import epsilon, noise_for_epsilon
 from strategies.dp import Accounting, with_dp
 from strategies.hetero import HeteroRankParams, with_lora_ranks
 from strategies.local import LocalOnly
-from strategies.privacy import DPParams
+from strategies.privacy import DPParams, noise_share_range, noise_share_std
 from strategies.records import from_record, to_record
 
 log = logging.getLogger("fedllm")
@@ -112,8 +113,29 @@ def dp_settings(cfg: DictConfig) -> dict[str, Any] | None:
         adaptive_clip=bool(p.adaptive_clip),
         target_quantile=float(p.target_quantile),
         clip_lr=float(p.clip_lr),
+        noise=str(p.get("noise", "server")),
+        noise_colluders=int(p.get("noise_colluders", 0)),
     )
+    if dp.distributed:
+        check_noise_range(cfg, dp)
     return {"dp": dp, "accounting": accounting}
+
+
+def check_noise_range(cfg: DictConfig, dp: DPParams) -> None:
+    """Refuse (ConfigError) a ``privacy.secagg_clip_range`` that would clip the clients' noise shares off: it
+    must reach ``C + 8 s`` for the largest share std ``s``, that of the smallest threshold a round may use.
+    """
+    params = secagg_params(cfg)
+    assert params is not None  # config refuses distributed noise without secure aggregation
+    smallest = params.threshold if isinstance(params.threshold, int) else 2
+    share = noise_share_std(dp.noise_multiplier, dp.clip_norm, smallest, dp.noise_colluders)
+    need = noise_share_range(dp.clip_norm, share)
+    if params.clip_range < need:
+        raise ConfigError(
+            f"privacy.secagg_clip_range={params.clip_range:g} would clip the clients' noise shares off (std up to "
+            f"{share:.4g} = z C / sqrt(t - c) at t={smallest}; a clipped coordinate plus 8 std reaches {need:.4g}); "
+            f"set privacy.secagg_clip_range={math.ceil(need * 100) / 100:g} or more"
+        )
 
 
 def hetero_params(cfg: DictConfig) -> HeteroRankParams | None:

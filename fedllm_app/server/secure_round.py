@@ -7,7 +7,9 @@ survivors' quantised updates, and hands their **mean** to the strategy's server 
 (:meth:`strategies.fedavg.FedAvgLoRA.step_from_mean`; SCAFFOLD: the mean control delta travels masked
 beside the adapter delta, and each ``c_i`` stays with its client). With ``privacy.dp=true`` the sum goes to
 :meth:`strategies.dp.DPStrategy.step_from_sum` instead: DP's fixed-weight mean, its noise, then the
-strategy's step (each client clipped its own update; the server cannot). Every survivor weighs the
+strategy's step (each client clipped its own update; the server cannot). With ``privacy.noise=distributed``
+the noise is the clients' (a share each, added before masking, :mod:`fedllm_app.client.secure`) and the
+server adds none. Every survivor weighs the
 same: data-size weights would need each client's size, which the server could not check on a masked update.
 
 Fewer survivors than the threshold end the round before any share is asked: the adapter is unchanged,
@@ -127,7 +129,7 @@ def secure_round(
         out.record["secagg_error"] = str(err)
         out.failed = sorted(set(nodes) - {m.metadata.src_node_id for m in out.masked})
         return out
-    out.arrays, out.train_metrics = _step(strategy, rnd, arrays, mean, out.masked)
+    out.arrays, out.train_metrics = _step(strategy, rnd, arrays, mean, out.masked, state.threshold)
     out.failed = sorted(set(nodes) - {m.metadata.src_node_id for m in out.masked})
     out.record.update({"secagg_survivors": len(survivors), "secagg_dropped": len(active - survivors),
                        "secagg_threshold": state.threshold, "secagg_neighbours": params.degree(n)})  # fmt: skip
@@ -376,10 +378,11 @@ def unflatten(vector: np.ndarray, like: dict[str, np.ndarray]) -> dict[str, np.n
 
 
 def _step(
-    strategy: Any, rnd: int, arrays: ArrayRecord, mean: np.ndarray, masked: list[Message]
+    strategy: Any, rnd: int, arrays: ArrayRecord, mean: np.ndarray, masked: list[Message], threshold: int
 ) -> tuple[ArrayRecord | None, MetricRecord]:
     """The strategy's server step on the survivors' mean update (:meth:`~strategies.fedavg.FedAvgLoRA.step_from_mean`,
-    as DP's noised mean takes it); under DP the sum goes through DP's fixed-weight mean and noise first.
+    as DP's noised mean takes it); under DP the sum goes through DP's fixed-weight mean and noise first (under
+    distributed noise the clients' shares, sized by the round's ``threshold``, are in the sum already).
     """
     global_ = from_record(arrays)
     size = sum(v.size for v in global_.values())
@@ -393,7 +396,7 @@ def _step(
         total = {ARRAYS_KEY: {k: v.astype(np.float64) * n for k, v in delta.items()}}
         if isinstance(strategy, Scaffold):
             total[C_DELTA_KEY] = {k: v.astype(np.float64) * n for k, v in unflatten(mean[size:], global_).items()}
-        return strategy.step_from_sum(total, masked), metrics
+        return strategy.step_from_sum(total, masked, threshold), metrics
     parts = {ARRAYS_KEY: delta}
     if isinstance(strategy, Scaffold):  # the mean control delta travelled masked beside the adapter's
         parts[C_DELTA_KEY] = unflatten(mean[size:], global_)

@@ -130,9 +130,11 @@ DATA = {
 }
 
 
-# Secure aggregation (docs/privacy.md) rides along on FedYogi's run, with DP too: the server sees only masked
-# updates and noises their unmasked sum's mean.
-SECURE = {"fedyogi": "privacy.secagg=true"}
+# Secure aggregation (docs/privacy.md) rides along on FedYogi's run, with DP and distributed noise too: each
+# client adds its noise share before masking (t = 2 of 2 clients, so each share has std z C / sqrt(2) and the
+# range C + 8 s = 1.35 fits in secagg_clip_range=1.5), and the server unmasks an already noised sum, adding none.
+# (The TLS deployment test runs DP with secure aggregation and the server's noise.)
+SECURE = {"fedyogi": "privacy.secagg=true privacy.noise=distributed privacy.secagg_clip_range=1.5"}
 
 # DP-FedAvg (docs/privacy.md) rides along on two of these runs: SCAFFOLD (adapter and control deltas clipped
 # together on the client) and FedAdam (its moments act on the noised mean), which privacy.target_epsilon stops
@@ -178,6 +180,8 @@ def test_every_algorithm_runs_two_rounds_through_flower(flower, tmp_path, name):
     assert [(r["round"], r["replied"], r["failed"]) for r in lines] == [(r, nodes, 0) for r in range(1, last + 1)]
     if name in SECURE:  # both clients' masked updates unmasked as one sum, every round
         assert [(r["secagg_survivors"], r["aggregated"]) for r in lines] == [(2, True), (2, True)]
+        # two shares of std 0.3 * 0.5 / sqrt(2) on the sum: z C / (q N) = 0.075 on the mean, none from the server
+        assert [(r["dp_noise_shares"], round(r["dp_noise_std"], 6)) for r in lines] == [(2, 0.075), (2, 0.075)]
     if name in PRIVATE:  # q = 1: both clients every round; every update clipped by its client, none by the server
         epsilons = [r["epsilon"] for r in lines]
         assert 0 < epsilons[0] and epsilons == sorted(epsilons)

@@ -58,3 +58,53 @@ def test_the_config_check_uses_the_same_neighbourhood_degree_as_the_protocol(n, 
     from fedllm_app.secure.secagg import SecAggParams
 
     assert secagg_degree(n, neighbours) == SecAggParams(neighbours=neighbours).degree(n)
+
+
+DISTRIBUTED = f"{ON} baseline=none privacy.dp=true privacy.noise=distributed"
+
+
+@pytest.mark.parametrize(
+    ("override", "pattern"),
+    [
+        ("privacy.noise=everyone", r"privacy.noise='everyone' must be one of server, distributed"),
+        ("privacy.adaptive_clip=true", r"privacy.noise=distributed with privacy.adaptive_clip=true: .* set privacy"),
+        ("privacy.noise_colluders=-1", r"privacy.noise_colluders=-1 must be an integer >= 0"),
+        ("privacy.noise_colluders=2", r"noise_colluders=2 leaves no honest noise share .* t=2 .* below 2"),
+        ("privacy.secagg_threshold=3 privacy.noise_colluders=3", r"noise_colluders=3 leaves no honest .* t=3"),
+    ],
+)
+def test_distributed_noise_settings_that_cannot_hold_fail_at_start_naming_the_setting_and_the_fix(override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config({"overrides": f"{DISTRIBUTED} {override}"})
+
+
+def test_distributed_noise_without_secure_aggregation_is_refused():
+    with pytest.raises(ConfigError, match=r"privacy.noise=distributed needs privacy.secagg=true: .* privacy.noise="):
+        load_config({"overrides": "num_clients=4 baseline=none privacy.dp=true privacy.noise=distributed"})
+
+
+def test_a_quantiser_range_that_would_clip_the_noise_shares_fails_when_the_server_builds_the_strategy():
+    """z = C = 1, smallest threshold 2 (a fraction, a round of 2 clients): shares of std 1/sqrt(2) need a range
+    of 1 + 8 / sqrt(2) = 6.657."""
+    from fedllm_app.server.run import dp_settings
+
+    with pytest.raises(ConfigError, match=r"secagg_clip_range=1 would clip .* set privacy.secagg_clip_range=6.66 "):
+        dp_settings(load_config({"overrides": DISTRIBUTED}))
+    private = dp_settings(load_config({"overrides": f"{DISTRIBUTED} privacy.secagg_clip_range=6.66"}))
+    assert private["dp"].distributed and private["dp"].noise_colluders == 0
+    counted = load_config({"overrides": f"{DISTRIBUTED} privacy.secagg_threshold=4 privacy.noise_colluders=1"})
+    with pytest.raises(ConfigError, match=r"at t=4; .* reaches 5.619"):  # 1 + 8 / sqrt(3)
+        dp_settings(counted)
+
+
+def test_the_server_adds_the_noise_by_default():
+    from fedllm_app.server.run import dp_settings
+
+    assert not dp_settings(load_config({"overrides": f"{ON} baseline=none privacy.dp=true"}))["dp"].distributed
+
+
+def test_config_and_the_strategy_agree_on_the_noise_placements():
+    from fedllm_app.config import DP_NOISE_PLACEMENTS
+    from strategies.privacy import NOISE_PLACEMENTS
+
+    assert DP_NOISE_PLACEMENTS == NOISE_PLACEMENTS

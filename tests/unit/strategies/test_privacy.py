@@ -110,6 +110,9 @@ def test_the_clip_norm_moves_geometrically_towards_the_target_quantile():
         ({"noise_multiplier": -1.0}, r"privacy.noise_multiplier=-1.0 must be positive"),
         ({"target_quantile": 1.0}, r"privacy.target_quantile=1.0"),
         ({"adaptive_clip": True, "count_std": 1.0, "noise_multiplier": 5.0}, r"needs noise_multiplier < 2 \*"),
+        ({"noise": "clients"}, r"privacy.noise='clients' must be one of server, distributed"),
+        ({"noise": "distributed", "noise_colluders": -1}, r"privacy.noise_colluders=-1 must be >= 0"),
+        ({"noise": "distributed", "adaptive_clip": True}, r"adaptive_clip=true: the clipped count's noise is the"),
     ],
 )
 def test_impossible_dp_settings_fail_naming_the_value(kwargs, pattern):
