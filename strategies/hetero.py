@@ -219,12 +219,12 @@ class HeteroRank(FedAvgLoRA):
         valid = [m for m in replies if not m.has_error()]
         if not valid:
             return None, None
-        clients = [self.client_arrays(m) for m in valid]
+        clients = [self.reply_adapter(m) for m in valid]
         n = [float(m.content[METRICS_KEY][self.weighted_by_key]) for m in valid]  # the server's weight
         metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
         return to_record(self.combine(clients, n, server_round)), metrics
 
-    def client_arrays(self, reply: Message) -> dict:
+    def reply_adapter(self, reply: Message) -> dict:
         """A reply's adapter; under self-pruning cut to the rank the client says it keeps, which the node is
         sent from the next round on (a reply the checks accepted: its ``lora-rank`` is within what it was sent).
         """

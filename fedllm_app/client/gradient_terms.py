@@ -146,8 +146,9 @@ class GradientTerms:
     def apply_rank_terms(self, ranks: RankTerms) -> None:
         """Add the tail regulariser's gradient to each layer's ``A``/``B`` pair; zero the untrained ranks'."""
         for name, a in self.params.items():
-            b = self.params.get(name.replace(".lora_A.", ".lora_B."))
-            if ".lora_A." not in name or b is None or a.grad is None or b.grad is None:
+            parts = name.split(".")
+            b = self.params.get(".".join("lora_B" if p == "lora_A" else p for p in parts))
+            if "lora_A" not in parts or b is None or a.grad is None or b.grad is None:
                 continue
             if ranks.weight and ranks.keep < ranks.active:
                 grad_a, grad_b = tail_norm_grads(a[: ranks.active], b[:, : ranks.active], ranks.keep, ranks.weight)
