@@ -53,13 +53,13 @@ from strategies.fedavg import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, FedAvgLoRA
 from strategies.fedopt import ServerOptimizer
 from strategies.hetero_rank import (
     AVERAGES,
-    rank_of,
     FLEXLORA_AVERAGES,
     WEIGHTINGS,
     flexlora_aggregate,
     hetlora_aggregate,
     hetlora_weights,
     pad_rank,
+    rank_of,
 )
 from strategies.hetero_rank import slice_rank as slice_arrays
 from strategies.local import LocalOnly

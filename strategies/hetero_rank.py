@@ -294,7 +294,9 @@ class PruneParams:
         section = dict(section or {})
         unknown = sorted(set(section) - {"enabled", "decay", "weight", "threshold"})
         if unknown:
-            raise ValueError(f"hetlora_prune has unknown keys {unknown}; its keys are enabled, decay, weight, threshold")
+            raise ValueError(
+                f"hetlora_prune has unknown keys {unknown}; its keys are enabled, decay, weight, threshold"
+            )
         enabled = section.pop("enabled", False)
         if not isinstance(enabled, bool):
             raise ValueError(f"hetlora_prune.enabled={enabled!r} must be true or false")

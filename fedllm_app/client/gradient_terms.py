@@ -30,9 +30,7 @@ def proximal_grad(param: torch.Tensor, anchor: torch.Tensor, mu: float) -> torch
     return mu * (param.detach() - anchor)
 
 
-def tail_norm_grads(
-    a: torch.Tensor, b: torch.Tensor, keep: int, weight: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+def tail_norm_grads(a: torch.Tensor, b: torch.Tensor, keep: int, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of ``weight ||B[:, keep:] A[keep:]||_F`` with respect to ``A`` (``r x in``) and ``B`` (``out x r``).
 
     With ``P = B_t A_t`` the tail's product: ``dA_t = weight B_t^T P / ||P||``, ``dB_t = weight P A_t^T / ||P||``;

@@ -56,7 +56,16 @@ from strategies.fedavg import (
 )
 from strategies.fedprox import PROXIMAL_MU_KEY
 from strategies.hetero import RANK_KEY
-from strategies.hetero_rank import PruneParams, kept_rank, pad_rank, pruned_rank, rank_of, slice_rank, tail_norm, zero_tail
+from strategies.hetero_rank import (
+    PruneParams,
+    kept_rank,
+    pad_rank,
+    pruned_rank,
+    rank_of,
+    slice_rank,
+    tail_norm,
+    zero_tail,
+)
 from strategies.local import PARTITION_KEY
 from strategies.records import from_record, to_record
 from strategies.scaffold import C_DELTA_KEY

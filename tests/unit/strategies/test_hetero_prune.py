@@ -7,6 +7,7 @@ from flwr.app import ConfigRecord
 
 from fedllm_app.config import ConfigError, load_config
 from fedllm_app.server.reply_checks import sent_shapes, shapes_of, split_replies
+from fedllm_app.server.resume import load_state, save_state
 from fedllm_app.server.run import build_strategy, local_strategy
 from strategies import hetero_rank as hr
 from strategies.fedavg import ARRAYS_KEY, METRICS_KEY
@@ -42,7 +43,9 @@ def two_layers():
     return {k: np.array(v, dtype=np.float32) for k, v in arrays.items()}
 
 
-@pytest.mark.parametrize(("rank", "decay", "kept"), [(4, 0.9, 3), (4, 0.5, 2), (10, 0.3, 3), (10, 0.05, 1), (1, 0.9, 1)])
+@pytest.mark.parametrize(
+    ("rank", "decay", "kept"), [(4, 0.9, 3), (4, 0.5, 2), (10, 0.3, 3), (10, 0.05, 1), (1, 0.9, 1)]
+)
 def test_a_pruning_client_keeps_floor_decay_times_its_rank_and_never_fewer_than_one(rank, decay, kept):
     assert hr.kept_rank(rank, decay) == kept
 
@@ -144,21 +147,19 @@ def test_the_server_aggregates_a_pruned_reply_at_its_new_rank_and_sends_that_ran
     assert grid.queried.count(3) == 1  # the server keeps the pruned rank; it does not ask again
 
 
-def test_a_resumed_run_sends_a_pruned_partition_its_pruned_rank_whatever_its_new_node_id():
-    for strategy, extra in [("fedavg", ""), ("fedavgm", "strategy.momentum=0.9")]:
-        s = build(strategy, extra)
-        prune_round(s, RankGrid(RANKS), glob())
-        state = s.state_dict()
-        assert {k: int(v) for k, v in state[PRUNED_STATE_KEY].items()} == {"2": 2}  # partition 2 (node 3)
-        resumed = build(strategy, extra)
-        resumed.load_state_dict({k: v for k, v in state.items()})
-        assert resumed.state_dict().keys() == state.keys()  # the strategy's own state (FedAvgM's momentum) too
-        msgs = resumed.configure_train(2, to_record(glob()), ConfigRecord(), RankGrid(RANKS))
-        assert {m.metadata.dst_node_id: hr.rank_of(from_record(m.content[ARRAYS_KEY])) for m in msgs} == {
-            1: 1,
-            2: 2,
-            3: 2,
-        }
+@pytest.mark.parametrize(("strategy", "extra"), [("fedavg", ""), ("fedavgm", "strategy.momentum=0.9")])
+def test_a_resumed_run_sends_a_pruned_partition_its_pruned_rank_whatever_its_new_node_id(strategy, extra, tmp_path):
+    s = build(strategy, extra)
+    prune_round(s, RankGrid(RANKS), glob())
+    state = s.state_dict()
+    assert {k: int(v) for k, v in state[PRUNED_STATE_KEY].items()} == {"2": 2}  # partition 2 (node 3)
+    save_state(tmp_path, phase="federated", server_round=1, arrays=to_record(glob()), strategy_state=state,
+               totals={}, summary={}, last_eval={}, metrics=[])  # fmt: skip
+    resumed = build(strategy, extra)
+    resumed.load_state_dict(load_state(tmp_path).strategy)
+    assert resumed.state_dict().keys() == state.keys()  # the strategy's own state (FedAvgM's momentum) too
+    msgs = resumed.configure_train(2, to_record(glob()), ConfigRecord(), RankGrid(RANKS))
+    assert {m.metadata.dst_node_id: hr.rank_of(from_record(m.content[ARRAYS_KEY])) for m in msgs} == {1: 1, 2: 2, 3: 2}
 
 
 def test_a_reply_claiming_more_ranks_than_it_was_sent_is_rejected():
