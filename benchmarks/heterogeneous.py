@@ -2,7 +2,8 @@
 
 The built-in benchmark (FedAvg, 4 simulated clients, all sampled, 15 rounds by default) per setting and
 seed, one ``flwr run`` each: clients of ranks {4, 8, 16, 32} under HetLoRA and under FlexLoRA (global
-rank 32), and every client at rank 4 and at rank 32. The alphas keep one LoRA scaling (alpha / r = 2) in
+rank 32; HetLoRA also with its rank self-pruning, ``hetlora_prune``), and every client at rank 4 and at
+rank 32. The alphas keep one LoRA scaling (alpha / r = 2) in
 all four. Usage::
 
     python benchmarks/heterogeneous.py --seeds 0 1 2 > heterogeneous.md
@@ -24,6 +25,8 @@ SETTINGS = {
     "HetLoRA, ranks 4/8/16/32": "lora_aggregation=hetlora model.lora.r=32 model.lora.alpha=64 "
     "model.lora.client_ranks=[4,8,16,32]",
     "HetLoRA per-rank average, ranks 4/8/16/32": "lora_aggregation=hetlora hetlora_average=per_rank "
+    "model.lora.r=32 model.lora.alpha=64 model.lora.client_ranks=[4,8,16,32]",
+    "HetLoRA with rank self-pruning, ranks 4/8/16/32": "lora_aggregation=hetlora hetlora_prune.enabled=true "
     "model.lora.r=32 model.lora.alpha=64 model.lora.client_ranks=[4,8,16,32]",
     "FlexLoRA, ranks 4/8/16/32": "lora_aggregation=flexlora model.lora.r=32 model.lora.alpha=64 "
     "model.lora.client_ranks=[4,8,16,32]",

@@ -391,6 +391,7 @@ def _validate_lora_ranks(cfg: DictConfig) -> None:
         flex in FLEXLORA_AVERAGES,
         f"flexlora_average={flex!r} must be one of {', '.join(FLEXLORA_AVERAGES)}; e.g. flexlora_average=updates",
     )
+    _validate_prune(cfg, method)
     ranks = lora.get("client_ranks") or []
     _check(
         OmegaConf.is_list(ranks) or ranks == [],
@@ -411,6 +412,32 @@ def _validate_lora_ranks(cfg: DictConfig) -> None:
         method == "homogeneous" or not cfg.model.get("adapter"),
         f"model.adapter={cfg.model.get('adapter')!r} with lora_aggregation={method}: starting clients of different "
         f"ranks from a saved adapter is not supported; set model.adapter=null or lora_aggregation=homogeneous",
+    )
+
+
+def _validate_prune(cfg: DictConfig, method: str) -> None:
+    """``hetlora_prune``: the bounds of :class:`strategies.hetero_rank.PruneParams` (checked here too, as config
+    may not import the strategies; a test keeps them equal), and on only with hetlora.
+    """
+    p = cfg.get("hetlora_prune") or {}
+    unknown = sorted(set(p) - {"enabled", "decay", "weight", "threshold"})
+    _check(not unknown, f"hetlora_prune has unknown keys {unknown}; its keys are enabled, decay, weight, threshold")
+    enabled = p.get("enabled", False)
+    _check(isinstance(enabled, bool), f"hetlora_prune.enabled={enabled!r} must be true or false")
+    for key, ok, bound, example in (
+        ("decay", lambda v: 0 < v < 1, "in (0, 1)", 0.9),
+        ("weight", lambda v: v >= 0, ">= 0", 0.01),
+        ("threshold", lambda v: v > 0, "positive", 1.0),
+    ):
+        value = p.get(key, example)
+        _check(
+            isinstance(value, int | float) and not isinstance(value, bool) and ok(value),
+            f"hetlora_prune.{key}={value!r} must be a number {bound}; e.g. hetlora_prune.{key}={example}",
+        )
+    _check(
+        not enabled or method == "hetlora",
+        f"hetlora_prune.enabled=true with lora_aggregation={method}: rank self-pruning is HetLoRA's; set "
+        f"lora_aggregation=hetlora (with model.lora.client_ranks or node ranks) or hetlora_prune.enabled=false",
     )
 
 

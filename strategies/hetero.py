@@ -28,6 +28,13 @@ a ``query.lora_rank`` message; the client replies with a MetricRecord ``metrics`
 ``lora-rank`` (its node config's ``lora-rank``, else its entry of ``model.lora.client_ranks``).
 The client builds its adapter with that rank and ``lora_alpha = alpha r_k / r_max`` (the global's
 scaling, see :mod:`strategies.hetero_rank`), and replies with arrays of its own rank.
+
+Under HetLoRA's rank self-pruning (``prune``), a reply's metrics hold ``lora-rank``, the client's rank after
+the round (at most the rank it was sent; the reply checks reject more). The reply keeps the shapes it was sent,
+its pruned ranks zero; the server cuts it to the new rank before aggregating (so the ranks it dropped count as
+not held, exactly as if it had sent only the ranks it kept), and from then on sends that node the new rank.
+The server is the one record of a client's current rank: a rejected reply changes nothing, and the pruned ranks
+are kept by partition in :meth:`HeteroRank.rank_state`, saved for a resumed run.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ from strategies.hetero_rank import (
     hetlora_aggregate,
     hetlora_weights,
     pad_rank,
+    rank_of,
 )
 from strategies.hetero_rank import slice_rank as slice_arrays
 from strategies.local import LocalOnly
@@ -63,6 +71,7 @@ log = logging.getLogger("fedllm")
 AGGREGATIONS = ("homogeneous", "hetlora", "flexlora")
 RANK_KEY = "lora-rank"
 RANK_QUERY = "query.lora_rank"  # Flower: the action after the dot must be an identifier
+PRUNED_STATE_KEY = "pruned-lora-ranks"  # the strategy state's key: partition id -> pruned rank
 
 
 def check_rank(rank: int, r_max: int, who: str) -> None:
@@ -96,6 +105,9 @@ class HeteroRankParams:
     query_timeout : float
         Seconds to wait for a node's answer to the rank query (the server passes ``round_timeout``); a node
         that has not answered is left out of the round and asked again the next.
+    prune : bool
+        HetLoRA's rank self-pruning (``hetlora_prune.enabled``; hetlora only): a reply's ``lora-rank`` below
+        the rank sent lowers that node's rank for the rest of the run (module docstring).
     """
 
     method: str
@@ -104,6 +116,7 @@ class HeteroRankParams:
     query_timeout: float = 600.0
     average: str = "zero_padded"
     flexlora_average: str = "products"
+    prune: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in AGGREGATIONS[1:]:
@@ -118,6 +131,11 @@ class HeteroRankParams:
             raise ValueError(
                 f"flexlora_average={self.flexlora_average!r} must be one of {', '.join(FLEXLORA_AVERAGES)}"
             )
+        if self.prune and self.method != "hetlora":
+            raise ValueError(
+                f"hetlora_prune.enabled=true with lora_aggregation={self.method}: rank self-pruning is HetLoRA's; "
+                f"set lora_aggregation=hetlora or hetlora_prune.enabled=false"
+            )
 
 
 class HeteroRank(FedAvgLoRA):
@@ -126,8 +144,28 @@ class HeteroRank(FedAvgLoRA):
     def __init__(self, *, hetero: HeteroRankParams, **kwargs: Any) -> None:
         self.hetero = hetero
         self.node_ranks: dict[int, int] = {}
+        self.pruned: dict[int, int] = {}  # partition id -> its rank after self-pruning (prune only)
         self.sent: dict | None = None  # the global adapter of the round (rank r_max)
         super().__init__(**kwargs)
+
+    def rank_state(self) -> dict[str, Any]:
+        """The pruned ranks by partition, as the run's saved state holds them (nothing without pruning)."""
+        if not self.hetero.prune:
+            return {}
+        return {PRUNED_STATE_KEY: {str(pid): np.array(rank) for pid, rank in sorted(self.pruned.items())}}
+
+    def load_rank_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Take the pruned ranks out of a saved state; return the rest (the strategy's own state)."""
+        state = dict(state)
+        saved = state.pop(PRUNED_STATE_KEY, None) or {}
+        self.pruned = {int(pid): int(rank) for pid, rank in saved.items()}
+        return state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), **self.rank_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(self.load_rank_state(state))
 
     def describe(self) -> str:
         return f"{super().describe()}; LoRA ranks per client, {self.hetero.method} up to r_max={self.hetero.r_max}"
@@ -169,7 +207,8 @@ class HeteroRank(FedAvgLoRA):
                 raise ValueError(f"node {node} could not say its LoRA rank: {reply.error.reason}")
             rank = int(reply.content[METRICS_KEY][RANK_KEY])
             check_rank(rank, self.hetero.r_max, f"node {node}")
-            self.node_ranks[node] = rank
+            pid = self.partition_of.get(node)
+            self.node_ranks[node] = min(rank, self.pruned.get(pid, rank)) if self.hetero.prune else rank
         silent = sorted(set(unknown) - set(self.node_ranks))
         if silent:
             log.warning("nodes %s did not say their LoRA rank within %s s", silent, self.hetero.query_timeout)
@@ -180,10 +219,27 @@ class HeteroRank(FedAvgLoRA):
         valid = [m for m in replies if not m.has_error()]
         if not valid:
             return None, None
-        clients = [from_record(m.content[ARRAYS_KEY]) for m in valid]
+        clients = [self.reply_adapter(m) for m in valid]
         n = [float(m.content[METRICS_KEY][self.weighted_by_key]) for m in valid]  # the server's weight
         metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
         return to_record(self.combine(clients, n, server_round)), metrics
+
+    def reply_adapter(self, reply: Message) -> dict:
+        """A reply's adapter; under self-pruning cut to the rank the client says it keeps, which the node is
+        sent from the next round on (a reply the checks accepted: its ``lora-rank`` is within what it was sent).
+        """
+        arrays = from_record(reply.content[ARRAYS_KEY])
+        if not self.hetero.prune or RANK_KEY not in reply.content[METRICS_KEY]:
+            return arrays
+        node, sent, rank = reply.metadata.src_node_id, rank_of(arrays), int(reply.content[METRICS_KEY][RANK_KEY])
+        if rank >= sent:
+            return arrays
+        pid = self.partition_of.get(node)
+        log.info("node %s (partition %s) pruned its LoRA rank %d -> %d", node, pid, sent, rank)
+        self.node_ranks[node] = rank
+        if pid is not None:
+            self.pruned[pid] = rank
+        return slice_arrays(arrays, rank)
 
     def combine(self, clients: list[dict], num_examples: list[float], server_round: int = 1) -> dict:
         """The rank-``r_max`` global from the clients' adapters of their own ranks (ranks no client holds:
@@ -244,4 +300,13 @@ def with_lora_ranks(cls: type, method: str) -> type:
         return HeteroLocalOnly
     if cls is FedAvgLoRA:
         return HeteroRank
-    return type(f"{name}WithLoRARanks", (cls, HeteroRank), {"__doc__": f"{name} with clients of different ranks."})
+    return type(
+        f"{name}WithLoRARanks",
+        (cls, HeteroRank),
+        {
+            "__doc__": f"{name} with clients of different ranks.",
+            # cls's own state (a server optimiser's moments, which ends the super() chain) and the pruned ranks
+            "state_dict": lambda self: {**cls.state_dict(self), **self.rank_state()},
+            "load_state_dict": lambda self, state: cls.load_state_dict(self, self.load_rank_state(state)),
+        },
+    )

@@ -26,7 +26,7 @@ contributions, scaled by their (unrenormalised) share ``p_k``, as in the paper. 
 ranks that no client of the round holds (every reply's rank is below them, e.g. when the only
 rank-``r_max`` client was not sampled or was rejected) keep the previous global's values instead
 of becoming zero: a rank whose ``A`` row and ``B`` column are both zero gets no gradient, so it
-would never train again. The paper's rank self-pruning on the clients is NOT implemented.
+would never train again. The paper's rank self-pruning on the clients is an option (below).
 
 ``average="per_rank"`` (not the paper's; an option) divides each rank by the share of the weights of the
 clients that hold it, so a rank is the weighted mean of its holders' values: zero-padding's sum shrinks
@@ -34,6 +34,20 @@ the ranks held only by high-rank clients by that share every round (Byun and Lee
 Low-Rank Adaptation of Language Models with Rank Heterogeneity", call this dilution), and as both a
 rank's ``A`` row and ``B`` column shrink, the rank's product decays to zero and its gradient with it. Ranks
 every client holds are the same under both.
+
+HetLoRA's rank self-pruning (Cho et al., EMNLP 2024, section 3, "local training with rank self-pruning")
+---------------------------------------------------------------------------------------------------------
+Off unless ``hetlora_prune.enabled`` (:class:`PruneParams`). A client training rank ``r`` splits it into a head
+of ``k = max(1, floor(decay r))`` ranks (:func:`kept_rank`) and a tail of the last ``r - k`` ranks, and adds
+``weight * sum_layers ||B[:, k:r] A[k:r]||_F`` to its local loss, a pull of the tail's product towards zero
+(the gradient: :func:`fedllm_app.client.gradient_terms.tail_norm_grads`). After local training it compares the
+tail's size ``t = sum_layers ||B[:, k:r] A[k:r]||_F`` (:func:`tail_norm`) with the same quantity of the factors it
+was sent at the round's start, ``t_0``; when ``t < threshold t_0`` it prunes the tail (:func:`pruned_rank`): its
+rank becomes ``k``, and from the next round on the server sends, and the client sends back, ``k`` ranks. A
+tail that started at zero (``t_0 = 0``, LoRA's zero ``B`` before the first aggregation) is never pruned; a client
+of rank 1 has no tail. What fedllm fixes where the paper's description leaves it open: the tail's size is the
+sum over the adapted layers of each layer's Frobenius norm (the regulariser's own quantity), one rank for the
+whole adapter, and ``threshold`` (1 = the paper's "smaller than before") as a knob.
 
 FlexLoRA (Bai et al., NeurIPS 2024)
 -----------------------------------
@@ -56,6 +70,11 @@ decompositions and the SVD of a ``R x R`` core (``R = sum_k r_k``), :func:`low_r
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -233,4 +252,88 @@ def flexlora_aggregate(
             bound = 1.0 / np.sqrt(a.shape[1])
             new_a[keep:] = rng.uniform(-bound, bound, size=(r_max - keep, a.shape[1]))
         out[layer + A_SUFFIX], out[layer + B_SUFFIX] = new_a.astype(dtype), new_b.astype(dtype)
+    return out
+
+
+@dataclass(frozen=True)
+class PruneParams:
+    """HetLoRA's rank self-pruning on the clients (module docstring); the config's ``hetlora_prune`` section.
+
+    Attributes
+    ----------
+    enabled : bool
+        Prune at all (only with ``lora_aggregation=hetlora``). Off: clients keep their rank for the whole run.
+    decay : float
+        ``gamma`` in (0, 1): a client of rank ``r`` keeps ``max(1, floor(decay r))`` ranks when it prunes; the
+        ranks after those are the tail the regulariser acts on.
+    weight : float
+        ``lambda`` >= 0: the regulariser ``weight * sum_layers ||B_tail A_tail||_F`` added to the local loss.
+    threshold : float
+        > 0: the tail is pruned when its size after local training is below ``threshold`` times its size in
+        the factors the client was sent (1: the paper's "smaller than before the round").
+    """
+
+    enabled: bool = False
+    decay: float = 0.9
+    weight: float = 0.01
+    threshold: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.decay < 1:
+            raise ValueError(f"hetlora_prune.decay={self.decay} must be in (0, 1); e.g. hetlora_prune.decay=0.9")
+        if not self.weight >= 0:
+            raise ValueError(f"hetlora_prune.weight={self.weight} must be >= 0; e.g. hetlora_prune.weight=0.01")
+        if not self.threshold > 0:
+            raise ValueError(
+                f"hetlora_prune.threshold={self.threshold} must be positive; e.g. hetlora_prune.threshold=1.0"
+            )
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any] | None) -> PruneParams:
+        """From the config's ``hetlora_prune`` mapping (None or missing keys: the defaults)."""
+        section = dict(section or {})
+        unknown = sorted(set(section) - {"enabled", "decay", "weight", "threshold"})
+        if unknown:
+            raise ValueError(
+                f"hetlora_prune has unknown keys {unknown}; its keys are enabled, decay, weight, threshold"
+            )
+        enabled = section.pop("enabled", False)
+        if not isinstance(enabled, bool):
+            raise ValueError(f"hetlora_prune.enabled={enabled!r} must be true or false")
+        return cls(enabled=enabled, **{k: float(v) for k, v in section.items()})
+
+
+def kept_rank(rank: int, decay: float) -> int:
+    """The ranks a client of rank ``rank`` keeps when it prunes: ``max(1, floor(decay rank))`` (``rank`` if 1)."""
+    if rank < 1:
+        raise ValueError(f"rank {rank} must be at least 1")
+    return max(1, math.floor(decay * rank + 1e-9))  # 1e-9: 0.5 * 4 is 2, not 1.9999...
+
+
+def tail_norm(arrays: Arrays, keep: int) -> float:
+    """``sum over layers of ||B[:, keep:] A[keep:]||_F``: the size of the adapter's ranks after the first ``keep``."""
+    total = 0.0
+    for layer in lora_layers(arrays):
+        a = arrays[layer + A_SUFFIX][keep:].astype(np.float64)
+        b = arrays[layer + B_SUFFIX][:, keep:].astype(np.float64)
+        total += max(float(np.sum((b.T @ b) * (a @ a.T))), 0.0) ** 0.5
+    return total
+
+
+def pruned_rank(rank: int, before: float, after: float, params: PruneParams) -> int:
+    """The client's rank after a round: :func:`kept_rank` when the tail's size fell below ``threshold`` times its
+    size at the round's start (``after < threshold before``), else ``rank``.
+    """
+    keep = kept_rank(rank, params.decay)
+    if not params.enabled or keep >= rank:
+        return rank
+    return keep if after < params.threshold * before else rank
+
+
+def zero_tail(arrays: Arrays, keep: int) -> Arrays:
+    """A copy of ``arrays`` whose ranks after the first ``keep`` are zero (``A`` rows and ``B`` columns)."""
+    out = {k: v.copy() for k, v in arrays.items()}
+    for layer in lora_layers(out):
+        out[layer + A_SUFFIX][keep:] = 0
+        out[layer + B_SUFFIX][:, keep:] = 0
     return out

@@ -6,11 +6,15 @@ gradients of the trainable (LoRA) parameters right before each optimizer step
 
 - FedProx: the gradient of ``mu/2 ||theta - theta_global||^2`` is ``mu (theta - theta_global)``;
 - SCAFFOLD: ``g <- g + (c - c_i)`` (applied to the gradient, not after the optimizer's update);
-  the raw gradients are averaged over the round for the client's new ``c_i``.
+  the raw gradients are averaged over the round for the client's new ``c_i``;
+- HetLoRA's rank self-pruning (:class:`RankTerms`): the gradient of ``lambda ||B_tail A_tail||_F`` per adapted
+  layer (:func:`tail_norm_grads`), and zero gradients for the ranks a pruned client no longer trains (its model
+  keeps its declared rank; those ranks stay exactly zero, as AdamW without weight decay never moves them).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,6 +28,33 @@ from strategies.scaffold import C_CLIENT_KEY, C_SERVER_KEY
 def proximal_grad(param: torch.Tensor, anchor: torch.Tensor, mu: float) -> torch.Tensor:
     """Gradient of ``mu/2 ||param - anchor||^2``."""
     return mu * (param.detach() - anchor)
+
+
+def tail_norm_grads(a: torch.Tensor, b: torch.Tensor, keep: int, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ``weight ||B[:, keep:] A[keep:]||_F`` with respect to ``A`` (``r x in``) and ``B`` (``out x r``).
+
+    With ``P = B_t A_t`` the tail's product: ``dA_t = weight B_t^T P / ||P||``, ``dB_t = weight P A_t^T / ||P||``;
+    zero on the first ``keep`` ranks, and zero everywhere when ``P = 0`` (the norm's subgradient there).
+    """
+    grad_a, grad_b = torch.zeros_like(a), torch.zeros_like(b)
+    a_t, b_t = a.detach()[keep:].double(), b.detach()[:, keep:].double()
+    product = b_t @ a_t
+    norm = torch.linalg.matrix_norm(product)
+    if norm > 0:
+        grad_a[keep:] = (weight * b_t.T @ product / norm).to(a.dtype)
+        grad_b[:, keep:] = (weight * product @ a_t.T / norm).to(b.dtype)
+    return grad_a, grad_b
+
+
+@dataclass(frozen=True)
+class RankTerms:
+    """A self-pruning client's round (:mod:`strategies.hetero_rank`): it trains ranks ``0..active-1`` of its
+    model's adapter, and the regulariser of weight ``weight`` acts on ranks ``keep..active-1``.
+    """
+
+    active: int
+    keep: int
+    weight: float
 
 
 def trainable(model: Any) -> dict[str, torch.nn.Parameter]:
@@ -48,14 +79,22 @@ class GradientTerms:
         self.anchor: dict[str, torch.Tensor] = {}
         self.mu = 0.0
         self.correction: dict[str, torch.Tensor] | None = None
+        self.ranks: RankTerms | None = None
 
-    def start_round(self, model: Any, mu: float = 0.0, correction: dict[str, np.ndarray] | None = None) -> None:
+    def start_round(
+        self,
+        model: Any,
+        mu: float = 0.0,
+        correction: dict[str, np.ndarray] | None = None,
+        ranks: RankTerms | None = None,
+    ) -> None:
         """Snapshot the global (round-start) parameters; set this round's terms.
 
-        ``correction`` is keyed like the adapter arrays (:func:`adapter_key`).
+        ``correction`` is keyed like the adapter arrays (:func:`adapter_key`); ``ranks``: HetLoRA's self-pruning.
         """
         self.params = trainable(model)
         self.mu = mu
+        self.ranks = ranks
         self.anchor = {n: p.detach().clone() for n, p in self.params.items()} if mu else {}
         self.correction = (
             None
@@ -98,6 +137,23 @@ class GradientTerms:
                 p.grad += proximal_grad(p, self.anchor[name], self.mu)
             if self.correction is not None:
                 p.grad += self.correction[name].to(p.grad.dtype)
+        if self.ranks is not None:
+            self.apply_rank_terms(self.ranks)
+
+    @torch.no_grad()
+    def apply_rank_terms(self, ranks: RankTerms) -> None:
+        """Add the tail regulariser's gradient to each layer's ``A``/``B`` pair; zero the untrained ranks'."""
+        for name, a in self.params.items():
+            parts = name.split(".")
+            b = self.params.get(".".join("lora_B" if p == "lora_A" else p for p in parts))
+            if "lora_A" not in parts or b is None or a.grad is None or b.grad is None:
+                continue
+            if ranks.weight and ranks.keep < ranks.active:
+                grad_a, grad_b = tail_norm_grads(a[: ranks.active], b[:, : ranks.active], ranks.keep, ranks.weight)
+                a.grad[: ranks.active] += grad_a
+                b.grad[:, : ranks.active] += grad_b
+            a.grad[ranks.active :] = 0
+            b.grad[:, ranks.active :] = 0
 
 
 class ScaffoldClient:

@@ -10,6 +10,11 @@ local file, the whole file being its partition::
 
     flower-supernode ... --node-config "partition-id=0 num-partitions=2 data-path=/data/private.jsonl"
 
+Under HetLoRA's rank self-pruning (``hetlora_prune.enabled``, :mod:`strategies.hetero_rank`) the server is
+the one record of a client's current rank: the client trains the ranks it is sent (its model keeps the node's
+declared rank, the ranks after those held at zero), decides after training whether to prune its tail, replies
+with the shapes it was sent (a pruned tail zeroed) and says its new rank in the metrics' ``lora-rank``.
+
 The file is read in the run's dataset format (``dataset=alpaca_gpt4``: alpaca columns;
 ``dataset=synthetic``/``custom``: prompt/response or prompt/chosen/rejected) and never sent:
 only the adapter and metrics travel.
@@ -28,9 +33,9 @@ from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from fedllm_app.client.gradient_terms import ScaffoldClient
+from fedllm_app.client.gradient_terms import RankTerms, ScaffoldClient
 from fedllm_app.client.policy import DATA_PATH_KEY, NodePolicy
 from fedllm_app.client.trainer import ClientTrainer, client_trainer
 from fedllm_app.config import ConfigError, cfg_key, load_config
@@ -50,6 +55,17 @@ from strategies.fedavg import (
     NUM_EXAMPLES_KEY,
 )
 from strategies.fedprox import PROXIMAL_MU_KEY
+from strategies.hetero import RANK_KEY
+from strategies.hetero_rank import (
+    PruneParams,
+    kept_rank,
+    pad_rank,
+    pruned_rank,
+    rank_of,
+    slice_rank,
+    tail_norm,
+    zero_tail,
+)
 from strategies.local import PARTITION_KEY
 from strategies.records import from_record, to_record
 from strategies.scaffold import C_DELTA_KEY
@@ -153,7 +169,8 @@ def train_one_round(cfg: DictConfig, pid: int, msg: Message, state: Any, data_pa
     model_load = time.perf_counter() - start
     global_ = from_record(msg.content[ARRAYS_KEY])
     kept = state.get(LOCAL_STATE_KEY) if plan.mode == "local" else None
-    set_adapter(model, from_record(kept) if kept is not None else global_)
+    prune = pruning(cfg, plan)
+    set_adapter(model, from_record(kept) if kept is not None else padded_to_model(global_, cfg.model.lora.r, prune))
     trainer = _trainer(cfg, pid, plan, model, tokenizer, data_path)
     scaffold = ScaffoldClient.from_message(msg)
     setup = time.perf_counter() - start
@@ -166,9 +183,11 @@ def train_one_round(cfg: DictConfig, pid: int, msg: Message, state: Any, data_pa
         mu=plan.mu,
         correction=scaffold.correction() if scaffold else None,
         max_steps=cfg.training.max_steps * plan.multiplier,
+        ranks=rank_terms(global_, prune),
     )
     extras = {C_DELTA_KEY: scaffold.finish(trainer.terms.mean_gradient())} if scaffold else {}
-    trained, extras, within = dp_clip(msg, global_, get_adapter(model), extras)
+    trained, rank_metrics = self_prune(global_, get_adapter(model), prune, pid)
+    trained, extras, within = dp_clip(msg, global_, trained, extras)
     arrays = to_record(trained)
     if plan.mode == "local":
         state[LOCAL_STATE_KEY] = arrays
@@ -185,7 +204,61 @@ def train_one_round(cfg: DictConfig, pid: int, msg: Message, state: Any, data_pa
         "setup_seconds": setup,  # model, adapter, trainer and data before the first step
     }
     metrics.update(within)
+    metrics.update(rank_metrics)
     return RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: MetricRecord(metrics), **extras})
+
+
+def pruning(cfg: DictConfig, plan: RoundPlan) -> PruneParams | None:
+    """HetLoRA's self-pruning settings when this round prunes (a federated round of a hetlora run with
+    ``hetlora_prune.enabled``), else None.
+    """
+    if plan.mode != "federated" or cfg.get("lora_aggregation", "homogeneous") != "hetlora":
+        return None
+    section = cfg.get("hetlora_prune")
+    params = PruneParams.from_config(OmegaConf.to_container(section) if section is not None else None)
+    return params if params.enabled else None
+
+
+def padded_to_model(sent: dict[str, Any], model_rank: int, prune: PruneParams | None) -> dict[str, Any]:
+    """What the model loads: the arrays sent, zero-padded to the model's rank when the client self-prunes (the
+    server then sends the client's current rank, at most the node's declared rank ``model_rank``).
+    """
+    if prune is None:
+        return sent
+    active = rank_of(sent)
+    if active > model_rank:
+        raise ValueError(
+            f"the server sent {active} LoRA ranks, more than this node's rank {model_rank}; run the same fedllm "
+            f"version on the server and the clients"
+        )
+    return pad_rank(sent, model_rank)
+
+
+def rank_terms(sent: dict[str, Any], prune: PruneParams | None) -> RankTerms | None:
+    """The round's self-pruning gradient terms: train the ranks sent, pull their tail's product to zero."""
+    if prune is None:
+        return None
+    active = rank_of(sent)
+    return RankTerms(active=active, keep=kept_rank(active, prune.decay), weight=prune.weight)
+
+
+def self_prune(
+    sent: dict[str, Any], trained: dict[str, Any], prune: PruneParams | None, pid: int
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """The reply's adapter (the ranks sent, a pruned tail zeroed) and its ``lora-rank`` metric; unchanged and no
+    metric when the client does not self-prune.
+    """
+    if prune is None:
+        return trained, {}
+    active = rank_of(sent)
+    trained = slice_rank(trained, active)
+    keep = kept_rank(active, prune.decay)
+    before, after = tail_norm(sent, keep), tail_norm(trained, keep)
+    rank = pruned_rank(active, before, after, prune)
+    if rank < active:
+        log.info("client %d prunes its LoRA rank %d -> %d (tail norm %.4g, was %.4g)", pid, active, rank, after, before)
+        trained = zero_tail(trained, rank)
+    return trained, {RANK_KEY: rank}
 
 
 def dp_clip(

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from fedllm_app.client.gradient_terms import GradientTerms
+from fedllm_app.client.gradient_terms import GradientTerms, RankTerms
 from fedllm_app.client.token_cache import cached_trainer_class
 from fedllm_app.config import task_name
 from fedllm_app.data.rows import Row
@@ -214,14 +214,16 @@ class ClientTrainer:
         mu: float = 0.0,
         correction: Arrays | None = None,
         max_steps: int | None = None,
+        ranks: RankTerms | None = None,
     ) -> TrainResult:
         """Train the model's adapter in place on the rows ``indices`` for ``training.max_steps`` steps.
 
-        ``mu`` (FedProx) and ``correction`` (SCAFFOLD's ``c - c_i``) act on the gradients.
+        ``mu`` (FedProx), ``correction`` (SCAFFOLD's ``c - c_i``) and ``ranks`` (HetLoRA's self-pruning) act on
+        the gradients.
         """
         start = time.perf_counter()
         trainer = self.trainer
-        self.terms.start_round(trainer.model, mu, correction)
+        self.terms.start_round(trainer.model, mu, correction, ranks)
         trainer.train_dataset = self.dataset.select(indices)
         trainer.args.learning_rate = learning_rate
         trainer.args.seed = trainer.args.data_seed = seed

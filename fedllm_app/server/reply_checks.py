@@ -10,6 +10,8 @@ others) unless it is exactly what fedllm's client sends:
   a payload that decodes (never pickles) to the declared shape, finite values;
 - metrics: the keys of :data:`REPLY_METRICS` only, each of its type (an int where an int is
   expected, never a list), finite; ``num-examples`` and ``data-size`` positive;
+- ``lora-rank`` (HetLoRA's rank self-pruning: the client's rank after the round), when present: an int in
+  ``1..`` the rank of the adapter it was sent;
 - ``partition-id``: an int in ``[0, num_partitions)``, the same partition the node claimed
   before, claimed by no other node (:class:`PartitionBook`);
 - the reply comes from a node the server sent this round's message to, once.
@@ -29,6 +31,8 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from strategies.dp import WITHIN_CLIP_KEY
 from strategies.fedavg import ARRAYS_KEY, DATA_SIZE_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, PARTITION_KEY
+from strategies.hetero import RANK_KEY
+from strategies.hetero_rank import A_SUFFIX
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -45,6 +49,7 @@ REPLY_METRICS: dict[str, type] = {
     "model_load_seconds": float,
     "setup_seconds": float,
     WITHIN_CLIP_KEY: float,  # DP-FedAvg: whether the update was within the clip norm (strategies/dp.py)
+    RANK_KEY: int,  # HetLoRA's self-pruning: the client's LoRA rank after the round (strategies/hetero.py)
 }
 REQUIRED_METRICS = (NUM_EXAMPLES_KEY, DATA_SIZE_KEY, PARTITION_KEY, "train_loss")
 NUMPY_STYPE = "numpy.ndarray"
@@ -144,7 +149,18 @@ def _content_problem(content: RecordDict, spec: ReplySpec) -> str | None:
     for key in (ARRAYS_KEY, *spec.extra):
         if problem := _arrays_problem(content[key], spec.shapes):
             return f"{problem} of '{key}'" if key != ARRAYS_KEY else problem
-    return metrics_problem(content[METRICS_KEY], spec.num_partitions)
+    return metrics_problem(content[METRICS_KEY], spec.num_partitions) or _rank_problem(
+        content[METRICS_KEY], spec.shapes
+    )
+
+
+def _rank_problem(metrics: MetricRecord, shapes: Shapes) -> str | None:
+    """A ``lora-rank`` outside ``1..`` the rank of the adapter sent (the rows of its ``A`` matrices), or None."""
+    sent = max((shape[0] for name, shape in shapes.items() if name.endswith(A_SUFFIX)), default=None)
+    rank = metrics.get(RANK_KEY)
+    if rank is None or sent is None or 1 <= rank <= sent:
+        return None
+    return f"'{RANK_KEY}' is {rank}; a client can only keep or prune the ranks it was sent, 1..{sent}"
 
 
 def _arrays_problem(record: ArrayRecord, expected: Shapes) -> str | None:

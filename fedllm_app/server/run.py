@@ -150,6 +150,7 @@ def hetero_params(cfg: DictConfig) -> HeteroRankParams | None:
         average=cfg.get("hetlora_average", "zero_padded"),
         flexlora_average=cfg.get("flexlora_average", "products"),
         query_timeout=cfg.round_timeout,  # a node that does not say its rank in time sits the round out
+        prune=bool((cfg.get("hetlora_prune") or {}).get("enabled", False)),
     )
 
 
@@ -158,6 +159,7 @@ def local_strategy(cfg: DictConfig) -> LocalOnly:
     hetero = hetero_params(cfg)
     if hetero is None:
         return LocalOnly(**strategy_kwargs(cfg))
+    hetero = replace(hetero, prune=False)  # each client keeps its declared rank: its clients do not self-prune
     return with_lora_ranks(LocalOnly, hetero.method)(**strategy_kwargs(cfg), hetero=hetero)
 
 

@@ -116,10 +116,14 @@ def test_bad_override_fails_the_run_with_the_message(flower, tmp_path):
 
 
 # Two runs also train clients of different LoRA ranks (partition 0 at rank 4, partition 1 at 16 = r_max):
-# FlexLoRA under FedProx, HetLoRA under FedAvgM's server step (docs/heterogeneous.md).
+# FlexLoRA under FedProx, HetLoRA under FedAvgM's server step (docs/heterogeneous.md). The HetLoRA run also
+# self-prunes its ranks, with a threshold loose enough (a tail below 10x its size at the round's start) that both
+# clients prune in round 2 (in round 1 the tail starts at LoRA's zero B, so neither does): their replies, with
+# the shapes they were sent and their new lora-rank, pass the reply checks and aggregate.
 MIXED_RANKS = {
     "fedprox": "lora_aggregation=flexlora model.lora.client_ranks=[4,16]",
-    "fedavgm": "lora_aggregation=hetlora model.lora.client_ranks=[4,16]",
+    "fedavgm": "lora_aggregation=hetlora model.lora.client_ranks=[4,16] hetlora_prune.enabled=true "
+    "hetlora_prune.threshold=10",
 }
 # Two runs also take another data path, which would otherwise need runs of their own: a Hub-shaped local file
 # of the catalogue (FedYogi) and federated DPO (FedAdam).
@@ -204,6 +208,8 @@ def test_every_algorithm_runs_two_rounds_through_flower(flower, tmp_path, name):
         assert_compressed_both_ways(name, lines, saved, log, out / name)
     if name in MIXED_RANKS:
         assert_each_rank_travels_alone(lines, saved)
+    if name == "fedavgm":
+        assert "pruned its LoRA rank 16 -> 14" in log and "pruned its LoRA rank 4 -> 3" in log, log[-3000:]
     if name == "fedyogi":
         assert_alpaca_gpt4_came_from_the_local_file(log, lines)
     if name == "fedadam":
