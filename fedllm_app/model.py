@@ -149,7 +149,8 @@ def lora_config(model_cfg: DictConfig) -> Any:
 
 
 @lru_cache(maxsize=2)
-def _cached(key: str, seed: int) -> tuple[Any, Any]:
+def _cached(key: str, seed: int) -> tuple[Any, Any, dict[str, np.ndarray]]:
+    """(model, tokenizer, the adapter it was built with): the seeded PEFT init, or ``model.adapter``'s weights."""
     from peft import get_peft_model
 
     model_cfg = OmegaConf.create(json.loads(key))
@@ -158,7 +159,7 @@ def _cached(key: str, seed: int) -> tuple[Any, Any]:
     model = get_peft_model(base, lora_config(model_cfg))
     if model_cfg.get("adapter"):
         set_adapter(model, load_saved_adapter(str(model_cfg.adapter)), what=f"model.adapter={model_cfg.adapter!r}")
-    return model, tokenizer
+    return model, tokenizer, get_adapter(model)
 
 
 def keep_lora_float32(model: Any) -> int:
@@ -202,10 +203,26 @@ def reference_adapter(model_cfg: DictConfig, model: Any) -> dict[str, np.ndarray
     return {k: np.zeros_like(v) for k, v in get_adapter(model).items()}
 
 
+def _model_key(model_cfg: DictConfig) -> str:
+    return json.dumps(OmegaConf.to_container(model_cfg, resolve=True), sort_keys=True)
+
+
 def get_model(model_cfg: DictConfig, seed: int = 0) -> tuple[Any, Any]:
-    """The process's LoRA-wrapped model and tokenizer for ``model_cfg`` (loaded once)."""
-    key = json.dumps(OmegaConf.to_container(model_cfg, resolve=True), sort_keys=True)
-    return _cached(key, seed)
+    """The process's LoRA-wrapped model and tokenizer for ``model_cfg`` (loaded once).
+
+    The model is shared: its adapter holds whatever was last set into it. A run starts from
+    :func:`initial_adapter`, never from that.
+    """
+    model, tokenizer, _ = _cached(_model_key(model_cfg), seed)
+    return model, tokenizer
+
+
+def initial_adapter(model_cfg: DictConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    """A copy of the adapter a run of ``model_cfg`` and ``seed`` starts from: LoRA's init drawn under ``seed``
+    (``model.adapter``'s weights when set), whatever the process's cached model was set to since.
+    """
+    _, _, initial = _cached(_model_key(model_cfg), seed)
+    return {k: v.copy() for k, v in initial.items()}
 
 
 def client_rank(cfg: DictConfig, pid: int, node_rank: Any = None) -> int:

@@ -25,7 +25,7 @@ from fedllm_app.comm.codecs import CommParams
 from fedllm_app.config import ConfigError, challenge_warning
 from fedllm_app.data import pipeline
 from fedllm_app.data.canaries import CanarySpec, describe
-from fedllm_app.model import get_adapter, get_model, set_adapter
+from fedllm_app.model import get_model, initial_adapter, set_adapter
 from fedllm_app.server.guard import GuardParams, ReplyGuard
 from fedllm_app.server.hub import check_hub, push_adapter
 from fedllm_app.server.model_card import write_model_card
@@ -203,7 +203,8 @@ class FederatedRun:
         if warning := challenge_warning(cfg):  # a FlowerTune challenge whose fixed settings were changed
             log.warning(warning)
         self.model, self.tokenizer = get_model(cfg.model, cfg.seed)
-        self.initial = to_record(get_adapter(self.model))
+        self.initial = to_record(initial_adapter(cfg.model, cfg.seed))  # not what the shared model holds now
+        set_adapter(self.model, from_record(self.initial))
         self.test = pipeline.heldout(cfg)
         by = cfg.partition.by
         log.info(f"data: {cfg.dataset.name} ({cfg.task.name}), partition {cfg.partition.name}")
