@@ -12,24 +12,22 @@ import math
 
 import numpy as np
 import pytest
-from flwr.app import Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
 
-from fedllm_app.client import secure
 from fedllm_app.secure.secagg import SecAggParams
 from fedllm_app.server.rounds import run_rounds
 from strategies.dp import with_dp
 from strategies.fedadagrad import FedAdagrad
 from strategies.fedadam import FedAdam
-from strategies.fedavg import ARRAYS_KEY, DATA_SIZE_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, FedAvgLoRA
+from strategies.fedavg import ARRAYS_KEY, FedAvgLoRA
 from strategies.fedavgm import FedAvgM
 from strategies.fedprox import FedProx
 from strategies.fedyogi import FedYogi
 from strategies.privacy import DPParams
 from strategies.records import from_record, to_record
-from strategies.scaffold import C_CLIENT_KEY, C_DELTA_KEY, Scaffold
+from strategies.scaffold import C_DELTA_KEY, Scaffold
 from tests.fakes import Writer
 from tests.unit.fedllm_app.server.test_secure_round import LoopbackGrid, kw
+from tests.unit.fedllm_app.server.test_secure_round import client_app as secure_client_app
 
 START = {"a": np.zeros((100, 150), dtype=np.float32), "b": np.full(5000, 0.5, dtype=np.float32)}
 SIZE = sum(v.size for v in START.values())
@@ -56,33 +54,10 @@ def seeded(pid):
 
 
 def client_app(noise_rng=None):
-    """The real secure handlers, training replaced by adding :func:`delta_of`; ``noise_rng(pid)``: the share's
-    generator (None: the client's own, from the OS's entropy).
+    """The real secure handlers (:func:`test_secure_round.client_app`) adding :func:`delta_of`; ``noise_rng(pid)``:
+    the share's generator (None: the client's own, from the OS's entropy).
     """
-    app = ClientApp()
-
-    @app.query()
-    def partition(msg, context):
-        return Message(RecordDict({METRICS_KEY: MetricRecord({"partition-id": context.node_config["partition-id"]})}),
-                       reply_to=msg)  # fmt: skip
-
-    @app.query("secagg")
-    def stage(msg, context):
-        return Message(secure.handle_query(msg, context.state), reply_to=msg)
-
-    @app.train("secagg")
-    def train(msg, context):
-        pid = context.node_config["partition-id"]
-        msg = secure.training_message(msg, context.state)
-        trained = {k: v + delta_of(pid)[k] for k, v in from_record(msg.content[ARRAYS_KEY]).items()}
-        metrics = {NUM_EXAMPLES_KEY: 8, DATA_SIZE_KEY: 8, "train_loss": 1.0, "partition-id": pid}
-        content = RecordDict({ARRAYS_KEY: to_record(trained), METRICS_KEY: MetricRecord(metrics)})
-        if C_CLIENT_KEY in msg.content:
-            content[C_DELTA_KEY] = to_record({k: v / 10 for k, v in delta_of(pid + 50).items()})
-        rng = noise_rng(pid) if noise_rng else None
-        return Message(secure.masked_content(msg, content, context.state, rng), reply_to=msg)
-
-    return app
+    return secure_client_app(delta_of, lambda pid: {k: v / 10 for k, v in delta_of(pid + 50).items()}, noise_rng)
 
 
 def dp(colluders=0):

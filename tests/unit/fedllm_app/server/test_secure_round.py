@@ -50,8 +50,11 @@ def c_delta_of(pid):
     return {k: v / 10 for k, v in delta_of(pid + 50).items()}
 
 
-def client_app():
-    """The real secure handlers; training replaced by adding :func:`delta_of` the partition."""
+def client_app(delta=delta_of, c_delta=c_delta_of, noise_rng=None):
+    """The real secure handlers; training replaced by adding ``delta(pid)`` to the global (SCAFFOLD: a control
+    delta ``c_delta(pid)``). ``noise_rng(pid)``: the generator of a distributed-noise share (None: the client's own,
+    from the OS's entropy).
+    """
     app = ClientApp()
 
     @app.query()
@@ -67,12 +70,13 @@ def client_app():
     def train(msg, context):
         pid = context.node_config["partition-id"]
         msg = secure.training_message(msg, context.state)
-        trained = {k: v + delta_of(pid)[k] for k, v in from_record(msg.content[ARRAYS_KEY]).items()}
+        trained = {k: v + delta(pid)[k] for k, v in from_record(msg.content[ARRAYS_KEY]).items()}
         metrics = {NUM_EXAMPLES_KEY: 8, DATA_SIZE_KEY: 8, "train_loss": 1.0 + pid, "partition-id": pid}
         content = RecordDict({ARRAYS_KEY: to_record(trained), METRICS_KEY: MetricRecord(metrics)})
         if C_CLIENT_KEY in msg.content:
-            content[C_DELTA_KEY] = to_record(c_delta_of(pid))
-        return Message(secure.masked_content(msg, content, context.state), reply_to=msg)
+            content[C_DELTA_KEY] = to_record(c_delta(pid))
+        rng = noise_rng(pid) if noise_rng else None
+        return Message(secure.masked_content(msg, content, context.state, rng), reply_to=msg)
 
     return app
 
