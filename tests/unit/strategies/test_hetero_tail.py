@@ -40,6 +40,14 @@ def test_each_rank_moves_by_the_weighted_mean_update_of_the_clients_that_trained
     np.testing.assert_allclose(new[B], [[0.0, 4.0, 3.0]])
 
 
+def test_with_every_client_at_r_max_it_is_the_weighted_average_of_the_factors():
+    g, clients = glob(), [glob(seed=s) for s in (1, 2, 3)]
+    weights = [0.2, 0.3, 0.5]
+    new = hr.frozen_tail_aggregate(g, clients, weights)
+    for k in g:
+        np.testing.assert_allclose(new[k], sum(w * c[k] for w, c in zip(weights, clients, strict=True)), rtol=1e-5)
+
+
 def test_a_rank_whose_trainers_all_have_weight_zero_keeps_the_global():
     global_ = {A: np.ones((2, 2)), B: np.ones((1, 2))}
     small, big = {A: np.zeros((1, 2)), B: np.zeros((1, 1))}, {A: np.full((2, 2), 5.0), B: np.full((1, 2), 5.0)}
