@@ -52,7 +52,7 @@ AGGREGATIONS = ("homogeneous", "hetlora", "flexlora")
 WEIGHTINGS = ("norm", "examples")
 HETLORA_AVERAGES = ("zero_padded", "per_rank")
 FLEXLORA_AVERAGES = ("products", "updates")
-HETLORA_TAILS = ("none", "frozen")
+HETLORA_TAILS = ("none", "frozen", "frozen_sum")
 # logging.report_to: the experiment trackers (fedllm_app.server.trackers implements one class per name).
 TRACKER_NAMES = ("tensorboard", "wandb", "mlflow")
 # privacy.accountant (strategies.accounting.ACCOUNTANTS; a test keeps them equal, as AGGREGATIONS).

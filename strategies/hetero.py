@@ -36,11 +36,11 @@ not held, exactly as if it had sent only the ranks it kept), and from then on se
 The server is the one record of a client's current rank: a rejected reply changes nothing, and the pruned ranks
 are kept by partition in :meth:`HeteroRank.rank_state`, saved for a resumed run.
 
-Under HetLoRA's frozen tail (``tail="frozen"``, :mod:`strategies.hetero_rank`), ``arrays`` is the whole
-rank-``r_max`` global and the train config holds ``lora-train-rank`` (``r_k``): the client loads the global into
-an adapter of rank ``r_max`` (the global's ``lora_alpha``), trains only its first ``r_k`` ranks (the others'
-gradients zeroed) and replies with those ``r_k`` ranks; the reply checks expect that slice's shapes
-(:meth:`HeteroRank.reply_base`).
+Under HetLoRA's frozen tail (``tail="frozen"`` or ``"frozen_sum"``, :mod:`strategies.hetero_rank`),
+``arrays`` is the whole rank-``r_max`` global and the train config holds ``lora-train-rank`` (``r_k``): the
+client loads the global into an adapter of rank ``r_max`` (the global's ``lora_alpha``), trains only its first
+``r_k`` ranks (the others' gradients zeroed) and replies with those ``r_k`` ranks; the reply checks expect that
+slice's shapes (:meth:`HeteroRank.reply_base`).
 """
 
 from __future__ import annotations
@@ -119,8 +119,10 @@ class HeteroRankParams:
         the rank sent lowers that node's rank for the rest of the run (module docstring).
     tail : str
         HetLoRA's ranks beyond a client's own (``hetlora_tail``; hetlora only): ``"none"`` (the paper's: the
-        client is sent and trains only its ``r_k`` ranks) or ``"frozen"`` (it is sent the whole global and
-        trains its first ``r_k`` ranks, the rest held; :mod:`strategies.hetero_rank`).
+        client is sent and trains only its ``r_k`` ranks), ``"frozen"`` (it is sent the whole global and
+        trains its first ``r_k`` ranks, the rest held; each rank moves by the mean update of the clients that
+        trained it) or ``"frozen_sum"`` (the same clients; each rank moves by their weighted sum of updates,
+        not renormalised); :mod:`strategies.hetero_rank`.
     """
 
     method: str
@@ -213,7 +215,7 @@ class HeteroRank(FedAvgLoRA):
             if rank is None:
                 continue  # no answer to the rank query: left out of the round (logged by learn_ranks)
             content = RecordDict(dict(msg.content.items()))  # FedAvg's messages share one RecordDict
-            if self.hetero.tail == "frozen":  # the whole global; the client trains and sends its first `rank`
+            if self.hetero.tail != "none":  # the whole global; the client trains and sends its first `rank`
                 content[CONFIG_KEY] = ConfigRecord({**dict(content[CONFIG_KEY].items()), TRAIN_RANK_KEY: rank})
             elif rank != self.hetero.r_max:
                 content[ARRAYS_KEY] = to_record(slice_arrays(global_, rank))
@@ -225,7 +227,7 @@ class HeteroRank(FedAvgLoRA):
         """What a node's reply adapter is checked and measured against: the adapter it was sent, cut to its
         own rank under the frozen tail (it is sent ``r_max`` ranks and sends back its ``r_k``).
         """
-        if self.hetero.tail != "frozen" or node not in self.node_ranks:
+        if self.hetero.tail == "none" or node not in self.node_ranks:
             return sent
         return to_record(slice_arrays(from_record(sent), self.node_ranks[node]))
 
@@ -293,8 +295,8 @@ class HeteroRank(FedAvgLoRA):
                 clients, num_examples, p.r_max, np.random.default_rng(server_round), previous=previous
             )
         weights = hetlora_weights(clients, num_examples, p.weighting)
-        if p.tail == "frozen":
-            return frozen_tail_aggregate(self.sent, clients, weights)
+        if p.tail != "none":
+            return frozen_tail_aggregate(self.sent, clients, weights, renormalise=p.tail == "frozen")
         return hetlora_aggregate(clients, weights, p.r_max, previous=self.sent, average=p.average)
 
 

@@ -58,7 +58,10 @@ at the global's values; it sends back its first ``r_k`` ranks. Rank ``i`` of the
 (:func:`frozen_tail_aggregate`; ``p_k`` as HetLoRA's, renormalised over those clients). A rank no client
 trained, or whose trainers all have weight zero, stays as it was. Every client's model then contains the whole
 global, so no client re-learns what the ranks it does not train hold: the test of one suspected cause of
-HetLoRA's low accuracy (docs/heterogeneous.md).
+HetLoRA's low accuracy (docs/heterogeneous.md). ``hetlora_tail=frozen_sum`` adds ``sum_{k: r_k > i} p_k
+(x_{k,i} - x_i)`` instead, without renormalising (HetLoRA's zero-padded sum, of the updates): to first order the
+product then moves by the clients' weighted mean product update, ``sum_k p_k (B_k A_k - B A)``, where the
+renormalised form can add up more than that when clients of different ranks learn the same change.
 
 FlexLoRA (Bai et al., NeurIPS 2024)
 -----------------------------------
@@ -96,7 +99,7 @@ B_SUFFIX = ".lora_B.weight"
 WEIGHTINGS = ("norm", "examples")
 AVERAGES = ("zero_padded", "per_rank")
 FLEXLORA_AVERAGES = ("products", "updates")
-TAILS = ("none", "frozen")
+TAILS = ("none", "frozen", "frozen_sum")
 
 
 def lora_layers(arrays: Arrays) -> list[str]:
@@ -198,11 +201,14 @@ def hetlora_aggregate(
     return out
 
 
-def frozen_tail_aggregate(global_: Arrays, clients: list[Arrays], weights: list[float]) -> Arrays:
+def frozen_tail_aggregate(
+    global_: Arrays, clients: list[Arrays], weights: list[float], renormalise: bool = True
+) -> Arrays:
     """The new rank-``r_max`` global from clients that each trained the first ``r_k`` ranks of ``global_``.
 
     Rank ``i`` (``A`` row, ``B`` column) is ``global_``'s plus ``sum_{k: r_k > i} w_k (client_k - global_)``
-    divided by ``sum_{k: r_k > i} w_k``; a rank no client (of positive weight) trained keeps ``global_``'s values.
+    divided by ``sum_{k: r_k > i} w_k`` (not divided with ``renormalise=False``: ``frozen_sum``); a rank no client
+    (of positive weight) trained keeps ``global_``'s values.
     ``clients[k]`` holds ranks ``0..r_k-1`` (its own rank); ``weights`` as :func:`hetlora_weights` gives.
     """
     if not clients:
@@ -211,7 +217,7 @@ def frozen_tail_aggregate(global_: Arrays, clients: list[Arrays], weights: list[
     if max(ranks) > r_max:
         raise ValueError(f"a client's rank {max(ranks)} is above the global adapter's rank {r_max}")
     share = np.array([sum(w for w, r in zip(weights, ranks, strict=True) if r > i) for i in range(r_max)])
-    scale = np.divide(1.0, share, out=np.zeros(r_max), where=share > 0)
+    scale = np.divide(1.0, share, out=np.zeros(r_max), where=share > 0) if renormalise else np.ones(r_max)
     out = {}
     for layer in lora_layers(global_):
         a, b = global_[layer + A_SUFFIX].astype(np.float64), global_[layer + B_SUFFIX].astype(np.float64)

@@ -40,6 +40,29 @@ def test_each_rank_moves_by_the_weighted_mean_update_of_the_clients_that_trained
     np.testing.assert_allclose(new[B], [[0.0, 4.0, 3.0]])
 
 
+def test_frozen_sum_adds_each_ranks_weighted_updates_without_renormalising():
+    global_ = {A: np.array([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]]), B: np.array([[1.0, 2.0, 3.0]])}
+    one = {A: np.array([[5.0, 1.0]]), B: np.array([[3.0]])}
+    two = {A: np.array([[1.0, 9.0], [6.0, 2.0]]), B: np.array([[-1.0, 4.0]])}
+    new = hr.frozen_tail_aggregate(global_, [one, two], [0.25, 0.75], renormalise=False)
+    # rank 0 as in the renormalised form (both clients trained it); rank 1: 2 + 0.75 (4, 0), B1 2 + 0.75 * 2
+    np.testing.assert_allclose(new[A], [[2.0, 7.0], [5.0, 2.0], [3.0, 3.0]])
+    np.testing.assert_allclose(new[B], [[0.0, 3.5, 3.0]])
+
+
+def test_the_server_sums_the_updates_under_frozen_sum():
+    s, g = build(extra="hetlora_tail=frozen_sum hetlora_weighting=examples"), glob()
+    msgs = list(s.configure_train(1, to_record(g), ConfigRecord(), RankGrid(RANKS)))
+    assert all(from_record(m.content[ARRAYS_KEY])[L_A].shape == (4, 6) for m in msgs)  # the whole global
+    nodes = [m.metadata.dst_node_id for m in msgs]
+    trained = {n: glob(RANKS[n], seed=20 + n) for n in nodes}
+    replies = [reply_to(m, trained[n], 10 * n) for m, n in zip(msgs, nodes, strict=True)]
+    arrays, _ = s.aggregate_train(1, server_weighted(replies))
+    want = hr.frozen_tail_aggregate(g, [trained[n] for n in sorted(trained)], [1 / 6, 2 / 6, 3 / 6], renormalise=False)
+    for k in want:
+        np.testing.assert_allclose(from_record(arrays)[k], want[k], rtol=1e-6)
+
+
 def test_with_every_client_at_r_max_it_is_the_weighted_average_of_the_factors():
     g, clients = glob(), [glob(seed=s) for s in (1, 2, 3)]
     weights = [0.2, 0.3, 0.5]
@@ -116,7 +139,7 @@ def test_the_frozen_tail_with_what_it_cannot_combine_with_fails_at_start_naming_
 
 
 def test_an_unknown_tail_fails_naming_the_choices():
-    with pytest.raises(ConfigError, match=r"hetlora_tail='thawed' must be one of none, frozen"):
+    with pytest.raises(ConfigError, match=r"hetlora_tail='thawed' must be one of none, frozen, frozen_sum"):
         load_config({"overrides": "lora_aggregation=hetlora hetlora_tail=thawed"})
 
 
