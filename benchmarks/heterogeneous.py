@@ -28,6 +28,10 @@ SETTINGS = {
     "model.lora.r=32 model.lora.alpha=64 model.lora.client_ranks=[4,8,16,32]",
     "HetLoRA with rank self-pruning, ranks 4/8/16/32": "lora_aggregation=hetlora hetlora_prune.enabled=true "
     "model.lora.r=32 model.lora.alpha=64 model.lora.client_ranks=[4,8,16,32]",
+    "HetLoRA frozen tail, ranks 4/8/16/32": "lora_aggregation=hetlora hetlora_tail=frozen "
+    "model.lora.r=32 model.lora.alpha=64 model.lora.client_ranks=[4,8,16,32]",
+    "HetLoRA frozen tail, summed updates, ranks 4/8/16/32": "lora_aggregation=hetlora hetlora_tail=frozen_sum "
+    "model.lora.r=32 model.lora.alpha=64 model.lora.client_ranks=[4,8,16,32]",
     "FlexLoRA, ranks 4/8/16/32": "lora_aggregation=flexlora model.lora.r=32 model.lora.alpha=64 "
     "model.lora.client_ranks=[4,8,16,32]",
     "FlexLoRA update average, ranks 4/8/16/32": "lora_aggregation=flexlora flexlora_average=updates "

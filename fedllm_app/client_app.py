@@ -29,7 +29,7 @@ from fedllm_app.config import EVERY_ROUND, ConfigError, load_config, parse_fault
 from fedllm_app.model import RANK_NODE_KEY, client_rank, with_client_rank  # noqa: E402
 from fedllm_app.secure import keys as secagg_keys  # noqa: E402
 from strategies.fedavg import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY  # noqa: E402
-from strategies.hetero import RANK_KEY, RANK_QUERY  # noqa: E402
+from strategies.hetero import RANK_KEY, RANK_QUERY, TRAIN_RANK_KEY  # noqa: E402
 from strategies.local import PARTITION_KEY  # noqa: E402
 from strategies.records import from_record  # noqa: E402
 
@@ -123,7 +123,9 @@ def _trained(msg: Message, context: Context) -> RecordDict:
     cfg = round_config(context.run_config, msg, policy)
     setup_console(cfg.logging.verbose, progress=False)
     pid = partition_id(context)
-    cfg = with_client_rank(cfg, node_rank(cfg, pid, context))
+    rank = node_rank(cfg, pid, context)
+    if TRAIN_RANK_KEY not in msg.content[CONFIG_KEY]:  # hetlora_tail=frozen: the model keeps the global's rank
+        cfg = with_client_rank(cfg, rank)
     content = train_one_round(cfg, pid, msg, context.state, policy.data_path)
     planned = parse_faults(cfg.fault_injection)
     fault = planned.get((int(msg.content[CONFIG_KEY]["server-round"]), pid)) or planned.get((EVERY_ROUND, pid))

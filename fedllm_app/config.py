@@ -52,6 +52,7 @@ AGGREGATIONS = ("homogeneous", "hetlora", "flexlora")
 WEIGHTINGS = ("norm", "examples")
 HETLORA_AVERAGES = ("zero_padded", "per_rank")
 FLEXLORA_AVERAGES = ("products", "updates")
+HETLORA_TAILS = ("none", "frozen", "frozen_sum")
 # logging.report_to: the experiment trackers (fedllm_app.server.trackers implements one class per name).
 TRACKER_NAMES = ("tensorboard", "wandb", "mlflow")
 # privacy.accountant (strategies.accounting.ACCOUNTANTS; a test keeps them equal, as AGGREGATIONS).
@@ -392,6 +393,7 @@ def _validate_lora_ranks(cfg: DictConfig) -> None:
         f"flexlora_average={flex!r} must be one of {', '.join(FLEXLORA_AVERAGES)}; e.g. flexlora_average=updates",
     )
     _validate_prune(cfg, method)
+    _validate_tail(cfg, method)
     ranks = lora.get("client_ranks") or []
     _check(
         OmegaConf.is_list(ranks) or ranks == [],
@@ -413,6 +415,34 @@ def _validate_lora_ranks(cfg: DictConfig) -> None:
         f"model.adapter={cfg.model.get('adapter')!r} with lora_aggregation={method}: starting clients of different "
         f"ranks from a saved adapter is not supported; set model.adapter=null or lora_aggregation=homogeneous",
     )
+
+
+def _validate_tail(cfg: DictConfig, method: str) -> None:
+    """``hetlora_tail``: one of :data:`HETLORA_TAILS`; ``frozen`` only with what it combines with
+    (:class:`strategies.hetero.HeteroRankParams` checks the same; a codec's delta would be of the whole global).
+    """
+    tail = cfg.get("hetlora_tail", "none")
+    _check(
+        tail in HETLORA_TAILS,
+        f"hetlora_tail={tail!r} must be one of {', '.join(HETLORA_TAILS)}; e.g. hetlora_tail=frozen",
+    )
+    if tail == "none":
+        return
+    codec = (cfg.get("comm") or {}).get("codec", "none")
+    for bad, what, fix in (
+        (method != "hetlora", f"lora_aggregation={method}", "lora_aggregation=hetlora"),
+        ((cfg.get("hetlora_prune") or {}).get("enabled", False), "hetlora_prune.enabled=true",
+         "hetlora_prune.enabled=false"),
+        (cfg.get("hetlora_average", "zero_padded") != "zero_padded", f"hetlora_average={cfg.get('hetlora_average')}",
+         "hetlora_average=zero_padded"),
+        (codec != "none", f"comm.codec={codec} (its delta is against the whole global, the reply is r_k ranks)",
+         "comm.codec=none"),
+    ):  # fmt: skip
+        _check(
+            not bad,
+            f"hetlora_tail={tail} cannot run with {what}: the frozen tail is its own way to send, train and "
+            f"aggregate HetLoRA's ranks; set {fix} or hetlora_tail=none",
+        )
 
 
 def _validate_prune(cfg: DictConfig, method: str) -> None:

@@ -35,6 +35,12 @@ its pruned ranks zero; the server cuts it to the new rank before aggregating (so
 not held, exactly as if it had sent only the ranks it kept), and from then on sends that node the new rank.
 The server is the one record of a client's current rank: a rejected reply changes nothing, and the pruned ranks
 are kept by partition in :meth:`HeteroRank.rank_state`, saved for a resumed run.
+
+Under HetLoRA's frozen tail (``tail="frozen"`` or ``"frozen_sum"``, :mod:`strategies.hetero_rank`),
+``arrays`` is the whole rank-``r_max`` global and the train config holds ``lora-train-rank`` (``r_k``): the
+client loads the global into an adapter of rank ``r_max`` (the global's ``lora_alpha``), trains only its first
+``r_k`` ranks (the others' gradients zeroed) and replies with those ``r_k`` ranks; the reply checks expect that
+slice's shapes (:meth:`HeteroRank.reply_base`).
 """
 
 from __future__ import annotations
@@ -54,8 +60,10 @@ from strategies.fedopt import ServerOptimizer
 from strategies.hetero_rank import (
     AVERAGES,
     FLEXLORA_AVERAGES,
+    TAILS,
     WEIGHTINGS,
     flexlora_aggregate,
+    frozen_tail_aggregate,
     hetlora_aggregate,
     hetlora_weights,
     pad_rank,
@@ -71,6 +79,7 @@ log = logging.getLogger("fedllm")
 AGGREGATIONS = ("homogeneous", "hetlora", "flexlora")
 RANK_KEY = "lora-rank"
 RANK_QUERY = "query.lora_rank"  # Flower: the action after the dot must be an identifier
+TRAIN_RANK_KEY = "lora-train-rank"  # hetlora_tail=frozen: the train config's ranks the client trains and sends
 PRUNED_STATE_KEY = "pruned-lora-ranks"  # the strategy state's key: partition id -> pruned rank
 
 
@@ -108,6 +117,12 @@ class HeteroRankParams:
     prune : bool
         HetLoRA's rank self-pruning (``hetlora_prune.enabled``; hetlora only): a reply's ``lora-rank`` below
         the rank sent lowers that node's rank for the rest of the run (module docstring).
+    tail : str
+        HetLoRA's ranks beyond a client's own (``hetlora_tail``; hetlora only): ``"none"`` (the paper's: the
+        client is sent and trains only its ``r_k`` ranks), ``"frozen"`` (it is sent the whole global and
+        trains its first ``r_k`` ranks, the rest held; each rank moves by the mean update of the clients that
+        trained it) or ``"frozen_sum"`` (the same clients; each rank moves by their weighted sum of updates,
+        not renormalised); :mod:`strategies.hetero_rank`.
     """
 
     method: str
@@ -117,6 +132,7 @@ class HeteroRankParams:
     average: str = "zero_padded"
     flexlora_average: str = "products"
     prune: bool = False
+    tail: str = "none"
 
     def __post_init__(self) -> None:
         if self.method not in AGGREGATIONS[1:]:
@@ -136,6 +152,23 @@ class HeteroRankParams:
                 f"hetlora_prune.enabled=true with lora_aggregation={self.method}: rank self-pruning is HetLoRA's; "
                 f"set lora_aggregation=hetlora or hetlora_prune.enabled=false"
             )
+        self._check_tail()
+
+    def _check_tail(self) -> None:
+        if self.tail not in TAILS:
+            raise ValueError(f"hetlora_tail={self.tail!r} must be one of {', '.join(TAILS)}")
+        if self.tail == "none":
+            return
+        for bad, what, fix in (
+            (self.method != "hetlora", f"lora_aggregation={self.method}", "lora_aggregation=hetlora"),
+            (self.prune, "hetlora_prune.enabled=true", "hetlora_prune.enabled=false"),
+            (self.average != "zero_padded", f"hetlora_average={self.average}", "hetlora_average=zero_padded"),
+        ):
+            if bad:
+                raise ValueError(
+                    f"hetlora_tail={self.tail} cannot run with {what}: the frozen tail is its own way to send, train "
+                    f"and aggregate HetLoRA's ranks; set {fix} or hetlora_tail=none"
+                )
 
 
 class HeteroRank(FedAvgLoRA):
@@ -182,11 +215,21 @@ class HeteroRank(FedAvgLoRA):
             if rank is None:
                 continue  # no answer to the rank query: left out of the round (logged by learn_ranks)
             content = RecordDict(dict(msg.content.items()))  # FedAvg's messages share one RecordDict
-            if rank != self.hetero.r_max:
+            if self.hetero.tail != "none":  # the whole global; the client trains and sends its first `rank`
+                content[CONFIG_KEY] = ConfigRecord({**dict(content[CONFIG_KEY].items()), TRAIN_RANK_KEY: rank})
+            elif rank != self.hetero.r_max:
                 content[ARRAYS_KEY] = to_record(slice_arrays(global_, rank))
             msg.content = content
             out.append(msg)
         return out
+
+    def reply_base(self, node: int, sent: ArrayRecord) -> ArrayRecord:
+        """What a node's reply adapter is checked and measured against: the adapter it was sent, cut to its
+        own rank under the frozen tail (it is sent ``r_max`` ranks and sends back its ``r_k``).
+        """
+        if self.hetero.tail == "none" or node not in self.node_ranks:
+            return sent
+        return to_record(slice_arrays(from_record(sent), self.node_ranks[node]))
 
     def learn_ranks(self, grid: Grid, node_ids: list[int]) -> None:
         """Ask the nodes whose rank is not known yet; a rank outside ``1..r_max`` raises a ValueError."""
@@ -252,6 +295,8 @@ class HeteroRank(FedAvgLoRA):
                 clients, num_examples, p.r_max, np.random.default_rng(server_round), previous=previous
             )
         weights = hetlora_weights(clients, num_examples, p.weighting)
+        if p.tail != "none":
+            return frozen_tail_aggregate(self.sent, clients, weights, renormalise=p.tail == "frozen")
         return hetlora_aggregate(clients, weights, p.r_max, previous=self.sent, average=p.average)
 
 

@@ -49,6 +49,20 @@ of rank 1 has no tail. What fedllm fixes where the paper's description leaves it
 sum over the adapted layers of each layer's Frobenius norm (the regulariser's own quantity), one rank for the
 whole adapter, and ``threshold`` (1 = the paper's "smaller than before") as a knob.
 
+HetLoRA with a frozen tail (fedllm's experiment, not the paper's; ``hetlora_tail=frozen``)
+------------------------------------------------------------------------------------------
+Each client receives the whole rank-``r_max`` global and trains only its first ``r_k`` ranks, the others held
+at the global's values; it sends back its first ``r_k`` ranks. Rank ``i`` of the new global is the global's rank
+``i`` plus the weighted mean of the *updates* (client minus global) of the clients that trained it,
+``x_i + sum_{k: r_k > i} p_k (x_{k,i} - x_i) / sum_{k: r_k > i} p_k`` for its ``A`` row and its ``B`` column
+(:func:`frozen_tail_aggregate`; ``p_k`` as HetLoRA's, renormalised over those clients). A rank no client
+trained, or whose trainers all have weight zero, stays as it was. Every client's model then contains the whole
+global, so no client re-learns what the ranks it does not train hold: the test of one suspected cause of
+HetLoRA's low accuracy (docs/heterogeneous.md). ``hetlora_tail=frozen_sum`` adds ``sum_{k: r_k > i} p_k
+(x_{k,i} - x_i)`` instead, without renormalising (HetLoRA's zero-padded sum, of the updates): to first order the
+product then moves by the clients' weighted mean product update, ``sum_k p_k (B_k A_k - B A)``, where the
+renormalised form can add up more than that when clients of different ranks learn the same change.
+
 FlexLoRA (Bai et al., NeurIPS 2024)
 -----------------------------------
 The server averages the full-size products weighted by example counts,
@@ -85,6 +99,7 @@ B_SUFFIX = ".lora_B.weight"
 WEIGHTINGS = ("norm", "examples")
 AVERAGES = ("zero_padded", "per_rank")
 FLEXLORA_AVERAGES = ("products", "updates")
+TAILS = ("none", "frozen", "frozen_sum")
 
 
 def lora_layers(arrays: Arrays) -> list[str]:
@@ -183,6 +198,36 @@ def hetlora_aggregate(
         for layer in lora_layers(out):
             out[layer + A_SUFFIX][held:] = previous[layer + A_SUFFIX][held:]
             out[layer + B_SUFFIX][:, held:] = previous[layer + B_SUFFIX][:, held:]
+    return out
+
+
+def frozen_tail_aggregate(
+    global_: Arrays, clients: list[Arrays], weights: list[float], renormalise: bool = True
+) -> Arrays:
+    """The new rank-``r_max`` global from clients that each trained the first ``r_k`` ranks of ``global_``.
+
+    Rank ``i`` (``A`` row, ``B`` column) is ``global_``'s plus ``sum_{k: r_k > i} w_k (client_k - global_)``
+    divided by ``sum_{k: r_k > i} w_k`` (not divided with ``renormalise=False``: ``frozen_sum``); a rank no client
+    (of positive weight) trained keeps ``global_``'s values.
+    ``clients[k]`` holds ranks ``0..r_k-1`` (its own rank); ``weights`` as :func:`hetlora_weights` gives.
+    """
+    if not clients:
+        raise ValueError("no client adapters to aggregate")
+    r_max, ranks = rank_of(global_), [rank_of(c) for c in clients]
+    if max(ranks) > r_max:
+        raise ValueError(f"a client's rank {max(ranks)} is above the global adapter's rank {r_max}")
+    share = np.array([sum(w for w, r in zip(weights, ranks, strict=True) if r > i) for i in range(r_max)])
+    scale = np.divide(1.0, share, out=np.zeros(r_max), where=share > 0) if renormalise else np.ones(r_max)
+    out = {}
+    for layer in lora_layers(global_):
+        a, b = global_[layer + A_SUFFIX].astype(np.float64), global_[layer + B_SUFFIX].astype(np.float64)
+        step_a, step_b = np.zeros_like(a), np.zeros_like(b)
+        for client, w, r in zip(clients, weights, ranks, strict=True):
+            step_a[:r] += w * (client[layer + A_SUFFIX] - a[:r])
+            step_b[:, :r] += w * (client[layer + B_SUFFIX] - b[:, :r])
+        dtype = global_[layer + A_SUFFIX].dtype
+        out[layer + A_SUFFIX] = (a + scale[:, None] * step_a).astype(dtype)
+        out[layer + B_SUFFIX] = (b + scale[None, :] * step_b).astype(dtype)
     return out
 
 

@@ -71,6 +71,7 @@ CLIENT_OVERRIDE_KEYS = (
     "hetlora_average",
     "flexlora_average",
     "hetlora_prune",
+    "hetlora_tail",
     "comm",  # the update codec and budget: the node encodes what it sends as the run asks
     "privacy",  # DP clipping and secure aggregation: the node clips and masks as the run asks
     "challenge",  # a FlowerTune preset (conf/challenge/): its choice is checked like a group's

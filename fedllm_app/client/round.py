@@ -15,6 +15,11 @@ the one record of a client's current rank: the client trains the ranks it is sen
 declared rank, the ranks after those held at zero), decides after training whether to prune its tail, replies
 with the shapes it was sent (a pruned tail zeroed) and says its new rank in the metrics' ``lora-rank``.
 
+Under HetLoRA's frozen tail (``hetlora_tail=frozen``) the client is sent the whole rank-``r_max`` global and the
+train config's ``lora-train-rank`` (``r_k``): its model has rank ``r_max``, only the first ``r_k`` ranks train
+(the others' gradients are zeroed before each optimizer step, so they stay exactly the global's) and the reply
+holds those ``r_k`` ranks.
+
 The file is read in the run's dataset format (``dataset=alpaca_gpt4``: alpaca columns;
 ``dataset=synthetic``/``custom``: prompt/response or prompt/chosen/rejected) and never sent:
 only the adapter and metrics travel.
@@ -55,7 +60,7 @@ from strategies.fedavg import (
     NUM_EXAMPLES_KEY,
 )
 from strategies.fedprox import PROXIMAL_MU_KEY
-from strategies.hetero import RANK_KEY
+from strategies.hetero import RANK_KEY, TRAIN_RANK_KEY
 from strategies.hetero_rank import (
     PruneParams,
     kept_rank,
@@ -84,6 +89,7 @@ class RoundPlan:
     mode: str = "federated"
     mu: float = 0.0
     multiplier: int = 1
+    train_rank: int = 0  # hetlora_tail=frozen: the first ranks of the adapter sent that train (0: all of them)
 
     @classmethod
     def from_message(cls, msg: Message) -> RoundPlan:
@@ -94,6 +100,7 @@ class RoundPlan:
             mode=str(conf.get("mode", "federated")),
             mu=float(conf.get(PROXIMAL_MU_KEY, 0.0)),
             multiplier=int(conf.get(STEPS_MULTIPLIER_KEY, 1)),
+            train_rank=int(conf.get(TRAIN_RANK_KEY, 0)),
         )
 
 
@@ -183,10 +190,12 @@ def train_one_round(cfg: DictConfig, pid: int, msg: Message, state: Any, data_pa
         mu=plan.mu,
         correction=scaffold.correction() if scaffold else None,
         max_steps=cfg.training.max_steps * plan.multiplier,
-        ranks=rank_terms(global_, prune),
+        ranks=rank_terms(global_, prune, plan.train_rank),
     )
     extras = {C_DELTA_KEY: scaffold.finish(trainer.terms.mean_gradient())} if scaffold else {}
     trained, rank_metrics = self_prune(global_, get_adapter(model), prune, pid)
+    if plan.train_rank:  # frozen tail: the reply (and its update) is the ranks this client trained
+        trained, global_ = slice_rank(trained, plan.train_rank), slice_rank(global_, plan.train_rank)
     trained, extras, within = dp_clip(msg, global_, trained, extras)
     arrays = to_record(trained)
     if plan.mode == "local":
@@ -234,8 +243,17 @@ def padded_to_model(sent: dict[str, Any], model_rank: int, prune: PruneParams | 
     return pad_rank(sent, model_rank)
 
 
-def rank_terms(sent: dict[str, Any], prune: PruneParams | None) -> RankTerms | None:
-    """The round's self-pruning gradient terms: train the ranks sent, pull their tail's product to zero."""
+def rank_terms(sent: dict[str, Any], prune: PruneParams | None, train_rank: int = 0) -> RankTerms | None:
+    """The round's rank terms. Self-pruning: train the ranks sent, pull their tail's product to zero. Frozen tail
+    (``train_rank``): train the first ``train_rank`` ranks of the adapter sent, hold the rest.
+    """
+    if train_rank:
+        if not 1 <= train_rank <= rank_of(sent):
+            raise ValueError(
+                f"the server asks to train {TRAIN_RANK_KEY}={train_rank} of the {rank_of(sent)} LoRA ranks it sent; "
+                f"run the same fedllm version on the server and the clients"
+            )
+        return RankTerms(active=train_rank, keep=train_rank, weight=0.0)
     if prune is None:
         return None
     active = rank_of(sent)

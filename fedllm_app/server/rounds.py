@@ -30,7 +30,7 @@ from fedllm_app.comm.wire import decode_reply, to_wire
 from fedllm_app.secure.secagg import SecAggParams
 from fedllm_app.server.guard import ReplyGuard, all_finite
 from fedllm_app.server.outputs import RunWriter, format_round
-from fedllm_app.server.reply_checks import ReplySpec, claimed_partition, sent_shapes, shapes_of, split_replies
+from fedllm_app.server.reply_checks import ReplySpec, claimed_partition, shapes_of, split_replies
 from fedllm_app.server.secure_round import SecureOutcome, secure_round
 from strategies.fedavg import ARRAYS_KEY, METRICS_KEY, PARTITION_KEY
 
@@ -209,13 +209,22 @@ def check_replies(
     spec = ReplySpec(shapes_of(arrays), tuple(getattr(strategy, "reply_arrays", ())), strategy.num_clients)
     sent_to = {m.metadata.dst_node_id for m in messages}
     guard.book.assign(planned_partitions(strategy, sent_to))
-    kept, rejected = split_replies(replies, spec, sent_to, guard.book, sent_shapes(messages))
-    sent = {m.metadata.dst_node_id: m.content[ARRAYS_KEY] for m in messages if ARRAYS_KEY in m.content}
+    sent = reply_bases(strategy, messages)
+    kept, rejected = split_replies(replies, spec, sent_to, guard.book, {n: shapes_of(a) for n, a in sent.items()})
     # Under DP every update is clipped to privacy.clip_norm; a bound from the other replies' median would make
     # one client's update change how the others are scaled, beyond the sensitivity the noise covers.
     bound = getattr(strategy, "averages", True) and not is_private(strategy)
     kept, refused, clipped = guard.judge(kept, arrays, spec.extra, bound=bound, sent=sent)
     return _in_client_order(kept), rejected + refused, clipped
+
+
+def reply_bases(strategy: Any, messages: list[Message]) -> dict[int, ArrayRecord]:
+    """Node -> the adapter its reply must match in shapes and is measured from: what it was sent, as the
+    strategy's ``reply_base`` cuts it where it has one (HetLoRA's frozen tail: the node's own ranks).
+    """
+    sent = {m.metadata.dst_node_id: m.content[ARRAYS_KEY] for m in messages if ARRAYS_KEY in m.content}
+    base = getattr(strategy, "reply_base", None)
+    return sent if base is None else {node: base(node, arrays) for node, arrays in sent.items()}
 
 
 def planned_partitions(strategy: Any, sent_to: set[int]) -> dict[int, int]:

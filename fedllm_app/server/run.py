@@ -151,6 +151,7 @@ def hetero_params(cfg: DictConfig) -> HeteroRankParams | None:
         flexlora_average=cfg.get("flexlora_average", "products"),
         query_timeout=cfg.round_timeout,  # a node that does not say its rank in time sits the round out
         prune=bool((cfg.get("hetlora_prune") or {}).get("enabled", False)),
+        tail=cfg.get("hetlora_tail", "none"),
     )
 
 
@@ -159,7 +160,8 @@ def local_strategy(cfg: DictConfig) -> LocalOnly:
     hetero = hetero_params(cfg)
     if hetero is None:
         return LocalOnly(**strategy_kwargs(cfg))
-    hetero = replace(hetero, prune=False)  # each client keeps its declared rank: its clients do not self-prune
+    # each client keeps its declared rank: its clients neither self-prune nor hold the global's other ranks
+    hetero = replace(hetero, prune=False, tail="none")
     return with_lora_ranks(LocalOnly, hetero.method)(**strategy_kwargs(cfg), hetero=hetero)
 
 
