@@ -16,17 +16,12 @@ import pytest
 from fedllm_app.secure.secagg import SecAggParams
 from fedllm_app.server.rounds import run_rounds
 from strategies.dp import with_dp
-from strategies.fedadagrad import FedAdagrad
-from strategies.fedadam import FedAdam
 from strategies.fedavg import ARRAYS_KEY, FedAvgLoRA
-from strategies.fedavgm import FedAvgM
-from strategies.fedprox import FedProx
-from strategies.fedyogi import FedYogi
 from strategies.privacy import DPParams
 from strategies.records import from_record, to_record
 from strategies.scaffold import C_DELTA_KEY, Scaffold
 from tests.fakes import Writer
-from tests.unit.fedllm_app.server.test_secure_round import LoopbackGrid, kw
+from tests.unit.fedllm_app.server.test_secure_round import STRATEGIES, LoopbackGrid, kw
 from tests.unit.fedllm_app.server.test_secure_round import client_app as secure_client_app
 
 START = {"a": np.zeros((100, 150), dtype=np.float32), "b": np.full(5000, 0.5, dtype=np.float32)}
@@ -121,18 +116,6 @@ def test_each_round_the_clients_draw_fresh_noise_from_the_os_not_from_a_seed():
         noises.append(released_noise_sum(got, range(N)))
     assert noises[0].std() == pytest.approx(Z * C * math.sqrt(4 / 3), rel=0.05)
     assert abs(np.corrcoef(noises[0], noises[1])[0, 1]) < 0.05
-
-
-FEDOPT = {"eta": 1e-2, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-3}
-STRATEGIES = [
-    (FedAvgLoRA, {}),
-    (FedProx, {"mu": 0.01}),
-    (FedAvgM, {"server_lr": 1.0, "momentum": 0.9}),
-    (FedAdagrad, {"eta": 1e-2, "tau": 1e-3}),
-    (FedAdam, FEDOPT),
-    (FedYogi, FEDOPT),
-    (Scaffold, {"server_lr": 1.0}),
-]
 
 
 @pytest.mark.parametrize(("cls", "hp"), STRATEGIES, ids=[c.__name__ for c, _ in STRATEGIES])
