@@ -29,9 +29,10 @@ def fedllm_info_logs(caplog):
     fed.setLevel(saved[2])
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def task_identity():
-    """Flower stamps messages with the current run and node; outside a run (a fake Grid), set them."""
+    """Flower stamps messages with the current run and node; outside a run (a fake Grid, a ClientApp called
+    in-process), every test has run, node and task 1."""
     from flwr.supercore.task_identity import TaskIdentity
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1

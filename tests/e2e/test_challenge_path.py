@@ -25,13 +25,6 @@ pytestmark = [pytest.mark.slow]
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-
-
 class InProcessGrid:
     """Nodes 1..n hold partitions 0..n-1 and answer with :mod:`fedllm_app.client_app`'s handlers, in process;
     they trust the run config (its dataset.path) as a simulation's nodes do.

@@ -30,13 +30,6 @@ def test_an_unknown_device_map_names_the_choices():
         load_config({"overrides": "model.device_map=gpu0"})
 
 
-@pytest.fixture
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-
-
 def one_round_fedavg(overrides: str, start: dict) -> tuple[list[dict], dict]:
     """Both clients' round-1 adapters from the global adapter ``start``, and their FedAvg."""
     cfg = load_config({}, overrides.split())
@@ -53,7 +46,6 @@ def one_round_fedavg(overrides: str, start: dict) -> tuple[list[dict], dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("_task_identity")
 def test_a_device_map_auto_client_trains_and_aggregates_like_a_one_device_client():
     model, _ = get_model(load_config({"overrides": "model.device_map=auto"}).model)
     assert {p.device.type for p in model.parameters()} == {"cuda" if torch.cuda.is_available() else "cpu"}

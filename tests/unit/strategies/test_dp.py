@@ -19,13 +19,6 @@ START = {"w": np.array([0.5, -0.5, 0.0], dtype=np.float32)}
 DP = "privacy.dp=true baseline=none privacy.clip_norm=1.0 privacy.noise_multiplier=0.5"
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-
-
 class Grid:
     """Nodes 1..n; node k holds partition k - 1."""
 

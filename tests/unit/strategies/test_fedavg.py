@@ -20,15 +20,6 @@ from strategies.records import from_record, to_record
 from tests.fakes import FakeGrid
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    """Flower stamps messages with the current run and node; outside a run, set them."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    yield
-
-
 def create_mock_reply(arrays: dict, num_examples: int, loss: float, pid: int = 0) -> Message:
     content = RecordDict(
         {

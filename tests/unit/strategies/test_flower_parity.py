@@ -27,13 +27,6 @@ START = {"a": np.array([0.5, -0.2, 0.0], np.float64), "b": np.array([[1.0, 2.0]]
 ROUNDS = 4
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-
-
 def client_updates(rnd: int) -> list[tuple[dict, int]]:
     """Two clients' (update, examples) in round ``rnd``: different signs and sizes per entry and round."""
     rng = np.random.default_rng(rnd)

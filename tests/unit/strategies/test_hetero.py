@@ -19,13 +19,6 @@ L = "m.q_proj"
 RANKS = {1: 1, 2: 2, 3: 4}  # node id -> rank; r_max = 4
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-
-
 class RankGrid(FakeGrid):
     """Nodes answer the rank query with their rank in ``ranks``, the partition query with id - 1."""
 

@@ -19,13 +19,6 @@ L, M = "m.q_proj", "m.v_proj"
 ON = hr.PruneParams(enabled=True, decay=0.5)
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-
-
 def two_layers():
     """Two layers of rank 3 whose tails are known by hand.
 

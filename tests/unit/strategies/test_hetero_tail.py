@@ -13,10 +13,9 @@ from strategies import hetero_rank as hr
 from strategies.fedavg import ARRAYS_KEY
 from strategies.hetero import TRAIN_RANK_KEY, HeteroRankParams
 from strategies.records import from_record, to_record
-from tests.unit.strategies.test_hetero import (  # noqa: F401 - _task_identity: the autouse fixture
+from tests.unit.strategies.test_hetero import (
     RANKS,
     RankGrid,
-    _task_identity,
     build,
     glob,
     reply_to,

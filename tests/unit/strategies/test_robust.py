@@ -12,13 +12,6 @@ from tests.fakes import FakeGrid
 from tests.unit.strategies.test_strategies import reply
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-
-
 def scalars(*values):
     return [{"w": np.array([v], dtype=np.float64)} for v in values]
 

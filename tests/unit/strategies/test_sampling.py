@@ -3,7 +3,6 @@
 import random
 
 import numpy as np
-import pytest
 from flwr.app import ConfigRecord
 
 from strategies.fedavg import FedAvgLoRA
@@ -14,13 +13,6 @@ from tests.fakes import FakeGrid
 
 KW = {"num_clients": 6, "sample_clients": 2, "num_rounds": 10, "lr_max": 1e-2, "lr_min": 1e-3}
 ARRAYS = to_record({"w": np.zeros(2, np.float32)})
-
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
 
 
 def trained(strategy, grid, rounds) -> list[list[int]]:

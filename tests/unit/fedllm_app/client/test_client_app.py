@@ -25,14 +25,6 @@ ENTRIES = sorted(p.stem for p in (conf_dir() / "dataset").glob("*.yaml") if p.st
 SMALL = "training.max_steps=1 training.batch_size=2 training.max_length=256 num_clients=2 sample_clients=2"
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    yield
-
-
 def train_message(arrays: dict, rnd: int, mode: str = "federated") -> Message:
     config = ConfigRecord({"server-round": rnd, "lr": 5e-3, "mode": mode})
     return Message(RecordDict({ARRAYS_KEY: to_record(arrays), CONFIG_KEY: config}), dst_node_id=1, message_type="train")

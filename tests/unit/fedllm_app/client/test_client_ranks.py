@@ -21,13 +21,6 @@ from strategies.records import from_record, to_record
 HET = "lora_aggregation=hetlora model.lora.r=8 model.lora.alpha=16 model.lora.client_ranks=[2,4]"
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-
-
 def context(overrides, **node_config):
     return Context(
         run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={"overrides": overrides}

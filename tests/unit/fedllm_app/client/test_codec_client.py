@@ -18,13 +18,6 @@ from strategies.scaffold import C_DELTA_KEY
 pytestmark = pytest.mark.slow  # trains the tiny model one step
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-
-
 class Grid:
     def get_node_ids(self):
         return [1, 2]

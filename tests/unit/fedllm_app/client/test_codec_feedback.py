@@ -3,20 +3,12 @@
 residual would push the encoded update past the clip norm)."""
 
 import numpy as np
-import pytest
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedllm_app.client_app import encoded
 from fedllm_app.config import load_config
 from strategies.fedavg import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
 from strategies.records import to_record
-
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
 
 
 def residuals_after_one_reply(mode: str, extra: str = "") -> list[str]:

@@ -1,7 +1,6 @@
 """The client clips its update (with SCAFFOLD's control delta) to the norm the server's DP round names."""
 
 import numpy as np
-import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedllm_app.client.round import dp_clip
@@ -11,13 +10,6 @@ from strategies.records import from_record, to_record
 from strategies.scaffold import C_DELTA_KEY
 
 GLOBAL = {"a": np.zeros(2, dtype=np.float32), "b": np.ones(1, dtype=np.float32)}
-
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
 
 
 def train_message(config):

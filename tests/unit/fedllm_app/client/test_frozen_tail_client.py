@@ -20,13 +20,6 @@ OVERRIDES = (
 )
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-
-
 def tail(arrays, rank):
     return {k: v[rank:] if k.endswith(A_SUFFIX) else v[:, rank:] for k, v in arrays.items()}
 

@@ -24,13 +24,6 @@ SECRET = "hf_node_secret_0123456789"
 NODE = {"partition-id": 0, "num-partitions": 2}
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-
-
 def message(rnd=1):
     config = ConfigRecord({"server-round": rnd, "lr": 1e-3, "mode": "federated"})
     arrays = to_record({"w": np.zeros(2, np.float32)})

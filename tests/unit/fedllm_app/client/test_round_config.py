@@ -1,18 +1,9 @@
 """A client composes the run's config with the server's num_clients, so it computes the server's partitions."""
 
-import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedllm_app.client.round import round_config
 from strategies.fedavg import CONFIG_KEY, NUM_CLIENTS_KEY
-
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    yield
 
 
 def message(config: dict) -> Message:

@@ -9,13 +9,6 @@ from fedllm_app.client_app import ERRORS, NodeError, app
 from fedllm_app.secure import keys as K
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-
-
 def stage(conf):
     msg = Message(RecordDict({K.RECORD: K.config({K.ROUND: 1, **conf})}), dst_node_id=1, message_type=K.QUERY_TYPE)
     msg.metadata.__dict__["_message_id"] = msg.object_id

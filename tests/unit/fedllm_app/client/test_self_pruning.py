@@ -21,13 +21,6 @@ OVERRIDES = (
 )
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-
-
 def train(sent, ctx, server_round):
     config = ConfigRecord({"server-round": server_round, "lr": 1e-2})
     msg = Message(RecordDict({ARRAYS_KEY: to_record(sent), CONFIG_KEY: config}), dst_node_id=1, message_type="train")

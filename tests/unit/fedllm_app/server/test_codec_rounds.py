@@ -26,13 +26,6 @@ ALGORITHMS = ["fedavg", "fedprox", "scaffold", "fedavgm", "fedadagrad", "fedyogi
 START = {"a": np.linspace(-1, 1, 8192, dtype=np.float32).reshape(64, 128), "b": np.zeros((32, 128), np.float32)}
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-
-
 class CodecGrid:
     """Nodes 1..n as fedllm's client: decode the message, "train" (add 0.01 * node), encode the reply."""
 

@@ -30,13 +30,6 @@ Z, C, N = 0.5, 1.0, 4  # threshold ceil(0.667 * 4) = 3 of the 4 sampled clients
 RANGE = 4.0  # >= C + 8 s for the largest share here, z C / sqrt(3 - 1)
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-
-
 def delta_of(pid, like=START):
     """Partition ``pid``'s update: small (norm ~0.14, within C), distinct."""
     rng = np.random.default_rng(100 + pid)

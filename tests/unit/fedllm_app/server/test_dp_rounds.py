@@ -19,13 +19,6 @@ from tests.fakes import Writer
 START = {"w": np.zeros(3, dtype=np.float32)}
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-
-
 class Grid:
     """Nodes 1..n holding partitions 0..n-1; node k replies with the global arrays plus k (norm k sqrt 3)."""
 

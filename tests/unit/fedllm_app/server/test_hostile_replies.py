@@ -22,13 +22,6 @@ from strategies.scaffold import C_DELTA_KEY, C_SERVER_KEY, Scaffold
 from tests.fakes import FakeGrid, Writer, trained_reply
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-
-
 class HostileGrid(FakeGrid):
     """Nodes 1..n; node k replies with the global arrays + k, then ``answer(node, round, content)`` rewrites it."""
 

@@ -16,13 +16,6 @@ ADAPTER = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-
-
 def good_content(n=10):
     return RecordDict(
         {

@@ -56,13 +56,6 @@ from strategies.records import from_record, to_record  # noqa: E402
 from tests.fakes import FakeGrid, Writer, trained_reply  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-
-
 def answering(n, answer=lambda node, content: content):
     """Nodes 1..n; node k replies with the global arrays plus k (or what ``answer`` makes of it)."""
     return FakeGrid(n, reply=lambda msg: answer(msg.metadata.dst_node_id, trained_reply(msg)))

@@ -16,7 +16,7 @@ def test_the_summary_counts_aggregated_rounds_and_names_the_others():
 
 
 @pytest.mark.slow
-def test_a_run_whose_every_round_lost_all_clients_fails_and_publishes_nothing(tmp_path, task_identity):
+def test_a_run_whose_every_round_lost_all_clients_fails_and_publishes_nothing(tmp_path):
     from fedllm_app.config import load_config
     from fedllm_app.server.run import FederatedRun
 

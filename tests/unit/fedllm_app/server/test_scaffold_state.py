@@ -4,7 +4,6 @@ app's own SCAFFOLD client code (:class:`fedllm_app.client.gradient_terms.Scaffol
 """
 
 import numpy as np
-import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedllm_app.client.gradient_terms import ScaffoldClient
@@ -20,13 +19,6 @@ KW = {"num_clients": N, "sample_clients": 3, "num_rounds": 8, "lr_max": 1e-2, "l
 START = {"w": np.zeros(3, np.float32)}  # adapters travel as float32 (the reply checks)
 CURVATURE = np.array([1.0, 4.0, 10.0, 2.0])
 OPTIMUM = np.array([[-2.0, 0.5, 1.0], [3.0, -1.0, 0.0], [0.5, 2.0, -3.0], [1.0, 1.0, 1.0]])
-
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
 
 
 def local_sgd(msg: Message, pid: int, steps: int = 5, lr: float = 0.05) -> RecordDict:

@@ -33,13 +33,6 @@ from tests.fakes import Writer
 START = {"a": np.zeros((4, 3), dtype=np.float32), "b": np.full(5, 0.5, dtype=np.float32)}
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-
-
 def delta_of(pid):
     """Partition ``pid``'s update (and SCAFFOLD control delta): distinct, inside the clip range."""
     rng = np.random.default_rng(100 + pid)

@@ -1,19 +1,11 @@
 """Bytes per node: what the server sent to each node and what it received back, counted apart."""
 
 import numpy as np
-import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedllm_app.server.rounds import content_bytes, traffic
 from strategies.fedavg import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
 from strategies.records import to_record
-
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
 
 
 def test_sent_and_received_bytes_are_each_directions_own_payload():
