@@ -5,7 +5,11 @@
 Each job runs the app through Flower (its own FLWR_HOME and ports, ``num_clients``
 SuperNodes with one CPU each) into ``<sweep dir>/runs/<job>/``; after every job the
 sweep folder's ``comparison.md``, ``comparison.csv`` and ``comparison.png`` are
-rewritten from all finished runs, so the last job leaves the full comparison.
+rewritten from all finished runs, so the last job leaves the full comparison. When the
+sweep varies ``seed``, ``comparison_seeds.md`` (and ``.csv``) also gives each setting's
+mean and sample standard deviation over its seeds.
+
+    python -m fedllm_app.ops.sweep -m num_rounds=30 seed=0,1,2 strategy=fedavg,local
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import logging
 import math
 import re
 import shlex
+import statistics
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +62,7 @@ def run_job(overrides: list[str], num_clients: int, sweep_dir: Path) -> str:
         kill_flower_processes(str(home))
     (sweep_dir / "runs" / f"{name}.log").parent.mkdir(parents=True, exist_ok=True)
     (sweep_dir / "runs" / f"{name}.log").write_text(output)
+    (sweep_dir / "runs" / f"{name}.overrides.json").write_text(json.dumps(overrides))
     log.info("sweep job %s: %s", name, status)
     return status
 
@@ -86,6 +93,102 @@ def write_comparison(sweep_dir: Path) -> None:
     lines += ["| " + " | ".join(_cell(h, c) for h, c in zip(header, row, strict=True)) + " |" for row in rows]
     (sweep_dir / "comparison.md").write_text("\n".join(lines) + "\n")
     _plot(runs, sweep_dir / "comparison.png")
+    write_seed_comparison(sweep_dir, runs)
+
+
+def job_overrides(sweep_dir: Path) -> dict[str, list[str]]:
+    """Each run's job overrides by run name: what ``run_job`` saved, else Hydra's ``<job>/.hydra/overrides.yaml``."""
+    import yaml
+
+    found = {}
+    for path in sweep_dir.glob("*/.hydra/overrides.yaml"):
+        overrides = [str(o) for o in yaml.safe_load(path.read_text()) or []]
+        found[job_name(overrides)] = overrides
+    for path in (sweep_dir / "runs").glob("*.overrides.json"):
+        found[path.name.removesuffix(".overrides.json")] = json.loads(path.read_text())
+    return found
+
+
+def seed_groups(runs: list[dict[str, Any]], overrides: dict[str, list[str]]) -> dict[str, list[dict[str, Any]]]:
+    """Runs grouped by their setting: the job name of their overrides without ``seed=``, in sweep order."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in runs:
+        own = overrides.get(r["name"])
+        key = r["name"] if own is None else job_name([o for o in own if not o.startswith("seed=")])
+        groups[key].append(r)
+    return dict(groups)
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _megabytes(summary: dict[str, Any]) -> float:
+    return (summary.get("bytes_sent_total", math.nan) + summary.get("bytes_received_total", math.nan)) / 1e6
+
+
+def seed_rows(groups: dict[str, list[dict[str, Any]]]) -> tuple[list[str], list[list[Any]]]:
+    """Per setting: seeds, accuracy mean/sd and per seed, eval loss mean, MB both ways, seconds (means).
+
+    "vs local-only" is the setting's mean accuracy minus the mean over every ``strategy=local`` run, when
+    there is one.
+    """
+    local = [
+        r["summary"]["final"].get("accuracy", math.nan)
+        for g in groups.values()
+        for r in g
+        if r["summary"]["strategy"] == "local"
+    ]
+    local_mean = _mean_sd(local)[0] if local else None
+    header = [
+        "setting",
+        "strategy",
+        "seeds",
+        "accuracy mean",
+        "accuracy sd",
+        "accuracy per seed",
+        "eval_loss mean",
+        *(["vs local-only mean"] if local_mean is not None else []),
+        "MB both ways",
+        "seconds",
+    ]
+    rows = []
+    for key, group in groups.items():
+        finals = [r["summary"]["final"] for r in group]
+        mean, sd = _mean_sd([f.get("accuracy", math.nan) for f in finals])
+        per_seed = " ".join(f"{f.get('accuracy', math.nan):.3f}" for f in finals)
+        gap = [mean - local_mean] if local_mean is not None else []
+        rows.append(
+            [
+                key,
+                group[0]["summary"]["strategy"],
+                len(group),
+                mean,
+                sd,
+                per_seed,
+                _mean_sd([f.get("eval_loss", math.nan) for f in finals])[0],
+                *gap,
+                _mean_sd([_megabytes(r["summary"]) for r in group])[0],
+                _mean_sd([r["summary"].get("total_seconds", math.nan) for r in group])[0],
+            ]
+        )
+    return header, rows
+
+
+def write_seed_comparison(sweep_dir: Path, runs: list[dict[str, Any]]) -> None:
+    """``comparison_seeds.md``/``.csv`` when some setting ran with more than one seed."""
+    groups = seed_groups(runs, job_overrides(sweep_dir))
+    if all(len(g) < 2 for g in groups.values()):
+        return
+    header, rows = seed_rows(groups)
+    with (sweep_dir / "comparison_seeds.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(h, c) for h, c in zip(header, row, strict=True)) + " |" for row in rows]
+    (sweep_dir / "comparison_seeds.md").write_text("\n".join(lines) + "\n")
 
 
 def comparison_rows(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
@@ -110,6 +213,8 @@ def _cell(header: str, value: Any) -> str:
         return "n/a"
     if header == "seconds":
         return f"{value:.0f}"
+    if header in ("seeds", "MB both ways"):
+        return f"{value:.2f}" if header == "MB both ways" else str(value)
     return f"{value:+.3f}" if header == "vs local-only mean" else f"{value:.3f}"
 
 
