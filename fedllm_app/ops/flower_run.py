@@ -125,6 +125,25 @@ class FlowerRunner:
             FLWR_LOCAL_CONTROL_API_PORT=str(free_port()),
         )
 
+    @staticmethod
+    def command(
+        overrides: str,
+        num_supernodes: int = 2,
+        federation_extra: str = "client-resources-num-cpus=1",
+        run_config: str = "",
+    ) -> list[str]:
+        """The ``flwr run . --stream`` command line of :meth:`run` (run it with :attr:`env`, in :attr:`home`)."""
+        return [
+            "flwr",
+            "run",
+            str(app_dir()),
+            "--stream",
+            "--federation-config",
+            f"num-supernodes={num_supernodes} {federation_extra}",
+            "--run-config",
+            f"overrides='{overrides}' {run_config}".strip(),
+        ]
+
     def run(
         self,
         overrides: str,
@@ -137,16 +156,7 @@ class FlowerRunner:
 
         ``run_config`` adds declared run-config keys, e.g. ``"num-server-rounds=2 strategy='fedprox'"``.
         """
-        cmd = [
-            "flwr",
-            "run",
-            str(app_dir()),
-            "--stream",
-            "--federation-config",
-            f"num-supernodes={num_supernodes} {federation_extra}",
-            "--run-config",
-            f"overrides='{overrides}' {run_config}".strip(),
-        ]
+        cmd = self.command(overrides, num_supernodes, federation_extra, run_config)
         out = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout, cwd=self.home)
         text = out.stdout + out.stderr
         run_id = run_id_from(text)
