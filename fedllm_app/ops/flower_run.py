@@ -102,16 +102,24 @@ def pids_with_env(marker: str) -> list[int]:
     return pids
 
 
-def kill_flower_processes(flwr_home: str) -> None:
-    """End the SuperLink, SuperExec, simulation and Ray processes started under ``flwr_home``."""
+def kill_flower_processes(flwr_home: str, grace: float = 5.0) -> None:
+    """End the SuperLink, SuperExec, simulation and Ray processes started under ``flwr_home``.
+
+    They get SIGTERM and are waited for (most exit well within a second); those still running after ``grace``
+    seconds get SIGKILL, and are waited for up to a second more.
+    """
     marker = f"FLWR_HOME={flwr_home}"
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 1.0)):
         for pid in pids_with_env(marker):
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
-        time.sleep(1.0)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if not pids_with_env(marker):
+                return
+            time.sleep(0.05)
 
 
 class FlowerRunner:
@@ -119,6 +127,8 @@ class FlowerRunner:
 
     def __init__(self, home: Path) -> None:
         self.home = home
+        # When the last `flwr run` exited (wall clock), before :meth:`run` read its status with `flwr ls`.
+        self.exited_at: float | None = None
         self.env = flower_env(
             home,
             FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
@@ -158,6 +168,7 @@ class FlowerRunner:
         """
         cmd = self.command(overrides, num_supernodes, federation_extra, run_config)
         out = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout, cwd=self.home)
+        self.exited_at = time.time()
         text = out.stdout + out.stderr
         run_id = run_id_from(text)
         if run_id is None:
