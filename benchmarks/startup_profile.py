@@ -223,8 +223,8 @@ def phases(result: dict) -> list[tuple[str, float, float]]:
     if len(rounds) > 1:
         out.append((f"rounds 2-{len(rounds)}", r1_end, last_end))
     out += [
-        ("after the last round: summary, plot, model card", last_end, marks["summary written"]),
-        ("summary to `flwr run`'s exit (simulation and Ray shut down, log stream ends)",
+        ("after the last round: the summary written", last_end, marks["summary written"]),
+        ("summary to `flwr run`'s exit (plot, model card, simulation and Ray shut down, log stream ends)",
          marks["summary written"], marks["flwr run returned"]),
         ("`flwr ls` (the script reads the run's status)", marks["flwr run returned"], marks["flwr ls returned"]),
         ("the script ends leftover processes", marks["flwr ls returned"], marks["processes ended"]),

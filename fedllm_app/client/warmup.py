@@ -17,7 +17,6 @@ preload off.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import time
@@ -48,17 +47,22 @@ def ray_runtime_env(runtime_env: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def preload() -> None:
-    """Import what a ClientApp round uses (the ClientApp, torch, transformers' model and trainer classes, PEFT,
-    TRL, datasets). Never raises: a worker whose setup hook fails is ended by Ray, and a library that cannot be
-    imported fails the round itself, with the node's error.
+    """Import what a ClientApp round uses (torch, transformers' Auto classes, PEFT, TRL's trainers and datasets,
+    fedllm's round with its trainer, model and data modules).
+
+    Never raises: a worker whose setup hook fails is ended by Ray, and a library that cannot be imported fails
+    the round itself, with the node's error.
     """
     start, cpu = time.perf_counter(), time.process_time()
     try:
-        # First the module the messages are unpickled into: it quiets the libraries' import-time warnings.
-        importlib.import_module("fedllm_app.client_app")
+        from fedllm_app.console import quiet_library_warnings
+
+        quiet_library_warnings()  # before torch and transformers are imported, as the ClientApp module does
         import peft  # noqa: F401
         from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
         from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # noqa: F401
+
+        import fedllm_app.client.round  # noqa: F401 - the round, the trainer, the model and data modules
     except Exception as err:  # noqa: BLE001 - the round reports an import error itself, with its cause
         log.warning("this Ray worker could not preload the training libraries (%s); its first round imports them", err)
         return
