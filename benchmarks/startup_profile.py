@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
@@ -33,7 +32,13 @@ from pathlib import Path
 
 from vs_openfedllm import build_model, fedllm_overrides, write_rows
 
-from fedllm_app.ops.flower_run import FlowerRunner, kill_flower_processes, run_id_from, run_status
+from fedllm_app.ops.flower_run import (
+    SUPERLINK_TOO_SLOW,
+    FlowerRunner,
+    kill_flower_processes,
+    run_id_from,
+    run_status,
+)
 
 TICK = os.sysconf("SC_CLK_TCK")
 ROLES = (
@@ -124,29 +129,6 @@ class Sampler(threading.Thread):
         return groups
 
 
-def start_superlink(runner: FlowerRunner, limit: float = 300.0) -> float:
-    """Start the local SuperLink as ``flwr run`` does (same arguments), but wait for it as long as it takes (on
-    a loaded machine it can miss Flower's own 15 s); ``flwr run`` then finds it running. Returns when it answered.
-    """
-    env, folder = runner.env, runner.home / "local-superlink"
-    folder.mkdir(parents=True, exist_ok=True)
-    control = f"127.0.0.1:{env['FLWR_LOCAL_CONTROL_API_PORT']}"
-    cmd = [
-        "flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess", "--control-api-address",
-        control, "--host", "127.0.0.1", "--port", env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"],
-        "--log-file", str(folder / "superlink.log"), "--database", str(folder / "state.db"),
-    ]  # fmt: skip
-    subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", int(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]))) == 0:
-                time.sleep(2.0)  # its other services come up just after
-                return time.time()
-        time.sleep(0.5)
-    raise SystemExit(f"the local SuperLink did not start within {limit:.0f} s")
-
-
 def run_profiled(work: Path, overrides: str, keep: Path | None) -> dict:
     """Run fedllm through ``flwr run`` with the sampler on; the marks, processes and run outputs."""
     home, out = work / "home", work / "out"
@@ -161,16 +143,16 @@ def run_profiled(work: Path, overrides: str, keep: Path | None) -> dict:
     sampler.start()
     cmd = runner.command(f"{overrides} output_dir={out} run_name=bench", 4, "client-resources-num-cpus=1")
     try:
-        for _ in range(3):  # on a loaded machine the local SuperLink may miss Flower's 15 s to start: try again
+        for _ in range(2):  # on a loaded machine the SuperLink may miss Flower's 15 s: start it here, try again
             marks: dict[str, float] = {"launch": time.time()}
             lines: list[tuple[float, str]] = []
             with subprocess.Popen(cmd, env=runner.env, cwd=home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   text=True) as proc:  # fmt: skip
                 for line in proc.stdout:
                     lines.append((time.time(), line))
-            if not any("Failed to start local SuperLink" in x for _, x in lines):
+            if not any(SUPERLINK_TOO_SLOW in x for _, x in lines):
                 break
-            marks["SuperLink started by this script"] = start_superlink(runner)
+            runner.start_superlink()
         marks["flwr run returned"] = time.time()
         run_id = run_id_from("".join(x for _, x in lines))
         status = run_status(runner.env, home, run_id) if run_id else "not started"
