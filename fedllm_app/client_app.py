@@ -8,9 +8,11 @@ are logged here, on the node.
 
 from __future__ import annotations
 
+from fedllm_app.client import warmup
 from fedllm_app.console import quiet_library_warnings, setup_console
 
 quiet_library_warnings()  # before torch and transformers are imported: some warn at import
+warmup.enable()  # a simulation's Ray workers, started after this import, preload the training libraries
 
 import logging  # noqa: E402
 import os  # noqa: E402

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import logging
-import os
-import signal
-import time
 from pathlib import Path
 
 import pytest
 
-from fedllm_app.ops.flower_run import FlowerRunner, kill_flower_processes, pids_with_env
+from fedllm_app.ops.flower_run import FlowerRunner, kill_flower_processes
 
 # Flower's SuperExec looks for a new run's task every second by default; a test waits for it each run.
 SUPEREXEC_POLL = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
@@ -62,16 +59,6 @@ def flower(tmp_path: Path):
 
 
 def end_flower_processes(home: str, grace: float = 10.0) -> None:
-    """SIGTERM what runs under ``home`` and wait until it has exited (most take well under a second), instead of
-    kill_flower_processes' fixed 2 s; what is left after ``grace`` seconds gets its SIGKILL."""
-    marker = f"FLWR_HOME={home}"
-    for pid in pids_with_env(marker):
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + grace
-    while pids_with_env(marker) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if pids_with_env(marker):
-        kill_flower_processes(home)
+    """End what runs under ``home``: SIGTERM, waiting until it has exited (most take well under a second); what is
+    left after ``grace`` seconds gets its SIGKILL."""
+    kill_flower_processes(home, grace=grace)

@@ -30,6 +30,7 @@ from fedllm_app.server.guard import GuardParams, ReplyGuard
 from fedllm_app.server.hub import check_hub, push_adapter
 from fedllm_app.server.model_card import write_model_card
 from fedllm_app.server.outputs import RunWriter, comparison_table
+from fedllm_app.server.phases import Phases
 from fedllm_app.server.resume import ResumeState, load_state, restore_rng, save_state
 from fedllm_app.server.rounds import TOTAL_KEYS, run_rounds
 from fedllm_app.server.secure_round import secagg_params
@@ -175,6 +176,7 @@ class FederatedRun:
     def __init__(self, cfg: DictConfig, started: float) -> None:
         self.cfg = cfg
         self.started = started
+        self.phases = Phases(started)  # start-up phases, wall and CPU, into the summary
         self.strategy = build_strategy(cfg)  # validates the hyperparameters before anything is loaded
         self.guard_params = GuardParams.from_config(cfg.get("robust"))
         self.comm = CommParams.from_config(cfg.get("comm"))
@@ -186,6 +188,7 @@ class FederatedRun:
         if cfg.training.num_threads:
             torch.set_num_threads(cfg.training.num_threads)
         self.writer = RunWriter(cfg)  # opens the trackers: a missing package fails here, before the model loads
+        self.phases.mark("config")
         try:
             self._load(cfg)
         except BaseException:
@@ -207,6 +210,7 @@ class FederatedRun:
         self.model, self.tokenizer = get_model(cfg.model, cfg.seed)
         self.initial = to_record(initial_adapter(cfg.model, cfg.seed))  # not what the shared model holds now
         set_adapter(self.model, from_record(self.initial))
+        self.phases.mark("model")
         self.test = pipeline.heldout(cfg)
         by = cfg.partition.by
         log.info(f"data: {cfg.dataset.name} ({cfg.task.name}), partition {cfg.partition.name}")
@@ -231,6 +235,7 @@ class FederatedRun:
         self.final: dict[str, float] = {}
         self.local: dict[int, dict[str, float]] = {}
         self.totals = dict.fromkeys(TOTAL_KEYS, 0)
+        self.phases.mark("data")
 
     def evaluate(self, arrays: ArrayRecord, exact: bool = True) -> dict[str, float]:
         set_adapter(self.model, from_record(arrays))
@@ -300,6 +305,8 @@ class FederatedRun:
         if isinstance(self.strategy, LocalOnly):
             self.summary["initial"] = self.evaluate(self.initial)
             self.summary["startup_seconds"] = time.perf_counter() - self.started
+            self.phases.mark("initial_eval")
+            self.summary["startup_phases"] = self.phases.summary()
             self.final = self._local_rounds(grid, self.strategy, self.cfg.strategy.name, "metrics.jsonl")
             self.summary["final"] = self.final
             return
@@ -309,6 +316,8 @@ class FederatedRun:
         else:
             self.summary["initial"] = self.evaluate(self.initial)
             self.summary["startup_seconds"] = time.perf_counter() - self.started
+            self.phases.mark("initial_eval")
+            self.summary["startup_phases"] = self.phases.summary()
         arrays_out, final = self._rounds(
             grid,
             self.strategy,
