@@ -130,3 +130,25 @@ def test_skipping_the_per_step_flop_count_leaves_the_trained_adapter_unchanged(t
     counted.train_round(round_indices(len(counted.dataset), cfg, 1, 3), 5e-3, seed=1)
     assert lean.trainer.state.total_flos == 0 and counted.trainer.state.total_flos > 0
     assert all(np.array_equal(after_lean[k], get_adapter(model)[k]) for k in start)
+
+
+def test_scoring_only_labelled_positions_leaves_the_trained_sft_adapter_unchanged(tiny, monkeypatch):
+    import torch
+    import trl.trainer.utils as trl_utils
+
+    cfg, model, tok = tiny
+    start = get_adapter(model)
+    trainer = client_trainer(model, tok, partition(cfg, 1)[:64], cfg, key="sft-lm-head")
+    idx = round_indices(len(trainer.dataset), cfg, 1, 1)
+
+    def run():
+        set_adapter(model, start)
+        loss = trainer.train_round(idx, 5e-3, seed=1).loss
+        return loss, get_adapter(model)
+
+    assert trl_utils._use_triton(torch.device("cpu"))  # the trainer scores labelled positions only
+    compact_loss, compact = run()
+    monkeypatch.setattr(trl_utils, "_use_triton", trl_utils._use_triton.__wrapped__)  # TRL's default: all of them
+    full_loss, full = run()
+    assert compact_loss == full_loss
+    assert all(np.array_equal(compact[k], full[k]) for k in start)
