@@ -129,8 +129,9 @@ def score_labelled_positions_only() -> bool:
     label is not -100; elsewhere they score every position, so that compiled backends (Neuron, XLA) do not
     recompile for each batch's count. On the CPU nothing recompiles, and the prompt's positions are scored for
     nothing: in a DPO batch of issue 18's workload about 90% of them, and the head's forward and backward were
-    half of a step's CPU time. The positions kept, their log-probabilities and the metrics are the same, and so
-    is the trained adapter (bit for bit, tested); only the wasted rows go.
+    half of a step's CPU time. The positions kept, their log-probabilities and the metrics are the same; only the
+    wasted rows go. The trained DPO adapter is bit-identical (tested); the backward's products over fewer rows
+    may round differently in the last bit (SFT on issue 18's workload), as TRL's own Triton path does.
 
     TRL makes that choice through ``trl.trainer.utils._use_triton`` alone; this wraps it, once per process. A
     TRL without it is left as it is (False), and a test says so.
