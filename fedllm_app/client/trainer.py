@@ -117,11 +117,48 @@ def without_flop_count(trainer_class: type) -> type:
     return NoFlops
 
 
+# Devices that run TRL's fused LM head eagerly: a batch's count of labelled positions costs no recompilation.
+_EAGER_DEVICES = frozenset({"cpu", "cuda", "xpu", "mps"})
+
+
+def score_labelled_positions_only() -> bool:
+    """Have TRL's fused LM head score only the positions that carry a label, on every eager device; True if set.
+
+    TRL 1.16's SFTTrainer and DPOTrainer project the last hidden states through the LM head in tiles (its
+    ``add_fused_lm_head``). Where Triton runs (CUDA, XPU) they first keep only the positions whose next-token
+    label is not -100; elsewhere they score every position, so that compiled backends (Neuron, XLA) do not
+    recompile for each batch's count. On the CPU nothing recompiles, and the prompt's positions are scored for
+    nothing: in a DPO batch of issue 18's workload about 90% of them, and the head's forward and backward were
+    half of a step's CPU time. The positions kept, their log-probabilities and the metrics are the same; only the
+    wasted rows go. The trained DPO adapter is bit-identical (tested); the backward's products over fewer rows
+    may round differently in the last bit (SFT on issue 18's workload), as TRL's own Triton path does.
+
+    TRL makes that choice through ``trl.trainer.utils._use_triton`` alone; this wraps it, once per process. A
+    TRL without it is left as it is (False), and a test says so.
+    """
+    import trl.trainer.utils as trl_utils
+
+    original = getattr(trl_utils, "_use_triton", None)
+    if original is None:
+        return False
+    if getattr(original, "scores_labelled_only", False):
+        return True
+
+    def compact(device: torch.device) -> bool:
+        return device.type in _EAGER_DEVICES or original(device)
+
+    compact.scores_labelled_only = True  # type: ignore[attr-defined]
+    compact.__wrapped__ = original  # type: ignore[attr-defined]
+    trl_utils._use_triton = compact
+    return True
+
+
 def _trainer(model: Any, tokenizer: Any, dataset: Any, cfg: DictConfig, output_dir: str, **kw: Any) -> Any:
     from transformers.trainer_callback import PrinterCallback
     from trl import DPOTrainer, SFTTrainer
 
     DPOTrainer, SFTTrainer = (without_flop_count(cached_trainer_class(c)) for c in (DPOTrainer, SFTTrainer))  # noqa: N806
+    score_labelled_positions_only()
     args = trainer_config(cfg, cfg.training.learning_rate, cfg.seed, output_dir)
     if task_name(cfg) == "dpo":
         # ref_model=None with a PEFT model: TRL adds a frozen "ref" adapter (set by set_reference). A

@@ -159,3 +159,25 @@ def test_dpo_rows_too_long_are_counted_dropped_or_truncated(tiny_dpo, caplog):
     assert len(trainer.dataset) == 3 and trainer.dropped == 1 and trainer.truncated == 1
     assert "1 of 4 rows dropped: prompt longer than training.max_length=48" in out
     assert "1 of 4 rows truncated to training.max_length=48 tokens" in out
+
+
+@pytest.mark.slow
+def test_scoring_only_labelled_positions_leaves_the_trained_dpo_adapter_unchanged(tiny_dpo, monkeypatch):
+    import trl.trainer.utils as trl_utils
+
+    cfg, model, tok = tiny_dpo
+    start = get_adapter(model)
+    trainer = client_trainer(model, tok, data.partition(cfg, 3)[:64], cfg, key="dpo-lm-head")
+    idx = round_indices(len(trainer.dataset), cfg, 1, 3)
+
+    def run():
+        set_adapter(model, start)
+        trainer.train_round(idx, 5e-3, seed=1)
+        return get_adapter(model)
+
+    assert trl_utils._use_triton(torch.device("cpu"))  # the trainer scores labelled positions only
+    compact = run()
+    monkeypatch.setattr(trl_utils, "_use_triton", trl_utils._use_triton.__wrapped__)  # TRL's default: all of them
+    full = run()
+    assert all(np.array_equal(compact[k], full[k]) for k in start)
+    assert any(not np.array_equal(start[k], full[k]) for k in start)

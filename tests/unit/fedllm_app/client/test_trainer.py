@@ -130,3 +130,32 @@ def test_skipping_the_per_step_flop_count_leaves_the_trained_adapter_unchanged(t
     counted.train_round(round_indices(len(counted.dataset), cfg, 1, 3), 5e-3, seed=1)
     assert lean.trainer.state.total_flos == 0 and counted.trainer.state.total_flos > 0
     assert all(np.array_equal(after_lean[k], get_adapter(model)[k]) for k in start)
+
+
+def test_scoring_only_labelled_positions_gives_the_same_sft_loss_and_gradients(tiny, monkeypatch):
+    """Up to float rounding: the backward's products over fewer rows may round differently (AdamW can then
+    amplify a last-bit difference in a near-zero gradient, so trained adapters are not compared bit for bit)."""
+    import torch
+    import trl.trainer.utils as trl_utils
+
+    cfg, model, tok = tiny
+    trainer = client_trainer(model, tok, partition(cfg, 1)[:16], cfg, key="sft-lm-head").trainer
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
+
+    def loss_and_grads():
+        model.eval()  # no dropout: both passes see the same network
+        model.zero_grad()
+        loss = trainer.compute_loss(model, batch)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    assert trl_utils._use_triton(torch.device("cpu"))  # the trainer scores labelled positions only
+    compact = loss_and_grads()
+    monkeypatch.setattr(trl_utils, "_use_triton", trl_utils._use_triton.__wrapped__)  # TRL's default: all of them
+    full = loss_and_grads()
+    model.zero_grad()
+    model.train()
+    assert torch.equal(compact[0], full[0])
+    assert any(g.abs().sum() > 0 for g in full[1].values())
+    for name, grad in full[1].items():
+        torch.testing.assert_close(compact[1][name], grad, rtol=1e-4, atol=1e-8, msg=name)
