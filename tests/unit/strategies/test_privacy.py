@@ -14,6 +14,8 @@ from strategies.privacy import (
     combined_noise_multiplier,
     fixed_weight_mean,
     l2_norm,
+    noise_share_range,
+    noise_share_std,
     noise_std,
     noised_fraction_within,
     update_noise_multiplier,
@@ -128,3 +130,14 @@ def test_expected_clients_and_default_count_noise_follow_q_and_n():
     assert p.update_multiplier == pytest.approx(update_noise_multiplier(1.0, 1.0))
     many = DPParams(clip_norm=1.0, noise_multiplier=1.0, sample_rate=0.5, num_clients=1000, adaptive_clip=True)
     assert many.clipped_count_std == pytest.approx(25.0)  # Andrew et al.'s expected clients / 20
+
+
+def test_each_noise_share_is_z_c_over_the_root_of_the_honest_shares():
+    assert noise_share_std(0.5, 2.0, threshold=5, colluders=1) == pytest.approx(0.5 * 2.0 / 2.0)
+    assert noise_share_std(0.5, 2.0, threshold=3, colluders=2) == pytest.approx(1.0)  # one honest share carries it all
+    with pytest.raises(ValueError, match="threshold 3 and 3 tolerated colluders leaves no honest share"):
+        noise_share_std(0.5, 2.0, threshold=3, colluders=3)
+
+
+def test_the_quantiser_range_holds_the_clip_norm_plus_eight_share_deviations():
+    assert noise_share_range(1.0, 0.25) == pytest.approx(3.0)

@@ -42,6 +42,12 @@ def test_bulyan_averages_the_values_closest_to_the_median_of_the_krum_selection(
     assert agg([1, 2, 100], "bulyan", num_malicious=1) == 2  # fewer than 4f + 3 replies: the median
 
 
+def test_bulyan_with_fewer_than_4f_plus_3_replies_takes_the_median_and_says_so(caplog):
+    # f = 2 needs 11 replies: 10 are too few (a bound of 4 / f + 3 = 5 would run Bulyan on them)
+    assert agg([0, 1, 2, 3, 4, 5, 6, 7, 8, 100], "bulyan", num_malicious=2) == 4.5
+    assert "bulyan needs at least 4f + 3 = 11 replies, got 10: this round takes the median" in caplog.messages
+
+
 def test_the_mean_stays_the_weighted_mean():
     assert agg([1, 3], "mean", weights=[3, 1]) == pytest.approx(1.5)
 
