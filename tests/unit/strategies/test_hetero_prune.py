@@ -41,6 +41,8 @@ def two_layers():
 )
 def test_a_pruning_client_keeps_floor_decay_times_its_rank_and_never_fewer_than_one(rank, decay, kept):
     assert hr.kept_rank(rank, decay) == kept
+    with pytest.raises(ValueError, match=r"^rank 0 must be at least 1$"):
+        hr.kept_rank(0, decay)
 
 
 def test_the_tails_size_is_the_sum_over_layers_of_the_frobenius_norm_of_its_product():

@@ -76,6 +76,14 @@ def test_hetlora_per_rank_averages_each_rank_over_the_clients_that_hold_it():
         hr.hetlora_aggregate([small], [1.0], r_max=2, average="mean")
 
 
+def test_hetlora_per_rank_leaves_ranks_no_client_holds_at_zero_and_keeps_float32():
+    only = {k: v.astype(np.float32) for k, v in lora([[1, 2]], [[3], [4]]).items()}  # rank 1 of r_max 3
+    got = hr.hetlora_aggregate([only], [1.0], r_max=3, average="per_rank")
+    np.testing.assert_array_equal(got[L + hr.A_SUFFIX], [[1, 2], [0, 0], [0, 0]])
+    np.testing.assert_array_equal(got[L + hr.B_SUFFIX], [[3, 0, 0], [4, 0, 0]])
+    assert got[L + hr.A_SUFFIX].dtype == np.float32 and got[L + hr.B_SUFFIX].dtype == np.float32
+
+
 def test_hetlora_per_rank_keeps_a_rank_held_by_one_client_instead_of_shrinking_it_every_round():
     """Zero-padding shrinks the top rank's product by the holder's weight squared each round (here 1/4); per
     rank keeps it, round after round."""

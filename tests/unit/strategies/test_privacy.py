@@ -49,6 +49,13 @@ def test_scaffold_adapter_and_control_deltas_are_clipped_as_one_vector():
     np.testing.assert_allclose(clipped_extras["c-delta"]["w"], [0.0, 2.0])
 
 
+def test_a_clipped_reply_keeps_the_clients_dtype_and_its_control_delta_is_float32():
+    global_ = {"w": np.array([1.0, 1.0], dtype=np.float32)}
+    trained = {"w": np.array([4.0, 1.0], dtype=np.float32)}
+    new, extras, _ = clip_reply_parts(global_, trained, {"c-delta": {"w": np.array([0.0, 4.0])}}, 2.5)
+    assert new["w"].dtype == np.float32 and extras["c-delta"]["w"].dtype == np.float32
+
+
 def test_join_and_split_update_are_inverse():
     parts = {"arrays": {"x.y": np.ones(2)}, "c-delta": {"x.y": np.zeros(2)}}
     back = split_update(join_update(parts))
