@@ -323,3 +323,16 @@ def test_the_run_log_names_every_dp_setting():
     assert dp_strategy().describe().endswith(tail)
     distributed = dp_strategy(noise="distributed", noise_colluders=1).describe()
     assert distributed.endswith("noise distributed (tolerating 1 colluding clients)")
+
+
+def test_a_state_without_dp_entries_keeps_the_clip_norm_and_the_key_and_scaffolds_c_is_restored():
+    s = dp_strategy()
+    key = s.sampling_key
+    s.load_state_dict({})
+    assert s.clip_norm == 1.0 and s.sampling_key == key
+    a, b = dp_strategy(Scaffold), dp_strategy(Scaffold)
+    list(a.configure_train(1, to_record(START), ConfigRecord(), Grid(4)))
+    a.step_from_sum({ARRAYS_KEY: SUM, C_DELTA_KEY: {"w": np.ones(3)}}, [])
+    b.load_state_dict(a.state_dict())
+    np.testing.assert_array_equal(b.c["w"], a.c["w"])
+    assert b.sampling_key == a.sampling_key

@@ -103,6 +103,30 @@ def test_flexlora_of_one_rank_one_client_returns_its_product_split_evenly():
     np.testing.assert_allclose(product(got), [[0, 0], [0, 16]], atol=1e-12)
 
 
+def test_flexlora_returns_the_clients_float32():
+    c = {k: v.astype(np.float32) for k, v in lora([[0, 2]], [[0], [8]]).items()}
+    got = hr.flexlora_aggregate([c], [5], r_max=2)
+    assert got[L + hr.A_SUFFIX].dtype == np.float32 and got[L + hr.B_SUFFIX].dtype == np.float32
+
+
+@pytest.mark.parametrize(
+    "aggregate",
+    [
+        lambda: hr.hetlora_aggregate([], [], 2),
+        lambda: hr.flexlora_aggregate([], [], 2),
+        lambda: hr.frozen_tail_aggregate(lora([[1, 0]], [[1], [0]]), [], []),
+    ],
+)
+def test_no_client_adapter_cannot_be_aggregated(aggregate):
+    with pytest.raises(ValueError, match="^no client adapters to aggregate$"):
+        aggregate()
+
+
+def test_flexlora_refuses_example_counts_that_sum_to_zero():
+    with pytest.raises(ValueError, match=r"^example counts must sum to a positive number, got \[0, 0\]$"):
+        hr.flexlora_aggregate([lora([[1, 0]], [[1], [0]])] * 2, [0, 0], 2)
+
+
 def test_flexlora_gives_each_rank_the_best_approximation_of_the_example_weighted_mean_product():
     clients = [random_lora(2, seed=1), random_lora(3, seed=2), random_lora(4, seed=3)]
     n = [10, 30, 60]
