@@ -109,6 +109,7 @@ def test_every_strategy_takes_its_server_step_on_the_noised_mean(name):
     if scaffold:
         np.testing.assert_allclose(s.c["w"], noised["c-delta"]["w"], rtol=1e-5)  # c += (4 / 4) noised mean
         np.testing.assert_allclose(s.c_i[3]["w"], own[3]["c-delta"], rtol=1e-5)  # each c_i: its own clipped delta
+        assert s.c_i[3]["w"].dtype == np.float32
 
 
 def test_fedavg_under_dp_is_the_global_plus_the_noised_fixed_weight_mean():
@@ -262,10 +263,10 @@ def test_config_and_the_accountant_agree_on_the_accountants():
     assert DP_ACCOUNTANTS == ACCOUNTANTS
 
 
-def dp_strategy(cls=FedAvgLoRA, **dp_kw):
+def dp_strategy(cls=FedAvgLoRA, server_lr=1.0, **dp_kw):
     """``cls`` under DP over 4 partitions, every one drawn (q = 1), C = 1, z = 0.5, seeded server noise."""
     params = DPParams(**{"clip_norm": 1.0, "noise_multiplier": 0.5, "sample_rate": 1.0, "num_clients": 4, **dp_kw})
-    extra = {"server_lr": 1.0} if cls is Scaffold else {}
+    extra = {"server_lr": server_lr} if cls is Scaffold else {}
     kw = {"num_clients": 4, "sample_clients": 4, "num_rounds": 2, "lr_max": 1e-2, "lr_min": 1e-3, **extra}
     return with_dp(cls)(dp=params, rng=np.random.default_rng(0), **kw)
 
@@ -300,14 +301,16 @@ def test_the_sum_path_under_distributed_noise_adds_none_and_reports_the_shares_n
         s.step_from_sum({ARRAYS_KEY: SUM}, replies_to(messages)[:2])  # no threshold: not a secure round
 
 
-def test_the_sum_path_moves_scaffolds_c_and_leaves_each_c_i_with_its_client():
-    s = dp_strategy(Scaffold)
+def test_the_sum_path_moves_scaffolds_x_by_its_server_lr_and_c_and_leaves_each_c_i_with_its_client():
+    s = dp_strategy(Scaffold, server_lr=0.5)
     list(s.configure_train(1, to_record(START), ConfigRecord(), Grid(4)))
     c_sum = {"w": np.array([0.2, 0.2, 0.2])}
     new = s.step_from_sum({ARRAYS_KEY: SUM, C_DELTA_KEY: c_sum}, [])
     noise = np.random.default_rng(0).normal(0.0, 0.125, size=6)  # the adapter's, then the control delta's
-    np.testing.assert_allclose(from_record(new)["w"], START["w"] + SUM["w"] / 4 + noise[:3], rtol=1e-5, atol=1e-6)
+    want = START["w"] + 0.5 * (SUM["w"] / 4 + noise[:3])  # x += lr (noised mean)
+    np.testing.assert_allclose(from_record(new)["w"], want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(s.c["w"], c_sum["w"] / 4 + noise[3:], rtol=1e-5, atol=1e-6)  # c += (4 / 4) mean
+    assert s.c["w"].dtype == np.float32
     assert s.c_i == {}
 
 

@@ -198,3 +198,10 @@ def test_a_prune_section_with_an_unknown_key_or_a_non_boolean_switch_is_refused_
         hr.PruneParams.from_config({"enabled": True, "decay": 0.5, "weight": 0.1, "threshold": 1.0, "rate": 2})
     with pytest.raises(ValueError, match=r"^hetlora_prune.enabled='yes' must be true or false$"):
         hr.PruneParams.from_config({"enabled": "yes"})
+
+
+def test_a_saved_state_without_pruned_ranks_restores_none_and_passes_the_rest_on():
+    s = build_strategy(load_config({"overrides": "lora_aggregation=hetlora hetlora_prune.enabled=true"}))
+    s.pruned = {0: 2}
+    assert s.load_rank_state({"other": 1}) == {"other": 1}
+    assert s.pruned == {}

@@ -60,6 +60,12 @@ def test_bulyan_with_fewer_than_4f_plus_3_replies_takes_the_median_and_says_so(c
 
 def test_the_mean_stays_the_weighted_mean():
     assert agg([1, 3], "mean", weights=[3, 1]) == pytest.approx(1.5)
+    assert agg([0, 1, 101], "mean", num_malicious=1) == pytest.approx(34.0)  # the mean drops no one
+
+
+@pytest.mark.parametrize("rule", ["median", "trimmed_mean", "krum", "multikrum", "bulyan"])
+def test_every_rule_over_one_update_returns_it(rule):
+    assert agg([7], rule) == 7
 
 
 def test_a_robust_rule_feeds_the_algorithms_server_step():
