@@ -80,7 +80,7 @@ def test_adaptive_clipping_splits_the_noise_so_the_round_stays_a_gaussian_mechan
     z_delta = update_noise_multiplier(1.0, 5.0)
     assert z_delta == pytest.approx((1 - 1 / 100) ** -0.5)
     assert (z_delta**-2 + (2 * 5.0) ** -2) ** -0.5 == pytest.approx(1.0)
-    with pytest.raises(ValueError, match=r"needs noise_multiplier < 2 \* count_std = 1"):
+    with pytest.raises(ValueError, match=r"needs noise_multiplier < 2 \* count_std = 1$"):
         update_noise_multiplier(1.0, 0.5)
 
 
@@ -96,6 +96,9 @@ def test_the_released_fraction_within_clip_is_the_centred_noised_count_over_the_
     assert noised_fraction_within(2, 3, 4.0, 0.3) == pytest.approx(0.7)
     assert noised_fraction_within(4, 4, 4.0, 0.0) == pytest.approx(1.0)
     assert noised_fraction_within(0, 0, 4.0, 0.0) == pytest.approx(0.5)  # no reply: no evidence either way
+    assert noised_fraction_within(1, 1, 1.0, 0.0) == pytest.approx(1.0)  # one expected client
+    with pytest.raises(ValueError, match="^expected clients 0 must be positive$"):
+        noised_fraction_within(0, 0, 0, 0.0)
 
 
 def test_one_user_moves_the_noised_count_by_half_a_count_whatever_their_bit():

@@ -144,3 +144,8 @@ def test_server_lr_scales_the_step_towards_the_clients_mean():
 def same_reply(content: RecordDict, value: float) -> RecordDict:
     content[ARRAYS_KEY] = to_record({"w": np.full(3, value, np.float32)})
     return content
+
+
+def test_a_scaffold_state_saved_before_the_first_round_holds_no_c():
+    kw = {"num_clients": 2, "sample_clients": 2, "num_rounds": 1, "lr_max": 1e-2, "lr_min": 1e-3}
+    assert Scaffold(server_lr=1.0, **kw).state_dict() == {"c": None}
