@@ -55,6 +55,11 @@ def test_hetlora_weights_are_the_norms_of_the_clients_products_or_their_example_
         hr.hetlora_weights([small], [1], "size")
 
 
+def test_the_product_norm_adds_every_layers_squared_norm_and_may_be_below_one():
+    two = {**lora([[0.3, 0]], [[1], [0]]), **lora([[0.4, 0]], [[1], [0]], layer="m.v")}  # ||B A||: 0.3 and 0.4
+    assert hr.product_norm(two) == pytest.approx(0.5)
+
+
 def test_hetlora_averages_the_zero_padded_factors_with_its_weights():
     small = lora([[1, 0]], [[3], [4]])
     big = lora([[1, 0], [0, 1]], [[6, 0], [0, 8]])
