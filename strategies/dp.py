@@ -258,7 +258,7 @@ class DPStrategy:
 
     def state_dict(self) -> dict[str, Any]:
         state = dict(super().state_dict())
-        state["dp-clip-norm"] = {"value": np.array([self.clip_norm], dtype=np.float64)}
+        state["dp-clip-norm"] = {"value": np.array([self.clip_norm])}  # a Python float: float64
         state["dp-sampling-key"] = {"value": np.frombuffer(self.sampling_key, dtype=np.uint8).copy()}
         return state
 

@@ -34,6 +34,8 @@ from strategies.records import to_record
 log = logging.getLogger("fedllm")
 
 AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multikrum", "bulyan")
+# The record name Flower's select_multikrum finds the update under (it reads a record's only ArrayRecord).
+KRUM_RECORD = "arrays"
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,7 @@ def coordinate_median(updates: list[Arrays]) -> Arrays:
 
 def krum_select(updates: list[Arrays], num_malicious: int, keep: int) -> list[int]:
     """Indices of the ``keep`` updates Flower's ``select_multikrum`` chooses."""
-    contents = [RecordDict({"arrays": to_record(u)}) for u in updates]
+    contents = [RecordDict({KRUM_RECORD: to_record(u)}) for u in updates]
     chosen = select_multikrum(contents, num_malicious_nodes=num_malicious, num_nodes_to_select=keep)
     return [next(i for i, c in enumerate(contents) if c is pick) for pick in chosen]
 

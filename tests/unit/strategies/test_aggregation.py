@@ -76,6 +76,12 @@ def test_fedyogi_second_moment_moves_toward_delta_squared_additively():
     np.testing.assert_allclose(v_m["w"], [0.01 - 0.01 * 0.0025, 0.01 - 0.01 * 0.005**2])
 
 
+def test_fedyogi_leaves_v_where_it_already_equals_the_squared_delta():
+    x, tau, eta, b1, b2 = A(0.0), 0.1, 1.0, 0.9, 0.99
+    _, _, v1 = agg.fedyogi_step(x, A(0.5), A(0.0), {"w": np.array([0.25])}, eta, b1, b2, tau)  # v = d^2 = 0.25
+    np.testing.assert_array_equal(v1["w"], [0.25])
+
+
 def test_an_unknown_second_moment_form_is_refused():
     with pytest.raises(ValueError, match="second moment form 'm2' must be one of delta, momentum"):
         agg.squared_update(A(1.0), A(1.0), "m2")
@@ -138,7 +144,7 @@ def test_scaffold_reaches_the_global_optimum_where_fedavg_drifts():
 
 def test_weighted_mean_takes_fractional_weights_and_names_what_is_wrong():
     np.testing.assert_allclose(agg.weighted_mean([A(1.0), A(3.0)], [0.25, 0.5])["w"], [7 / 3])
-    with pytest.raises(ValueError, match="no updates to average"):
+    with pytest.raises(ValueError, match="^no updates to average$"):
         agg.weighted_mean([], [])
     with pytest.raises(ValueError, match=r"weights must sum to a positive number, got \[0, 0\]"):
         agg.weighted_mean([A(1.0), A(2.0)], [0, 0])

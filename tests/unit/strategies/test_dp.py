@@ -7,12 +7,20 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from fedllm_app.config import ConfigError, load_config
 from fedllm_app.server.run import build_strategy
 from strategies.dp import CLIP_NORM_KEY, WITHIN_CLIP_KEY, with_dp
-from strategies.fedavg import ARRAYS_KEY, CONFIG_KEY, DATA_SIZE_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, WEIGHT_KEY
+from strategies.fedavg import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    DATA_SIZE_KEY,
+    METRICS_KEY,
+    NUM_EXAMPLES_KEY,
+    WEIGHT_KEY,
+    FedAvgLoRA,
+)
 from strategies.local import LocalOnly
-from strategies.privacy import clip_update
+from strategies.privacy import DPParams, clip_update
 from strategies.records import from_record, to_record
 from strategies.sampling import secret_poisson_partitions
-from strategies.scaffold import C_DELTA_KEY
+from strategies.scaffold import C_DELTA_KEY, Scaffold
 
 SEVEN = ["fedavg", "fedprox", "scaffold", "fedavgm", "fedadagrad", "fedyogi", "fedadam"]
 START = {"w": np.array([0.5, -0.5, 0.0], dtype=np.float32)}
@@ -101,6 +109,7 @@ def test_every_strategy_takes_its_server_step_on_the_noised_mean(name):
     if scaffold:
         np.testing.assert_allclose(s.c["w"], noised["c-delta"]["w"], rtol=1e-5)  # c += (4 / 4) noised mean
         np.testing.assert_allclose(s.c_i[3]["w"], own[3]["c-delta"], rtol=1e-5)  # each c_i: its own clipped delta
+        assert s.c_i[3]["w"].dtype == np.float32
 
 
 def test_fedavg_under_dp_is_the_global_plus_the_noised_fixed_weight_mean():
@@ -252,3 +261,81 @@ def test_config_and_the_accountant_agree_on_the_accountants():
     from strategies.accounting import ACCOUNTANTS
 
     assert DP_ACCOUNTANTS == ACCOUNTANTS
+
+
+def dp_strategy(cls=FedAvgLoRA, server_lr=1.0, **dp_kw):
+    """``cls`` under DP over 4 partitions, every one drawn (q = 1), C = 1, z = 0.5, seeded server noise."""
+    params = DPParams(**{"clip_norm": 1.0, "noise_multiplier": 0.5, "sample_rate": 1.0, "num_clients": 4, **dp_kw})
+    extra = {"server_lr": server_lr} if cls is Scaffold else {}
+    kw = {"num_clients": 4, "sample_clients": 4, "num_rounds": 2, "lr_max": 1e-2, "lr_min": 1e-3, **extra}
+    return with_dp(cls)(dp=params, rng=np.random.default_rng(0), **kw)
+
+
+SUM = {"w": np.array([0.4, 0.8, -0.4])}  # the unmasked sum of the clients' clipped updates (secure aggregation)
+
+
+def test_the_sum_path_releases_the_noised_fixed_weight_mean_of_the_unmasked_sum():
+    s = dp_strategy()
+    messages = list(s.configure_train(1, to_record(START), ConfigRecord(), Grid(4)))
+    replies = [r for r in replies_to(messages) if r.metadata.src_node_id in (3, 4)]  # within C: node 3, not 4
+    new = s.step_from_sum({ARRAYS_KEY: SUM}, replies)
+    noise = np.random.default_rng(0).normal(0.0, 0.125, size=3)
+    np.testing.assert_allclose(from_record(new)["w"], START["w"] + SUM["w"] / 4 + noise, rtol=1e-5, atol=1e-6)
+    assert s.dp_metrics == {
+        "dp_clip_norm": 1.0,
+        "dp_noise_std": 0.125,
+        "dp_clip_fraction": 0.5,
+        "dp_server_clipped": 0.0,  # the server never sees one update to clip
+    }
+
+
+def test_the_sum_path_under_distributed_noise_adds_none_and_reports_the_shares_noise():
+    s = dp_strategy(noise="distributed", noise_colluders=1)
+    messages = list(s.configure_train(1, to_record(START), ConfigRecord(), Grid(4)))
+    new = s.step_from_sum({ARRAYS_KEY: SUM}, replies_to(messages)[:2], threshold=3)
+    np.testing.assert_allclose(from_record(new)["w"], START["w"] + SUM["w"] / 4, rtol=1e-6)
+    share = 0.5 * 1.0 / np.sqrt(3 - 1)  # z C / sqrt(t - c)
+    assert s.dp_metrics["dp_noise_std"] == pytest.approx(np.sqrt(2) * share / 4)
+    assert s.dp_metrics["dp_noise_shares"] == 2.0
+    with pytest.raises(RuntimeError, match="privacy.noise=distributed needs secure aggregation"):
+        s.step_from_sum({ARRAYS_KEY: SUM}, replies_to(messages)[:2])  # no threshold: not a secure round
+
+
+def test_the_sum_path_moves_scaffolds_x_by_its_server_lr_and_c_and_leaves_each_c_i_with_its_client():
+    s = dp_strategy(Scaffold, server_lr=0.5)
+    list(s.configure_train(1, to_record(START), ConfigRecord(), Grid(4)))
+    c_sum = {"w": np.array([0.2, 0.2, 0.2])}
+    new = s.step_from_sum({ARRAYS_KEY: SUM, C_DELTA_KEY: c_sum}, [])
+    noise = np.random.default_rng(0).normal(0.0, 0.125, size=6)  # the adapter's, then the control delta's
+    want = START["w"] + 0.5 * (SUM["w"] / 4 + noise[:3])  # x += lr (noised mean)
+    np.testing.assert_allclose(from_record(new)["w"], want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(s.c["w"], c_sum["w"] / 4 + noise[3:], rtol=1e-5, atol=1e-6)  # c += (4 / 4) mean
+    assert s.c["w"].dtype == np.float32
+    assert s.c_i == {}
+
+
+def test_the_sum_path_before_any_round_releases_nothing():
+    assert dp_strategy().step_from_sum({ARRAYS_KEY: SUM}, []) is None
+
+
+def test_the_run_log_names_every_dp_setting():
+    tail = (
+        "; DP-FedAvg clip_norm 1.0 noise_multiplier 0.5 Poisson rate 1 (expected 4 clients) adaptive_clip False "
+        "accountant rdp delta 1e-05 target_epsilon None noise server"
+    )
+    assert dp_strategy().describe().endswith(tail)
+    distributed = dp_strategy(noise="distributed", noise_colluders=1).describe()
+    assert distributed.endswith("noise distributed (tolerating 1 colluding clients)")
+
+
+def test_a_state_without_dp_entries_keeps_the_clip_norm_and_the_key_and_scaffolds_c_is_restored():
+    s = dp_strategy()
+    key = s.sampling_key
+    s.load_state_dict({})
+    assert s.clip_norm == 1.0 and s.sampling_key == key
+    a, b = dp_strategy(Scaffold), dp_strategy(Scaffold)
+    list(a.configure_train(1, to_record(START), ConfigRecord(), Grid(4)))
+    a.step_from_sum({ARRAYS_KEY: SUM, C_DELTA_KEY: {"w": np.ones(3)}}, [])
+    b.load_state_dict(a.state_dict())
+    np.testing.assert_array_equal(b.c["w"], a.c["w"])
+    assert b.sampling_key == a.sampling_key

@@ -51,6 +51,12 @@ def test_fedavg_unweighted_when_counts_are_equal():
     np.testing.assert_allclose(from_record(arrays)["w"], [1.0, 2.0])
 
 
+def test_a_saved_state_for_fedavg_is_refused_naming_the_class_and_the_keys():
+    with pytest.raises(ValueError, match=r"^FedAvgLoRA keeps no state, got keys \['c'\]$"):
+        FedAvgLoRA(**KW).load_state_dict({"c": {}})
+    FedAvgLoRA(**KW).load_state_dict({})  # nothing saved: nothing to restore
+
+
 def test_configure_train_samples_clients_and_sends_round_lr_and_num_clients():
     strategy = FedAvgLoRA(**KW)
     arrays = to_record({"w": np.zeros(2, dtype=np.float32)})

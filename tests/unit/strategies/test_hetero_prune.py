@@ -41,6 +41,8 @@ def two_layers():
 )
 def test_a_pruning_client_keeps_floor_decay_times_its_rank_and_never_fewer_than_one(rank, decay, kept):
     assert hr.kept_rank(rank, decay) == kept
+    with pytest.raises(ValueError, match=r"^rank 0 must be at least 1$"):
+        hr.kept_rank(0, decay)
 
 
 def test_the_tails_size_is_the_sum_over_layers_of_the_frobenius_norm_of_its_product():
@@ -179,3 +181,27 @@ def test_without_pruning_a_replys_rank_changes_nothing_and_the_local_baseline_ne
     assert PRUNED_STATE_KEY not in off.state_dict()
     baseline = local_strategy(load_config({"overrides": overrides + " hetlora_prune.enabled=true"}))
     assert baseline.hetero.prune is False
+
+
+def test_the_prune_section_becomes_the_params_with_defaults_for_what_it_leaves_out():
+    assert hr.PruneParams.from_config(None) == hr.PruneParams()
+    assert hr.PruneParams.from_config({}) == hr.PruneParams()
+    got = hr.PruneParams.from_config({"decay": 0.5, "weight": 0, "threshold": 2})
+    assert got == hr.PruneParams(enabled=False, decay=0.5, weight=0.0, threshold=2.0)
+    assert all(isinstance(v, float) for v in (got.decay, got.weight, got.threshold))
+    both = {"enabled": True, "decay": 0.25, "weight": 0.5, "threshold": 0.5}
+    assert hr.PruneParams.from_config(both) == hr.PruneParams(True, 0.25, 0.5, 0.5)
+
+
+def test_a_prune_section_with_an_unknown_key_or_a_non_boolean_switch_is_refused_naming_it():
+    with pytest.raises(ValueError, match=r"^hetlora_prune has unknown keys \['rate'\]; its keys are enabled, decay"):
+        hr.PruneParams.from_config({"enabled": True, "decay": 0.5, "weight": 0.1, "threshold": 1.0, "rate": 2})
+    with pytest.raises(ValueError, match=r"^hetlora_prune.enabled='yes' must be true or false$"):
+        hr.PruneParams.from_config({"enabled": "yes"})
+
+
+def test_a_saved_state_without_pruned_ranks_restores_none_and_passes_the_rest_on():
+    s = build_strategy(load_config({"overrides": "lora_aggregation=hetlora hetlora_prune.enabled=true"}))
+    s.pruned = {0: 2}
+    assert s.load_rank_state({"other": 1}) == {"other": 1}
+    assert s.pruned == {}

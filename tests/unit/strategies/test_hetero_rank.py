@@ -55,6 +55,11 @@ def test_hetlora_weights_are_the_norms_of_the_clients_products_or_their_example_
         hr.hetlora_weights([small], [1], "size")
 
 
+def test_the_product_norm_adds_every_layers_squared_norm_and_may_be_below_one():
+    two = {**lora([[0.3, 0]], [[1], [0]]), **lora([[0.4, 0]], [[1], [0]], layer="m.v")}  # ||B A||: 0.3 and 0.4
+    assert hr.product_norm(two) == pytest.approx(0.5)
+
+
 def test_hetlora_averages_the_zero_padded_factors_with_its_weights():
     small = lora([[1, 0]], [[3], [4]])
     big = lora([[1, 0], [0, 1]], [[6, 0], [0, 8]])
@@ -76,6 +81,14 @@ def test_hetlora_per_rank_averages_each_rank_over_the_clients_that_hold_it():
         hr.hetlora_aggregate([small], [1.0], r_max=2, average="mean")
 
 
+def test_hetlora_per_rank_leaves_ranks_no_client_holds_at_zero_and_keeps_float32():
+    only = {k: v.astype(np.float32) for k, v in lora([[1, 2]], [[3], [4]]).items()}  # rank 1 of r_max 3
+    got = hr.hetlora_aggregate([only], [1.0], r_max=3, average="per_rank")
+    np.testing.assert_array_equal(got[L + hr.A_SUFFIX], [[1, 2], [0, 0], [0, 0]])
+    np.testing.assert_array_equal(got[L + hr.B_SUFFIX], [[3, 0, 0], [4, 0, 0]])
+    assert got[L + hr.A_SUFFIX].dtype == np.float32 and got[L + hr.B_SUFFIX].dtype == np.float32
+
+
 def test_hetlora_per_rank_keeps_a_rank_held_by_one_client_instead_of_shrinking_it_every_round():
     """Zero-padding shrinks the top rank's product by the holder's weight squared each round (here 1/4); per
     rank keeps it, round after round."""
@@ -93,6 +106,30 @@ def test_flexlora_of_one_rank_one_client_returns_its_product_split_evenly():
     np.testing.assert_allclose(np.abs(got[L + hr.A_SUFFIX]), [[0, 4], [0, 0]], atol=1e-12)
     np.testing.assert_allclose(np.abs(got[L + hr.B_SUFFIX]), [[0, 0], [4, 0]], atol=1e-12)
     np.testing.assert_allclose(product(got), [[0, 0], [0, 16]], atol=1e-12)
+
+
+def test_flexlora_returns_the_clients_float32():
+    c = {k: v.astype(np.float32) for k, v in lora([[0, 2]], [[0], [8]]).items()}
+    got = hr.flexlora_aggregate([c], [5], r_max=2)
+    assert got[L + hr.A_SUFFIX].dtype == np.float32 and got[L + hr.B_SUFFIX].dtype == np.float32
+
+
+@pytest.mark.parametrize(
+    "aggregate",
+    [
+        lambda: hr.hetlora_aggregate([], [], 2),
+        lambda: hr.flexlora_aggregate([], [], 2),
+        lambda: hr.frozen_tail_aggregate(lora([[1, 0]], [[1], [0]]), [], []),
+    ],
+)
+def test_no_client_adapter_cannot_be_aggregated(aggregate):
+    with pytest.raises(ValueError, match="^no client adapters to aggregate$"):
+        aggregate()
+
+
+def test_flexlora_refuses_example_counts_that_sum_to_zero():
+    with pytest.raises(ValueError, match=r"^example counts must sum to a positive number, got \[0, 0\]$"):
+        hr.flexlora_aggregate([lora([[1, 0]], [[1], [0]])] * 2, [0, 0], 2)
 
 
 def test_flexlora_gives_each_rank_the_best_approximation_of_the_example_weighted_mean_product():
@@ -181,5 +218,7 @@ def test_flexlora_starts_ranks_beyond_the_mean_as_lora_does_without_changing_the
     client = random_lora(1, seed=9)
     got = hr.flexlora_aggregate([client], [1], r_max=3, rng=np.random.default_rng(0))
     a, b = got[L + hr.A_SUFFIX], got[L + hr.B_SUFFIX]
-    assert np.abs(b[:, 1:]).max() == 0 and np.abs(a[1:]).min() > 0 and np.abs(a[1:]).max() <= 1 / np.sqrt(5)
+    assert np.abs(b[:, 1:]).max() == 0
+    bound = 1 / np.sqrt(5)  # PEFT's U(-1/sqrt(in), 1/sqrt(in)), in = 5, drawn from the generator given
+    np.testing.assert_array_equal(a[1:], np.random.default_rng(0).uniform(-bound, bound, size=(2, 5)))
     np.testing.assert_allclose(product(got), product(client), atol=1e-10)

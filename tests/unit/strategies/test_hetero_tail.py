@@ -39,6 +39,16 @@ def test_each_rank_moves_by_the_weighted_mean_update_of_the_clients_that_trained
     np.testing.assert_allclose(new[B], [[0.0, 4.0, 3.0]])
 
 
+def test_the_frozen_tail_keeps_the_globals_float32_and_refuses_a_client_above_its_rank():
+    global_ = {A: np.ones((2, 2), np.float32), B: np.ones((1, 2), np.float32)}
+    one = {A: np.full((1, 2), 3.0, np.float32), B: np.full((1, 1), 3.0, np.float32)}
+    new = hr.frozen_tail_aggregate(global_, [one], [1.0])
+    assert new[A].dtype == np.float32 and new[B].dtype == np.float32
+    three = {A: np.ones((3, 2), np.float32), B: np.ones((1, 3), np.float32)}
+    with pytest.raises(ValueError, match="^a client's rank 3 is above the global adapter's rank 2$"):
+        hr.frozen_tail_aggregate(global_, [one, three], [0.5, 0.5])
+
+
 def test_frozen_sum_adds_each_ranks_weighted_updates_without_renormalising():
     global_ = {A: np.array([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]]), B: np.array([[1.0, 2.0, 3.0]])}
     one = {A: np.array([[5.0, 1.0]]), B: np.array([[3.0]])}

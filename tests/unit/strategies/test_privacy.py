@@ -14,6 +14,8 @@ from strategies.privacy import (
     combined_noise_multiplier,
     fixed_weight_mean,
     l2_norm,
+    noise_share_range,
+    noise_share_std,
     noise_std,
     noised_fraction_within,
     update_noise_multiplier,
@@ -47,6 +49,13 @@ def test_scaffold_adapter_and_control_deltas_are_clipped_as_one_vector():
     np.testing.assert_allclose(clipped_extras["c-delta"]["w"], [0.0, 2.0])
 
 
+def test_a_clipped_reply_keeps_the_clients_dtype_and_its_control_delta_is_float32():
+    global_ = {"w": np.array([1.0, 1.0], dtype=np.float32)}
+    trained = {"w": np.array([4.0, 1.0], dtype=np.float32)}
+    new, extras, _ = clip_reply_parts(global_, trained, {"c-delta": {"w": np.array([0.0, 4.0])}}, 2.5)
+    assert new["w"].dtype == np.float32 and extras["c-delta"]["w"].dtype == np.float32
+
+
 def test_join_and_split_update_are_inverse():
     parts = {"arrays": {"x.y": np.ones(2)}, "c-delta": {"x.y": np.zeros(2)}}
     back = split_update(join_update(parts))
@@ -71,7 +80,7 @@ def test_adaptive_clipping_splits_the_noise_so_the_round_stays_a_gaussian_mechan
     z_delta = update_noise_multiplier(1.0, 5.0)
     assert z_delta == pytest.approx((1 - 1 / 100) ** -0.5)
     assert (z_delta**-2 + (2 * 5.0) ** -2) ** -0.5 == pytest.approx(1.0)
-    with pytest.raises(ValueError, match=r"needs noise_multiplier < 2 \* count_std = 1"):
+    with pytest.raises(ValueError, match=r"needs noise_multiplier < 2 \* count_std = 1$"):
         update_noise_multiplier(1.0, 0.5)
 
 
@@ -87,6 +96,9 @@ def test_the_released_fraction_within_clip_is_the_centred_noised_count_over_the_
     assert noised_fraction_within(2, 3, 4.0, 0.3) == pytest.approx(0.7)
     assert noised_fraction_within(4, 4, 4.0, 0.0) == pytest.approx(1.0)
     assert noised_fraction_within(0, 0, 4.0, 0.0) == pytest.approx(0.5)  # no reply: no evidence either way
+    assert noised_fraction_within(1, 1, 1.0, 0.0) == pytest.approx(1.0)  # one expected client
+    with pytest.raises(ValueError, match="^expected clients 0 must be positive$"):
+        noised_fraction_within(0, 0, 0, 0.0)
 
 
 def test_one_user_moves_the_noised_count_by_half_a_count_whatever_their_bit():
@@ -128,3 +140,14 @@ def test_expected_clients_and_default_count_noise_follow_q_and_n():
     assert p.update_multiplier == pytest.approx(update_noise_multiplier(1.0, 1.0))
     many = DPParams(clip_norm=1.0, noise_multiplier=1.0, sample_rate=0.5, num_clients=1000, adaptive_clip=True)
     assert many.clipped_count_std == pytest.approx(25.0)  # Andrew et al.'s expected clients / 20
+
+
+def test_each_noise_share_is_z_c_over_the_root_of_the_honest_shares():
+    assert noise_share_std(0.5, 2.0, threshold=5, colluders=1) == pytest.approx(0.5 * 2.0 / 2.0)
+    assert noise_share_std(0.5, 2.0, threshold=3, colluders=2) == pytest.approx(1.0)  # one honest share carries it all
+    with pytest.raises(ValueError, match="threshold 3 and 3 tolerated colluders leaves no honest share"):
+        noise_share_std(0.5, 2.0, threshold=3, colluders=3)
+
+
+def test_the_quantiser_range_holds_the_clip_norm_plus_eight_share_deviations():
+    assert noise_share_range(1.0, 0.25) == pytest.approx(3.0)

@@ -42,8 +42,30 @@ def test_bulyan_averages_the_values_closest_to_the_median_of_the_krum_selection(
     assert agg([1, 2, 100], "bulyan", num_malicious=1) == 2  # fewer than 4f + 3 replies: the median
 
 
+def test_bulyan_takes_each_coordinates_own_median_over_every_array():
+    # Each update is x (1, 10) and [[-x]]: every squared distance is 102 times the scalars', so MultiKrum keeps what
+    # it keeps for 0, 1, 2, 5, 6, 10, 100 (f = 1, n - 2f = 5; scores over the 4 nearest: 2 -> 30, 1 -> 43, 5 -> 51,
+    # 6 -> 58, 0 -> 66, 10 -> 186): 0, 1, 2, 5, 6. Their median is 2; the n - 4f = 3 values closest to it: 0, 1, 2.
+    updates = [{"a": np.array([x, 10.0 * x]), "b": np.array([[-x]])} for x in (0.0, 1.0, 2.0, 5.0, 6.0, 10.0, 100.0)]
+    got = aggregate(updates, [1.0] * 7, AggregatorParams("bulyan", num_malicious=1))
+    np.testing.assert_allclose(got["a"], [1.0, 10.0])
+    np.testing.assert_allclose(got["b"], [[-1.0]])
+
+
+def test_bulyan_with_fewer_than_4f_plus_3_replies_takes_the_median_and_says_so(caplog):
+    # f = 2 needs 11 replies: 10 are too few (a bound of 4 / f + 3 = 5 would run Bulyan on them)
+    assert agg([0, 1, 2, 3, 4, 5, 6, 7, 8, 100], "bulyan", num_malicious=2) == 4.5
+    assert "bulyan needs at least 4f + 3 = 11 replies, got 10: this round takes the median" in caplog.messages
+
+
 def test_the_mean_stays_the_weighted_mean():
     assert agg([1, 3], "mean", weights=[3, 1]) == pytest.approx(1.5)
+    assert agg([0, 1, 101], "mean", num_malicious=1) == pytest.approx(34.0)  # the mean drops no one
+
+
+@pytest.mark.parametrize("rule", ["median", "trimmed_mean", "krum", "multikrum", "bulyan"])
+def test_every_rule_over_one_update_returns_it(rule):
+    assert agg([7], rule) == 7
 
 
 def test_a_robust_rule_feeds_the_algorithms_server_step():

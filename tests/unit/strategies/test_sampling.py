@@ -15,6 +15,11 @@ KW = {"num_clients": 6, "sample_clients": 2, "num_rounds": 10, "lr_max": 1e-2, "
 ARRAYS = to_record({"w": np.zeros(2, np.float32)})
 
 
+def logged(caplog, logger="fedllm"):
+    """The messages ``logger`` logged in this test."""
+    return [r.getMessage() for r in caplog.records if r.name == logger]
+
+
 def trained(strategy, grid, rounds) -> list[list[int]]:
     """The partitions each round's train messages go to."""
     out = []
@@ -63,26 +68,39 @@ def test_a_missing_partition_gives_its_place_to_the_next_one_drawn():
     assert sample_partitions(5, 3, 6, 2, set(range(6)) - {order[0]}) == sorted(order[1:3])
 
 
-def test_a_node_that_does_not_tell_its_partition_is_not_sampled():
+def test_a_node_that_does_not_tell_its_partition_is_not_sampled(caplog):
     grid = FakeGrid({1: 0, 2: None, 3: 2})
     strategy = FedAvgLoRA(**{**KW, "num_clients": 3, "sample_clients": 2}, query_timeout=0.1)
     for rnd in range(1, 6):
         assert trained(strategy, grid, [rnd]) == [[0, 2]]
+    assert logged(caplog) == ["nodes [2] did not tell their partition within 0.1 s; they are not sampled"]
+    assert logged(caplog, "flwr").count("configure_train: Sampled 2 nodes (out of 3): partitions [0, 2]") == 5
+
+
+def test_a_node_answering_the_partition_query_with_a_non_integer_is_not_sampled(caplog):
+    strategy = FedAvgLoRA(**{**KW, "num_clients": 2, "sample_clients": 1}, query_timeout=0.1)
+    assert trained(strategy, FakeGrid({1: 0, 2: 1.5}), [1, 2]) == [[0], [0]]
+    assert "node 2 answered the partition query with 1.5, not an integer; it is not sampled" in logged(caplog)
 
 
 def test_a_partition_id_outside_num_clients_leaves_that_node_out_and_logs_the_fix(caplog):
     """A node's answer must not end the run (a hostile or misconfigured node would stop everyone's training)."""
     strategy = FedAvgLoRA(**{**KW, "num_clients": 2, "sample_clients": 1}, query_timeout=0.1)
     assert trained(strategy, FakeGrid({1: 0, 2: 2}), [1, 2]) == [[0], [0]]
-    assert "node 2 holds partition-id 2, outside 0..1 for num_clients=2; it is not sampled" in caplog.text
-    assert "give each SuperNode a partition-id below num_clients" in caplog.text
+    assert (
+        "node 2 holds partition-id 2, outside 0..1 for num_clients=2; it is not sampled: give each SuperNode a "
+        "partition-id below num_clients"
+    ) in logged(caplog)
 
 
 def test_two_nodes_holding_one_partition_are_named_once_and_only_one_trains_it(caplog):
     grid = FakeGrid({1: 0, 2: 0, 3: 1})
     strategy = FedAvgLoRA(**{**KW, "num_clients": 2, "sample_clients": 2})
     assert trained(strategy, grid, [1, 2, 3]) == [[0, 1]] * 3
-    assert caplog.text.count("nodes 1 and 2 both hold partition-id 0; only node 1 is sampled for it") == 1
+    assert logged(caplog) == [
+        "nodes 1 and 2 both hold partition-id 0; only node 1 is sampled for it: give each SuperNode its own "
+        "partition-id"
+    ]
 
 
 def test_the_local_baseline_trains_every_client_every_round():

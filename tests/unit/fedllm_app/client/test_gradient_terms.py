@@ -42,6 +42,14 @@ def test_raw_gradients_are_averaged_for_scaffold():
     np.testing.assert_allclose(terms.mean_gradient()["w"], [2.0, 1.0])  # raw, without the +1 correction
 
 
+def test_a_scaffold_round_without_an_optimizer_step_fails_saying_why():
+    terms = GradientTerms()
+    terms.start_round(Tiny(), correction={"w": np.zeros(2, dtype=np.float32)})
+    message = "no optimizer step was taken this round; SCAFFOLD cannot update its control variate"
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        terms.mean_gradient()
+
+
 def scaffold_message(c: dict, c_i: dict):
     return type("Msg", (), {"content": {C_SERVER_KEY: to_record(c), C_CLIENT_KEY: to_record(c_i)}})()
 
@@ -61,7 +69,7 @@ def test_scaffold_client_corrects_by_c_minus_its_own_c_i_and_replies_the_change_
 
 def test_scaffold_client_without_its_c_i_fails_naming_the_fix():
     msg = type("Msg", (), {"content": {C_SERVER_KEY: to_record({"w": np.zeros(2, np.float32)})}})()
-    with pytest.raises(ValueError, match="no 'c-client'.*same fedllm version on the server and the clients"):
+    with pytest.raises(ValueError, match="no 'c-client'.*same fedllm version on the server and the clients$"):
         ScaffoldClient.from_message(msg)
     assert ScaffoldClient.from_message(type("Msg", (), {"content": {}})()) is None
 

@@ -17,6 +17,16 @@ def test_the_tail_regularisers_gradient_matches_the_hand_computed_one():
     torch.testing.assert_close(grad_b, torch.tensor([[0.0, 0.0], [0.0, 1.0]]))
 
 
+def test_a_tail_product_of_norm_below_one_still_gets_its_gradient():
+    # The tail: A's row 1 (0, 0.2), B's column 1 (0, 0.5)^T; P = [[0, 0], [0, 0.1]], ||P|| = 0.1:
+    # d/da = w b = 0.25, d/db = w a = 0.1 (w = 0.5).
+    a = torch.tensor([[1.0, 0.0], [0.0, 0.2]])
+    b = torch.tensor([[1.0, 0.0], [0.0, 0.5]])
+    grad_a, grad_b = tail_norm_grads(a, b, keep=1, weight=0.5)
+    torch.testing.assert_close(grad_a, torch.tensor([[0.0, 0.0], [0.0, 0.25]]))
+    torch.testing.assert_close(grad_b, torch.tensor([[0.0, 0.0], [0.0, 0.1]]))
+
+
 def test_the_tail_regularisers_gradient_is_autograds_of_the_norm_of_the_tail_product():
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(4, 5, generator=gen, dtype=torch.float64, requires_grad=True)

@@ -68,6 +68,15 @@ def test_round_indices_are_openfedllm_sized_and_round_dependent():
     assert r1 == r1b and r1 != r2
 
 
+def test_a_client_with_fewer_rows_than_a_round_trains_all_of_them_in_a_round_dependent_order():
+    cfg = load_config({})
+    n = cfg.training.batch_size * cfg.training.grad_accum * cfg.training.max_steps
+    rows = n - 1
+    r1, r1b, r2 = (round_indices(rows, cfg, r, 0) for r in (1, 1, 2))
+    assert sorted(r1) == list(range(rows)) and sorted(r2) == list(range(rows))
+    assert r1 == r1b and r1 != r2
+
+
 def test_partition_id_out_of_range_names_num_clients():
     with pytest.raises(ConfigError, match="partition-id=9.*num_clients=4"):
         data.partition(load_config({}), 9)

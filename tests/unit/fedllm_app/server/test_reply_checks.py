@@ -1,11 +1,21 @@
 """The server's checks on client replies, and the test-only fault injection that produces bad ones."""
 
+import io
+
 import numpy as np
 import pytest
-from flwr.app import Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from fedllm_app.client import faults
-from fedllm_app.server.reply_checks import ReplySpec, reply_problem, sent_shapes, shapes_of, split_replies
+from fedllm_app.server.reply_checks import (
+    REPLY_METRICS,
+    PartitionBook,
+    ReplySpec,
+    reply_problem,
+    sent_shapes,
+    shapes_of,
+    split_replies,
+)
 from strategies.fedavg import ARRAYS_KEY, DATA_SIZE_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
 from strategies.records import to_record
 from strategies.scaffold import C_DELTA_KEY
@@ -114,3 +124,137 @@ def test_the_attacks_send_a_scaled_or_flipped_update():
     np.testing.assert_allclose(flipped["m.lora_A.weight"].numpy(), 0.0)
     np.testing.assert_allclose(flipped["m.lora_B.weight"].numpy(), 1.0)
     assert reply_problem(faults.corrupt(good_content(), "scale", global_), EXPECTED) is None  # sound-looking
+
+
+def with_metrics(changes):
+    """A sound reply whose metrics are changed (a value of None removes the key)."""
+    content = good_content()
+    metrics = dict(content[METRICS_KEY])
+    for key, value in changes.items():
+        if value is None:
+            metrics.pop(key)
+        else:
+            metrics[key] = value
+    content[METRICS_KEY] = MetricRecord(metrics)
+    return content
+
+
+def with_array(array, name="m.lora_A.weight"):
+    content = good_content()
+    arrays = dict(content[ARRAYS_KEY])
+    arrays[name] = array
+    content[ARRAYS_KEY] = ArrayRecord(arrays)
+    return content
+
+
+def npy(values):
+    buf = io.BytesIO()
+    np.save(buf, values, allow_pickle=False)
+    return buf.getvalue()
+
+
+def test_a_reply_with_every_metric_a_client_reports_is_sound():
+    every = {
+        "train_seconds": 1.5,
+        "optimizer_seconds": 0.5,
+        "peak_rss_mb": 900.0,
+        "process_age_seconds": 30.0,
+        "model_load_seconds": 2.0,
+        "setup_seconds": 0.1,
+        "dp-within-clip": 1.0,
+        "lora-rank": 2,
+    }
+    assert reply_problem(with_metrics(every), EXPECTED) is None
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (
+            lambda: RecordDict({METRICS_KEY: good_content()[METRICS_KEY]}),
+            "records differ from ['arrays', 'metrics']: missing ['arrays'], unexpected []",
+        ),
+        (
+            lambda: RecordDict({ARRAYS_KEY: to_record(ADAPTER), METRICS_KEY: to_record(ADAPTER)}),
+            "'metrics' is a ArrayRecord, not a MetricRecord",
+        ),
+        (
+            lambda: RecordDict(
+                {**good_content(), ARRAYS_KEY: to_record({"m.lora_A.weight": ADAPTER["m.lora_A.weight"]})}
+            ),
+            "array names differ from the adapter it was sent: missing ['m.lora_B.weight'], unexpected []",
+        ),
+        (
+            lambda: with_array(
+                Array(dtype="float32", shape=(2, 4), stype="torch", data=npy(np.ones((2, 4), np.float32)))
+            ),
+            "array 'm.lora_A.weight' has serialization 'torch', not 'numpy.ndarray'",
+        ),
+        (
+            lambda: with_array(Array(np.ones((2, 4), dtype=np.float64))),
+            "array 'm.lora_A.weight' has dtype float64, not float32",
+        ),
+        (
+            lambda: with_array(
+                Array(dtype="float32", shape=(2, 4), stype="numpy.ndarray", data=npy(np.ones(8, np.float32)))
+            ),
+            "array 'm.lora_A.weight' holds float32 (8,) data, not the declared float32 (2, 4)",
+        ),
+        (
+            lambda: with_array(Array(np.full((2, 4), np.inf, dtype=np.float32))),
+            "array 'm.lora_A.weight' contains NaN or Inf",
+        ),
+        (
+            lambda: with_metrics({"bogus": 1.0}),
+            "unexpected metrics ['bogus']; a reply holds only " + str(sorted(REPLY_METRICS)),
+        ),
+        (lambda: with_metrics({"data-size": None}), "'data-size' is None; the reply must report it"),
+        (lambda: with_metrics({"partition-id": None}), "'partition-id' is None; the reply must report it"),
+        (lambda: with_metrics({"train_loss": None}), "'train_loss' is None; the reply must report it"),
+        (lambda: with_metrics({"num-examples": 2.5}), "'num-examples' is 2.5; it must be an integer"),
+        (lambda: with_metrics({"train_loss": float("inf")}), "'train_loss' is inf; it must be a finite number"),
+        (lambda: with_metrics({"data-size": 0}), "'data-size' is 0; it must be a positive integer"),
+        (lambda: with_metrics({"partition-id": -1}), "'partition-id' is -1; it must be >= 0"),
+        (
+            lambda: with_metrics({"lora-rank": 3}),
+            "'lora-rank' is 3; a client can only keep or prune the ranks it was sent, 1..2",
+        ),
+        (
+            lambda: with_metrics({"lora-rank": 0}),
+            "'lora-rank' is 0; a client can only keep or prune the ranks it was sent, 1..2",
+        ),
+    ],
+)
+def test_each_unsound_reply_is_rejected_with_its_whole_reason(content, reason):
+    assert reply_problem(content(), EXPECTED) == reason
+
+
+@pytest.mark.parametrize(("pid", "reason"), [(0, None), (3, None), (4, "'partition-id' is 4; it must be in [0, 4)")])
+def test_a_partition_id_must_lie_below_the_number_of_partitions(pid, reason):
+    assert reply_problem(with_metrics({"partition-id": pid}), ReplySpec(EXPECTED, num_partitions=4)) == reason
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+def test_a_client_may_keep_or_prune_to_any_rank_it_was_sent(rank):
+    assert reply_problem(with_metrics({"lora-rank": rank}), EXPECTED) is None
+
+
+def test_a_free_partition_claimed_by_several_nodes_in_one_round_is_contested():
+    book = PartitionBook({1: 0})
+    claims = {2: 1, 3: 1, 4: 0, 5: 0, 6: 2, 7: None}  # 0 is held (not contested); 2 is claimed once
+    assert book.contested(claims) == {1}
+    assert book.problem(2, 1, {1}) == "'partition-id' 1 is claimed by several nodes this round, and none holds it yet"
+
+
+def test_a_node_keeps_its_partition_and_cannot_take_another_nodes():
+    book = PartitionBook({1: 0})
+    assert book.problem(1, 0) is None
+    assert book.problem(6, 2) is None  # a free partition
+    assert book.problem(1, 2) == "'partition-id' is 2, but this node trains partition 0"
+    assert book.problem(4, 0) == "'partition-id' 0 belongs to node 1"
+
+
+def test_the_round_plan_rebinds_nodes_and_partitions_claimed_before():
+    book = PartitionBook({1: 0, 2: 1})
+    book.assign({3: 0, 2: 5})
+    assert book.by_node == {2: 5, 3: 0}

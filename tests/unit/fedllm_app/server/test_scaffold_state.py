@@ -144,3 +144,19 @@ def test_server_lr_scales_the_step_towards_the_clients_mean():
 def same_reply(content: RecordDict, value: float) -> RecordDict:
     content[ARRAYS_KEY] = to_record({"w": np.full(3, value, np.float32)})
     return content
+
+
+def test_a_scaffold_state_saved_before_the_first_round_holds_no_c():
+    kw = {"num_clients": 2, "sample_clients": 2, "num_rounds": 1, "lr_max": 1e-2, "lr_min": 1e-3}
+    assert Scaffold(server_lr=1.0, **kw).state_dict() == {"c": None}
+
+
+def test_a_scaffold_round_whose_every_reply_failed_keeps_x_and_c():
+    from flwr.app import Error
+
+    kw = {"num_clients": 2, "sample_clients": 2, "num_rounds": 1, "lr_max": 1e-2, "lr_min": 1e-3}
+    s = Scaffold(server_lr=1.0, **kw)
+    sent = list(s.configure_train(1, to_record({"w": np.ones(2, np.float32)}), ConfigRecord(), FakeGrid(2)))
+    failed = [Message(Error(code=0, reason="client crashed"), reply_to=m) for m in sent]
+    assert s.aggregate_train(1, failed) == (None, None)
+    np.testing.assert_array_equal(s.c["w"], [0.0, 0.0])
