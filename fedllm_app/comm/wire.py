@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
+from fedllm_app.comm import downlink
 from fedllm_app.comm.codecs import CodecError, CommParams, Parts, decode, encode
 from strategies.aggregation import Arrays
 from strategies.fedavg import ARRAYS_KEY
@@ -38,10 +39,16 @@ Shapes = dict[str, tuple[int, ...]]
 
 
 def encode_content(
-    content: RecordDict, codec: str, params: CommParams, values: dict[str, Arrays] | None = None
+    content: RecordDict,
+    codec: str,
+    params: CommParams,
+    values: dict[str, Arrays] | None = None,
+    codecs: dict[str, str] | None = None,
 ) -> RecordDict:
-    """``content`` with every ArrayRecord encoded with ``codec`` (``values``: arrays to send instead, by record)."""
-    values = values or {}
+    """``content`` with every ArrayRecord encoded with ``codec`` (``values``: arrays to send instead, by record;
+    ``codecs``: another codec for some records, named in the metadata as ``codec:<record>``).
+    """
+    values, codecs = values or {}, codecs or {}
     out, meta = RecordDict(), ConfigRecord({"codec": codec, "block-size": params.block_size})
     records = []
     for key, record in content.items():
@@ -49,7 +56,9 @@ def encode_content(
             out[key] = record
             continue
         arrays = values[key] if key in values else from_record(record)
-        out[key] = _encode_arrays(arrays, codec, params, key, meta)
+        if codecs.get(key, codec) != codec:
+            meta[f"codec:{key}"] = codecs[key]
+        out[key] = _encode_arrays(arrays, codecs.get(key, codec), params, key, meta)
         records.append(key)
     meta["records"] = records
     out[COMM_KEY] = meta
@@ -82,6 +91,8 @@ def decode_content(
             continue
         if isinstance(record, ArrayRecord) and key not in listed:
             raise CodecError(f"ArrayRecord '{key}' is not encoded with {got_codec!r} like the rest")
+        if codec is not None and meta.get(f"codec:{key}", codec) != codec:
+            raise CodecError(f"'{key}' is encoded with {meta[f'codec:{key}']!r}, the run's comm.codec is {codec!r}")
         out[key] = _decode_arrays(record, meta, key, shapes) if key in listed else record
     return out
 
@@ -111,7 +122,7 @@ def _decode_arrays(record: Any, meta: ConfigRecord, key: str, shapes: Shapes | N
         raise CodecError(f"'{key}' declares arrays or shapes other than those sent, e.g. {odd}")
     if any(d < 0 for shape in declared.values() for d in shape) or any(math.prod(s) > 2**31 for s in declared.values()):
         raise CodecError(f"'{key}' declares no shape, or an impossible one, for some array")
-    codec, block = str(meta["codec"]), int(meta["block-size"])
+    codec, block = str(meta.get(f"codec:{key}", meta["codec"])), int(meta["block-size"])
     decoded = {name: decode(parts, declared[name], codec, block_size=block) for name, parts in grouped.items()}
     return to_record(decoded)
 
@@ -119,10 +130,19 @@ def _decode_arrays(record: Any, meta: ConfigRecord, key: str, shapes: Shapes | N
 # --- client side --------------------------------------------------------------------------------------------
 
 
-def decode_message(msg: Message) -> None:
-    """Replace an encoded train message's content by its plain arrays, in place, before anything reads it."""
-    if COMM_KEY in msg.content:
-        msg.content = decode_content(msg.content)
+def decode_message(msg: Message, state: Any = None) -> None:
+    """Replace an encoded train message's content by its plain arrays, in place, before anything reads it.
+
+    A message of the delta downlink (``comm.downlink_delta``) is applied to the copies kept in the node's
+    ``state`` (:func:`fedllm_app.comm.downlink.apply`), which it updates; a :class:`CodecError` when this node
+    does not hold the copy the server sent its change against.
+    """
+    if COMM_KEY not in msg.content:
+        return
+    plain = decode_content(msg.content)
+    if downlink.is_delta(msg.content[COMM_KEY]):
+        plain = downlink.apply(plain, msg.content[COMM_KEY], state)
+    msg.content = plain
 
 
 def encode_reply(content: RecordDict, sent: Arrays, params: CommParams, state: Any, pid: int) -> RecordDict:
@@ -166,18 +186,21 @@ def roundtrip(x: np.ndarray, codec: str, params: CommParams) -> np.ndarray:
 # --- server side --------------------------------------------------------------------------------------------
 
 
-def to_wire(messages: list[Message], params: CommParams) -> list[Message]:
+def to_wire(messages: list[Message], params: CommParams, held: downlink.Held | None = None) -> list[Message]:
     """The messages as they travel: copies with their ArrayRecords encoded with the downlink codec.
 
     The originals (exact arrays) stay with the server; with ``codec=none`` and no downlink codec they are
-    what travels.
+    what travels. ``held`` (with ``comm.downlink_delta``): the server's record of the nodes' copies; each node
+    is sent the change against its copy where known (:class:`fedllm_app.comm.downlink.Held`).
     """
     codec = params.downlink_codec
-    if codec == "none":
+    if held is None and codec == "none":
         return messages
     return [
         Message(
-            encode_content(m.content, codec, params),
+            held.encode(m.content, m.metadata.dst_node_id, params)
+            if held is not None
+            else encode_content(m.content, codec, params),
             dst_node_id=m.metadata.dst_node_id,
             message_type=m.metadata.message_type,
             group_id=m.metadata.group_id,
