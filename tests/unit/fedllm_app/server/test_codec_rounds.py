@@ -6,7 +6,7 @@ import logging
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedllm_app.comm.budget import MB
 from fedllm_app.comm.codecs import CommParams
@@ -14,7 +14,7 @@ from fedllm_app.comm.downlink import BASE
 from fedllm_app.comm.wire import COMM_KEY, decode_message, encode_reply
 from fedllm_app.config import load_config
 from fedllm_app.server.outputs import format_round
-from fedllm_app.server.rounds import run_rounds
+from fedllm_app.server.rounds import LARGEST_REPLY_KEY, TOTAL_KEYS, run_rounds
 from fedllm_app.server.run import build_strategy
 from strategies.fedavg import ARRAYS_KEY, CONFIG_KEY, DATA_SIZE_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
 from strategies.hetero import RANK_KEY, RANK_QUERY
@@ -226,3 +226,26 @@ def test_a_node_whose_reply_was_lost_gets_the_full_global_next_and_the_run_goes_
     assert [BASE + ARRAYS_KEY in meta for meta in _downs(grid, 1)] == [False, True, True]
     assert [BASE + ARRAYS_KEY in meta for meta in _downs(grid, 2)] == [False, True, False]
     assert rows[2]["rejected"] == [] and rows[2]["replied"] == 2
+
+
+def _pad(node, rnd, content):
+    """Node 2's first reply carries 400 kB more than its arrays (a reply larger than any guess)."""
+    if node == 2 and rnd == 1:
+        content["pad"] = ConfigRecord({"pad": "x" * 400_000})
+    return content
+
+
+def test_a_resumed_run_estimates_replies_from_the_largest_one_saved_with_the_totals():
+    totals = dict.fromkeys(TOTAL_KEYS, 0)
+    _, first, _ = run("fedavg", CommParams(codec="int8"), rounds=1, tamper=_pad, totals=totals)
+    assert totals[LARGEST_REPLY_KEY] > 400_000  # kept with the totals, which the server saves each round
+    used = totals["bytes_sent_total"] + totals["bytes_received_total"]
+    budget_mb = (used + 5 * first[0]["bytes_sent"]) / MB  # room for a round of ordinary replies, not of padded ones
+    resume = {"rounds": 2, "start_round": 2}
+    stops = []
+    _, rows, _ = run("fedavg", CommParams(codec="int8", budget_mb=budget_mb), totals=dict(totals),
+                     on_budget_stop=lambda rnd, arrays: stops.append(rnd), **resume)  # fmt: skip
+    assert rows == [] and stops == [1]
+    forgotten = {k: totals[k] for k in TOTAL_KEYS}  # what a resume restored before: round 2 would have run
+    _, rows, _ = run("fedavg", CommParams(codec="int8", budget_mb=budget_mb), totals=forgotten, **resume)
+    assert [r["round"] for r in rows] == [2]
