@@ -143,16 +143,18 @@ def bytes_table(global_: Arrays, title: str, per_run: tuple[int, int] | None = N
 
 
 def accuracy(strategies: list[str], codecs: list[str], seeds: list[int], rounds: int, extra: str) -> str:
-    """Markdown: final held-out exact match (mean +- sd over seeds) and total MB per (strategy, codec)."""
+    """Markdown: final held-out exact match (mean +- sd over seeds) and MB down, up and both ways (10**6 bytes,
+    mean over seeds) per (strategy, codec)."""
     from flower_cells import run_cell, summary_of
 
-    lines = ["| strategy | codec | exact match (mean ± sd) | per seed | total MB both ways |", "|---|---|---|---|---|"]
+    head = "| strategy | codec | exact match (mean ± sd) | per seed | MB down | MB up | total MB both ways |"
+    lines = [head, "|---|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for strategy in strategies:
             for label in codecs:
                 p = params_of(label)
-                accs, mbs = [], []
+                accs, downs, ups = [], [], []
                 for seed in seeds:
                     name = f"{strategy}-{label.replace('%', '')}-{seed}"
                     cell = (
@@ -163,12 +165,15 @@ def accuracy(strategies: list[str], codecs: list[str], seeds: list[int], rounds:
                     s = summary_of(run_cell(cell, 2, work, name))
                     if s is not None:
                         accs.append(s["final"].get("accuracy", float("nan")))
-                        mbs.append((s["bytes_sent_total"] + s["bytes_received_total"]) / 1e6)
+                        downs.append(s["bytes_sent_total"] / 1e6)
+                        ups.append(s["bytes_received_total"] / 1e6)
                 sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
                 mean = statistics.mean(accs) if accs else float("nan")
                 cells = ", ".join(f"{a:.3f}" for a in accs)
-                mb = statistics.mean(mbs) if mbs else float("nan")
-                lines.append(f"| {strategy} | {label} | {mean:.3f} ± {sd:.3f} | {cells} | {mb:.2f} |")
+                down = statistics.mean(downs) if downs else float("nan")
+                up = statistics.mean(ups) if ups else float("nan")
+                row = f"| {strategy} | {label} | {mean:.3f} ± {sd:.3f} | {cells} | {down:.2f} | {up:.2f} | {down + up:.2f} |"
+                lines.append(row)
                 print(lines[-1], flush=True)
     return "\n".join(lines)
 

@@ -213,9 +213,9 @@ def test_the_delta_downlink_sends_changes_after_the_first_round_and_aggregates_l
 
 
 def test_under_the_delta_downlink_topk_shrinks_the_downlink_after_the_first_round():
-    _, rows, grid = run("fedavg", CommParams(codec="topk", topk_fraction=0.05, downlink_delta=True), rounds=3)
+    _, rows, grid = run("fedavg", CommParams(codec="topk", topk_fraction=0.01, downlink_delta=True), rounds=3)
     assert all(r["rejected"] == [] and r["replied"] == 2 for r in rows)
-    assert rows[1]["bytes_sent"] < 0.15 * rows[0]["bytes_sent"]  # 5% of the change vs the fp16 global
+    assert rows[1]["bytes_sent"] < 0.15 * rows[0]["bytes_sent"]  # 1% of the change (8 B a value) vs the fp16 global
     assert [meta.get("codec:" + ARRAYS_KEY) for meta in _downs(grid, 1)] == [None, "topk", "topk"]
 
 
