@@ -172,8 +172,8 @@ def accuracy(strategies: list[str], codecs: list[str], seeds: list[int], rounds:
                 cells = ", ".join(f"{a:.3f}" for a in accs)
                 down = statistics.mean(downs) if downs else float("nan")
                 up = statistics.mean(ups) if ups else float("nan")
-                row = f"| {strategy} | {label} | {mean:.3f} ± {sd:.3f} | {cells} | {down:.2f} | {up:.2f} | {down + up:.2f} |"
-                lines.append(row)
+                mbs = f"{down:.2f} | {up:.2f} | {down + up:.2f}"
+                lines.append(f"| {strategy} | {label} | {mean:.3f} ± {sd:.3f} | {cells} | {mbs} |")
                 print(lines[-1], flush=True)
     return "\n".join(lines)
 
