@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from fedllm_app.comm import wire
 from fedllm_app.comm.codecs import CodecError, CommParams
+from fedllm_app.comm.encoded import COMM_KEY, decode_content, encode_content
 from strategies.aggregation import Arrays
 from strategies.records import from_record, to_record
 
@@ -78,9 +78,9 @@ class Held:
         bases = {k: held[k] for k, t in targets.items() if k in held and same_shapes(held[k], t)}
         values = {k: {n: v - bases[k][n] for n, v in t.items()} if k in bases else t for k, t in targets.items()}
         codecs = {k: params.delta_codec if k in bases else params.full_codec for k in targets}
-        out = wire.encode_content(content, params.full_codec, params, values, codecs)
-        sent = wire.decode_content(out)  # what the node will decode: its new copy is built from exactly this
-        meta = out[wire.COMM_KEY]
+        out = encode_content(content, params.full_codec, params, values, codecs)
+        sent = decode_content(out)  # what the node will decode: its new copy is built from exactly this
+        meta = out[COMM_KEY]
         copies = {}
         for key in targets:
             copies[key] = rebuilt(bases.get(key), from_record(sent[key]))
