@@ -4,7 +4,7 @@
     python benchmarks/communication.py project     # the FlowerTune baseline adapter: bytes per round and run
     python benchmarks/communication.py accuracy --strategies fedavg fedadam --seeds 0 1 2 --rounds 10
 
-Rows ending ``+delta`` use ``comm.downlink_delta=true`` (:mod:`fedllm_app.comm.downlink`).
+Rows ending ``-delta`` use ``comm.downlink_delta=true`` (:mod:`fedllm_app.comm.downlink`).
 
 ``bytes`` builds the real messages (:mod:`fedllm_app.comm.wire`: the server's encoded train message, the
 client's encoded reply with error feedback) and counts them as the server does
@@ -43,10 +43,10 @@ SETTINGS = {
     "topk-10%": {"codec": "topk", "topk_fraction": 0.1},
     "topk-1%": {"codec": "topk", "topk_fraction": 0.01},
     # comm.downlink_delta=true: the node holds last round's global, and is sent the change
-    "int8 +delta": {"codec": "int8", "downlink_delta": True},
-    "nf4 +delta": {"codec": "nf4", "downlink_delta": True},
-    "topk-10% +delta": {"codec": "topk", "topk_fraction": 0.1, "downlink_delta": True},
-    "topk-1% +delta": {"codec": "topk", "topk_fraction": 0.01, "downlink_delta": True},
+    "int8-delta": {"codec": "int8", "downlink_delta": True},
+    "nf4-delta": {"codec": "nf4", "downlink_delta": True},
+    "topk-10%-delta": {"codec": "topk", "topk_fraction": 0.1, "downlink_delta": True},
+    "topk-1%-delta": {"codec": "topk", "topk_fraction": 0.01, "downlink_delta": True},
 }
 FLOWERTUNE = {"layers": 32, "hidden": 4096, "kv_dim": 1024, "r": 32, "rounds": 200, "clients": 2}
 
