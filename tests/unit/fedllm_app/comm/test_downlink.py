@@ -59,7 +59,7 @@ def test_the_first_message_is_full_and_the_next_ones_are_changes_against_the_nod
 @pytest.mark.parametrize("codec", ["int8", "nf4", "topk", "fp16"])
 def test_over_many_rounds_the_nodes_copy_is_bit_for_bit_the_servers_record_and_converges(codec):
     params, held = CommParams(codec=codec, topk_fraction=0.05, downlink_delta=True), Held()
-    states, arrays = {1: {}, 2: {}}, GLOBAL
+    states, arrays = {1: RecordDict(), 2: RecordDict()}, GLOBAL  # as Flower keeps a node's state
     for rnd in range(1, 9):
         arrays = _step(arrays, rnd)
         for node in (1, 2):
