@@ -4,6 +4,8 @@
     python benchmarks/communication.py project     # the FlowerTune baseline adapter: bytes per round and run
     python benchmarks/communication.py accuracy --strategies fedavg fedadam --seeds 0 1 2 --rounds 10
 
+Rows ending ``-delta`` use ``comm.downlink_delta=true`` (:mod:`fedllm_app.comm.downlink`).
+
 ``bytes`` builds the real messages (:mod:`fedllm_app.comm.wire`: the server's encoded train message, the
 client's encoded reply with error feedback) and counts them as the server does
 (:func:`fedllm_app.server.rounds.content_bytes`). ``project`` encodes random arrays of the FlowerTune
@@ -25,6 +27,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedllm_app.comm.codecs import CODECS, CommParams
+from fedllm_app.comm.downlink import Held
 from fedllm_app.comm.wire import decode_message, decode_reply, encode_reply, to_wire
 from fedllm_app.server.rounds import content_bytes
 from strategies.fedavg import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
@@ -39,6 +42,11 @@ SETTINGS = {
     "nf4": {},
     "topk-10%": {"codec": "topk", "topk_fraction": 0.1},
     "topk-1%": {"codec": "topk", "topk_fraction": 0.01},
+    # comm.downlink_delta=true: the node holds last round's global, and is sent the change
+    "int8-delta": {"codec": "int8", "downlink_delta": True},
+    "nf4-delta": {"codec": "nf4", "downlink_delta": True},
+    "topk-10%-delta": {"codec": "topk", "topk_fraction": 0.1, "downlink_delta": True},
+    "topk-1%-delta": {"codec": "topk", "topk_fraction": 0.01, "downlink_delta": True},
 }
 FLOWERTUNE = {"layers": 32, "hidden": 4096, "kv_dim": 1024, "r": 32, "rounds": 200, "clients": 2}
 
@@ -71,15 +79,30 @@ def flowertune_adapter() -> Arrays:
     return out
 
 
-def one_round(global_: Arrays, params: CommParams) -> dict[str, float]:
-    """One node's round trip: bytes down and up as counted by the server, and each side's codec seconds."""
+def train_message(arrays: Arrays) -> Message:
     config = ConfigRecord({"server-round": 1, "lr": 1e-4})
-    msg = Message(RecordDict({ARRAYS_KEY: to_record(global_), CONFIG_KEY: config}), dst_node_id=1, message_type="train")
+    return Message(RecordDict({ARRAYS_KEY: to_record(arrays), CONFIG_KEY: config}), dst_node_id=1, message_type="train")
+
+
+def one_round(global_: Arrays, params: CommParams) -> dict[str, float]:
+    """One node's round trip: bytes down and up as counted by the server, and each side's codec seconds.
+
+    With ``downlink_delta`` the node already holds the previous global (``global_`` less a round's change of
+    about 1e-3 a value), so the message timed and counted is the change.
+    """
+    held, state = (Held(), {}) if params.downlink_delta else (None, {})
+    if held is not None:
+        rng = np.random.default_rng(2)
+        previous = {k: v - rng.standard_normal(v.shape).astype(np.float32) * 1e-3 for k, v in global_.items()}
+        [first] = to_wire([train_message(previous)], params, held)
+        decode_message(first, state)
+        held.settle({1})
+    msg = train_message(global_)
     t0 = time.perf_counter()
-    [wire] = to_wire([msg], params)
+    [wire] = to_wire([msg], params, held)
     t1 = time.perf_counter()
     down = content_bytes(wire.content)
-    decode_message(wire)
+    decode_message(wire, state)
     t2 = time.perf_counter()
     rng = np.random.default_rng(1)
     trained = {k: v + rng.standard_normal(v.shape).astype(np.float32) * 1e-3 for k, v in global_.items()}
@@ -87,7 +110,7 @@ def one_round(global_: Arrays, params: CommParams) -> dict[str, float]:
     content = RecordDict({ARRAYS_KEY: to_record(trained), METRICS_KEY: metrics})
     received = {k: v.numpy() for k, v in wire.content[ARRAYS_KEY].items()}
     t3 = time.perf_counter()
-    reply_content = encode_reply(content, received, params, {}, 0)
+    reply_content = encode_reply(content, received, params, state, 0)
     t4 = time.perf_counter()
     up = content_bytes(reply_content)
     reply = Message(reply_content, dst_node_id=1, message_type="train")
@@ -120,31 +143,37 @@ def bytes_table(global_: Arrays, title: str, per_run: tuple[int, int] | None = N
 
 
 def accuracy(strategies: list[str], codecs: list[str], seeds: list[int], rounds: int, extra: str) -> str:
-    """Markdown: final held-out exact match (mean +- sd over seeds) and total MB per (strategy, codec)."""
+    """Markdown: final held-out exact match (mean +- sd over seeds) and MB down, up and both ways (10**6 bytes,
+    mean over seeds) per (strategy, codec)."""
     from flower_cells import run_cell, summary_of
 
-    lines = ["| strategy | codec | exact match (mean ± sd) | per seed | total MB both ways |", "|---|---|---|---|---|"]
+    head = "| strategy | codec | exact match (mean ± sd) | per seed | MB down | MB up | total MB both ways |"
+    lines = [head, "|---|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for strategy in strategies:
             for label in codecs:
                 p = params_of(label)
-                accs, mbs = [], []
+                accs, downs, ups = [], [], []
                 for seed in seeds:
                     name = f"{strategy}-{label.replace('%', '')}-{seed}"
                     cell = (
                         f"strategy={strategy} comm.codec={p.codec} comm.topk_fraction={p.topk_fraction} "
+                        f"comm.downlink_delta={str(p.downlink_delta).lower()} "
                         f"seed={seed} num_rounds={rounds} baseline=none {extra}"
                     )
                     s = summary_of(run_cell(cell, 2, work, name))
                     if s is not None:
                         accs.append(s["final"].get("accuracy", float("nan")))
-                        mbs.append((s["bytes_sent_total"] + s["bytes_received_total"]) / 1e6)
+                        downs.append(s["bytes_sent_total"] / 1e6)
+                        ups.append(s["bytes_received_total"] / 1e6)
                 sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
                 mean = statistics.mean(accs) if accs else float("nan")
                 cells = ", ".join(f"{a:.3f}" for a in accs)
-                mb = statistics.mean(mbs) if mbs else float("nan")
-                lines.append(f"| {strategy} | {label} | {mean:.3f} ± {sd:.3f} | {cells} | {mb:.2f} |")
+                down = statistics.mean(downs) if downs else float("nan")
+                up = statistics.mean(ups) if ups else float("nan")
+                mbs = f"{down:.2f} | {up:.2f} | {down + up:.2f}"
+                lines.append(f"| {strategy} | {label} | {mean:.3f} ± {sd:.3f} | {cells} | {mbs} |")
                 print(lines[-1], flush=True)
     return "\n".join(lines)
 

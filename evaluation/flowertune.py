@@ -22,8 +22,9 @@ parsing, its averaging. The numbers are percentages, the average is the plain me
 Where the rows come from: the same Hub datasets as :mod:`evaluation.runner` (or ``--data-dir`` files in their
 shapes). The board's copies differ in hosting for MMLU (``lukaemon/mmlu``; here ``cais/mmlu``, the same
 questions), MedQA and PubMedQA (``bigbio`` loading scripts, which ``datasets`` 4 no longer runs; here
-``GBaker/MedQA-USMLE-4-options`` and ``qiaojin/PubMedQA`` ``pqa_labeled``: PubMedQA's board split is the 500-row
-fold-0 test, a subset of these 1000 rows); each benchmark's JSON says which.
+``GBaker/MedQA-USMLE-4-options`` and ``qiaojin/PubMedQA`` ``pqa_labeled``, of whose 1000 rows PubMedQA is scored
+on the board's 500, its fold-0 test split, picked by PubMed id: :mod:`evaluation.pubmedqa_fold`); each
+benchmark's JSON says which.
 """
 
 from __future__ import annotations

@@ -7,6 +7,14 @@ how the program and its tests are put together and run. Python runs in the sandb
 (:func:`evaluation.sandbox.run_native`): ``node program.js``; ``g++ program.cpp -o program -std=c++17`` then
 ``./program``. A program passes when every step exits 0 (MultiPL-E's tests are assertions). ``node`` and
 ``g++`` come from Debian's packages ``nodejs`` and ``g++`` (the sandbox sees ``/usr`` only).
+
+Rows: ``nuprl/MultiPL-E`` at the Hub's main revision, not the one the board reads. The board runs a fork of
+bigcode-evaluation-harness under ``datasets`` 2.20; the harness pins :data:`BIGCODE_REVISION`, a revision of
+the dataset that is only a loading script (it downloads the prompts from the MultiPL-E GitHub repository), which
+``datasets`` >= 4 does not run, and no readable copy of that revision exists on the Hub. Since MultiPL-E 3.0
+(July 2024) main holds the rows as Parquet. What may differ: the prompts' doctest variant (3.0 keeps one per
+language, where the script also offered ``-keep``/``-remove``/``-transform``) and problems fixed since; the
+columns, the stop tokens and the test harness are the same. docs/flowertune.md says so beside the scores.
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ from evaluation.sources import Source
 from fedllm_app.config import ConfigError
 
 _MULTIPLE_COLUMNS = ("name", "prompt", "tests", "stop_tokens")
+# The nuprl/MultiPL-E revision bigcode-evaluation-harness (hence the board) loads; a loading script only (above).
+BIGCODE_REVISION = "8a4cb75204eb3d5855a81778db6b95bfc80c9136"
 SOURCES = {
     "multiple_js": Source("multiple_js", "nuprl/MultiPL-E", "humaneval-js", "test", _MULTIPLE_COLUMNS),
     "multiple_cpp": Source("multiple_cpp", "nuprl/MultiPL-E", "humaneval-cpp", "test", _MULTIPLE_COLUMNS),

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from evaluation.generation import Generator
+from evaluation.pubmedqa_fold import select_pubids
 from evaluation.sources import Source
 
 LETTERS = string.ascii_uppercase
@@ -47,8 +48,13 @@ SOURCES = {
     "medmcqa": Source(
         "medmcqa", "openlifescienceai/medmcqa", None, "validation", ("question", "opa", "opb", "opc", "opd", "cop")
     ),
-    "pubmedqa": Source(
-        "pubmedqa", "qiaojin/PubMedQA", "pqa_labeled", "train", ("question", "context", "final_decision")
+    "pubmedqa": Source(  # the 500 rows of the test set (bigbio's fold-0 test split), not all 1000 labelled ones
+        "pubmedqa",
+        "qiaojin/PubMedQA",
+        "pqa_labeled",
+        "train",
+        ("question", "context", "final_decision"),
+        select=select_pubids,
     ),
     "careqa": Source("careqa", "HPAI-BSC/CareQA", "CareQA_en", "test", ("question", "op1", "op2", "op3", "op4", "cop")),
 }

@@ -121,7 +121,7 @@ def _train(msg: Message, context: Context) -> Message:
 def _trained(msg: Message, context: Context) -> RecordDict:
     """The content of this node's train reply (trained adapter, metrics, SCAFFOLD's control delta)."""
     policy = NodePolicy.from_node_config(context.node_config)
-    decode_message(msg)  # comm.codec: the arrays as sent (encoded), decoded before anything reads them
+    decode_message(msg, context.state)  # comm.codec: the arrays as sent, decoded before anything reads them
     cfg = round_config(context.run_config, msg, policy)
     setup_console(cfg.logging.verbose, progress=False)
     pid = partition_id(context)

@@ -541,6 +541,12 @@ def _validate_secagg(cfg: DictConfig) -> None:
         f"privacy.secagg=true with comm.downlink={downlink}: secure aggregation sends the global adapter as it is; "
         f"set comm.downlink=null {fix}",
     )
+    delta = (cfg.get("comm") or {}).get("downlink_delta", False)
+    _check(
+        not delta,
+        f"privacy.secagg=true with comm.downlink_delta=true: secure aggregation sends the global adapter as it is; "
+        f"set comm.downlink_delta=false {fix}",
+    )
     _check(cfg.sample_clients >= 2, f"privacy.secagg=true needs sample_clients >= 2, got {cfg.sample_clients} {fix}")
     neighbours = p.get("secagg_neighbours")
     _check(

@@ -59,6 +59,10 @@ class CommParams:
     downlink : str or None
         How the global adapter travels server -> client; None: ``codec`` itself, except ``topk``,
         whose downlink is ``fp16`` (a sparse global adapter would zero most of it).
+    downlink_delta : bool
+        Send a node the global's change against the copy it already holds (encoded with ``downlink``, or
+        ``codec`` itself, top-k included), and the full global only to a node whose copy the server does not
+        know (:mod:`fedllm_app.comm.downlink`).
     budget_mb : float or None
         Megabytes (10**6 bytes), counted both ways on the message bytes, the run may spend; None: no budget.
     """
@@ -68,6 +72,7 @@ class CommParams:
     block_size: int = 64
     error_feedback: bool = True
     downlink: str | None = None
+    downlink_delta: bool = False
     budget_mb: float | None = None
 
     def __post_init__(self) -> None:
@@ -89,6 +94,8 @@ class CommParams:
             raise CodecError(
                 f"comm.block_size={self.block_size!r} is not one bitsandbytes accepts; use one of {BLOCK_SIZES}"
             )
+        if not isinstance(self.downlink_delta, bool):
+            raise CodecError(f"comm.downlink_delta={self.downlink_delta!r} must be true or false")
         budget = self.budget_mb
         if budget is not None and not (isinstance(budget, int | float) and not isinstance(budget, bool) and budget > 0):
             raise CodecError(f"comm.budget_mb={budget!r} must be a positive number of MB or null (no budget)")
@@ -103,6 +110,16 @@ class CommParams:
         if self.downlink is not None:
             return self.downlink
         return "fp16" if self.codec == "topk" else self.codec
+
+    @property
+    def delta_codec(self) -> str:
+        """The codec of a node's change under ``downlink_delta``: ``downlink``, else ``codec`` (top-k included)."""
+        return self.downlink if self.downlink is not None else self.codec
+
+    @property
+    def full_codec(self) -> str:
+        """The codec of a full global under ``downlink_delta``: :attr:`downlink_codec`, never top-k (``fp16``)."""
+        return "fp16" if self.downlink_codec == "topk" else self.downlink_codec
 
     @property
     def feedback(self) -> bool:

@@ -26,6 +26,7 @@ from flwr.serverapp import Grid
 
 from fedllm_app.comm.budget import Budget, reply_guess
 from fedllm_app.comm.codecs import CodecError, CommParams
+from fedllm_app.comm.downlink import Held
 from fedllm_app.comm.wire import decode_reply, to_wire
 from fedllm_app.secure.secagg import SecAggParams
 from fedllm_app.server.guard import ReplyGuard, all_finite
@@ -40,6 +41,7 @@ EvalFn = Callable[[ArrayRecord], dict[str, float]]
 RoundHook = Callable[[int, ArrayRecord], None]
 RoundEndHook = Callable[[int, ArrayRecord, dict[str, Any]], None]
 TOTAL_KEYS = ("bytes_sent_total", "bytes_received_total")
+LARGEST_REPLY_KEY = "largest_reply_bytes"  # kept in the totals for the budget's reply estimate
 
 
 class NodeWaitError(RuntimeError):
@@ -85,19 +87,22 @@ def run_rounds(
     last_eval: dict[str, float] = {}
     totals = totals if totals is not None else dict.fromkeys(TOTAL_KEYS, 0)
     comm = comm if comm is not None else CommParams()
-    budget = Budget(comm.budget_mb)
+    budget = Budget(comm.budget_mb, int(totals.get(LARGEST_REPLY_KEY, 0)))
+    held = Held() if comm.downlink_delta else None  # a fresh server (and a resumed one) knows no node's copy
     for rnd in range(start_round, num_rounds + 1):
         if not privacy_allows(strategy, rnd, phase):
             break
         start, started_at = time.perf_counter(), time.time()
         messages = configure(strategy, rnd, arrays, grid, node_wait, min_replies, phase)
         encode_start = time.perf_counter()
-        wire = to_wire(messages, comm)
+        wire = to_wire(messages, comm, held)
         encode_seconds = time.perf_counter() - encode_start
         down = [content_bytes(m.content) for m in wire]  # counted before sending, as they travel
         guess = [reply_guess(m.content, comm, secagg.bits if secagg else None) for m in messages]
         if reason := budget.stop_reason(rnd, used_bytes(totals), down, guess):
             log.warning("%s round %d: %s", phase, rnd, reason)
+            if held is not None:
+                held.discard()
             if on_budget_stop is not None:
                 on_budget_stop(rnd - 1, arrays)
             break
@@ -109,11 +114,14 @@ def run_rounds(
             sizes = traffic(secure.sent, replies, totals)
         else:
             replies = send_and_receive(grid, wire, timeout, poll_interval)
+            if held is not None:
+                held.settle({m.metadata.src_node_id for m in replies if not m.has_error()})
             sizes = traffic(wire, replies, totals, down)
             decoded, undecodable, decode_seconds = decode_replies(replies, messages, comm)
             kept, rejected, clipped = check_replies(strategy, guard, messages, decoded, arrays)
             rejected = undecodable + rejected
         budget.note(sizes["bytes_by_node"])
+        totals[LARGEST_REPLY_KEY] = budget.reply_bytes  # saved with the totals: a resumed run's estimate keeps it
         ok = [m for m in kept if not m.has_error()]
         failed = secure.failed if secure is not None else _failed_nodes(messages, replies)
         _log_problems(phase, rnd, rejected, failed, timeout, clipped)
@@ -382,7 +390,8 @@ def traffic(
     received = sum(e["received"] for e in per_node.values())
     totals["bytes_sent_total"] = totals.get("bytes_sent_total", 0) + sent
     totals["bytes_received_total"] = totals.get("bytes_received_total", 0) + received
-    return {"bytes_sent": sent, "bytes_received": received, "bytes_by_node": per_node, **totals}
+    running = {k: totals[k] for k in TOTAL_KEYS}
+    return {"bytes_sent": sent, "bytes_received": received, "bytes_by_node": per_node, **running}
 
 
 def _failed_nodes(messages: list[Message], replies: list[Message]) -> list[int]:

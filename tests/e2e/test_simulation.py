@@ -153,11 +153,13 @@ LAST_ROUND = {"fedadam": 1}
 
 # Four runs send compressed updates (docs/communication.md), the share of fp32 bytes they may use each way
 # (the tiny adapter's small arrays add headers and names: int8 is 0.32 of fp32 here, 0.27 on a 7B adapter):
-# SCAFFOLD int8 (its control arrays too, under DP), FedAdam NF4 (federated DPO under DP), central top-k 25% (fp16
-# down), FedAdagrad bf16 with a budget that stops the run before round 2 (each round moves about 0.48 MB). (Not on
-# the mixed-rank runs: a codec's per-array scales and headers break their "a quarter of the bytes" check.)
+# SCAFFOLD int8 (its control arrays too, under DP, with the delta downlink: round 2 sends each node the change
+# against the copy its node state kept, or the node fails the round), FedAdam NF4 (federated DPO under DP),
+# central top-k 25% (fp16 down), FedAdagrad bf16 with a budget that stops the run before round 2 (each round
+# moves about 0.48 MB). (Not on the mixed-rank runs: a codec's per-array scales and headers break their "a
+# quarter of the bytes" check.)
 CODECS = {
-    "scaffold": ("comm.codec=int8", 0.35),
+    "scaffold": ("comm.codec=int8 comm.downlink_delta=true", 0.35),
     "fedadam": ("comm.codec=nf4", 0.22),
     "central": ("comm.codec=topk comm.topk_fraction=0.25", 0.6),
     "fedadagrad": ("comm.codec=bf16 comm.budget_mb=0.7", 0.55),

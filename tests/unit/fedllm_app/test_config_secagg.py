@@ -21,6 +21,7 @@ ON = "privacy.secagg=true num_clients=4"
         ("lora_aggregation=hetlora model.lora.client_ranks=[4,8]", r"lora_aggregation=hetlora: clients of different"),
         ("comm.codec=int8", r"comm.codec=int8: .* set comm.codec=none"),
         ("comm.downlink=fp16", r"comm.downlink=fp16: .* set comm.downlink=null"),
+        ("comm.downlink_delta=true", r"comm.downlink_delta=true: .* set comm.downlink_delta=false"),
         ("privacy.secagg_clip_range=0", r"privacy.secagg_clip_range=0 must be positive"),
         ("privacy.secagg_bits=8", r"privacy.secagg_bits=8 must be in 16..53"),
         ("privacy.secagg_bits=64", r"privacy.secagg_bits=64 must be in 16..53 .* e.g. privacy.secagg_bits=32"),

@@ -13,17 +13,6 @@ from fedllm_app.config import ConfigError, load_config
 SHAPES = [(1,), (7,), (33, 17), (16, 64), (3, 5, 129)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """bitsandbytes' CPU calls on small arrays wait on torch's thread pool when the CPU is shared."""
-    import torch
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def _codebook_half_gap(codec):
     """The largest error of bitsandbytes' code book relative to absmax: half its widest gap, or the distance
     from -1 or 1 to its end levels (the signed 8-bit map ends at -0.99297)."""

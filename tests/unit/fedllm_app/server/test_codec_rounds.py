@@ -6,14 +6,15 @@ import logging
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedllm_app.comm.budget import MB
 from fedllm_app.comm.codecs import CommParams
+from fedllm_app.comm.downlink import BASE
 from fedllm_app.comm.wire import COMM_KEY, decode_message, encode_reply
 from fedllm_app.config import load_config
 from fedllm_app.server.outputs import format_round
-from fedllm_app.server.rounds import run_rounds
+from fedllm_app.server.rounds import LARGEST_REPLY_KEY, TOTAL_KEYS, run_rounds
 from fedllm_app.server.run import build_strategy
 from strategies.fedavg import ARRAYS_KEY, CONFIG_KEY, DATA_SIZE_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
 from strategies.hetero import RANK_KEY, RANK_QUERY
@@ -29,9 +30,11 @@ START = {"a": np.linspace(-1, 1, 8192, dtype=np.float32).reshape(64, 128), "b": 
 class CodecGrid:
     """Nodes 1..n as fedllm's client: decode the message, "train" (add 0.01 * node), encode the reply."""
 
-    def __init__(self, n, comm, tamper=None):
-        self.n, self.comm, self.tamper, self.sent, self.state = n, comm, tamper, {}, {}
+    def __init__(self, n, comm, tamper=None, lose=()):
+        self.n, self.comm, self.tamper, self.sent, self.states = n, comm, tamper, {}, {}
+        self.lose = set(lose)  # (node, round): the node decodes and trains, but its reply never arrives
         self.seen = []  # the encoded messages and replies as they travel
+        self.down_to = []  # (node, encoded message content)
 
     def get_node_ids(self):
         return list(range(1, self.n + 1))
@@ -53,6 +56,7 @@ class CodecGrid:
             m.metadata.__dict__["_message_id"] = m.object_id
             self.sent[m.object_id] = m
             self.seen.append(("down", m.content))
+            self.down_to.append((m.metadata.dst_node_id, m.content))
         return [m.object_id for m in messages]
 
     def pull_messages(self, ids):
@@ -60,27 +64,31 @@ class CodecGrid:
         for i in ids:
             msg = self.sent.pop(i, None)
             if msg is not None:
-                out.append(Message(self.client(msg), reply_to=msg))
+                reply = Message(self.client(msg), reply_to=msg)
+                if (msg.metadata.dst_node_id, int(msg.content[CONFIG_KEY]["server-round"])) in self.lose:
+                    continue
+                out.append(reply)
                 self.seen.append(("up", out[-1].content))
         return out
 
     def client(self, msg):
         node = msg.metadata.dst_node_id
-        decode_message(msg)
+        state = self.states.setdefault(node, {})  # each node's own state, as Flower keeps it
+        decode_message(msg, state)
         trained = {k: v + 0.01 * node for k, v in from_record(msg.content[ARRAYS_KEY]).items()}
         metrics = {NUM_EXAMPLES_KEY: 10, DATA_SIZE_KEY: 10, "train_loss": 1.0, PARTITION_KEY: node - 1}
         content = RecordDict({ARRAYS_KEY: to_record(trained), METRICS_KEY: MetricRecord(metrics)})
         if C_SERVER_KEY in msg.content:
             content[C_DELTA_KEY] = to_record({k: np.full_like(v, 0.5) for k, v in trained.items()})
-        content = encode_reply(content, from_record(msg.content[ARRAYS_KEY]), self.comm, self.state, node - 1)
+        content = encode_reply(content, from_record(msg.content[ARRAYS_KEY]), self.comm, state, node - 1)
         rnd = int(msg.content[CONFIG_KEY]["server-round"])
         return self.tamper(node, rnd, content) if self.tamper else content
 
 
-def run(name, comm, rounds=2, tamper=None, extra="", start=START, **kwargs):
+def run(name, comm, rounds=2, tamper=None, extra="", start=START, lose=(), **kwargs):
     overrides = f"strategy={name} num_clients=2 sample_clients=2 {extra}"
     strategy = build_strategy(load_config({"overrides": overrides}))
-    grid, writer = CodecGrid(2, comm, tamper), Writer()
+    grid, writer = CodecGrid(2, comm, tamper, lose), Writer()
     arrays, _ = run_rounds(
         grid, strategy, to_record(start), rounds, 1.0, writer, name, poll_interval=0.01, comm=comm, **kwargs
     )
@@ -185,3 +193,59 @@ def test_before_any_reply_the_budget_counts_a_reply_as_large_as_its_message():
     _, rows, _ = run("fedavg", CommParams(codec="int8", budget_mb=below_one_round), rounds=2,
                      on_budget_stop=lambda rnd, arrays: stops.append(rnd))  # fmt: skip
     assert rows == [] and stops == [0]
+
+
+def _downs(grid, node):
+    """The codec metadata of the messages sent to ``node``, round by round."""
+    return [c[COMM_KEY] for to, c in grid.down_to if to == node]
+
+
+@pytest.mark.parametrize("name", ["fedavg", "scaffold", "fedadam"])
+def test_the_delta_downlink_sends_changes_after_the_first_round_and_aggregates_like_the_full_one(name):
+    full, _, _ = run(name, CommParams(codec="int8"), rounds=3)
+    got, rows, grid = run(name, CommParams(codec="int8", downlink_delta=True), rounds=3)
+    assert all(r["rejected"] == [] and r["replied"] == 2 and r["aggregated"] for r in rows)
+    for node in (1, 2):
+        bases = [BASE + ARRAYS_KEY in meta for meta in _downs(grid, node)]
+        assert bases == [False, True, True]
+    for k in START:  # the copies are closer to the global than int8 of the global itself
+        np.testing.assert_allclose(got[k], full[k], atol=0.02)
+
+
+def test_under_the_delta_downlink_topk_shrinks_the_downlink_after_the_first_round():
+    _, rows, grid = run("fedavg", CommParams(codec="topk", topk_fraction=0.01, downlink_delta=True), rounds=3)
+    assert all(r["rejected"] == [] and r["replied"] == 2 for r in rows)
+    assert rows[1]["bytes_sent"] < 0.15 * rows[0]["bytes_sent"]  # 1% of the change (8 B a value) vs the fp16 global
+    assert [meta.get("codec:" + ARRAYS_KEY) for meta in _downs(grid, 1)] == [None, "topk", "topk"]
+
+
+def test_a_node_whose_reply_was_lost_gets_the_full_global_next_and_the_run_goes_on():
+    comm = CommParams(codec="int8", downlink_delta=True)
+    _, rows, grid = run("fedavg", comm, rounds=3, lose={(2, 2)})
+    assert rows[1]["failed_nodes"] == [2] and rows[2]["failed_nodes"] == []
+    assert [BASE + ARRAYS_KEY in meta for meta in _downs(grid, 1)] == [False, True, True]
+    assert [BASE + ARRAYS_KEY in meta for meta in _downs(grid, 2)] == [False, True, False]
+    assert rows[2]["rejected"] == [] and rows[2]["replied"] == 2
+
+
+def _pad(node, rnd, content):
+    """Node 2's first reply carries 400 kB more than its arrays (a reply larger than any guess)."""
+    if node == 2 and rnd == 1:
+        content["pad"] = ConfigRecord({"pad": "x" * 400_000})
+    return content
+
+
+def test_a_resumed_run_estimates_replies_from_the_largest_one_saved_with_the_totals():
+    totals = dict.fromkeys(TOTAL_KEYS, 0)
+    _, first, _ = run("fedavg", CommParams(codec="int8"), rounds=1, tamper=_pad, totals=totals)
+    assert totals[LARGEST_REPLY_KEY] > 400_000  # kept with the totals, which the server saves each round
+    used = totals["bytes_sent_total"] + totals["bytes_received_total"]
+    budget_mb = (used + 5 * first[0]["bytes_sent"]) / MB  # room for a round of ordinary replies, not of padded ones
+    resume = {"rounds": 2, "start_round": 2}
+    stops = []
+    _, rows, _ = run("fedavg", CommParams(codec="int8", budget_mb=budget_mb), totals=dict(totals),
+                     on_budget_stop=lambda rnd, arrays: stops.append(rnd), **resume)  # fmt: skip
+    assert rows == [] and stops == [1]
+    forgotten = {k: totals[k] for k in TOTAL_KEYS}  # what a resume restored before: round 2 would have run
+    _, rows, _ = run("fedavg", CommParams(codec="int8", budget_mb=budget_mb), totals=forgotten, **resume)
+    assert [r["round"] for r in rows] == [2]
