@@ -109,6 +109,7 @@ def test_an_inline_task_refused_by_its_supernode_ends_alone_is_reported_and_the_
     assert "Flower ended it from inside (SIGINT" in done.stderr
 
 
+@pytest.mark.slow
 def test_an_inline_task_that_hangs_is_ended_at_the_task_timeout_and_reported_with_its_run_id():
     done = run_script(HANGING)
     assert done.stdout.splitlines() == [
