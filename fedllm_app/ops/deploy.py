@@ -103,6 +103,8 @@ class Deployment:
         starts one ``flwr-clientapp`` process per message).
     app : Path | None
         The Flower app to run; by default this checkout, or the current folder (:func:`app_dir`).
+    input_timeout : float | None
+        The warm SuperExec's ``--input-timeout`` (seconds a task may wait for its message); None: its default.
     idle_pull_interval : float | None
         Start the SuperNodes with ``fedllm-supernode --idle-pull-interval`` (:mod:`fedllm_app.ops.supernode`):
         seconds between two empty pulls instead of Flower's fixed 3 s. None: plain ``flower-supernode``.
@@ -117,13 +119,14 @@ class Deployment:
         isolation: str = "inline",
         app: Path | None = None,
         idle_pull_interval: float | None = None,
+        input_timeout: float | None = None,
     ) -> None:
         if auth and not tls:
             raise ValueError("SuperNode authentication needs TLS: use Deployment(root, tls=True, auth=True)")
         if isolation not in ISOLATIONS:
             raise ValueError(f"isolation={isolation!r} must be one of {', '.join(ISOLATIONS)}")
         self.root, self.tls, self.auth, self.isolation = Path(root).resolve(), tls, auth, isolation
-        self.idle_pull_interval = idle_pull_interval
+        self.idle_pull_interval, self.input_timeout = idle_pull_interval, input_timeout
         self.app = app or app_dir()
         self.home = self.root / "flwr-home"
         for sub in ("flwr-home", "logs", "certs", "keys"):
@@ -258,6 +261,8 @@ class Deployment:
             runtime = cmd[cmd.index("--port") + 1]
             exec_cmd = [sys.executable, "-m", "fedllm_app.ops.warm_superexec", "--mode", self.isolation]
             exec_cmd += ["--insecure"]
+            if self.input_timeout is not None:
+                exec_cmd += ["--input-timeout", str(self.input_timeout)]
             exec_cmd += ["--runtime-api-address", f"127.0.0.1:{runtime}"]
             node.extra.append(self._start(f"{name}-superexec", exec_cmd, node_env)[0])
         self.nodes[name] = node

@@ -20,8 +20,10 @@ base model once, then runs each ClientApp task either
   cannot use CUDA initialised by its parent).
 
 Every task's end is logged with its task and run id (an ERROR line when it failed), a
-task still running is reported every :data:`REPORT_EVERY` seconds, and one running past
-``--task-timeout`` is ended with an error reply to the server (see :func:`_watchdog`).
+task still running is reported every :data:`REPORT_EVERY` seconds, one running past
+``--task-timeout`` is ended with an error reply to the server, and one still without its
+message after ``--input-timeout`` (a stopped run's task that Flower left behind, which
+would block an inline SuperExec for up to 2 h) is ended too (see :func:`_watchdog`).
 
 Run it beside a SuperNode started with ``--isolation process``::
 
@@ -59,6 +61,7 @@ log = logging.getLogger("fedllm")
 
 MODES = ("inline", "fork")
 TASK_TIMEOUT = 3600.0  # seconds; --task-timeout's default: well above a round of a 7B model on one GPU
+INPUT_TIMEOUT = 600.0  # seconds; --input-timeout's default: a round's message reaches the task well before
 REPORT_EVERY = 300.0  # seconds between two "still running" lines of one task
 KILL_GRACE = 60.0  # fork: seconds after the timeout before a child that ignored it is killed
 
@@ -70,8 +73,8 @@ class TaskTimeout(Exception):
 class ForkExecutor(SubprocessExecutor):
     """Flower's subprocess executor, but ClientApp tasks run in a fork of this process."""
 
-    def __init__(self, task_timeout: float = TASK_TIMEOUT) -> None:
-        self.task_timeout = task_timeout
+    def __init__(self, task_timeout: float = TASK_TIMEOUT, input_timeout: float = INPUT_TIMEOUT) -> None:
+        self.task_timeout, self.input_timeout = task_timeout, input_timeout
         self.children: dict[int, tuple[int, float]] = {}  # pid -> (task id, start)
 
     def launch(self, spec: ExecutionSpec) -> LaunchResult:
@@ -79,7 +82,7 @@ class ForkExecutor(SubprocessExecutor):
             return super().launch(spec)
         pid = os.fork()
         if pid == 0:  # the child: run the one task, then leave without the parent's exit handlers
-            os._exit(_run_task(spec, self.task_timeout))
+            os._exit(_run_task(spec, self.task_timeout, self.input_timeout))
         self.children[pid] = (spec.task_id, time.monotonic())
         return LaunchResult.accepted()
 
@@ -109,13 +112,13 @@ class InlineExecutor(SubprocessExecutor):
     interpreter (segfault, out of memory) takes this SuperExec down with it.
     """
 
-    def __init__(self, task_timeout: float = TASK_TIMEOUT) -> None:
-        self.task_timeout = task_timeout
+    def __init__(self, task_timeout: float = TASK_TIMEOUT, input_timeout: float = INPUT_TIMEOUT) -> None:
+        self.task_timeout, self.input_timeout = task_timeout, input_timeout
 
     def launch(self, spec: ExecutionSpec) -> LaunchResult:
         if spec.task_type != TaskType.CLIENT_APP:
             return super().launch(spec)
-        _run_inline(spec, self.task_timeout)
+        _run_inline(spec, self.task_timeout, self.input_timeout)
         return LaunchResult.accepted()
 
 
@@ -137,7 +140,7 @@ def _swap_exit(old: object, new: object) -> None:
             module.flwr_exit = new
 
 
-def _run_inline(spec: ExecutionSpec, task_timeout: float = TASK_TIMEOUT) -> int:
+def _run_inline(spec: ExecutionSpec, task_timeout: float = TASK_TIMEOUT, input_timeout: float = INPUT_TIMEOUT) -> int:
     """One task in this process, with Flower's exit path confined to the task; its exit code.
 
     Flower ends a task with ``flwr_exit``, which starts a timer that ``os._exit``s the process
@@ -157,7 +160,7 @@ def _run_inline(spec: ExecutionSpec, task_timeout: float = TASK_TIMEOUT) -> int:
     saved_signals = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT)}
     _swap_exit(flwr_exit, _task_exit)
     try:
-        return _run_task(spec, task_timeout)
+        return _run_task(spec, task_timeout, input_timeout)
     finally:
         _swap_exit(_task_exit, flwr_exit)  # also in modules the task imported while swapped
         handlers.registered_exit_handlers[:] = saved_handlers
@@ -181,30 +184,44 @@ def _ids() -> str:
 
 
 @contextmanager
-def _watchdog(task_timeout: float, report_every: float = REPORT_EVERY) -> Iterator[None]:
-    """Report the task running in this (main) thread every ``report_every`` s; past ``task_timeout`` (0: never),
-    raise :class:`TaskTimeout` in it, which the ClientApp's runtime turns into an error reply to the server.
+def _watchdog(
+    task_timeout: float, input_timeout: float = 0.0, received: threading.Event | None = None
+) -> Iterator[None]:
+    """Report the task running in this (main) thread every :data:`REPORT_EVERY` s; raise :class:`TaskTimeout` in it
+    past ``task_timeout``, or past ``input_timeout`` while ``received`` is not set (0: no limit).
+
+    The ClientApp's runtime turns a TaskTimeout after the message arrived into an error reply to the server.
+    One before it is the ghost of a stopped run: flwr 1.42's SuperNode creates a task, then pulls the message's
+    contents from the SuperLink; when the run stops meanwhile it drops the pull but neither the task nor the
+    message, and the task, claimed here, waits for contents that never come (Flower gives up after up to 2 h).
     """
     done, start, main = threading.Event(), time.monotonic(), threading.main_thread().ident
+    limits = [("--task-timeout", task_timeout, None), ("--input-timeout", input_timeout, received)]
+    limits = [(name, limit, event) for name, limit, event in limits if limit]
 
     def alarm(signum: int, frame: object) -> None:
-        raise TaskTimeout(f"the task ran past --task-timeout={task_timeout:g} s")
+        raise TaskTimeout(f"the task ran past {fired[0]}")
 
     def watch() -> None:
-        next_report, fired = report_every, False
-        while True:
-            due = next_report if fired or not task_timeout else min(next_report, task_timeout)
+        next_report = REPORT_EVERY
+        while not fired:
+            due = min([next_report] + [limit for _, limit, _ in limits])
             if done.wait(max(0.0, due - (time.monotonic() - start))):
                 return
             elapsed = time.monotonic() - start
-            if task_timeout and not fired and elapsed >= task_timeout:
-                log.error("task %s ran past --task-timeout=%g s: ending it with an error", _ids(), task_timeout)
-                signal.pthread_kill(main, signal.SIGALRM)
-                fired = True
+            for name, limit, event in limits:
+                if elapsed >= limit and (event is None or not event.is_set()):
+                    fired.append(f"{name}={limit:g} s")
+                    what = " without its message (a stopped run's task?)" if event is not None else ""
+                    log.error("task %s ran past %s%s: ending it with an error", _ids(), fired[0], what)
+                    signal.pthread_kill(main, signal.SIGALRM)
+                    return
+            limits[:] = [(n, limit, e) for n, limit, e in limits if elapsed < limit]
             if elapsed >= next_report:
                 log.warning("task %s still running after %.0f s", _ids(), elapsed)
-                next_report += report_every
+                next_report += REPORT_EVERY
 
+    fired: list[str] = []
     previous = signal.signal(signal.SIGALRM, alarm)
     thread = threading.Thread(target=watch, name="fedllm-task-watchdog", daemon=True)
     thread.start()
@@ -216,7 +233,26 @@ def _watchdog(task_timeout: float, report_every: float = REPORT_EVERY) -> Iterat
         signal.signal(signal.SIGALRM, signal.SIG_IGN if previous in (signal.SIG_DFL, None) else previous)
 
 
-def _run_task(spec: ExecutionSpec, task_timeout: float = TASK_TIMEOUT) -> int:
+@contextmanager
+def _input_received() -> Iterator[threading.Event]:
+    """An event set once the task has pulled its message from the SuperNode (Flower's ``pull_task_input``)."""
+    import flwr.supernode.runtime.run_clientapp as runtime
+
+    received, original = threading.Event(), runtime.pull_task_input
+
+    def pull_task_input(*args: object, **kwargs: object) -> object:
+        out = original(*args, **kwargs)
+        received.set()
+        return out
+
+    runtime.pull_task_input = pull_task_input
+    try:
+        yield received
+    finally:
+        runtime.pull_task_input = original
+
+
+def _run_task(spec: ExecutionSpec, task_timeout: float = TASK_TIMEOUT, input_timeout: float = INPUT_TIMEOUT) -> int:
     """Run one ClientApp task in this process's main thread; log how it ended, with its task and run id."""
     import flwr.supercore.exit.exit_handler as handlers
     from flwr.supercore.task_identity import TaskIdentity
@@ -231,7 +267,7 @@ def _run_task(spec: ExecutionSpec, task_timeout: float = TASK_TIMEOUT) -> int:
     start, code = time.monotonic(), 0
     log.info("task %d started", spec.task_id)
     try:
-        with _watchdog(task_timeout):
+        with _input_received() as received, _watchdog(task_timeout, input_timeout, received):
             run_clientapp(
                 runtime_api_address=spec.runtime_api_address,
                 token=spec.token,
@@ -290,6 +326,12 @@ def main(argv: list[str] | None = None) -> None:
         default=TASK_TIMEOUT,
         help=f"seconds a task may run before it is ended with an error reply (default {TASK_TIMEOUT:g}; 0: never)",
     )
+    parser.add_argument(
+        "--input-timeout",
+        type=_seconds,
+        default=INPUT_TIMEOUT,
+        help=f"seconds a task may wait for its message from the SuperNode (default {INPUT_TIMEOUT:g}; 0: never)",
+    )
     args, rest = parser.parse_known_args(argv)
     from flwr.supercore.cli.flower_superexec import flower_superexec
 
@@ -308,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import flwr.supercore.superexec.run_superexec as superexec
 
-    executor = (InlineExecutor if args.mode == "inline" else ForkExecutor)(args.task_timeout)
+    executor = (InlineExecutor if args.mode == "inline" else ForkExecutor)(args.task_timeout, args.input_timeout)
     superexec.get_executor = lambda *a, **k: executor
     sys.argv = ["flower-superexec", *rest]
     flower_superexec()

@@ -44,7 +44,7 @@ def plain_nodes():
 
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory):
-    with Deployment(tmp_path_factory.mktemp("plain")) as dep:
+    with Deployment(tmp_path_factory.mktemp("plain"), input_timeout=45) as dep:  # the killed run's ghost task
         dep.start_superlink()
         for p, config in enumerate(plain_nodes()):
             dep.start_node(f"node{p}", config)

@@ -83,9 +83,9 @@ HANGING = SPEC + textwrap.dedent(
             pass
 
     spec = serve(Hanging)
-    for task in (1, 2):
+    for task, timeouts in ((1, (1.0, 0.0)), (2, (0.0, 1.0))):  # (--task-timeout, --input-timeout)
         start = time.monotonic()
-        code = _run_inline(spec, task_timeout=1.0)
+        code = _run_inline(spec, *timeouts)
         late = time.monotonic() - start > 20  # the fake SuperNode would have answered after 60 s
         print(f"task {task} ended with {code}" + (" late" if late else ""), flush=True)
     print("superexec still serving", flush=True)
@@ -110,7 +110,7 @@ def test_an_inline_task_refused_by_its_supernode_ends_alone_is_reported_and_the_
 
 
 @pytest.mark.slow
-def test_an_inline_task_that_hangs_is_ended_at_the_task_timeout_and_reported_with_its_run_id():
+def test_an_inline_task_that_hangs_or_never_gets_its_message_is_ended_at_its_timeout_and_reported_with_its_run_id():
     done = run_script(HANGING)
     assert done.stdout.splitlines() == [
         "task 1 ended with 800",  # Flower's TASK_PROC_EXCEPTION: the ClientApp's runtime saw it fail
@@ -119,3 +119,4 @@ def test_an_inline_task_that_hangs_is_ended_at_the_task_timeout_and_reported_wit
     ], done.stdout + done.stderr[-3000:]
     assert "task 1 of run 7 ran past --task-timeout=1 s: ending it with an error" in done.stderr
     assert "task 1 of run 7 ended with exit code 800 (TASK_PROC_EXCEPTION)" in done.stderr
+    assert "task 1 of run 7 ran past --input-timeout=1 s without its message (a stopped run's task?)" in done.stderr
