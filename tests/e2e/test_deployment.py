@@ -127,7 +127,9 @@ def test_resume_after_the_server_is_killed_matches_an_uninterrupted_run(plain, u
     """Also the inline SuperExec's hang: node1's SuperExec is stalled (SIGSTOP, as an overloaded machine would)
     while it runs the killed run's task, past Flower's heartbeat patience, so its SuperNode drops the task's token;
     woken, the task meets a 401 and Flower ends it from inside (SIGINT). The SuperExec must survive that and serve
-    the resumed run: before the fix it force-exited 5 s later and the resumed run waited on node1 for ever.
+    the resumed run: before the fix it force-exited 5 s later and the resumed run waited on node1 for ever. The
+    killed run usually also leaves a ghost task on node1 (its message's pull failed as the run stopped), which
+    the SuperExec must end at its --input-timeout (45 s here) instead of waiting on it for up to 2 h.
     """
     common = f"strategy=fedadam num_rounds=4 save_every=1 {FAST} output_dir=out"
     run = plain.start_run(f"{common} run_name=cut")
