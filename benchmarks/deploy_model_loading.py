@@ -8,10 +8,16 @@ once per mode, runs the tiny default for a few rounds and reads metrics.jsonl:
 - ``inline`` / ``fork``: ``flower-supernode --isolation process`` + ``python -m fedllm_app.warm_superexec
   --mode inline|fork``; each message runs inside, or in a fork of, a process that already holds the
   libraries and the model (inline: also the tokenised data and trainer, across rounds).
+- ``<mode>:<seconds>`` (e.g. ``inline:0.5``): the same mode with the SuperNodes started as
+  ``fedllm-supernode --idle-pull-interval <seconds>`` (:mod:`fedllm_app.ops.supernode`) instead of Flower's
+  fixed 3 s between two empty pulls.
+
+"Server send to first step" is, per client, the time from the server creating the round's message to the
+client's first optimizer step (start-up before the call + set-up), the figure of issue 17's round-start goal.
 
 Usage::
 
-    python benchmarks/deploy_model_loading.py [--rounds 4] [--modes subprocess fork inline] [--overrides ""]
+    python benchmarks/deploy_model_loading.py [--rounds 4] [--modes subprocess fork inline inline:0.5] [--overrides ""]
 
 Not a test: it prints a markdown table to paste into docs/benchmarks.md.
 """
@@ -27,8 +33,10 @@ from pathlib import Path
 from fedllm_app.ops.deploy import Deployment
 
 
-def measure(mode: str, rounds: int, overrides: str) -> dict[str, float]:
-    with tempfile.TemporaryDirectory() as tmp, Deployment(Path(tmp), isolation=mode) as dep:
+def measure(variant: str, rounds: int, overrides: str) -> dict[str, float]:
+    mode, _, interval = variant.partition(":")
+    pull = float(interval) if interval else None
+    with tempfile.TemporaryDirectory() as tmp, Deployment(Path(tmp), isolation=mode, idle_pull_interval=pull) as dep:
         dep.start_superlink()
         for pid in range(2):
             dep.start_node(f"node{pid}", {"partition-id": pid, "num-partitions": 2})
@@ -52,6 +60,12 @@ def measure(mode: str, rounds: int, overrides: str) -> dict[str, float]:
         "per client: optimizer steps (s)": mean("client_optimizer_seconds", True),
         "loading (set-up before the first step) / training phase": mean("client_setup_seconds", True)
         / mean("train_phase_seconds"),
+        "per client: server send to first step (s)": mean("client_startup_seconds", True)
+        + mean("client_setup_seconds", True),
+        "server send to first step / training phase": (
+            mean("client_startup_seconds", True) + mean("client_setup_seconds", True)
+        )
+        / mean("train_phase_seconds"),
     }
 
 
@@ -65,9 +79,7 @@ def main() -> None:
     print("| figure | " + " | ".join(args.modes) + " |")
     print("|---|" + "---|" * len(args.modes))
     for key in next(iter(results.values())):
-        cells = " | ".join(
-            f"{results[m][key]:.0%}" if key.startswith("loading") else f"{results[m][key]:.2f}" for m in args.modes
-        )
+        cells = " | ".join(f"{results[m][key]:.0%}" if "/" in key else f"{results[m][key]:.2f}" for m in args.modes)
         print(f"| {key} | {cells} |")
 
 

@@ -95,23 +95,38 @@ class Deployment:
         Enable SuperNode authentication (needs ``tls``): only nodes whose public key was
         registered with ``flwr supernode register`` may join.
     isolation : str
-        How the SuperNodes run the ClientApp: ``subprocess`` (Flower's default: the SuperNode
-        starts ``flower-superexec``, which starts one ``flwr-clientapp`` process per message),
-        or ``inline`` / ``fork`` (``--isolation process`` plus fedllm's warm SuperExec, which
-        imported the libraries and loaded the base model once and runs each message inside
-        itself or in a fork of itself; see :mod:`fedllm_app.ops.warm_superexec`).
+        How the SuperNodes run the ClientApp: ``inline`` (default) / ``fork`` (``--isolation
+        process`` plus fedllm's warm SuperExec, which imported the libraries and loaded the
+        base model once and runs each message inside itself, model and tokenised data kept
+        warm, or in a fork of itself; see :mod:`fedllm_app.ops.warm_superexec`), or
+        ``subprocess`` (Flower's default: the SuperNode starts ``flower-superexec``, which
+        starts one ``flwr-clientapp`` process per message).
     app : Path | None
         The Flower app to run; by default this checkout, or the current folder (:func:`app_dir`).
+    input_timeout : float | None
+        The warm SuperExec's ``--input-timeout`` (seconds a task may wait for its message); None: its default.
+    idle_pull_interval : float | None
+        Start the SuperNodes with ``fedllm-supernode --idle-pull-interval`` (:mod:`fedllm_app.ops.supernode`):
+        seconds between two empty pulls instead of Flower's fixed 3 s. None: plain ``flower-supernode``.
     """
 
     def __init__(
-        self, root: Path, *, tls: bool = False, auth: bool = False, isolation: str = "fork", app: Path | None = None
+        self,
+        root: Path,
+        *,
+        tls: bool = False,
+        auth: bool = False,
+        isolation: str = "inline",
+        app: Path | None = None,
+        idle_pull_interval: float | None = None,
+        input_timeout: float | None = None,
     ) -> None:
         if auth and not tls:
             raise ValueError("SuperNode authentication needs TLS: use Deployment(root, tls=True, auth=True)")
         if isolation not in ISOLATIONS:
             raise ValueError(f"isolation={isolation!r} must be one of {', '.join(ISOLATIONS)}")
         self.root, self.tls, self.auth, self.isolation = Path(root).resolve(), tls, auth, isolation
+        self.idle_pull_interval, self.input_timeout = idle_pull_interval, input_timeout
         self.app = app or app_dir()
         self.home = self.root / "flwr-home"
         for sub in ("flwr-home", "logs", "certs", "keys"):
@@ -208,7 +223,11 @@ class Deployment:
 
     def supernode_command(self, node_config: dict[str, Any], key: Path | None, tls: bool | None = None) -> list[str]:
         tls = self.tls if tls is None else tls
-        cmd = ["flower-supernode", "--superlink", self.address, "--port", str(free_port())]
+        cmd = ["flower-supernode"]
+        if self.idle_pull_interval is not None:
+            cmd = [sys.executable, "-m", "fedllm_app.ops.supernode"]
+            cmd += ["--idle-pull-interval", str(self.idle_pull_interval)]
+        cmd += ["--superlink", self.address, "--port", str(free_port())]
         cmd += ["--root-certificates", str(self.ca)] if tls else ["--insecure"]
         if key is not None:
             cmd += ["--auth-supernode-private-key", str(key)]
@@ -242,6 +261,8 @@ class Deployment:
             runtime = cmd[cmd.index("--port") + 1]
             exec_cmd = [sys.executable, "-m", "fedllm_app.ops.warm_superexec", "--mode", self.isolation]
             exec_cmd += ["--insecure"]
+            if self.input_timeout is not None:
+                exec_cmd += ["--input-timeout", str(self.input_timeout)]
             exec_cmd += ["--runtime-api-address", f"127.0.0.1:{runtime}"]
             node.extra.append(self._start(f"{name}-superexec", exec_cmd, node_env)[0])
         self.nodes[name] = node

@@ -1,19 +1,23 @@
 """Real deployments on loopback: flower-superlink + two flower-supernode processes + `flwr run`.
 
-One plain SuperLink with two SuperNodes serves most tests (starting one costs ~20 s);
-the dropout test kills one of its SuperNodes, so it comes last. A second deployment
-runs with TLS and SuperNode authentication, secure aggregation and DP. Tiny model, 1-2 optimizer steps a round.
+One plain SuperLink with two SuperNodes serves most tests (starting one costs ~20 s); the dropout test kills one of
+its SuperNodes, so it comes last. A second deployment runs with TLS and SuperNode authentication, secure aggregation
+and DP. Both run the ClientApp inline in fedllm's warm SuperExec (the default). Tiny model, 1-2 optimizer steps a
+round.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 
 import numpy as np
 import pytest
+from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
+from flwr.supercore.constant import FORCE_EXIT_TIMEOUT_SECONDS
 from safetensors.numpy import load_file
 
 from fedllm_app.ops.deploy import Deployment
@@ -40,7 +44,7 @@ def plain_nodes():
 
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory):
-    with Deployment(tmp_path_factory.mktemp("plain")) as dep:
+    with Deployment(tmp_path_factory.mktemp("plain"), input_timeout=45) as dep:  # the killed run's ghost task
         dep.start_superlink()
         for p, config in enumerate(plain_nodes()):
             dep.start_node(f"node{p}", config)
@@ -120,19 +124,39 @@ def test_waiting_for_nodes_that_never_come_fails_clearly(plain):
 
 
 def test_resume_after_the_server_is_killed_matches_an_uninterrupted_run(plain, uninterrupted):
+    """Also the inline SuperExec's hang: node1's SuperExec is stalled (SIGSTOP, as an overloaded machine would)
+    while it runs the killed run's task, past Flower's heartbeat patience, so its SuperNode drops the task's token;
+    woken, the task meets a 401 and Flower ends it from inside (SIGINT). The SuperExec must survive that and serve
+    the resumed run: before the fix it force-exited 5 s later and the resumed run waited on node1 for ever. The
+    killed run usually also leaves a ghost task on node1 (its message's pull failed as the run stopped), which
+    the SuperExec must end at its --input-timeout (45 s here) instead of waiting on it for up to 2 h.
+    """
     common = f"strategy=fedadam num_rounds=4 save_every=1 {FAST} output_dir=out"
     run = plain.start_run(f"{common} run_name=cut")
     state = plain.root / "out" / "cut" / "resume_state.npz"
     deadline = time.monotonic() + 300
     while not (state.exists() and len(metrics(plain, "cut")) >= 2) and time.monotonic() < deadline:
         time.sleep(0.2)
-    servers = plain.serverapp_pids()
-    assert servers, "no flwr-serverapp process to kill"
-    for pid in servers:
-        os.kill(pid, signal.SIGKILL)
-    plain.finish_run(run, timeout=5)  # the streaming `flwr run` dies with the server; stop it
+    superexec = stall_next_task(plain, "node1")
+    try:
+        servers = plain.serverapp_pids()
+        assert servers, "no flwr-serverapp process to kill"
+        for pid in servers:
+            os.kill(pid, signal.SIGKILL)
+        killed = plain.finish_run(run, timeout=5)  # the streaming `flwr run` dies with the server; stop it
+        time.sleep(HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL + 2)  # the SuperNode drops the stalled token
+    finally:
+        superexec.send_signal(signal.SIGCONT)
     done = len(metrics(plain, "cut"))
     assert 2 <= done < 4, f"the server was not killed between rounds 2 and 4 ({done} rounds done)"
+    log = plain.root / "logs" / "node1-superexec.log"
+    ended = re.compile(rf"task \d+ of run (?:{killed.run_id}|\?) ended with exit code 1 ")  # ?: before its input
+    deadline = time.monotonic() + 120
+    while not ended.search(log.read_text()) and superexec.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(FORCE_EXIT_TIMEOUT_SECONDS + 2)
+    assert superexec.poll() is None, f"node1's SuperExec died after its task was ended:\n{log.read_text()[-3000:]}"
+    assert ended.search(log.read_text()), f"the stalled task did not meet the 401:\n{log.read_text()[-3000:]}"
 
     resumed = plain.run(f"{common} run_name=cut resume=out/cut")
     assert resumed.status == "finished:completed", resumed.output[-3000:]
@@ -143,6 +167,19 @@ def test_resume_after_the_server_is_killed_matches_an_uninterrupted_run(plain, u
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)  # bit-identical on CPU with fixed seeds
     assert metrics(plain, "cut")[-1]["bytes_sent_total"] == metrics(plain, "whole")[-1]["bytes_sent_total"]
+
+
+def stall_next_task(dep, name, timeout=120):
+    """SIGSTOP node ``name``'s warm SuperExec as soon as it starts its next task; return the SuperExec process."""
+    log = dep.root / "logs" / f"{name}-superexec.log"
+    started = re.compile(r"task \d+ started")
+    before, deadline = len(started.findall(log.read_text())), time.monotonic() + timeout
+    while len(started.findall(log.read_text())) <= before:
+        assert time.monotonic() < deadline, f"{name}'s SuperExec started no task in {timeout} s"
+        time.sleep(0.02)
+    superexec = dep.nodes[name].extra[0]
+    superexec.send_signal(signal.SIGSTOP)
+    return superexec
 
 
 def test_flexlora_nodes_of_different_ranks_each_get_and_send_their_own_rank(plain):

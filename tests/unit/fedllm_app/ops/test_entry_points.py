@@ -25,6 +25,7 @@ def test_every_console_script_resolves_to_a_function(name):
     [
         ("fedllm-sweep", ["strategy: central", "num_clients:"]),  # Hydra's help: the groups and config of conf/
         ("fedllm-warm-superexec", ["--preload", "flower-superexec", "--runtime-api-address"]),
+        ("fedllm-supernode", ["--idle-pull-interval", "flower-supernode", "--superlink"]),
     ],
 )
 def test_operator_scripts_answer_help_without_running(name, expected):
