@@ -16,14 +16,18 @@ SUPEREXEC_POLL = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
 @pytest.fixture(autouse=True)
 def fedllm_info_logs(caplog):
     """Tests read the ``fedllm`` logger's INFO lines through ``caplog`` (or, once code under test has set up
-    the console, through ``capsys``); the logger is put back as it was after each test.
+    the console, through ``capsys``); the logger, and the filters and level the console puts on Flower's, are
+    put back as they were after each test.
     """
-    fed = logging.getLogger("fedllm")
+    fed, flower = logging.getLogger("fedllm"), logging.getLogger("flwr")
     saved = list(fed.handlers), fed.propagate, fed.level
+    flower_saved = list(flower.filters), flower.level
     caplog.set_level(logging.INFO, logger="fedllm")
     yield
     fed.handlers[:], fed.propagate = saved[0], saved[1]
     fed.setLevel(saved[2])
+    flower.filters[:] = flower_saved[0]
+    flower.setLevel(flower_saved[1])
 
 
 @pytest.fixture(autouse=True)
