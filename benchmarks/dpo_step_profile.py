@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from step_profile import ForwardClock, StepClock, Widths, cumulative, profiled, report, top  # noqa: E402
-from vs_openfedllm import build_model, fedllm_overrides, write_rows  # noqa: E402
+from vs_openfedllm import build_workload, fedllm_overrides  # noqa: E402
 
 # (file suffix, function) of the parts of a step, TRL 1.16 / transformers 5 / PEFT 0.21 / torch.
 PARTS = {
@@ -59,12 +59,9 @@ PARTS = {
 
 def workload(work: Path, rows: int) -> tuple[Path, Path]:
     """The DPO rows and model folder under ``work``, built once."""
-    data, model = work / "data" / "dpo.jsonl", work / "model"
-    if not (model / "config.json").is_file():
-        data.parent.mkdir(parents=True, exist_ok=True)
-        write_rows(data, rows, "dpo")
-        build_model(model, data)
-    return data, model
+    if not (work / "model" / "config.json").is_file():
+        return build_workload(work, rows, "dpo")
+    return work / "data" / "dpo.jsonl", work / "model"
 
 
 def main() -> None:

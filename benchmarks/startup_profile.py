@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vs_openfedllm import build_model, fedllm_overrides, write_rows
+from vs_openfedllm import build_workload, fedllm_overrides
 
 from fedllm_app.ops.flower_run import (
     SUPERLINK_TOO_SLOW,
@@ -290,10 +290,7 @@ def main() -> None:
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        rows, model = work / "data" / f"{args.task}.jsonl", work / "model"
-        rows.parent.mkdir()
-        write_rows(rows, args.rows, args.task)
-        build_model(model, rows)
+        rows, model = build_workload(work, args.rows, args.task)
         result = run_profiled(work, fedllm_overrides(model, rows, args.rounds, args.task), args.keep)
     print(f"load average at start {load:.1f}, at end {os.getloadavg()[0]:.1f}\n")
     print(phase_table(result) + "\n\n" + server_table(result["summary"]) + "\n\n" + client_table(result["rounds"]))

@@ -119,6 +119,17 @@ def build_model(folder: Path, rows: Path) -> None:
     LlamaForCausalLM(config).save_pretrained(folder)
 
 
+def build_workload(work: Path, num_rows: int, task: str) -> tuple[Path, Path]:
+    """The issue's workload under ``work``: ``data/<task>.jsonl`` (``num_rows`` rows) and ``model/`` built on
+    them; returns (rows file, model folder).
+    """
+    rows, model = work / "data" / f"{task}.jsonl", work / "model"
+    rows.parent.mkdir(parents=True, exist_ok=True)
+    write_rows(rows, num_rows, task)
+    build_model(model, rows)
+    return rows, model
+
+
 def fedllm_overrides(model: Path, rows: Path, rounds: int, task: str = "sft") -> str:
     """fedllm's Hydra overrides for the workload."""
     return (
@@ -341,10 +352,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        rows, model = work / "data" / f"{args.task}.jsonl", work / "model"
-        rows.parent.mkdir()
-        write_rows(rows, args.rows, args.task)
-        build_model(model, rows)
+        rows, model = build_workload(work, args.rows, args.task)
         results = {"fedllm": run_fedllm(work, model, rows, args.rounds, args.task)}
         if args.openfedllm:
             results["OpenFedLLM"] = run_openfedllm(

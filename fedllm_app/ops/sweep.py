@@ -86,14 +86,18 @@ def write_comparison(sweep_dir: Path) -> None:
     runs = collect(sweep_dir)
     if not runs:
         return
-    header, rows = comparison_rows(runs)
-    with (sweep_dir / "comparison.csv").open("w", newline="") as f:
+    write_table(sweep_dir / "comparison", *comparison_rows(runs))
+    _plot(runs, sweep_dir / "comparison.png")
+    write_seed_comparison(sweep_dir, runs)
+
+
+def write_table(stem: Path, header: list[str], rows: list[list[Any]]) -> None:
+    """``<stem>.csv`` (numbers as they are) and ``<stem>.md`` (numbers formatted per column)."""
+    with stem.with_suffix(".csv").open("w", newline="") as f:
         csv.writer(f).writerows([header, *rows])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_cell(h, c) for h, c in zip(header, row, strict=True)) + " |" for row in rows]
-    (sweep_dir / "comparison.md").write_text("\n".join(lines) + "\n")
-    _plot(runs, sweep_dir / "comparison.png")
-    write_seed_comparison(sweep_dir, runs)
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
 def job_overrides(sweep_dir: Path) -> dict[str, list[str]]:
@@ -183,12 +187,7 @@ def write_seed_comparison(sweep_dir: Path, runs: list[dict[str, Any]]) -> None:
     groups = seed_groups(runs, job_overrides(sweep_dir))
     if all(len(g) < 2 for g in groups.values()):
         return
-    header, rows = seed_rows(groups)
-    with (sweep_dir / "comparison_seeds.csv").open("w", newline="") as f:
-        csv.writer(f).writerows([header, *rows])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cell(h, c) for h, c in zip(header, row, strict=True)) + " |" for row in rows]
-    (sweep_dir / "comparison_seeds.md").write_text("\n".join(lines) + "\n")
+    write_table(sweep_dir / "comparison_seeds", *seed_rows(groups))
 
 
 def comparison_rows(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
