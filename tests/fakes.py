@@ -104,3 +104,15 @@ class Writer:
 
     def log_round(self, record: dict, path: str = "metrics.jsonl") -> None:
         self.rows.append(record)
+
+
+def changed_metrics(content, changes):
+    """``content`` with its metrics record changed by ``changes`` (a value of None removes the key)."""
+    metrics = dict(content[METRICS_KEY])
+    for key, value in changes.items():
+        if value is None:
+            metrics.pop(key)
+        else:
+            metrics[key] = value
+    content[METRICS_KEY] = MetricRecord(metrics)
+    return content

@@ -11,7 +11,7 @@ import pickle
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedllm_app.server.guard import GuardParams, ReplyGuard
 from fedllm_app.server.rounds import run_rounds
@@ -19,7 +19,7 @@ from strategies.fedavg import ARRAYS_KEY, CONFIG_KEY, DATA_SIZE_KEY, METRICS_KEY
 from strategies.local import PARTITION_KEY, LocalOnly
 from strategies.records import from_record, to_record
 from strategies.scaffold import C_DELTA_KEY, C_SERVER_KEY, Scaffold
-from tests.fakes import FakeGrid, Writer, trained_reply
+from tests.fakes import FakeGrid, Writer, changed_metrics, trained_reply
 
 
 class HostileGrid(FakeGrid):
@@ -68,13 +68,7 @@ def with_array(content, array, key=ARRAYS_KEY, name="w"):
 
 
 def with_metric(content, key, value):
-    metrics = dict(content[METRICS_KEY])
-    if value is None:
-        metrics.pop(key)
-    else:
-        metrics[key] = value
-    content[METRICS_KEY] = MetricRecord(metrics)
-    return content
+    return changed_metrics(content, {key: value})
 
 
 def npy(values, allow_pickle=False):

@@ -19,6 +19,7 @@ from fedllm_app.server.reply_checks import (
 from strategies.fedavg import ARRAYS_KEY, DATA_SIZE_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
 from strategies.records import to_record
 from strategies.scaffold import C_DELTA_KEY
+from tests.fakes import changed_metrics
 
 ADAPTER = {
     "m.lora_A.weight": np.ones((2, 4), dtype=np.float32),
@@ -128,15 +129,7 @@ def test_the_attacks_send_a_scaled_or_flipped_update():
 
 def with_metrics(changes):
     """A sound reply whose metrics are changed (a value of None removes the key)."""
-    content = good_content()
-    metrics = dict(content[METRICS_KEY])
-    for key, value in changes.items():
-        if value is None:
-            metrics.pop(key)
-        else:
-            metrics[key] = value
-    content[METRICS_KEY] = MetricRecord(metrics)
-    return content
+    return changed_metrics(good_content(), changes)
 
 
 def with_array(array, name="m.lora_A.weight"):
