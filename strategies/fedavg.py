@@ -214,11 +214,13 @@ class FedAvgLoRA(FedAvg):
         content = RecordDict({CONFIG_KEY: ConfigRecord({QUERY_KEY: PARTITION_KEY})})
         messages = [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
         found: dict[int, int | None] = dict.fromkeys(nodes)
+        answered = set()
         for reply in grid.send_and_receive(messages, timeout=self.query_timeout):
             metrics = None if reply.has_error() else reply.content.get(METRICS_KEY)
             if metrics is not None and PARTITION_KEY in metrics:
+                answered.add(reply.metadata.src_node_id)
                 found[reply.metadata.src_node_id] = self._checked_partition(reply.metadata.src_node_id, metrics)
-        silent = [n for n, p in found.items() if p is None]
+        silent = [n for n in nodes if n not in answered]  # a bad answer was logged as such by _checked_partition
         if silent:
             log.warning("nodes %s did not tell their partition within %s s; they are not sampled", silent,
                         self.query_timeout)  # fmt: skip

@@ -177,6 +177,7 @@ class HeteroRank(FedAvgLoRA):
     def __init__(self, *, hetero: HeteroRankParams, **kwargs: Any) -> None:
         self.hetero = hetero
         self.node_ranks: dict[int, int] = {}
+        self.refused: set[int] = set()  # nodes whose rank answer was an error or out of range: never sampled
         self.pruned: dict[int, int] = {}  # partition id -> its rank after self-pruning (prune only)
         self.sent: dict | None = None  # the global adapter of the round (rank r_max)
         super().__init__(**kwargs)
@@ -232,8 +233,11 @@ class HeteroRank(FedAvgLoRA):
         return to_record(slice_arrays(from_record(sent), self.node_ranks[node]))
 
     def learn_ranks(self, grid: Grid, node_ids: list[int]) -> None:
-        """Ask the nodes whose rank is not known yet; a rank outside ``1..r_max`` raises a ValueError."""
-        unknown = [n for n in node_ids if n not in self.node_ranks]
+        """Ask the nodes whose rank is not known yet. A node that answers with an error, no integer rank or one
+        outside ``1..r_max`` is logged with the fix and left out of every round (one node's answer must not end
+        everyone's run); one that does not answer within ``query_timeout`` is left out of this round only.
+        """
+        unknown = [n for n in node_ids if n not in self.node_ranks and n not in self.refused]
         if not unknown:
             return
         queries = [
@@ -246,15 +250,32 @@ class HeteroRank(FedAvgLoRA):
         ]
         for reply in grid.send_and_receive(queries, timeout=self.hetero.query_timeout):
             node = reply.metadata.src_node_id
-            if reply.has_error():
-                raise ValueError(f"node {node} could not say its LoRA rank: {reply.error.reason}")
-            rank = int(reply.content[METRICS_KEY][RANK_KEY])
-            check_rank(rank, self.hetero.r_max, f"node {node}")
+            try:
+                rank = self._answered_rank(reply)
+            except ValueError as err:
+                self.refused.add(node)
+                log.error("%s; node %s is not sampled in this run", err, node)
+                continue
             pid = self.partition_of.get(node)
             self.node_ranks[node] = min(rank, self.pruned.get(pid, rank)) if self.hetero.prune else rank
-        silent = sorted(set(unknown) - set(self.node_ranks))
+        silent = sorted(set(unknown) - set(self.node_ranks) - self.refused)
         if silent:
             log.warning("nodes %s did not say their LoRA rank within %s s", silent, self.hetero.query_timeout)
+
+    def _answered_rank(self, reply: Message) -> int:
+        """A node's answer to the rank query, or a ValueError that names the node, its answer and the fix."""
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            raise ValueError(f"node {node} could not say its LoRA rank: {reply.error.reason}")
+        metrics = reply.content.get(METRICS_KEY)
+        rank = None if metrics is None else metrics.get(RANK_KEY)
+        if not isinstance(rank, int) or isinstance(rank, bool):
+            raise ValueError(
+                f"node {node} answered the LoRA rank query with {rank!r}, not an integer; give it a whole "
+                f"number as its lora-rank node config"
+            )
+        check_rank(rank, self.hetero.r_max, f"node {node}")
+        return rank
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -340,11 +340,24 @@ class Deployment:
             text, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             _kill_group(proc, signal.SIGKILL)
-            text = _text(proc.communicate()[0]) + f"\n[deploy] flwr run timed out after {timeout} s"
+            text = _text(proc.communicate()[0]) + f"\n[deploy] flwr run timed out after {timeout} s\n{self.report()}"
         run_id = run_id_from(text)
         if run_id is None:
             return RunResult("not-started", None, text or "")
         return RunResult(self.status(run_id), run_id, text)
+
+    def report(self, lines: int = 8) -> str:
+        """Each SuperNode's and SuperExec's state (running, or its exit code) and the last ``lines`` lines of
+        each SuperExec's log that are not a traceback's: what a run that timed out was waiting on."""
+        out = []
+        for name, node in self.nodes.items():
+            state = [_state(node.process)] + [_state(proc) for proc in node.extra]
+            out.append(f"[deploy] {name}: SuperNode {state[0]}" + (f", SuperExec {state[1]}" if node.extra else ""))
+            log = self.root / "logs" / f"{name}-superexec.log"
+            if log.exists():
+                kept = [x for x in log.read_text(errors="replace").splitlines() if x and not x.startswith((" ", "\t"))]
+                out += [f"  {x[:200]}" for x in kept[-lines:]]
+        return "\n".join(out)
 
     def serverapp_pids(self) -> list[int]:
         """The running ``flwr-serverapp`` processes of this deployment (to kill the server mid-run)."""
@@ -388,6 +401,12 @@ def _kill_group(proc: subprocess.Popen, sig: int) -> None:
         os.killpg(proc.pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _state(proc: subprocess.Popen) -> str:
+    """``running (pid N)`` or ``exited with code C (pid N)``."""
+    code = proc.poll()
+    return f"running (pid {proc.pid})" if code is None else f"exited with code {code} (pid {proc.pid})"
 
 
 def _port_open(port: int) -> bool:

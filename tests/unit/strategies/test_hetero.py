@@ -3,7 +3,7 @@ which strategies compose (built from the config, as the server does)."""
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from fedllm_app.config import ConfigError, load_config
 from fedllm_app.server.reply_checks import sent_shapes, shapes_of, split_replies
@@ -75,9 +75,26 @@ def test_each_node_is_sent_only_its_own_ranks_of_the_global_and_asked_its_rank_o
     assert sorted(grid.queried) == [1, 2, 3]
 
 
-def test_a_node_above_r_max_fails_the_run_naming_it_and_the_fix():
-    with pytest.raises(ValueError, match=r"node 2 has LoRA rank 8, outside 1..r_max=4 .*raise model.lora.r"):
-        build().configure_train(1, to_record(glob()), ConfigRecord(), RankGrid({1: 1, 2: 8, 3: 4}))
+def test_a_node_with_a_bad_rank_is_left_out_of_every_round_naming_it_and_the_fix_and_the_others_train(caplog):
+    """One node's answer must not end everyone's run: above r_max, not an integer, or an error reply."""
+
+    class BadRanks(RankGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            node4 = [m for m in messages if m.metadata.message_type == RANK_QUERY and m.metadata.dst_node_id == 4]
+            out = super().send_and_receive([m for m in messages if m not in node4], timeout=timeout)
+            self.queried += [4] * len(node4)
+            return out + [Message(Error(code=0, reason="E_CONFIG: see the node's log"), reply_to=m) for m in node4]
+
+    grid = BadRanks({1: 1, 2: 8, 3: 2.5, 4: 4, 5: 4})
+    s = build_strategy(load_config({"overrides": "num_clients=5 lora_aggregation=hetlora model.lora.r=4"}))
+    for rnd in (1, 2):
+        sent = [m.metadata.dst_node_id for m in s.configure_train(rnd, to_record(glob()), ConfigRecord(), grid)]
+        assert sorted(sent) == [1, 5]
+    assert sorted(grid.queried) == [1, 2, 3, 4, 5]  # the refused ones are not asked again
+    errors = [r.getMessage() for r in caplog.records if r.name == "fedllm" and r.levelname == "ERROR"]
+    assert any(e.startswith("node 2 has LoRA rank 8, outside 1..r_max=4") and "raise model.lora.r" in e for e in errors)
+    assert any("node 3 answered the LoRA rank query with 2.5, not an integer" in e for e in errors)
+    assert any("node 4 could not say its LoRA rank: E_CONFIG" in e for e in errors)
 
 
 def run_round(s, g, weights):

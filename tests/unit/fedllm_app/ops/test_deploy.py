@@ -42,3 +42,29 @@ def test_the_app_folder_is_this_checkout_else_the_current_folder_else_a_clear_er
     assert flower_run.app_dir(cwd=checkout) == checkout
     with pytest.raises(RuntimeError, match="run from the fedllm source folder"):
         flower_run.app_dir(cwd=tmp_path)
+
+
+def test_a_run_that_timed_out_reports_which_node_processes_are_alive_and_what_each_superexec_last_logged(tmp_path):
+    import subprocess
+    import sys
+
+    from fedllm_app.ops.deploy import Node
+
+    dep = Deployment(tmp_path)
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    dead.wait()
+    try:
+        dep.nodes["node0"] = Node("node0", alive, tmp_path / "n0.log", {}, extra=[dead])
+        lines = ["[fedllm] task 1 started", "Traceback (most recent call last):", '  File "x.py", line 1']
+        lines += ["[fedllm] ERROR: task 1 of run 7 ended with exit code 1"]
+        (tmp_path / "logs" / "node0-superexec.log").write_text("\n".join(lines) + "\n")
+        hung = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+        result = dep.finish_run(hung, timeout=0.5)
+    finally:
+        alive.kill()
+        alive.wait()
+    text = result.output
+    assert f"node0: SuperNode running (pid {alive.pid}), SuperExec exited with code 3 (pid {dead.pid})" in text
+    assert text.index("timed out after 0.5 s") < text.index("node0: SuperNode")  # in the tail a test prints
+    assert "task 1 of run 7 ended with exit code 1" in text and 'File "x.py"' not in text
