@@ -106,8 +106,9 @@ class Deployment:
     input_timeout : float | None
         The warm SuperExec's ``--input-timeout`` (seconds a task may wait for its message); None: its default.
     idle_pull_interval : float | None
-        Start the SuperNodes with ``fedllm-supernode --idle-pull-interval`` (:mod:`fedllm_app.ops.supernode`):
-        seconds between two empty pulls instead of Flower's fixed 3 s. None: plain ``flower-supernode``.
+        Seconds between two empty pulls of the SuperNodes (``fedllm-supernode --idle-pull-interval``, see
+        :mod:`fedllm_app.ops.supernode`) instead of Flower's fixed 3 s. None: Flower's 3 s. The SuperNodes are
+        always ``fedllm-supernode``, which also answers a message whose ClientApp task failed before fetching it.
     """
 
     def __init__(
@@ -223,9 +224,8 @@ class Deployment:
 
     def supernode_command(self, node_config: dict[str, Any], key: Path | None, tls: bool | None = None) -> list[str]:
         tls = self.tls if tls is None else tls
-        cmd = ["flower-supernode"]
+        cmd = [sys.executable, "-m", "fedllm_app.ops.supernode"]  # fedllm-supernode: never stuck on a failed task
         if self.idle_pull_interval is not None:
-            cmd = [sys.executable, "-m", "fedllm_app.ops.supernode"]
             cmd += ["--idle-pull-interval", str(self.idle_pull_interval)]
         cmd += ["--superlink", self.address, "--port", str(free_port())]
         cmd += ["--root-certificates", str(self.ca)] if tls else ["--insecure"]

@@ -1,34 +1,44 @@
-r"""``flower-supernode`` with shorter fixed waits, so a round's message reaches the ClientApp sooner.
+r"""``flower-supernode`` that never waits for ever on a failed ClientApp task, with settable fixed waits.
 
-Flower 1.42's SuperNode sleeps 3 s after every pull that brought no message from the SuperLink, and
-polls its own state every 0.5 s for the ClientApp's reply (``time.sleep(3)`` and ``time.sleep(0.5)``
-in ``flwr/supernode/start_client_internal.py``; no option or environment variable sets them). Between
-two rounds every node is idle, so each round's message waits up to 3 s (1.5 s on average) before a
-node sees it, and each reply up to 0.5 s before the node sends it. This entry point is Flower's
-``flower-supernode`` with those two waits set by ``--idle-pull-interval`` (default 0.5 s) and
-``--reply-poll-interval`` (default 0.05 s); every other argument is ``flower-supernode``'s::
+The SuperNode to run beside fedllm's warm SuperExec (:mod:`fedllm_app.ops.warm_superexec`): Flower's
+``flower-supernode``, every argument its own, with two changes::
 
     fedllm-supernode --insecure --superlink 127.0.0.1:9190 --isolation process --port 9195 \
-        --node-config "partition-id=0 num-partitions=2" --idle-pull-interval 0.5
+        --node-config "partition-id=0 num-partitions=2"
 
-The cost: an idle node asks the SuperLink twice a second instead of once every 3 s (keep Flower's 3 s,
-``--idle-pull-interval 3``, for thousands of nodes on one SuperLink). Only ``start_client_internal``'s
-view of :mod:`time` is changed, and only where it waits exactly Flower's 3 s or 0.5 s; with a Flower
-that no longer has these waits it refuses to start rather than guess.
+1. **A failed task's message gets an error reply** (:func:`patch_failed_task_replies`). After pulling a
+   message Flower 1.42's SuperNode does nothing else until that message has a reply; when the ClientApp
+   task ends failed (its own error, or 60 s without its heartbeat) Flower writes an error reply only if
+   the task had already fetched the message. A task that failed between starting and fetching it (a
+   stalled or crashed process, an overloaded machine) left the node stuck for good: it answered nothing
+   more, in that run or any later one (seen once in CI after the kill-and-resume deployment test). Here
+   the SuperNode replies to such a message with Flower's own "ClientApp stopped responding" error: the
+   server counts the node as failed for that round and the node goes on.
+2. **Fixed waits.** Flower's SuperNode sleeps 3 s after every pull that brought no message from the
+   SuperLink and polls its own state every 0.5 s for the ClientApp's reply (``time.sleep(3)`` and
+   ``time.sleep(0.5)`` in ``flwr/supernode/start_client_internal.py``; no option sets them).
+   ``--idle-pull-interval`` (default Flower's 3 s; 0.5 makes an idle node ask the SuperLink twice a
+   second, and measured no shorter round start) and ``--reply-poll-interval`` (default 0.05 s, a look
+   at the node's own memory) set them. Only ``start_client_internal``'s view of :mod:`time` is changed,
+   and only where it waits exactly those values; with a Flower that no longer has these waits, or whose
+   node state no longer has the methods mended in 1., it refuses to start rather than guess.
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
+import logging
 import sys
 import time
 from typing import Any
 
 FLOWER_IDLE_PULL = 3.0  # seconds flwr 1.42's SuperNode sleeps after a pull that brought nothing
 FLOWER_REPLY_POLL = 0.5  # seconds between two looks for the ClientApp's reply (and for a reply's contents)
-IDLE_PULL = 0.5
+IDLE_PULL = FLOWER_IDLE_PULL
 REPLY_POLL = 0.05
+
+log = logging.getLogger("fedllm")
 
 
 class _Waits:
@@ -56,6 +66,70 @@ def patch_waits(idle_pull: float = IDLE_PULL, reply_poll: float = REPLY_POLL) ->
             "which fedllm-supernode shortens; run flower-supernode instead"
         )
     supernode.time = _Waits(idle_pull, reply_poll)
+
+
+def patch_failed_task_replies(cls: type | None = None) -> None:
+    """Make the SuperNode (``cls``: Flower's InMemoryNodeState) answer with an error a message whose ClientApp task
+    ended failed before it fetched it, when no other task of that run can still fetch it (see the module's doc).
+    """
+    from flwr.common.constant import Status, SubStatus
+    from flwr.supercore.constant import TaskType
+    from flwr.supernode.nodestate import in_memory_nodestate
+
+    cls = cls or in_memory_nodestate.InMemoryNodeState
+    if getattr(cls, "_fedllm_replies_failed_tasks", False):
+        return
+    needed = ("finish_task", "_on_task_tokens_expired", "_store_error_replies", "record_message_processing_start")
+    missing = [name for name in needed if not hasattr(cls, name)]
+    if missing or not hasattr(in_memory_nodestate, "CLIENT_APP_CRASHED_ERROR"):
+        import flwr
+
+        raise RuntimeError(
+            f"flwr {flwr.__version__}'s SuperNode state lacks {missing or 'CLIENT_APP_CRASHED_ERROR'}, which "
+            "fedllm-supernode mends; run flower-supernode instead"
+        )
+    finish_task, on_expired = cls.finish_task, cls._on_task_tokens_expired
+    crashed = in_memory_nodestate.CLIENT_APP_CRASHED_ERROR
+
+    def live_runs(state: Any) -> set[int]:
+        """Runs with a ClientApp task that may still fetch a message (the caller holds ``lock_task_store``)."""
+        waiting = (Status.PENDING, Status.STARTING, Status.RUNNING)
+        return {
+            t.run_id for t in state.task_store.values() if t.type == TaskType.CLIENT_APP and t.status.status in waiting
+        }
+
+    def mark_fetched(state: Any, runs: set[int]) -> None:
+        """Mark fetched the unanswered messages of ``runs`` no task fetched, so Flower writes their error reply."""
+        with state.lock_msg_store:
+            replied = {e.message.metadata.reply_to_message_id for e in state.msg_store.values()}
+            for entry in state.msg_store.values():
+                meta = entry.message.metadata
+                if meta.run_id in runs and not entry.is_retrieved and not meta.reply_to_message_id:
+                    if meta.message_id not in replied:
+                        log.warning(
+                            "the ClientApp task of run %s ended before it fetched message %s: replying with an "
+                            "error so this SuperNode goes on", meta.run_id, meta.message_id,
+                        )  # fmt: skip
+                        entry.is_retrieved = True
+                        state.record_message_processing_start(meta.message_id)
+
+    def patched_finish(self: Any, task_id: int, sub_status: str, details: str) -> bool:
+        finished = finish_task(self, task_id, sub_status, details)
+        if finished and sub_status == SubStatus.FAILED:
+            with self.lock_task_store:
+                task = self.task_store.get(task_id)
+                runs = {task.run_id} - live_runs(self) if task and task.type == TaskType.CLIENT_APP else set()
+            if runs:
+                mark_fetched(self, runs)
+                self._store_error_replies(runs, crashed)
+        return finished
+
+    def patched_expired(self: Any, tasks: list) -> None:  # called with lock_task_store held
+        mark_fetched(self, {t.run_id for t in tasks if t.type == TaskType.CLIENT_APP} - live_runs(self))
+        on_expired(self, tasks)
+
+    cls.finish_task, cls._on_task_tokens_expired = patched_finish, patched_expired
+    cls._fedllm_replies_failed_tasks = True
 
 
 def _seconds(text: str) -> float:
@@ -87,10 +161,15 @@ def main(argv: list[str] | None = None) -> None:
     args, rest = parser.parse_known_args(argv)
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
+    from fedllm_app.console import setup_console
+
+    setup_console()
+
     if {"-h", "--help"} & set(rest):
         parser.print_help()
         print("\nAll other arguments are flower-supernode's:\n", flush=True)
     patch_waits(args.idle_pull_interval, args.reply_poll_interval)
+    patch_failed_task_replies()
     sys.argv = ["flower-supernode", *rest]
     flower_supernode()
 

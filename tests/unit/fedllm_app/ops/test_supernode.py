@@ -29,3 +29,86 @@ def test_an_interval_that_is_not_a_number_of_seconds_is_refused_by_name():
     )
     assert done.returncode == 2
     assert "'0' is not a number of seconds between 0.01 and 60" in done.stderr
+
+
+# -- a ClientApp task that fails before it fetched its message (Flower's real node state) -------------------------
+
+
+def node_state(patched=True):
+    """A SuperNode's state (Flower's InMemoryNodeState), with or without the fix, holding one pulled message."""
+    from flwr.app import Message, RecordDict
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+
+    from fedllm_app.ops.supernode import patch_failed_task_replies
+
+    class State(InMemoryNodeState):  # a subclass: Flower's own class stays unpatched for other tests
+        pass
+
+    if patched:
+        patch_failed_task_replies(State)
+    state = State(ObjectStoreFactory().store())
+    message = Message(RecordDict(), dst_node_id=1, message_type="train")
+    message.metadata.__dict__["_run_id"] = 7
+    message.metadata.__dict__["_message_id"] = message.object_id
+    state.store_message(message)
+    return state, message
+
+
+def started_task(state, run_id=7):
+    """A ClientApp task of ``run_id``, claimed and running (it pulled its input) but not holding the message yet."""
+    from flwr.supercore.constant import TaskType
+
+    task = state.create_task(task_type=TaskType.CLIENT_APP, run_id=run_id, fab_hash="f")
+    assert state.claim_task(task) and state.activate_task(task)
+    return task
+
+
+def replies(state):
+    return list(state.get_messages_legacy(is_reply=True))  # what the SuperNode's loop waits for
+
+
+def test_a_task_that_fails_before_fetching_its_message_gets_the_message_an_error_reply_so_the_node_goes_on():
+    from flwr.common.constant import ErrorCode, SubStatus
+
+    for patched in (False, True):
+        state, message = node_state(patched)
+        state.finish_task(started_task(state), SubStatus.FAILED, "the task ran past --input-timeout")
+        got = replies(state)
+        if not patched:
+            assert got == []  # Flower alone: the node waits for this reply for ever
+            continue
+        assert [r.metadata.reply_to_message_id for r in got] == [message.metadata.message_id]
+        assert got[0].has_error() and got[0].error.code == ErrorCode.CLIENT_APP_CRASHED
+
+
+def test_a_task_whose_heartbeat_expired_before_fetching_its_message_gets_the_message_an_error_reply():
+    from datetime import timedelta
+
+    from flwr.supercore.date import now
+
+    state, message = node_state()
+    task = started_task(state)
+    state.task_token_store[task].active_until = now() - timedelta(seconds=1)  # 60 s without a heartbeat
+    got = replies(state)
+    assert [r.metadata.reply_to_message_id for r in got] == [message.metadata.message_id] and got[0].has_error()
+
+
+def test_no_error_reply_while_another_task_of_the_run_may_still_fetch_the_message_or_after_a_real_reply():
+    from flwr.app import Message, RecordDict
+    from flwr.common.constant import SubStatus
+    from flwr.supercore.constant import TaskType
+
+    state, message = node_state()
+    state.create_task(task_type=TaskType.CLIENT_APP, run_id=7, fab_hash="f")  # pending: it may fetch it
+    state.finish_task(started_task(state), SubStatus.FAILED, "failed")
+    assert replies(state) == []
+
+    state, message = node_state()
+    task = started_task(state)
+    assert list(state.get_messages_legacy(run_ids=[7], is_reply=False, limit=1)) == [message]  # the task fetched it
+    reply = Message(RecordDict(), reply_to=message)
+    reply.metadata.__dict__["_message_id"] = reply.object_id
+    state.store_message(reply)
+    state.finish_task(task, SubStatus.FAILED, "failed after replying")
+    assert [r.metadata.message_id for r in replies(state)] == [reply.metadata.message_id]  # only its own reply
