@@ -348,7 +348,8 @@ class Deployment:
 
     def report(self, lines: int = 8) -> str:
         """Each SuperNode's and SuperExec's state (running, or its exit code) and the last ``lines`` lines of
-        each SuperExec's log that are not a traceback's: what a run that timed out was waiting on."""
+        each SuperExec's log that are not a traceback's: what a run that timed out was waiting on.
+        """
         out = []
         for name, node in self.nodes.items():
             state = [_state(node.process)] + [_state(proc) for proc in node.extra]

@@ -61,7 +61,9 @@ log = logging.getLogger("fedllm")
 
 MODES = ("inline", "fork")
 TASK_TIMEOUT = 3600.0  # seconds; --task-timeout's default: well above a round of a 7B model on one GPU
-INPUT_TIMEOUT = 600.0  # seconds; --input-timeout's default: a round's message reaches the task well before
+INPUT_TIMEOUT = 300.0  # seconds; --input-timeout's default: half the server's 600 s wait for a node's first
+# answer, so a stopped run's ghost task cannot make a resumed run leave this node out; a message's contents
+# reach the task well before (300 MB at 1 MB/s)
 REPORT_EVERY = 300.0  # seconds between two "still running" lines of one task
 KILL_GRACE = 60.0  # fork: seconds after the timeout before a child that ignored it is killed
 
