@@ -132,6 +132,57 @@ def patch_failed_task_replies(cls: type | None = None) -> None:
     cls._fedllm_replies_failed_tasks = True
 
 
+class RunStopped(RuntimeError):
+    """The run stopped while this SuperNode pulled one of its messages from the SuperLink."""
+
+
+def _run_stop_as_error(fn: Any) -> Any:
+    """``fn`` raising :class:`RunStopped` where Flower raises ``RunNotRunningException`` (a BaseException)."""
+    from flwr.supercore.run import RunNotRunningException
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except RunNotRunningException as err:
+            raise RunStopped(
+                "its run stopped while this SuperNode pulled it; the message and its task are dropped"
+            ) from err
+
+    return call
+
+
+def patch_stopped_run_messages() -> None:
+    """Drop a message, and its task, whose run stops while the SuperNode pulls its contents.
+
+    Flower 1.42 creates the task and stores the message before it pulls the contents; when the run stops
+    meanwhile the pull raises ``RunNotRunningException``, which its clean-up (``except Exception``) does
+    not catch, so the task and the content-less message stay: a ghost that a SuperExec claims and whose
+    ClientApp waits for contents that never come (up to 2 h; fedllm's warm SuperExec ends it at
+    ``--input-timeout``). Its late error reply then took the SuperNode's one push of the next run's first
+    message, whose own reply was never sent: the resumed run waited on this node for ever. Here that
+    exception becomes :class:`RunStopped`, so Flower's own clean-up deletes the message and fails the task.
+    """
+    import flwr.supernode.start_client_internal as supernode
+
+    original = supernode._pull_and_store_message
+    if getattr(original, "_fedllm_drops_stopped_runs", False):
+        return
+    params = list(inspect.signature(original).parameters)
+    if "pull_object" not in params or "confirm_message_received" not in params:
+        raise RuntimeError(
+            "flwr's SuperNode no longer pulls a message as fedllm-supernode expects; run flower-supernode"
+        )
+
+    def pull_and_store(*args: Any, **kwargs: Any) -> Any:
+        bound = inspect.signature(original).bind(*args, **kwargs)
+        for name in ("pull_object", "confirm_message_received"):
+            bound.arguments[name] = _run_stop_as_error(bound.arguments[name])
+        return original(*bound.args, **bound.kwargs)
+
+    pull_and_store._fedllm_drops_stopped_runs = True  # type: ignore[attr-defined]
+    supernode._pull_and_store_message = pull_and_store
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -170,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         print("\nAll other arguments are flower-supernode's:\n", flush=True)
     patch_waits(args.idle_pull_interval, args.reply_poll_interval)
     patch_failed_task_replies()
+    patch_stopped_run_messages()
     sys.argv = ["flower-supernode", *rest]
     flower_supernode()
 

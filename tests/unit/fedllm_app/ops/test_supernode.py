@@ -112,3 +112,48 @@ def test_no_error_reply_while_another_task_of_the_run_may_still_fetch_the_messag
     state.store_message(reply)
     state.finish_task(task, SubStatus.FAILED, "failed after replying")
     assert [r.metadata.message_id for r in replies(state)] == [reply.metadata.message_id]  # only its own reply
+
+
+def test_a_message_whose_run_stops_while_it_is_pulled_is_dropped_with_its_task_not_left_as_a_ghost(monkeypatch):
+    """Flower 1.42 kept the task and the content-less message (a ghost whose late reply took the next run's push)."""
+    import flwr.supernode.start_client_internal as supernode
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.common.constant import Status, SubStatus
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.inflatable.inflatable_object import get_object_tree
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supercore.run import Run, RunNotRunningException
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+
+    from fedllm_app.ops.supernode import patch_stopped_run_messages
+
+    def pull(patched):
+        monkeypatch.setattr(supernode, "_pull_and_store_message", supernode._pull_and_store_message)
+        if patched:
+            patch_stopped_run_messages()
+        store = ObjectStoreFactory().store()
+        state = InMemoryNodeState(store)
+        run = Run.create_empty(7)
+        run.primary_task_type, run.fab_hash = TaskType.CLIENT_APP, "f"
+        state.store_run(run)
+        message = Message(RecordDict({"x": ConfigRecord({"a": 1})}), dst_node_id=1, message_type="train")
+        message.metadata.__dict__["_run_id"] = 7
+        message.metadata.__dict__["_message_id"] = message.object_id
+
+        def run_stopped(*args):
+            raise RunNotRunningException
+
+        got = supernode._pull_and_store_message(
+            state=state, object_store=store, node_config={}, receive=lambda: (message, get_object_tree(message)),
+            get_run=None, get_fab=None, pull_object=run_stopped, confirm_message_received=None, trusted_entities=None,
+        )  # fmt: skip
+        return got, state
+
+    got, state = pull(patched=False)  # Flower alone: the ghost
+    assert got is None and len(state.msg_store) == 1
+    assert [t.status.status for t in state.get_tasks()] == [Status.PENDING]
+    got, state = pull(patched=True)
+    assert got is None and state.msg_store == {}
+    [task] = state.get_tasks()
+    assert (task.status.status, task.status.sub_status) == (Status.FINISHED, SubStatus.FAILED)
+    assert "its run stopped while this SuperNode pulled it" in task.status.details
