@@ -1,7 +1,7 @@
 r"""``flower-supernode`` that never waits for ever on a failed ClientApp task, with settable fixed waits.
 
 The SuperNode to run beside fedllm's warm SuperExec (:mod:`fedllm_app.ops.warm_superexec`): Flower's
-``flower-supernode``, every argument its own, with two changes::
+``flower-supernode``, every argument its own, with three changes::
 
     fedllm-supernode --insecure --superlink 127.0.0.1:9190 --isolation process --port 9195 \
         --node-config "partition-id=0 num-partitions=2"
@@ -14,14 +14,16 @@ The SuperNode to run beside fedllm's warm SuperExec (:mod:`fedllm_app.ops.warm_s
    more, in that run or any later one (seen once in CI after the kill-and-resume deployment test). Here
    the SuperNode replies to such a message with Flower's own "ClientApp stopped responding" error: the
    server counts the node as failed for that round and the node goes on.
-2. **Fixed waits.** Flower's SuperNode sleeps 3 s after every pull that brought no message from the
+2. **A message whose run stops while it is pulled is dropped with its task** (:func:`patch_stopped_run_messages`)
+   instead of staying as a ghost task whose late reply could take the next run's only push.
+3. **Fixed waits.** Flower's SuperNode sleeps 3 s after every pull that brought no message from the
    SuperLink and polls its own state every 0.5 s for the ClientApp's reply (``time.sleep(3)`` and
    ``time.sleep(0.5)`` in ``flwr/supernode/start_client_internal.py``; no option sets them).
    ``--idle-pull-interval`` (default Flower's 3 s; 0.5 makes an idle node ask the SuperLink twice a
    second, and measured no shorter round start) and ``--reply-poll-interval`` (default 0.05 s, a look
    at the node's own memory) set them. Only ``start_client_internal``'s view of :mod:`time` is changed,
    and only where it waits exactly those values; with a Flower that no longer has these waits, or whose
-   node state no longer has the methods mended in 1., it refuses to start rather than guess.
+   node state or message pull no longer has the parts mended in 1. and 2., it refuses to start rather than guess.
 """
 
 from __future__ import annotations
