@@ -162,7 +162,8 @@ def patch_stopped_run_messages() -> None:
     ClientApp waits for contents that never come (up to 2 h; fedllm's warm SuperExec ends it at
     ``--input-timeout``). Its late error reply then took the SuperNode's one push of the next run's first
     message, whose own reply was never sent: the resumed run waited on this node for ever. Here that
-    exception becomes :class:`RunStopped`, so Flower's own clean-up deletes the message and fails the task.
+    exception becomes :class:`RunStopped`, so Flower's own clean-up deletes the message and fails the task;
+    and the SuperNode pushes until the message it pulled last is answered (:func:`_patch_push_until_answered`).
     """
     import flwr.supernode.start_client_internal as supernode
 
@@ -170,7 +171,8 @@ def patch_stopped_run_messages() -> None:
     if getattr(original, "_fedllm_drops_stopped_runs", False):
         return
     params = list(inspect.signature(original).parameters)
-    if "pull_object" not in params or "confirm_message_received" not in params:
+    pushed = list(inspect.signature(supernode._push_messages).parameters)
+    if not {"pull_object", "confirm_message_received", "receive"} <= set(params) or "state" not in pushed:
         raise RuntimeError(
             "flwr's SuperNode no longer pulls a message as fedllm-supernode expects; run flower-supernode"
         )
@@ -179,10 +181,53 @@ def patch_stopped_run_messages() -> None:
         bound = inspect.signature(original).bind(*args, **kwargs)
         for name in ("pull_object", "confirm_message_received"):
             bound.arguments[name] = _run_stop_as_error(bound.arguments[name])
+        bound.arguments["receive"] = _recording(bound.arguments["receive"])
         return original(*bound.args, **bound.kwargs)
 
     pull_and_store._fedllm_drops_stopped_runs = True  # type: ignore[attr-defined]
     supernode._pull_and_store_message = pull_and_store
+    _patch_push_until_answered(supernode)
+
+
+_PULLED: dict[str, str | None] = {"message": None}  # the id of the message this SuperNode pulled last
+
+
+def _recording(receive: Any) -> Any:
+    """``receive`` that notes the id of the message it brings (see :func:`_patch_push_until_answered`)."""
+
+    def call() -> Any:
+        got = receive()
+        _PULLED["message"] = None if got is None else got[0].metadata.message_id
+        return got
+
+    return call
+
+
+def _patch_push_until_answered(supernode: Any) -> None:
+    """Push replies until the message pulled last is answered, not only until the first reply.
+
+    A flwr 1.42 SuperNode pushes after a pull that brought a message, and only the replies present at the
+    first look: a late reply of an earlier message (a stopped run's task, ended at ``--input-timeout``) took
+    that push, the new message's own reply stayed unsent, and the server waited on the node for ever (seen in
+    the kill-and-resume deployment test even with the ghost fix above).
+    """
+    original = supernode._push_messages
+    if getattr(original, "_fedllm_until_answered", False):
+        return
+
+    def push_until_answered(*args: Any, **kwargs: Any) -> None:
+        bound = inspect.signature(original).bind(*args, **kwargs)
+        state = bound.arguments["state"]
+        while True:
+            original(*bound.args, **bound.kwargs)
+            pulled = _PULLED["message"]
+            with state.lock_msg_store:
+                answered = pulled is None or pulled not in state.msg_store  # sent: Flower deletes it with its reply
+            if answered:
+                return
+
+    push_until_answered._fedllm_until_answered = True  # type: ignore[attr-defined]
+    supernode._push_messages = push_until_answered
 
 
 def _seconds(text: str) -> float:

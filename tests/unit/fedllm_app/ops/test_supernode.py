@@ -129,6 +129,7 @@ def test_a_message_whose_run_stops_while_it_is_pulled_is_dropped_with_its_task_n
 
     def pull(patched):
         monkeypatch.setattr(supernode, "_pull_and_store_message", supernode._pull_and_store_message)
+        monkeypatch.setattr(supernode, "_push_messages", supernode._push_messages)  # patched with it
         if patched:
             patch_stopped_run_messages()
         store = ObjectStoreFactory().store()
@@ -157,3 +158,46 @@ def test_a_message_whose_run_stops_while_it_is_pulled_is_dropped_with_its_task_n
     [task] = state.get_tasks()
     assert (task.status.status, task.status.sub_status) == (Status.FINISHED, SubStatus.FAILED)
     assert "its run stopped while this SuperNode pulled it" in task.status.details
+
+
+def test_a_late_reply_of_an_earlier_message_does_not_take_the_push_of_the_message_pulled_last(monkeypatch):
+    """Flower 1.42 pushed only the replies present at its first look: the new message's reply stayed unsent."""
+    import threading
+
+    import flwr.supernode.start_client_internal as supernode
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+
+    from fedllm_app.ops import supernode as ours
+
+    def message(run_id, reply_to=None):
+        content = RecordDict({"x": ConfigRecord({"run": run_id})})
+        msg = Message(content, reply_to=reply_to) if reply_to else Message(content, dst_node_id=1, message_type="train")
+        msg.metadata.__dict__["_run_id"] = run_id
+        return msg
+
+    def push(patched):
+        monkeypatch.setattr(supernode, "_push_messages", supernode._push_messages)
+        monkeypatch.setattr(supernode, "_pull_and_store_message", supernode._pull_and_store_message)
+        if patched:
+            ours.patch_stopped_run_messages()
+        store = ObjectStoreFactory().store()
+        state = InMemoryNodeState(store)
+        stale, current = message(1), message(2)
+        for m in (stale, current):
+            supernode._insert_message(m, state, store)
+        monkeypatch.setitem(ours._PULLED, "message", current.metadata.message_id)  # as its receive noted
+        supernode._insert_message(message(1, reply_to=stale), state, store)  # the stopped run's late reply: first
+        answer = threading.Timer(0.3, supernode._insert_message, (message(2, reply_to=current), state, store))
+        answer.start()
+        sent = []
+        supernode._push_messages(
+            state=state, object_store=store, push_object=None,
+            send=lambda msg, tree, runtime: sent.append(msg.metadata.run_id) or (set(), "session"),
+        )  # fmt: skip
+        answer.join()
+        return sent
+
+    assert push(patched=False) == [1]  # Flower alone: the reply of run 2's message is never sent
+    assert push(patched=True) == [1, 2]
