@@ -347,17 +347,17 @@ class Deployment:
         return RunResult(self.status(run_id), run_id, text)
 
     def report(self, lines: int = 8) -> str:
-        """Each SuperNode's and SuperExec's state (running, or its exit code) and the last ``lines`` lines of
-        each SuperExec's log that are not a traceback's: what a run that timed out was waiting on.
+        """What a run that timed out was waiting on: each SuperNode's and SuperExec's state (running, or its exit
+        code), the SuperNode's last messages in and out (and errors), and the last ``lines`` lines of each
+        SuperExec's log that are not a traceback's.
         """
         out = []
         for name, node in self.nodes.items():
             state = [_state(node.process)] + [_state(proc) for proc in node.extra]
             out.append(f"[deploy] {name}: SuperNode {state[0]}" + (f", SuperExec {state[1]}" if node.extra else ""))
-            log = self.root / "logs" / f"{name}-superexec.log"
-            if log.exists():
-                kept = [x for x in log.read_text(errors="replace").splitlines() if x and not x.startswith((" ", "\t"))]
-                out += [f"  {x[:200]}" for x in kept[-lines:]]
+            moves = re.compile(r"Receiving:|Sending:|Ignoring|ERROR")
+            out += [f"  {x[:200]}" for x in _log_lines(node.log, moves)[-4:]]
+            out += [f"  {x[:200]}" for x in _log_lines(self.root / "logs" / f"{name}-superexec.log")[-lines:]]
         return "\n".join(out)
 
     def serverapp_pids(self) -> list[int]:
@@ -402,6 +402,14 @@ def _kill_group(proc: subprocess.Popen, sig: int) -> None:
         os.killpg(proc.pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _log_lines(log: Path, keep: re.Pattern | None = None) -> list[str]:
+    """A log's lines that are not a traceback's (and match ``keep``, when given); none for a missing log."""
+    if not log.exists():
+        return []
+    lines = [x for x in log.read_text(errors="replace").splitlines() if x and not x.startswith((" ", "\t"))]
+    return [x for x in lines if keep is None or keep.search(x)]
 
 
 def _state(proc: subprocess.Popen) -> str:

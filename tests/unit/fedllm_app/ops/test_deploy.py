@@ -56,6 +56,7 @@ def test_a_run_that_timed_out_reports_which_node_processes_are_alive_and_what_ea
     dead.wait()
     try:
         dep.nodes["node0"] = Node("node0", alive, tmp_path / "n0.log", {}, extra=[dead])
+        (tmp_path / "n0.log").write_text("INFO: Receiving: query message (ID: 9)\nINFO: Received successfully\n")
         lines = ["[fedllm] task 1 started", "Traceback (most recent call last):", '  File "x.py", line 1']
         lines += ["[fedllm] ERROR: task 1 of run 7 ended with exit code 1"]
         (tmp_path / "logs" / "node0-superexec.log").write_text("\n".join(lines) + "\n")
@@ -68,3 +69,4 @@ def test_a_run_that_timed_out_reports_which_node_processes_are_alive_and_what_ea
     assert f"node0: SuperNode running (pid {alive.pid}), SuperExec exited with code 3 (pid {dead.pid})" in text
     assert text.index("timed out after 0.5 s") < text.index("node0: SuperNode")  # in the tail a test prints
     assert "task 1 of run 7 ended with exit code 1" in text and 'File "x.py"' not in text
+    assert "Receiving: query message (ID: 9)" in text and "Received successfully" not in text
