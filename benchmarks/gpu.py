@@ -88,6 +88,11 @@ class Setting:
         Ray resources per client (``client-resources-num-gpus``/``-num-cpus``).
     isolate : bool
         Measure each shape in a fresh process (its own GPU memory and cold load); off, in this one.
+    concurrent : int
+        Client processes that share the device at once, each loading its own model and training one round
+        (0: none). What Flower's Ray backend does with ``client-resources-num-gpus=1/concurrent``, without Ray.
+    concurrent_shape : str
+        The shape those clients train.
     """
 
     shapes: tuple[str, ...] = ("7b", "1b")
@@ -104,6 +109,8 @@ class Setting:
     gpus_per_client: float = 0.25
     cpus_per_client: int = 2
     isolate: bool = True
+    concurrent: int = 4
+    concurrent_shape: str | None = "7b"
 
 
 SMALL = Setting(
@@ -121,6 +128,8 @@ SMALL = Setting(
     gpus_per_client=0.0,
     cpus_per_client=1,
     isolate=False,  # one shape, and the imports of a second interpreter would double its time
+    concurrent=0,
+    concurrent_shape="small",
 )
 
 
@@ -240,6 +249,17 @@ def max_change(before: dict, after: dict) -> float:
     return max(float(np.abs(after[k] - before[k]).max()) for k in before)
 
 
+def lora_dtype(model: Any, dtype: Any = None) -> str:
+    """The LoRA weights' storage dtype, after casting them to ``dtype`` when given."""
+    names = []
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            if dtype is not None:
+                param.data = param.data.to(dtype)
+            names.append(str(param.dtype).removeprefix("torch."))
+    return "/".join(sorted(set(names)))
+
+
 def train_message(arrays: dict, server_round: int, lr: float) -> Any:
     from flwr.app import ConfigRecord, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
@@ -253,8 +273,12 @@ def train_message(arrays: dict, server_round: int, lr: float) -> Any:
     return Message(RecordDict({ARRAYS_KEY: to_record(arrays), CONFIG_KEY: config}), dst_node_id=1, message_type="train")
 
 
-def our_round(cfg: Any, model: Any, counter: TokenCounter, server_round: int) -> dict[str, float]:
-    """One client round exactly as the ClientApp runs it (adapter in, ClientTrainer, adapter out)."""
+def our_round(cfg: Any, model: Any, counter: TokenCounter, server_round: int, pid: int = 0) -> dict[str, Any]:
+    """One client round exactly as the ClientApp runs it (adapter in, ClientTrainer, adapter out).
+
+    The LoRA weights are float32, as in every real client round (the plain TRL trainer built beside it casts
+    a quantised model's LoRA weights to bf16; our ClientTrainer puts them back when it is built).
+    """
     import torch
     from flwr.app import RecordDict
 
@@ -262,11 +286,12 @@ def our_round(cfg: Any, model: Any, counter: TokenCounter, server_round: int) ->
     from fedllm_app.model import get_adapter
     from strategies.fedavg import METRICS_KEY
 
+    dtype = lora_dtype(model, torch.float32)
     before = get_adapter(model)
     msg = train_message(before, server_round, float(cfg.training.learning_rate))
     counter.take()
     start = time.perf_counter()
-    content = train_one_round(cfg, 0, msg, RecordDict())
+    content = train_one_round(cfg, pid, msg, RecordDict())
     if cuda():
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -280,6 +305,7 @@ def our_round(cfg: Any, model: Any, counter: TokenCounter, server_round: int) ->
         "train_loss": float(metrics["train_loss"]),
         "model_load_seconds": float(metrics["model_load_seconds"]),
         "lora_max_change": max_change(before, get_adapter(model)),
+        "lora_dtype": dtype,
     }
 
 
@@ -310,14 +336,18 @@ def plain_sft(cfg: Any, model: Any, tokenizer: Any, rows: list, steps: int) -> A
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=to_trl(rows, "chat"), processing_class=tokenizer)
     trainer.remove_callback(PrinterCallback)  # its end-of-training print only (as ours)
+    trainer.plain_lora_dtype = next(p.dtype for n, p in model.named_parameters() if "lora_" in n)  # what TRL left
     return trainer
 
 
-def plain_round(trainer: Any, model: Any, counter: TokenCounter, steps: int) -> dict[str, float]:
+def plain_round(trainer: Any, model: Any, counter: TokenCounter, steps: int) -> dict[str, Any]:
+    """``steps`` optimizer steps of the plain trainer, with the LoRA dtype TRL gives them and a fresh optimizer."""
     import torch
 
     from fedllm_app.model import get_adapter
 
+    dtype = lora_dtype(model, trainer.plain_lora_dtype)
+    trainer.optimizer, trainer.lr_scheduler = None, None  # the optimizer's state follows the weights' dtype
     before = get_adapter(model)
     trainer.args.max_steps = steps
     counter.take()
@@ -333,6 +363,7 @@ def plain_round(trainer: Any, model: Any, counter: TokenCounter, steps: int) -> 
         "tokens_per_s": tokens / seconds,
         "train_loss": float(out.training_loss),
         "lora_max_change": max_change(before, get_adapter(model)),
+        "lora_dtype": dtype,
     }
 
 
@@ -382,6 +413,93 @@ def measure_shape(name: str, setting: Setting, work: Path) -> dict[str, Any]:
         "plain_all": theirs,
         "ours_vs_plain": best_ours["tokens_per_s"] / best_plain["tokens_per_s"],
     }
+
+
+# ---------------------------------------------------------------- clients sharing the device (worker processes)
+
+
+def concurrent_client(index: int, setting: Setting, work: Path) -> dict[str, Any]:
+    """One of ``setting.concurrent`` clients: load, a warm-up round, wait for the others' go, one timed round."""
+    from fedllm_app.config import load_config
+    from fedllm_app.model import get_model
+
+    name = setting.concurrent_shape
+    given = overrides(setting, work / f"model-{name}", work / "rows.jsonl", setting.sim_steps)
+    cfg = load_config({}, [*given, f"num_clients={setting.concurrent}"])
+    start = time.perf_counter()
+    model, _ = get_model(cfg.model, cfg.seed)
+    load = time.perf_counter() - start
+    counter = TokenCounter(model)
+    our_round(cfg, model, counter, 1, pid=index)  # round 1: builds the ClientTrainer and tokenises
+    reset_peak()
+    (work / f"ready-{index}").touch()
+    while not (work / "go").exists():
+        time.sleep(0.02)
+    began = time.time()
+    measured = our_round(cfg, model, counter, 2, pid=index)
+    return {"client": index, "model_load_cold_seconds": load, "began": began, "ended": time.time(), **measured,
+            "memory_training": peak_memory()}  # fmt: skip
+
+
+def gpu_memory_used_gb() -> float | None:
+    """The whole device's used memory (all processes, CUDA contexts included) as nvidia-smi reads it."""
+    try:
+        done = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        return float(done.stdout.split()[0]) / 1024
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+        return None
+
+
+def run_concurrent(setting: Setting, work: Path) -> dict[str, Any]:
+    """``concurrent`` client processes on one device: each loads its model and trains, all starting together."""
+    name, n = setting.concurrent_shape, setting.concurrent
+    if not (work / f"model-{name}" / "config.json").exists():
+        build_model(SHAPES[name], work / f"model-{name}", setting.max_length)
+    given = json.dumps(dataclasses.asdict(setting))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--client", str(i), "--setting", given, "--work", str(work)],
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i in range(n)
+    ]
+    while not all((work / f"ready-{i}").exists() for i in range(n)):
+        if any(p.poll() not in (None, 0) for p in procs):  # one failed (e.g. out of memory): stop the others
+            for p in procs:
+                p.kill()
+            raise RuntimeError("a client failed before its timed round:\n" + failed_log(procs))
+        time.sleep(0.1)
+    loaded = gpu_memory_used_gb()
+    go = time.time()
+    (work / "go").touch()
+    for p in procs:
+        p.wait()
+    if any(p.returncode != 0 for p in procs):
+        raise RuntimeError("a client failed in its timed round:\n" + failed_log(procs))
+    clients = [json.loads((work / f"client-{i}.json").read_text()) for i in range(n)]
+    seconds = max(c["ended"] for c in clients) - go
+    return {
+        "how": f"{n} client processes on one device, each its own model (what Ray's 1/{n}-GPU actors amount to)",
+        "shape": name,
+        "clients": n,
+        "steps_per_round": setting.sim_steps,
+        "round_seconds": seconds,
+        "tokens_per_s_total": sum(c["tokens"] for c in clients) / seconds,
+        "device_memory_used_gb": loaded,
+        "per_client": clients,
+    }
+
+
+def failed_log(procs: list) -> str:
+    logs = []
+    for p in procs:
+        if p.returncode not in (None, 0):
+            logs.append(p.stderr.read()[-3000:] if p.stderr else "")
+    return "\n".join(logs)
 
 
 # ---------------------------------------------------------------- the simulation (flwr run)
@@ -501,6 +619,22 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {r['round']} | {r['seconds']:.1f} | {r.get('train_phase_seconds', 0):.1f} | {r['replied']} | "
                 f"{r.get('client_model_load_seconds', 0):.2f} |"
             )
+    shared = result.get("concurrent")
+    if shared:
+        per = shared["per_client"]
+        memory = ", ".join(f"{k} {v:.2f}" for k, v in per[0]["memory_training"].items())
+        speeds = ", ".join(f"{c['tokens_per_s']:.0f}" for c in per)
+        loads = ", ".join(f"{c['model_load_cold_seconds']:.1f}" for c in per)
+        used = shared["device_memory_used_gb"]
+        lines += ["", f"Sharing the device: {shared['how']}; the {shared['shape']} shape, "
+                  f"{shared['steps_per_round']} steps of {s['batch_size']} x {s['max_length']} each.", "",
+                  "| clients | round (s) | tokens/s, all clients | tokens/s per client | model load per client (s) "
+                  "| device memory used (GB) | client 0 peak |",
+                  "|---|---|---|---|---|---|---|",
+                  f"| {shared['clients']} | {shared['round_seconds']:.1f} | {shared['tokens_per_s_total']:.0f} | "
+                  f"{speeds} | {loads} | {'-' if used is None else f'{used:.1f}'} | {memory} |"]  # fmt: skip
+    if "concurrent_error" in result:
+        lines += ["", f"Sharing the device failed: {result['concurrent_error'].strip().splitlines()[-1]}"]
     if "simulation_error" in result:
         lines += ["", f"Simulation failed: {result['simulation_error'].strip().splitlines()[-1]}"]
     return "\n".join(lines) + "\n"
@@ -514,6 +648,11 @@ def chosen_setting(args: argparse.Namespace) -> Setting:
         changes["shapes"] = tuple(args.shapes)
     if args.steps:
         changes["steps"] = args.steps
+    if args.quantization:
+        changes["quantization"] = None if args.quantization == "none" else args.quantization
+    if args.concurrent is not None:
+        changes["concurrent"] = args.concurrent
+        changes["concurrent_shape"] = (args.shapes or setting.shapes)[0]
     if args.simulation is False:
         changes["sim_shape"] = None
     elif args.simulation and setting.sim_shape is None:
@@ -528,17 +667,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), help="override the shapes measured")
     parser.add_argument("--steps", type=int, help="override the optimizer steps per measured round")
     parser.add_argument("--simulation", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--quantization", choices=["4bit", "8bit", "none"], help="override model.quantization")
+    parser.add_argument("--concurrent", type=int, help="client processes sharing the device (0: none)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--client", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--setting", help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     from fedllm_app.console import setup_console
 
     setup_console(progress=False)  # the client's own console: no loading bars or library notices
-    if args.worker:
+    if args.worker or args.client is not None:
         given = json.loads(args.setting)
-        result = measure_shape(args.worker, Setting(**{**given, "shapes": tuple(given["shapes"])}), args.work)
-        (args.work / f"shape-{args.worker}.json").write_text(json.dumps(result, indent=2))
+        setting = Setting(**{**given, "shapes": tuple(given["shapes"])})
+        if args.client is not None:
+            result = concurrent_client(args.client, setting, args.work)
+            (args.work / f"client-{args.client}.json").write_text(json.dumps(result, indent=2))
+        else:
+            result = measure_shape(args.worker, setting, args.work)
+            (args.work / f"shape-{args.worker}.json").write_text(json.dumps(result, indent=2))
         return
     setting = chosen_setting(args)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -546,18 +693,31 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="fedllm-gpu-bench-") as tmp:
         work = Path(tmp)
         write_rows(work / "rows.jsonl", setting.rows, setting.max_length)
-        result: dict[str, Any] = {"setting": dataclasses.asdict(setting), "environment": environment()}
-        result["shapes"] = [run_worker(name, setting, work) for name in setting.shapes]
+        result: dict[str, Any] = {"setting": dataclasses.asdict(setting), "environment": environment(), "shapes": []}
+        for name in setting.shapes:
+            result["shapes"].append(run_worker(name, setting, work))
+            report(result, args.out, start)  # each part's figures are kept even if a later part is cut short
+        if setting.concurrent:
+            try:
+                result["concurrent"] = run_concurrent(setting, work)
+            except (RuntimeError, OSError) as err:
+                result["concurrent_error"] = str(err)[-3000:]
+            report(result, args.out, start)
         if setting.sim_shape:
             try:
                 result["simulation"] = simulate(setting, work)
             except (RuntimeError, OSError, subprocess.TimeoutExpired) as err:  # keep the shapes' figures
                 result["simulation_error"] = str(err)[-3000:]
-    result["total_seconds"] = time.perf_counter() - start
-    (args.out / "gpu.json").write_text(json.dumps(result, indent=2))
-    (args.out / "gpu.md").write_text(markdown(result))
+    report(result, args.out, start)
     print(markdown(result))
     print(f"total {result['total_seconds']:.0f} s; wrote {args.out / 'gpu.json'} and {args.out / 'gpu.md'}")
+
+
+def report(result: dict[str, Any], out: Path, start: float) -> None:
+    """Write (or rewrite) ``gpu.json`` and ``gpu.md`` with the parts measured so far."""
+    result["total_seconds"] = time.perf_counter() - start
+    (out / "gpu.json").write_text(json.dumps(result, indent=2))
+    (out / "gpu.md").write_text(markdown(result))
 
 
 if __name__ == "__main__":
