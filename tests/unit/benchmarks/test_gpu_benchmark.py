@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[3]
 def small_result(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-bench")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--small", "--out", str(out)]
+    cmd = [sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--small", "--concurrent", "2", "--out", str(out)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return json.loads((out / "gpu.json").read_text()), (out / "gpu.md").read_text()
@@ -45,3 +45,17 @@ def test_load_times_memory_and_the_table_are_reported(small_result):
     assert shape["memory_training"]["peak_rss_mb"] > 0
     assert result["environment"]["device"] == "cpu"
     assert "| small (" in table and f"{shape['ours_vs_plain']:.0%}" in table
+
+
+def test_clients_sharing_the_device_each_train_their_own_round_and_the_round_lasts_until_the_last_ends(small_result):
+    result, table = small_result
+    setting, shared = result["setting"], result["concurrent"]
+    assert shared["clients"] == 2 and [c["client"] for c in shared["per_client"]] == [0, 1]
+    expected = setting["sim_steps"] * setting["batch_size"] * setting["max_length"]
+    for client in shared["per_client"]:
+        assert client["tokens"] == expected and client["lora_max_change"] > 0
+        assert client["lora_dtype"] == "float32"
+        assert client["model_load_cold_seconds"] > client["model_load_seconds"]  # loaded once, reused in the round
+        assert shared["round_seconds"] >= client["ended"] - client["began"] > 0
+    assert shared["tokens_per_s_total"] == pytest.approx(2 * expected / shared["round_seconds"])
+    assert "| 2 | " in table.split("Sharing the device")[1]
