@@ -180,22 +180,63 @@ def harness_logps(
 def _scored(model: Any, pad_id: int, seqs: list, starts: list, batch_size: int, progress: Any) -> list[float]:
     """Sum of the log-probabilities of ``seq[start:]`` for each token sequence, in right-padded batches."""
     model.eval()
-    device = next(model.parameters()).device
     out: list[float] = []
     for i in range(0, len(seqs), batch_size):
         batch, first = seqs[i : i + batch_size], starts[i : i + batch_size]
-        ids = torch.full((len(batch), max(map(len, batch))), pad_id)
-        mask = torch.zeros_like(ids)
-        for j, seq in enumerate(batch):
-            ids[j, : len(seq)] = torch.tensor(seq)
-            mask[j, : len(seq)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
-        for j, seq in enumerate(batch):
-            out.append(float(logp[j, first[j] - 1 : len(seq) - 1].sum()) if first[j] < len(seq) else 0.0)
+        ids, mask = right_padded(batch, pad_id)
+        spans = [range(f, len(seq)) for seq, f in zip(batch, first, strict=True)]
+        rows = torch.tensor([j for j, span in enumerate(spans) for _ in span], dtype=torch.long)
+        cols = torch.tensor([t for span in spans for t in span], dtype=torch.long)
+        logp = token_logps(model, ids, mask, rows, cols)
+        sums = torch.zeros(len(batch), dtype=logp.dtype).index_add_(0, rows, logp.cpu())
+        out.extend(float(x) for x in sums)  # a continuation cut away entirely scores 0.0
         if progress is not None:
             progress(len(batch))
     return out
+
+
+def right_padded(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists as one right-padded ``[batch, longest]`` id tensor and its attention mask."""
+    ids = torch.full((len(seqs), max(map(len, seqs))), pad_id)
+    mask = torch.zeros_like(ids)
+    for j, seq in enumerate(seqs):
+        ids[j, : len(seq)] = torch.tensor(seq)
+        mask[j, : len(seq)] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def token_logps(
+    model: Any, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+) -> torch.Tensor:
+    """``log p(ids[r, c] | ids[r, :c])`` for each (r, c) of ``rows``, ``cols`` (every ``c >= 1``), float32.
+
+    The LM head (and whatever the model applies to its output, e.g. a logit soft-cap) runs only at the
+    positions that predict those tokens, not at every position of the batch: held-out completions are a
+    small part of their rows, and the head over the whole vocabulary is a large part of a small model's
+    forward. A model whose forward reshapes the head's output gets the full logits instead.
+    """
+    device = next(model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
+    rows, cols = rows.to(device), cols.to(device)
+    head = model.get_output_embeddings()
+
+    def predicting_positions(_module: Any, args: tuple) -> tuple:
+        return (args[0][rows, cols - 1].unsqueeze(0), *args[1:])
+
+    picked = None
+    if head is not None:
+        handle = head.register_forward_pre_hook(predicting_positions)
+        try:
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            picked = logits[0].float() if logits.shape[:2] == (1, len(rows)) else None
+        except RuntimeError:  # the model's forward reshaped the head's output
+            picked = None
+        finally:
+            handle.remove()
+    if picked is None:  # no separate head module, or one whose output the model reshapes: every position
+        picked = model(input_ids=ids, attention_mask=mask).logits[rows, cols - 1].float()
+    return torch.log_softmax(picked, dim=-1).gather(-1, ids[rows, cols].unsqueeze(-1)).squeeze(-1)
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from evaluation.generation import right_padded, token_logps
 from fedllm_app.config import ConfigError
 from fedllm_app.data.templates import prompt_text, to_prompt_completion
 from fedllm_app.data.trl_form import trl_token_ids
@@ -36,28 +37,23 @@ def heldout_loss(
     model: Any, tokenizer: Any, rows: list[dict], template: str, batch_size: int, max_length: int
 ) -> float:
     """Mean cross-entropy over the response (+ end) tokens of ``rows``, tokenised as in training."""
+    tokens = [sft_token_ids(tokenizer, r, template, max_length) for r in rows]
+    return token_loss(model, tokens, tokenizer.pad_token_id, batch_size)
+
+
+@torch.no_grad()
+def token_loss(model: Any, tokens: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int) -> float:
+    """Mean cross-entropy of the labelled tokens of ``[(input ids, labels)]`` (labels -100 where unscored)."""
     model.eval()
-    device = next(model.parameters()).device
     total, count = 0.0, 0
-    for batch in _batches(rows, batch_size):
-        ids, labels = [], []
-        for r in batch:
-            seq, lab = sft_token_ids(tokenizer, r, template, max_length)
-            ids.append(seq)
-            labels.append(lab)
-        width = max(map(len, ids))
-        input_ids = torch.full((len(ids), width), tokenizer.pad_token_id)
-        attn = torch.zeros_like(input_ids)
-        lab = torch.full_like(input_ids, -100)
-        for i, (x, y) in enumerate(zip(ids, labels, strict=False)):
-            input_ids[i, : len(x)] = torch.tensor(x)
-            attn[i, : len(x)] = 1
-            lab[i, : len(y)] = torch.tensor(y)
-        logits = model(input_ids=input_ids.to(device), attention_mask=attn.to(device)).logits.float()
-        shift_logits, shift_labels = logits[:, :-1].reshape(-1, logits.size(-1)), lab[:, 1:].reshape(-1).to(device)
-        loss = torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
-        total += loss.item()
-        count += int((shift_labels != -100).sum())
+    for batch in _batches(tokens, batch_size):
+        ids, mask = right_padded([seq for seq, _ in batch], pad_id)
+        scored = [(j, t) for j, (_, labels) in enumerate(batch) for t in range(1, len(labels)) if labels[t] != -100]
+        if not scored:
+            continue
+        rows, cols = (torch.tensor(x, dtype=torch.long) for x in zip(*scored, strict=True))
+        total -= float(token_logps(model, ids, mask, rows, cols).sum())
+        count += len(scored)
     return total / max(count, 1)
 
 
@@ -121,12 +117,29 @@ def exact_match_due(every: int, rnd: int, num_rounds: int) -> bool:
     return rnd % int(every) == 0 or rnd >= num_rounds
 
 
+class HeldoutRows:
+    """Held-out instruction/response rows, tokenised once as training tokenises them, scored on demand.
+
+    The server scores the same rows every round: only the model's adapter changes between calls.
+    """
+
+    def __init__(self, tokenizer: Any, rows: list[dict], training_cfg: Any) -> None:
+        self.tokenizer, self.rows, self.t = tokenizer, rows, training_cfg
+        self.tokens = [sft_token_ids(tokenizer, r, training_cfg.template, training_cfg.max_length) for r in rows]
+
+    def evaluate(self, model: Any, exact: bool = True) -> dict[str, float]:
+        """Loss and (unless ``exact`` is false) exact match of the model's current adapter."""
+        t = self.t
+        metrics = {"eval_loss": token_loss(model, self.tokens, self.tokenizer.pad_token_id, t.eval_batch_size)}
+        if exact:
+            metrics.update(
+                exact_match(model, self.tokenizer, self.rows, t.template, t.eval_batch_size, t.max_new_tokens)
+            )
+        return metrics
+
+
 def evaluate_adapter(
     model: Any, tokenizer: Any, rows: list[dict], training_cfg: Any, exact: bool = True
 ) -> dict[str, float]:
     """Loss and (unless ``exact`` is false) exact match of the model's current adapter on ``rows``."""
-    t = training_cfg
-    metrics = {"eval_loss": heldout_loss(model, tokenizer, rows, t.template, t.eval_batch_size, t.max_length)}
-    if exact:
-        metrics.update(exact_match(model, tokenizer, rows, t.template, t.eval_batch_size, t.max_new_tokens))
-    return metrics
+    return HeldoutRows(tokenizer, rows, training_cfg).evaluate(model, exact)

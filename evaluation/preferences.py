@@ -28,12 +28,18 @@ def pair_token_ids(row: Row, template: str, tokenizer: Any) -> tuple[list[int], 
 
 
 def pair_logps(model: Any, tokenizer: Any, rows: list[Row], t: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probabilities of the chosen and rejected completions of ``rows`` (training config ``t``).
+    """Log-probabilities of the chosen and rejected completions of ``rows`` (training config ``t``)."""
+    ids = [pair_token_ids(r, t.template, tokenizer) for r in rows]
+    return ids_logps(model, tokenizer.pad_token_id, ids, t)
+
+
+def ids_logps(
+    model: Any, pad: int, ids: list[tuple[list[int], list[int], list[int]]], t: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`pair_logps` from token ids ``[(prompt, chosen, rejected)]``.
 
     Each sequence (prompt + completion) is kept within ``t.max_length`` tokens, as DPOTrainer's collator keeps it.
     """
-    ids = [pair_token_ids(r, t.template, tokenizer) for r in rows]
-    pad = tokenizer.pad_token_id
 
     def logps(which: int) -> torch.Tensor:
         pairs = [(x[0], x[which]) for x in ids]
@@ -89,17 +95,16 @@ def preference_metrics(
 class HeldoutPreferences:
     """The server's per-round DPO evaluation on held-out pairs.
 
-    The reference log-probabilities (the run's starting adapter) are computed once; each
-    round then scores only the policy.
+    The pairs are tokenised and the reference log-probabilities (the run's starting adapter)
+    computed once; each round then scores only the policy.
     """
 
     def __init__(self, model: Any, tokenizer: Any, rows: list[Row], cfg: Any) -> None:
-        self.rows, self.tokenizer, self.t, self.beta = rows, tokenizer, cfg.training, float(cfg.task.beta)
+        self.rows, self.pad, self.t, self.beta = rows, tokenizer.pad_token_id, cfg.training, float(cfg.task.beta)
+        self.ids = [pair_token_ids(r, self.t.template, tokenizer) for r in rows]
         set_adapter(model, reference_adapter(cfg.model, model))
-        self.reference = pair_logps(model, tokenizer, rows, self.t)
+        self.reference = ids_logps(model, self.pad, self.ids, self.t)
 
     def evaluate(self, model: Any) -> dict[str, float]:
         """Metrics of the model's current adapter against the reference."""
-        return preference_metrics(
-            pair_logps(model, self.tokenizer, self.rows, self.t), self.reference, self.rows, self.beta
-        )
+        return preference_metrics(ids_logps(model, self.pad, self.ids, self.t), self.reference, self.rows, self.beta)

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -18,7 +21,7 @@ from flwr.serverapp import Grid
 from omegaconf import DictConfig, OmegaConf
 
 from evaluation.exposure import audit, check_method
-from evaluation.heldout import evaluate_adapter, exact_match_due
+from evaluation.heldout import HeldoutRows, exact_match_due
 from evaluation.preferences import HeldoutPreferences
 from evaluation.runner import check_round_benchmarks, round_benchmarks
 from fedllm_app.comm.codecs import CommParams
@@ -166,6 +169,25 @@ def local_strategy(cfg: DictConfig) -> LocalOnly:
     return with_lora_ranks(LocalOnly, hetero.method)(**strategy_kwargs(cfg), hetero=hetero)
 
 
+@contextmanager
+def eval_threads(cfg: DictConfig) -> Iterator[None]:
+    """Torch threads for the server's evaluation: ``eval.num_threads``, 0 = every CPU this process may use.
+
+    The clients wait while the server evaluates (a round's evaluation ends before the next round is sent),
+    so in a simulation on one machine the evaluation can have every core, not only a client's share
+    (``training.num_threads``, which the ServerApp keeps for everything else).
+    """
+    wanted = int(cfg.eval.get("num_threads", 0) or 0)
+    if wanted < 0:
+        raise ConfigError(f"eval.num_threads={wanted} must be >= 0 (0 = every CPU the process may use); e.g. 2")
+    before = torch.get_num_threads()
+    torch.set_num_threads(wanted or len(os.sched_getaffinity(0)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class FederatedRun:
     """One run's state on the server: config, model, held-out data, outputs.
 
@@ -228,9 +250,11 @@ class FederatedRun:
                 raise ConfigError(str(err)) from None
             log.info(f"{describe(spec)}; the server measures their exposure ({method}) after the last round")
         # DPO is evaluated on held-out pairs (loss, reward margin, preference accuracy) against the reference.
-        self.preferences = (
-            HeldoutPreferences(self.model, self.tokenizer, self.test, cfg) if cfg.task.name == "dpo" else None
-        )
+        with eval_threads(cfg):
+            self.preferences = (
+                HeldoutPreferences(self.model, self.tokenizer, self.test, cfg) if cfg.task.name == "dpo" else None
+            )
+        self.heldout = HeldoutRows(self.tokenizer, self.test, cfg.training) if self.preferences is None else None
         self.summary: dict[str, Any] = {"run": self.writer.dir.name, "strategy": cfg.strategy.name}
         self.final: dict[str, float] = {}
         self.local: dict[int, dict[str, float]] = {}
@@ -239,9 +263,10 @@ class FederatedRun:
 
     def evaluate(self, arrays: ArrayRecord, exact: bool = True) -> dict[str, float]:
         set_adapter(self.model, from_record(arrays))
-        if self.preferences is not None:
-            return self.preferences.evaluate(self.model)
-        return evaluate_adapter(self.model, self.tokenizer, self.test, self.cfg.training, exact=exact)
+        with eval_threads(self.cfg):
+            if self.preferences is not None:
+                return self.preferences.evaluate(self.model)
+            return self.heldout.evaluate(self.model, exact=exact)
 
     def evaluate_round(self, arrays: ArrayRecord) -> dict[str, float]:
         """Held-out loss every round; exact match every ``eval.exact_match_every`` rounds and at the last; the
@@ -249,7 +274,8 @@ class FederatedRun:
         """
         rnd = len(self.writer.rounds) + 1
         metrics = self.evaluate(arrays, exact=exact_match_due(self.exact_every, rnd, self.cfg.num_rounds))
-        metrics.update(round_benchmarks(self.cfg, self.model, self.tokenizer, rnd, self.writer.dir))
+        with eval_threads(self.cfg):
+            metrics.update(round_benchmarks(self.cfg, self.model, self.tokenizer, rnd, self.writer.dir))
         return metrics
 
     def checkpoint(self, rnd: int, arrays: ArrayRecord) -> None:
