@@ -14,12 +14,14 @@ import torch  # noqa: E402
 from flwr.app import Context  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
+from fedllm_app.comm.object_pulls import shorten_object_pull_backoff  # noqa: E402
 from fedllm_app.config import load_config  # noqa: E402
 from fedllm_app.server.nodes import check_nodes  # noqa: E402
 from fedllm_app.server.outputs import PRIVATE_UMASK  # noqa: E402
 from fedllm_app.server.run import FederatedRun  # noqa: E402
 
 app = ServerApp()
+shorten_object_pull_backoff()  # the replies' arrays reach the server sooner (a deployment's ServerApp process)
 
 
 @app.main()

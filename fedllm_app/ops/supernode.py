@@ -1,7 +1,7 @@
 r"""``flower-supernode`` that never waits for ever on a failed ClientApp task, with settable fixed waits.
 
 The SuperNode to run beside fedllm's warm SuperExec (:mod:`fedllm_app.ops.warm_superexec`): Flower's
-``flower-supernode``, every argument its own, with three changes::
+``flower-supernode``, every argument its own, with four changes::
 
     fedllm-supernode --insecure --superlink 127.0.0.1:9190 --isolation process --port 9195 \
         --node-config "partition-id=0 num-partitions=2"
@@ -24,6 +24,8 @@ The SuperNode to run beside fedllm's warm SuperExec (:mod:`fedllm_app.ops.warm_s
    at the node's own memory) set them. Only ``start_client_internal``'s view of :mod:`time` is changed,
    and only where it waits exactly those values; with a Flower that no longer has these waits, or whose
    node state or message pull no longer has the parts mended in 1. and 2., it refuses to start rather than guess.
+4. **Object pulls retry after 0.1 s** (:mod:`fedllm_app.comm.object_pulls`), not Flower's 1 s then 2 s, 4 s:
+   the SuperNode asks the SuperLink for a round's arrays while the ServerApp is still storing them.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ import logging
 import sys
 import time
 from typing import Any
+
+from fedllm_app.comm.object_pulls import shorten_object_pull_backoff
 
 FLOWER_IDLE_PULL = 3.0  # seconds flwr 1.42's SuperNode sleeps after a pull that brought nothing
 FLOWER_REPLY_POLL = 0.5  # seconds between two looks for the ClientApp's reply (and for a reply's contents)
@@ -267,6 +271,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.print_help()
         print("\nAll other arguments are flower-supernode's:\n", flush=True)
     patch_waits(args.idle_pull_interval, args.reply_poll_interval)
+    shorten_object_pull_backoff()
     patch_failed_task_replies()
     patch_stopped_run_messages()
     sys.argv = ["flower-supernode", *rest]

@@ -55,6 +55,7 @@ from flwr.supercore.exit import ExitCode, flwr_exit
 from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
 from flwr.supercore.superexec.executor.types import ExecutionSpec, LaunchResult
 
+from fedllm_app.comm.object_pulls import shorten_object_pull_backoff
 from fedllm_app.console import setup_console
 
 log = logging.getLogger("fedllm")
@@ -345,6 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_console()
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # asking about CUDA must not initialise it
     os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")  # Flower's 1 s adds idle time to a round
+    shorten_object_pull_backoff()  # each task's ClientApp pulls its message's arrays from the SuperNode
     import torch
 
     seconds = preload(args.preload, load_model=args.mode == "inline" or not torch.cuda.is_available())
