@@ -18,6 +18,7 @@ client's first optimizer step (start-up before the call + set-up), the figure of
 Usage::
 
     python benchmarks/deploy_model_loading.py [--rounds 4] [--modes subprocess fork inline inline:0.5] [--overrides ""]
+        [--debug-logs DIR]    # Flower's timestamped DEBUG logs of each hand-over, kept in DIR/<mode>/
 
 Not a test: it prints a markdown table to paste into docs/benchmarks.md.
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import tempfile
 from pathlib import Path
@@ -33,10 +35,14 @@ from pathlib import Path
 from fedllm_app.ops.deploy import Deployment
 
 
-def measure(variant: str, rounds: int, overrides: str) -> dict[str, float]:
+def measure(variant: str, rounds: int, overrides: str, logs: Path | None = None) -> dict[str, float]:
     mode, _, interval = variant.partition(":")
     pull = float(interval) if interval else None
-    with tempfile.TemporaryDirectory() as tmp, Deployment(Path(tmp), isolation=mode, idle_pull_interval=pull) as dep:
+    level = "DEBUG" if logs else None
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        Deployment(Path(tmp), isolation=mode, idle_pull_interval=pull, flower_log_level=level) as dep,
+    ):
         dep.start_superlink()
         for pid in range(2):
             dep.start_node(f"node{pid}", {"partition-id": pid, "num-partitions": 2})
@@ -46,6 +52,9 @@ def measure(variant: str, rounds: int, overrides: str) -> dict[str, float]:
         )
         assert result.status == "finished:completed", result.output[-3000:]
         rows = [json.loads(x) for x in (dep.root / "out" / "b" / "metrics.jsonl").read_text().splitlines()]
+        if logs:  # the processes' timestamped DEBUG logs and the round lines, per variant
+            shutil.copytree(dep.root / "logs", logs / variant.replace(":", "-"), dirs_exist_ok=True)
+            shutil.copy(dep.root / "out" / "b" / "metrics.jsonl", logs / variant.replace(":", "-"))
     later = rows[1:] or rows
 
     def mean(key: str, per_client: bool = False) -> float:
@@ -74,8 +83,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--modes", nargs="+", default=["subprocess", "fork", "inline"])
     parser.add_argument("--overrides", default="")
+    parser.add_argument(
+        "--debug-logs", type=Path, help="run Flower's processes at FLWR_LOG_LEVEL=DEBUG and keep their logs here"
+    )
     args = parser.parse_args()
-    results = {mode: measure(mode, args.rounds, args.overrides) for mode in args.modes}
+    results = {mode: measure(mode, args.rounds, args.overrides, args.debug_logs) for mode in args.modes}
     print("| figure | " + " | ".join(args.modes) + " |")
     print("|---|" + "---|" * len(args.modes))
     for key in next(iter(results.values())):

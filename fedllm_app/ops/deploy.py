@@ -109,6 +109,9 @@ class Deployment:
         Seconds between two empty pulls of the SuperNodes (``fedllm-supernode --idle-pull-interval``, see
         :mod:`fedllm_app.ops.supernode`) instead of Flower's fixed 3 s. None: Flower's 3 s. The SuperNodes are
         always ``fedllm-supernode``, which also answers a message whose ClientApp task failed before fetching it.
+    flower_log_level : str | None
+        ``FLWR_LOG_LEVEL`` of the SuperLink, SuperNodes and SuperExecs (``DEBUG``: every request, timestamped, in
+        ``logs/``); the ``flwr`` commands keep Flower's default, as their output is read here.
     """
 
     def __init__(
@@ -121,6 +124,7 @@ class Deployment:
         app: Path | None = None,
         idle_pull_interval: float | None = None,
         input_timeout: float | None = None,
+        flower_log_level: str | None = None,
     ) -> None:
         if auth and not tls:
             raise ValueError("SuperNode authentication needs TLS: use Deployment(root, tls=True, auth=True)")
@@ -135,6 +139,7 @@ class Deployment:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.env = flower_env(self.home, PYTHONUNBUFFERED="1")
+        self.log_level = flower_log_level
         self.processes: list[subprocess.Popen] = []
         self.nodes: dict[str, Node] = {}
         self.ca = self.root / "certs" / "ca.crt"
@@ -167,11 +172,14 @@ class Deployment:
 
     def _start(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen, Path]:
         log = self.root / "logs" / f"{name}.log"
+        env = dict(env or self.env)
+        if self.log_level:
+            env["FLWR_LOG_LEVEL"] = self.log_level
         with log.open("ab") as out:
             proc = subprocess.Popen(
                 cmd,
                 cwd=self.root,
-                env=env or self.env,
+                env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: close() ends its children too
