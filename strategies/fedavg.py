@@ -58,11 +58,24 @@ WEIGHT_KEY = "server-weight"
 QUERY_KEY = "query"
 
 
+def partition_queries(nodes: list[int]) -> list[Message]:
+    """One partition query per node."""
+    content = RecordDict({CONFIG_KEY: ConfigRecord({QUERY_KEY: PARTITION_KEY})})
+    return [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
+
+
+def _partition_answer(reply: Message) -> Any:
+    """The reply's metrics if it answers the partition query, else None (an error reply, or no answer in it)."""
+    metrics = None if reply.has_error() else reply.content.get(METRICS_KEY)
+    return metrics if metrics is not None and PARTITION_KEY in metrics else None
+
+
 class FedAvgLoRA(FedAvg):
     """FedAvg with ``sample_clients`` of ``num_clients`` per round and a cosine lr across rounds.
 
     ``seed`` fixes which partitions each round trains; ``query_timeout`` bounds the wait for a new
-    node's answer to the partition query (a node that does not answer in time is not sampled).
+    node's answer to the partition query. A node that does not answer in time is not sampled until it
+    answers: its question stays open, and each later round reads any answer without waiting for it.
     """
 
     mode = "federated"
@@ -100,7 +113,8 @@ class FedAvgLoRA(FedAvg):
         self.num_rounds = num_rounds
         self.lr_max, self.lr_min = lr_max, lr_min
         self.seed, self.query_timeout = seed, query_timeout
-        self.partition_of: dict[int, int | None] = {}  # node id -> its partition id (None: did not answer)
+        self.partition_of: dict[int, int | None] = {}  # node id -> its partition id (None: a bad answer)
+        self._asked: dict[int, str] = {}  # node id -> id of the partition query it has not answered yet
         self._shared_warned: set[tuple[int, int]] = set()  # (partition, node) already warned as held twice
 
     def state_dict(self) -> dict[str, Any]:
@@ -197,9 +211,12 @@ class FedAvgLoRA(FedAvg):
     def connected_partitions(self, grid: Grid) -> dict[int, int]:
         """Partition id -> connected node holding it; nodes not met before are queried first."""
         connected = sorted(grid.get_node_ids())
-        unknown = [n for n in connected if n not in self.partition_of]
+        if self._asked:
+            self.partition_of.update(self.late_answers(grid))
+        unknown = [n for n in connected if n not in self.partition_of and n not in self._asked]
         if unknown:
-            self.partition_of.update(self.query_partitions(grid, unknown))
+            found = self.query_partitions(grid, unknown)
+            self.partition_of.update({n: pid for n, pid in found.items() if n not in self._asked})
         node_of: dict[int, int] = {}
         for node in connected:
             pid = self.partition_of.get(node)
@@ -210,23 +227,44 @@ class FedAvgLoRA(FedAvg):
         return node_of
 
     def query_partitions(self, grid: Grid, nodes: list[int]) -> dict[int, int | None]:
-        """Ask ``nodes`` for their partition id; None for a node that did not answer in ``query_timeout`` s."""
-        content = RecordDict({CONFIG_KEY: ConfigRecord({QUERY_KEY: PARTITION_KEY})})
-        messages = [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
+        """Ask ``nodes`` for their partition id, waiting up to ``query_timeout`` s; None for a bad answer.
+
+        A node that did not answer in time is asked again without waiting (:meth:`late_answers` reads it).
+        """
         found: dict[int, int | None] = dict.fromkeys(nodes)
         answered = set()
-        for reply in grid.send_and_receive(messages, timeout=self.query_timeout):
-            metrics = None if reply.has_error() else reply.content.get(METRICS_KEY)
-            if metrics is not None and PARTITION_KEY in metrics:
+        for reply in grid.send_and_receive(partition_queries(nodes), timeout=self.query_timeout):
+            if (metrics := _partition_answer(reply)) is not None:
                 answered.add(reply.metadata.src_node_id)
                 found[reply.metadata.src_node_id] = self._checked_partition(reply.metadata.src_node_id, metrics)
         silent = [n for n in nodes if n not in answered]  # a bad answer was logged as such by _checked_partition
         if silent:
-            log.warning("nodes %s did not tell their partition within %s s; they are not sampled", silent,
+            log.warning("nodes %s did not tell their partition within %s s; they are not sampled until they "
+                        "answer (asked again; each round reads the answer without waiting)", silent,
                         self.query_timeout)  # fmt: skip
+            queries = partition_queries(silent)
+            self._asked.update(zip(silent, grid.push_messages(queries), strict=True))
+        return found
+
+    def late_answers(self, grid: Grid) -> dict[int, int | None]:
+        """Answers to the questions still open (read now, not waited for); those nodes are asked no more."""
+        found: dict[int, int | None] = {}
+        for reply in grid.pull_messages(list(self._asked.values())):
+            node = reply.metadata.src_node_id
+            if node not in self._asked or reply.metadata.reply_to_message_id != self._asked[node]:
+                continue
+            del self._asked[node]
+            metrics = _partition_answer(reply)
+            if metrics is None:  # an error reply (the node failed or the question expired): ask once more
+                self._asked.update(zip([node], grid.push_messages(partition_queries([node])), strict=True))
+                continue
+            found[node] = self._checked_partition(node, metrics)
+            if found[node] is not None:
+                log.info("node %s told its partition (%s) late; it can be sampled from now on", node, found[node])
         return found
 
     def _checked_partition(self, node: int, metrics: Any) -> int | None:
+        """The node's answer if it is a partition id of this run; else None, with the reason logged."""
         pid = metrics[PARTITION_KEY]
         if not isinstance(pid, int) or isinstance(pid, bool):
             log.warning("node %s answered the partition query with %r, not an integer; it is not sampled", node, pid)

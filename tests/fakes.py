@@ -74,15 +74,25 @@ class FakeGrid:
         for m in messages:
             m.metadata.__dict__["_message_id"] = m.object_id
             self.sent[m.object_id] = m
+            if m.metadata.message_type == "query":
+                self.queries.append(m)
         return [m.object_id for m in messages]
 
     def pull_messages(self, ids) -> list[Message]:
+        """Replies to the messages ``ids``: a query stays unanswered (kept) while its node answers nothing."""
         out = []
         for i in ids:
-            msg = self.sent.pop(i, None)
+            msg = self.sent.get(i)
             if msg is None:
                 continue
-            content = self.reply(msg)
+            if msg.metadata.message_type == "query":
+                answer = self.answer_query(msg)
+                if answer is None:
+                    continue
+                content = RecordDict({METRICS_KEY: MetricRecord(answer)})
+            else:
+                content = self.reply(msg)
+            del self.sent[i]
             if content is not None:
                 out.append(Message(content, reply_to=msg))
         return out

@@ -73,7 +73,10 @@ def test_a_node_that_does_not_tell_its_partition_is_not_sampled(caplog):
     strategy = FedAvgLoRA(**{**KW, "num_clients": 3, "sample_clients": 2}, query_timeout=0.1)
     for rnd in range(1, 6):
         assert trained(strategy, grid, [rnd]) == [[0, 2]]
-    assert logged(caplog) == ["nodes [2] did not tell their partition within 0.1 s; they are not sampled"]
+    assert logged(caplog) == [
+        "nodes [2] did not tell their partition within 0.1 s; they are not sampled until they answer (asked "
+        "again; each round reads the answer without waiting)"
+    ]
     assert logged(caplog, "flwr").count("configure_train: Sampled 2 nodes (out of 3): partitions [0, 2]") == 5
 
 
@@ -107,3 +110,33 @@ def test_the_local_baseline_trains_every_client_every_round():
     """OpenFedLLM's local baseline trains its client in every round, not only when a federated run would draw it."""
     grid = FakeGrid({10 + p: p for p in range(6)})
     assert trained(LocalOnly(**KW), grid, range(1, 4)) == [list(range(6))] * 3
+
+
+def test_a_node_silent_at_its_first_query_is_sampled_once_it_answers_and_no_round_waits_for_it(caplog):
+    caplog.set_level("INFO", logger="fedllm")
+    partitions = {1: 0, 2: None, 3: 2}
+    grid = FakeGrid(partitions)
+    strategy = FedAvgLoRA(**{**KW, "num_clients": 3, "sample_clients": 2}, query_timeout=0.1)
+    assert trained(strategy, grid, [1]) == [[0, 2]]
+    waits = []
+    grid.send_and_receive = lambda *a, **k: waits.append(a) or []  # no later round may block on a query
+    assert trained(strategy, grid, [2, 3]) == [[0, 2], [0, 2]]  # still silent: not sampled, not re-sent
+    partitions[2] = 1  # the node comes up and answers the question it was asked
+    rounds = trained(strategy, grid, range(4, 10))
+    assert any(1 in r for r in rounds), "the node that answered late was never sampled"
+    assert waits == []
+    messages = logged(caplog)
+    assert messages[0].startswith("nodes [2] did not tell their partition within 0.1 s; they are not sampled until")
+    assert "node 2 told its partition (1) late; it can be sampled from now on" in messages
+    assert len([q for q in grid.queries if q.metadata.dst_node_id == 2]) == 2  # the first query and one re-ask
+
+
+def test_a_late_answer_outside_num_clients_still_leaves_the_node_out(caplog):
+    partitions = {1: 0, 2: None, 3: 2}
+    grid = FakeGrid(partitions)
+    strategy = FedAvgLoRA(**{**KW, "num_clients": 3, "sample_clients": 2}, query_timeout=0.1)
+    trained(strategy, grid, [1])
+    partitions[2] = 7
+    assert trained(strategy, grid, range(2, 6)) == [[0, 2]] * 4
+    assert any("node 2 holds partition-id 7, outside 0..2" in m for m in logged(caplog))
+    assert strategy.partition_of[2] is None and not strategy._asked
