@@ -39,7 +39,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from strategies.aggregation import Arrays
-from strategies.records import from_record, to_record
+from strategies.records import from_record, is_integer, to_record
 from strategies.robust import AggregatorParams, aggregate, trimming_shortfall
 from strategies.sampling import nodes_for, sample_partitions
 from strategies.schedule import cosine_lr
@@ -266,7 +266,7 @@ class FedAvgLoRA(FedAvg):
     def _checked_partition(self, node: int, metrics: Any) -> int | None:
         """The node's answer if it is a partition id of this run; else None, with the reason logged."""
         pid = metrics[PARTITION_KEY]
-        if not isinstance(pid, int) or isinstance(pid, bool):
+        if not is_integer(pid):
             log.warning("node %s answered the partition query with %r, not an integer; it is not sampled", node, pid)
             return None
         if not 0 <= pid < self.num_clients:

@@ -71,7 +71,7 @@ from strategies.hetero_rank import (
 )
 from strategies.hetero_rank import slice_rank as slice_arrays
 from strategies.local import LocalOnly
-from strategies.records import from_record, to_record
+from strategies.records import from_record, is_integer, to_record
 from strategies.scaffold import Scaffold
 
 log = logging.getLogger("fedllm")
@@ -269,7 +269,7 @@ class HeteroRank(FedAvgLoRA):
             raise ValueError(f"node {node} could not say its LoRA rank: {reply.error.reason}")
         metrics = reply.content.get(METRICS_KEY)
         rank = None if metrics is None else metrics.get(RANK_KEY)
-        if not isinstance(rank, int) or isinstance(rank, bool):
+        if not is_integer(rank):
             raise ValueError(
                 f"node {node} answered the LoRA rank query with {rank!r}, not an integer; give it a whole "
                 f"number as its lora-rank node config"

@@ -14,3 +14,8 @@ def to_record(arrays: Arrays) -> ArrayRecord:
 
 def from_record(record: ArrayRecord) -> Arrays:
     return {k: v.numpy() for k, v in record.items()}
+
+
+def is_integer(value: object) -> bool:
+    """Whether a value from a message is a whole number: an ``int``, and not a ``bool`` (which Python counts as one)."""
+    return isinstance(value, int) and not isinstance(value, bool)

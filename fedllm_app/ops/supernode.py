@@ -166,23 +166,22 @@ def patch_stopped_run_messages() -> None:
     ClientApp waits for contents that never come (up to 2 h; fedllm's warm SuperExec ends it at
     ``--input-timeout``). Its late error reply then took the SuperNode's one push of the next run's first
     message, whose own reply was never sent: the resumed run waited on this node for ever. Here that
-    exception becomes :class:`RunStopped`, so Flower's own clean-up deletes the message and fails the task;
-    and the SuperNode pushes until the message it pulled last is answered (:func:`_patch_push_until_answered`).
+    exception becomes :class:`RunStopped`, so Flower's own clean-up deletes the message and fails the task.
+    The pull also notes which message it brought, for :func:`patch_push_until_answered`.
     """
     import flwr.supernode.start_client_internal as supernode
 
     original = supernode._pull_and_store_message
     if getattr(original, "_fedllm_drops_stopped_runs", False):
         return
-    params = list(inspect.signature(original).parameters)
-    pushed = list(inspect.signature(supernode._push_messages).parameters)
-    if not {"pull_object", "confirm_message_received", "receive"} <= set(params) or "state" not in pushed:
+    signature = inspect.signature(original)
+    if not {"pull_object", "confirm_message_received", "receive"} <= set(signature.parameters):
         raise RuntimeError(
             "flwr's SuperNode no longer pulls a message as fedllm-supernode expects; run flower-supernode"
         )
 
     def pull_and_store(*args: Any, **kwargs: Any) -> Any:
-        bound = inspect.signature(original).bind(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
         for name in ("pull_object", "confirm_message_received"):
             bound.arguments[name] = _run_stop_as_error(bound.arguments[name])
         bound.arguments["receive"] = _recording(bound.arguments["receive"])
@@ -190,14 +189,13 @@ def patch_stopped_run_messages() -> None:
 
     pull_and_store._fedllm_drops_stopped_runs = True  # type: ignore[attr-defined]
     supernode._pull_and_store_message = pull_and_store
-    _patch_push_until_answered(supernode)
 
 
 _PULLED: dict[str, str | None] = {"message": None}  # the id of the message this SuperNode pulled last
 
 
 def _recording(receive: Any) -> Any:
-    """``receive`` that notes the id of the message it brings (see :func:`_patch_push_until_answered`)."""
+    """``receive`` that notes the id of the message it brings (see :func:`patch_push_until_answered`)."""
 
     def call() -> Any:
         got = receive()
@@ -207,20 +205,28 @@ def _recording(receive: Any) -> Any:
     return call
 
 
-def _patch_push_until_answered(supernode: Any) -> None:
+def patch_push_until_answered() -> None:
     """Push replies until the message pulled last is answered, not only until the first reply.
 
     A flwr 1.42 SuperNode pushes after a pull that brought a message, and only the replies present at the
     first look: a late reply of an earlier message (a stopped run's task, ended at ``--input-timeout``) took
     that push, the new message's own reply stayed unsent, and the server waited on the node for ever (seen in
-    the kill-and-resume deployment test even with the ghost fix above).
+    the kill-and-resume deployment test even with the ghost fix above). Needs
+    :func:`patch_stopped_run_messages`, whose pull notes the message pulled last.
     """
+    import flwr.supernode.start_client_internal as supernode
+
     original = supernode._push_messages
     if getattr(original, "_fedllm_until_answered", False):
         return
+    signature = inspect.signature(original)
+    if "state" not in signature.parameters:
+        raise RuntimeError(
+            "flwr's SuperNode no longer pushes replies as fedllm-supernode expects; run flower-supernode"
+        )
 
     def push_until_answered(*args: Any, **kwargs: Any) -> None:
-        bound = inspect.signature(original).bind(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
         state = bound.arguments["state"]
         while True:
             original(*bound.args, **bound.kwargs)
@@ -274,6 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     shorten_object_pull_backoff()
     patch_failed_task_replies()
     patch_stopped_run_messages()
+    patch_push_until_answered()
     sys.argv = ["flower-supernode", *rest]
     flower_supernode()
 

@@ -33,6 +33,7 @@ from strategies.dp import WITHIN_CLIP_KEY
 from strategies.fedavg import ARRAYS_KEY, DATA_SIZE_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, PARTITION_KEY
 from strategies.hetero import RANK_KEY
 from strategies.hetero_rank import A_SUFFIX
+from strategies.records import is_integer
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -223,7 +224,7 @@ def claimed_partition(msg: Message) -> int | None:
         pid = msg.content[METRICS_KEY][PARTITION_KEY]
     except Exception:  # noqa: BLE001
         return None
-    return pid if isinstance(pid, int) and not isinstance(pid, bool) else None
+    return pid if is_integer(pid) else None
 
 
 def split_replies(

@@ -44,7 +44,7 @@ from fedllm_app.secure.secagg import (
 from fedllm_app.server.reply_checks import NUMPY_STYPE, metrics_problem
 from strategies.dp import DPStrategy
 from strategies.fedavg import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
-from strategies.records import from_record, to_record
+from strategies.records import from_record, is_integer, to_record
 from strategies.scaffold import C_CLIENT_KEY, C_DELTA_KEY, Scaffold
 
 log = logging.getLogger("fedllm")
@@ -203,7 +203,7 @@ def _blob(value: Any, what: str) -> bytes:
 
 
 def _index(value: Any, what: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
+    if not is_integer(value):
         raise TypeError(f"{what} is a {type(value).__name__}, not an int")
     return value
 

@@ -129,7 +129,7 @@ def test_a_message_whose_run_stops_while_it_is_pulled_is_dropped_with_its_task_n
 
     def pull(patched):
         monkeypatch.setattr(supernode, "_pull_and_store_message", supernode._pull_and_store_message)
-        monkeypatch.setattr(supernode, "_push_messages", supernode._push_messages)  # patched with it
+        monkeypatch.setattr(supernode, "_push_messages", supernode._push_messages)
         if patched:
             patch_stopped_run_messages()
         store = ObjectStoreFactory().store()
@@ -181,7 +181,7 @@ def test_a_late_reply_of_an_earlier_message_does_not_take_the_push_of_the_messag
         monkeypatch.setattr(supernode, "_push_messages", supernode._push_messages)
         monkeypatch.setattr(supernode, "_pull_and_store_message", supernode._pull_and_store_message)
         if patched:
-            ours.patch_stopped_run_messages()
+            ours.patch_push_until_answered()
         store = ObjectStoreFactory().store()
         state = InMemoryNodeState(store)
         stale, current = message(1), message(2)
