@@ -15,6 +15,9 @@ Directions (docs/communication.md):
   error feedback, what a lossy codec did not send is kept in the node's state (per partition and
   record) and added to the next round's delta. The server adds the decoded delta to the exact
   arrays it sent that node.
+
+Both ways the encoded (or plain) records then travel packed, one Flower array per record
+(:mod:`fedllm_app.comm.packing`), and are unpacked first on receipt.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from flwr.app import ArrayRecord, Message, RecordDict
 from fedllm_app.comm import downlink
 from fedllm_app.comm.codecs import CodecError, CommParams, decode, encode
 from fedllm_app.comm.encoded import COMM_KEY, decode_content, encode_content
+from fedllm_app.comm.packing import pack_content, unpack_content
 from strategies.aggregation import Arrays
 from strategies.fedavg import ARRAYS_KEY
 from strategies.records import from_record, to_record
@@ -44,6 +48,7 @@ def decode_message(msg: Message, state: Any = None) -> None:
     ``state`` (:func:`fedllm_app.comm.downlink.apply`), which it updates; a :class:`CodecError` when this node
     does not hold the copy the server sent its change against.
     """
+    msg.content = unpack_content(msg.content)
     if COMM_KEY not in msg.content:
         return
     plain = decode_content(msg.content)
@@ -54,10 +59,10 @@ def decode_message(msg: Message, state: Any = None) -> None:
 
 def encode_reply(content: RecordDict, sent: Arrays, params: CommParams, state: Any, pid: int) -> RecordDict:
     """The reply's content as it travels: ``arrays`` as its delta against ``sent`` (the global as this client
-    decoded it), every ArrayRecord encoded with ``comm.codec``, error feedback kept in ``state``.
+    decoded it), every ArrayRecord encoded with ``comm.codec``, error feedback kept in ``state``; packed.
     """
     if params.codec == "none":
-        return content
+        return pack_content(content)
     values = {}
     for key, record in content.items():
         if not isinstance(record, ArrayRecord):
@@ -66,7 +71,7 @@ def encode_reply(content: RecordDict, sent: Arrays, params: CommParams, state: A
         if key == ARRAYS_KEY:
             arrays = {k: v.astype(np.float32) - sent[k].astype(np.float32) for k, v in arrays.items()}
         values[key] = with_feedback(arrays, params, state, f"{RESIDUAL_KEY}:{pid}:{key}")
-    return encode_content(content, params.codec, params, values)
+    return pack_content(encode_content(content, params.codec, params, values))
 
 
 def with_feedback(arrays: Arrays, params: CommParams, state: Any, key: str) -> Arrays:
@@ -94,20 +99,22 @@ def roundtrip(x: np.ndarray, codec: str, params: CommParams) -> np.ndarray:
 
 
 def to_wire(messages: list[Message], params: CommParams, held: downlink.Held | None = None) -> list[Message]:
-    """The messages as they travel: copies with their ArrayRecords encoded with the downlink codec.
+    """The messages as they travel: copies with their ArrayRecords encoded with the downlink codec, packed.
 
-    The originals (exact arrays) stay with the server; with ``codec=none`` and no downlink codec they are
-    what travels. ``held`` (with ``comm.downlink_delta``): the server's record of the nodes' copies; each node
-    is sent the change against its copy where known (:class:`fedllm_app.comm.downlink.Held`).
+    The originals (exact arrays) stay with the server; with ``codec=none`` and no downlink codec their records
+    travel as they are, packed. ``held`` (with ``comm.downlink_delta``): the server's record of the nodes'
+    copies; each node is sent the change against its copy where known (:class:`fedllm_app.comm.downlink.Held`).
     """
     codec = params.downlink_codec
-    if held is None and codec == "none":
-        return messages
+
+    def travelling(m: Message) -> RecordDict:
+        if held is not None:
+            return held.encode(m.content, m.metadata.dst_node_id, params)
+        return m.content if codec == "none" else encode_content(m.content, codec, params)
+
     return [
         Message(
-            held.encode(m.content, m.metadata.dst_node_id, params)
-            if held is not None
-            else encode_content(m.content, codec, params),
+            pack_content(travelling(m)),
             dst_node_id=m.metadata.dst_node_id,
             message_type=m.metadata.message_type,
             group_id=m.metadata.group_id,
@@ -121,9 +128,10 @@ def decode_reply(msg: Message, sent: Arrays, params: CommParams) -> None:
     """Replace an encoded reply's content by the plain arrays it stands for, in place.
 
     ``arrays`` becomes ``sent`` (the exact arrays the server sent this node) plus the decoded delta, in
-    float32. A reply that is not encoded with the run's codec, or does not decode, raises a
+    float32. A reply that is not encoded with the run's codec, or does not decode (or unpack), raises a
     :class:`CodecError` naming why.
     """
+    msg.content = unpack_content(msg.content)
     if params.codec == "none":
         return
     if COMM_KEY not in msg.content:

@@ -189,8 +189,6 @@ def decode_replies(
     """The replies with their encoded arrays decoded (in place), those that do not decode (as rejections)
     and the seconds it took. A reply's delta is added to the exact arrays the server sent that node.
     """
-    if comm.codec == "none":
-        return replies, [], 0.0
     start = time.perf_counter()
     sent = {m.metadata.dst_node_id: m.content[ARRAYS_KEY] for m in messages if ARRAYS_KEY in m.content}
     decoded, rejected = [], []

@@ -11,6 +11,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from fedllm_app.comm.budget import MB
 from fedllm_app.comm.codecs import CommParams
 from fedllm_app.comm.downlink import BASE
+from fedllm_app.comm.packing import pack_content, unpack_content
 from fedllm_app.comm.wire import COMM_KEY, decode_message, encode_reply
 from fedllm_app.config import load_config
 from fedllm_app.server.outputs import format_round
@@ -55,7 +56,7 @@ class CodecGrid:
         for m in messages:
             m.metadata.__dict__["_message_id"] = m.object_id
             self.sent[m.object_id] = m
-            self.seen.append(("down", m.content))
+            self.seen.append(("down", unpack_content(m.content)))  # what the codec made (it travels packed)
             self.down_to.append((m.metadata.dst_node_id, m.content))
         return [m.object_id for m in messages]
 
@@ -68,7 +69,7 @@ class CodecGrid:
                 if (msg.metadata.dst_node_id, int(msg.content[CONFIG_KEY]["server-round"])) in self.lose:
                     continue
                 out.append(reply)
-                self.seen.append(("up", out[-1].content))
+                self.seen.append(("up", unpack_content(out[-1].content)))
         return out
 
     def client(self, msg):
@@ -82,7 +83,8 @@ class CodecGrid:
             content[C_DELTA_KEY] = to_record({k: np.full_like(v, 0.5) for k, v in trained.items()})
         content = encode_reply(content, from_record(msg.content[ARRAYS_KEY]), self.comm, state, node - 1)
         rnd = int(msg.content[CONFIG_KEY]["server-round"])
-        return self.tamper(node, rnd, content) if self.tamper else content
+        # a tampering node garbles what the codec made, then packs it as fedllm's client would
+        return pack_content(self.tamper(node, rnd, unpack_content(content))) if self.tamper else content
 
 
 def run(name, comm, rounds=2, tamper=None, extra="", start=START, lose=(), **kwargs):

@@ -10,12 +10,20 @@ import evaluation.heldout as heldout_module
 import evaluation.preferences as preferences_module
 from fedllm_app.config import ConfigError, load_config
 from fedllm_app.data.pipeline import heldout
-from fedllm_app.model import get_model
+from fedllm_app.model import get_adapter, get_model, set_adapter
 from fedllm_app.server.run import eval_threads
 
 
-def test_evaluation_gets_every_core_by_default_and_the_servers_own_thread_count_comes_back():
-    torch.set_num_threads(1)  # what the ServerApp keeps for everything else (training.num_threads=1)
+@pytest.fixture
+def one_thread():
+    """The ServerApp's own thread count (training.num_threads=1) for the test; the process's comes back after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_evaluation_gets_every_core_by_default_and_the_servers_own_thread_count_comes_back(one_thread):
     seen = []
     with eval_threads(OmegaConf.create({"eval": {"num_threads": 0}})):
         seen.append(torch.get_num_threads())
@@ -60,8 +68,12 @@ def test_held_out_pairs_are_tokenised_once(monkeypatch):
     model, tok = get_model(cfg.model, cfg.seed)
     calls = counting(monkeypatch, preferences_module, "pair_token_ids")
     rows = heldout(cfg)
-    scorer = preferences_module.HeldoutPreferences(model, tok, rows, cfg)
-    assert len(calls) == len(rows)
-    metrics = scorer.evaluate(model)
+    before = get_adapter(model)  # the process's cached model: put its adapter back for the tests after this one
+    try:
+        scorer = preferences_module.HeldoutPreferences(model, tok, rows, cfg)
+        assert len(calls) == len(rows)
+        metrics = scorer.evaluate(model)
+    finally:
+        set_adapter(model, before)
     assert len(calls) == len(rows), "a round tokenised the held-out pairs again"
     assert metrics["reward_margin"] == pytest.approx(0.0, abs=1e-6)  # the adapter is still the reference
