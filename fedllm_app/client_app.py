@@ -26,6 +26,7 @@ from fedllm_app.client import faults, secure  # noqa: E402
 from fedllm_app.client.policy import NodePolicy, PolicyError  # noqa: E402
 from fedllm_app.client.round import DATA_PATH_KEY, round_config, train_one_round  # noqa: E402
 from fedllm_app.comm.codecs import CommParams  # noqa: E402
+from fedllm_app.comm.packing import unpack_content  # noqa: E402
 from fedllm_app.comm.wire import decode_message, encode_reply  # noqa: E402
 from fedllm_app.config import EVERY_ROUND, ConfigError, load_config, parse_faults  # noqa: E402
 from fedllm_app.model import RANK_NODE_KEY, client_rank, with_client_rank  # noqa: E402
@@ -91,7 +92,8 @@ def secure_train(msg: Message, context: Context) -> Message:
     """
     os.umask(0o077)
     try:
-        content = _trained(secure.training_message(msg, context.state), context)
+        # the update as trained (not packed for travel): only its masked sum leaves the node
+        content = unpack_content(_trained(secure.training_message(msg, context.state), context))
         return Message(secure.masked_content(msg, content, context.state), reply_to=msg)
     except Exception as err:  # noqa: BLE001 - as in train: the details stay on the node
         raise _node_error(err) from None
