@@ -181,7 +181,8 @@ def eval_threads(cfg: DictConfig) -> Iterator[None]:
     if wanted < 0:
         raise ConfigError(f"eval.num_threads={wanted} must be >= 0 (0 = every CPU the process may use); e.g. 2")
     before = torch.get_num_threads()
-    torch.set_num_threads(wanted or len(os.sched_getaffinity(0)))
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # Linux; macOS
+    torch.set_num_threads(wanted or usable or 1)
     try:
         yield
     finally:
