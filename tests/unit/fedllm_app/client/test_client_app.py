@@ -12,6 +12,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedllm_app.client.round import DATA_PATH_KEY
 from fedllm_app.client_app import ERRORS, NodeError, app
+from fedllm_app.comm.packing import PACK_KEY, unpack_content
 from fedllm_app.config import ConfigError, conf_dir, load_config
 from fedllm_app.model import get_adapter, get_model
 from fedllm_app.server.reply_checks import ReplySpec, reply_problem, shapes_of
@@ -40,6 +41,8 @@ def run_rounds(overrides: str, node_config: dict, rounds: int = 2, mode: str = "
     for rnd in range(1, rounds + 1):
         reply = app(train_message(arrays, rnd, mode), context)
         assert not reply.has_error()
+        assert PACK_KEY in reply.content  # the adapter travels packed, one array per record
+        reply.content = unpack_content(reply.content)  # as the server reads it
         arrays = from_record(reply.content[ARRAYS_KEY])
         replies.append(reply)
     return start, arrays, replies

@@ -11,6 +11,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from peft.tuners.lora import LoraLayer
 
 from fedllm_app.client_app import app
+from fedllm_app.comm.packing import unpack_content
 from fedllm_app.config import load_config
 from fedllm_app.model import get_adapter, get_model, set_adapter, with_client_rank
 from strategies.fedavg import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
@@ -70,7 +71,7 @@ def test_a_client_trains_the_first_ranks_of_the_global_at_the_globals_scaling():
         message_type="train",
     )
     reply = app(msg, context(overrides, **{"partition-id": 0}))
-    trained = from_record(reply.content[ARRAYS_KEY])
+    trained = from_record(unpack_content(reply.content)[ARRAYS_KEY])
     assert rank_of(trained) == 2 and any(not np.allclose(trained[k], sent[k]) for k in sent)
     client, tokenizer = get_model(with_client_rank(cfg, 2).model, cfg.seed)
     scalings = {m.scaling["default"] for m in client.modules() if isinstance(m, LoraLayer)}

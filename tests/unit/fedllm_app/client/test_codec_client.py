@@ -7,6 +7,7 @@ from flwr.app import ConfigRecord, Context, RecordDict
 
 from fedllm_app.client_app import _train
 from fedllm_app.comm.codecs import CommParams
+from fedllm_app.comm.packing import unpack_content
 from fedllm_app.comm.wire import COMM_KEY, RESIDUAL_KEY, decode_reply, to_wire
 from fedllm_app.config import load_config
 from fedllm_app.model import get_adapter, get_model
@@ -44,7 +45,8 @@ def test_a_node_trains_from_an_int8_message_and_replies_its_encoded_delta():
     )
     reply = _train(wire[0], context)
     assert reply.content[COMM_KEY]["codec"] == "int8"
-    assert {a.dtype for a in reply.content[ARRAYS_KEY].values()} == {"uint8", "float32"}  # codes and absmax
+    encoded = unpack_content(reply.content)  # it travels packed; the codec's parts inside
+    assert {a.dtype for a in encoded[ARRAYS_KEY].values()} == {"uint8", "float32"}  # codes and absmax
     assert {f"{RESIDUAL_KEY}:0:{ARRAYS_KEY}", f"{RESIDUAL_KEY}:0:{C_DELTA_KEY}"} <= set(context.state.keys())
     decode_reply(reply, global_, comm)
     trained = from_record(reply.content[ARRAYS_KEY])

@@ -6,6 +6,7 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedllm_app.client_app import app
+from fedllm_app.comm.packing import unpack_content
 from fedllm_app.config import load_config
 from fedllm_app.model import get_adapter, get_model
 from fedllm_app.server.reply_checks import reply_problem
@@ -37,7 +38,7 @@ def test_a_frozen_tail_client_trains_its_first_ranks_holds_the_rest_and_replies_
                   run_config={"overrides": OVERRIDES})  # fmt: skip
     config = ConfigRecord({"server-round": 1, "lr": 1e-2, TRAIN_RANK_KEY: 4})
     msg = Message(RecordDict({ARRAYS_KEY: to_record(global_), CONFIG_KEY: config}), dst_node_id=1, message_type="train")
-    reply = app(msg, ctx).content
+    reply = unpack_content(app(msg, ctx).content)  # as the server reads it
     trained = from_record(reply[ARRAYS_KEY])
     own = slice_rank(global_, 4)
     assert rank_of(trained) == 4 and reply_problem(reply, {k: v.shape for k, v in own.items()}) is None

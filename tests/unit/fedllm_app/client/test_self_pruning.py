@@ -6,6 +6,7 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedllm_app.client_app import app
+from fedllm_app.comm.packing import unpack_content
 from fedllm_app.config import load_config
 from fedllm_app.model import get_adapter, get_model, with_client_rank
 from fedllm_app.server.reply_checks import reply_problem
@@ -24,7 +25,7 @@ OVERRIDES = (
 def train(sent, ctx, server_round):
     config = ConfigRecord({"server-round": server_round, "lr": 1e-2})
     msg = Message(RecordDict({ARRAYS_KEY: to_record(sent), CONFIG_KEY: config}), dst_node_id=1, message_type="train")
-    return app(msg, ctx).content
+    return unpack_content(app(msg, ctx).content)  # as the server reads it
 
 
 @pytest.mark.slow
