@@ -16,7 +16,9 @@ warmup.enable()  # a simulation's Ray workers, started after this import, preloa
 
 import logging  # noqa: E402
 import os  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from dataclasses import replace  # noqa: E402
+from functools import partial  # noqa: E402
 
 from flwr.app import Context, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
@@ -92,8 +94,8 @@ def secure_train(msg: Message, context: Context) -> Message:
     """
     os.umask(0o077)
     try:
-        # the update as trained (not packed for travel): only its masked sum leaves the node
-        content = unpack_content(_trained(secure.training_message(msg, context.state), context))
+        msg.content = unpack_content(msg.content)  # SCAFFOLD's c-server is read before training
+        content, _ = _trained(secure.training_message(msg, context.state), context)
         return Message(secure.masked_content(msg, content, context.state), reply_to=msg)
     except Exception as err:  # noqa: BLE001 - as in train: the details stay on the node
         raise _node_error(err) from None
@@ -116,12 +118,17 @@ def _node_error(err: Exception) -> NodeError:
 
 
 def _train(msg: Message, context: Context) -> Message:
-    """Parse the run config within the node's policy, train (on the node's ``data-path`` if set), reply."""
-    return Message(_trained(msg, context), reply_to=msg)
+    """Parse the run config within the node's policy, train (on the node's ``data-path`` if set), reply the
+    update as it travels (``comm.codec``, packed).
+    """
+    content, travel = _trained(msg, context)
+    return Message(travel(content), reply_to=msg)
 
 
-def _trained(msg: Message, context: Context) -> RecordDict:
-    """The content of this node's train reply (trained adapter, metrics, SCAFFOLD's control delta)."""
+def _trained(msg: Message, context: Context) -> tuple[RecordDict, Callable[[RecordDict], RecordDict]]:
+    """The content of this node's train reply (trained adapter, metrics, SCAFFOLD's control delta), plain,
+    and how it travels (:func:`encoded` with the round's config).
+    """
     policy = NodePolicy.from_node_config(context.node_config)
     decode_message(msg, context.state)  # comm.codec: the arrays as sent, decoded before anything reads them
     cfg = round_config(context.run_config, msg, policy)
@@ -135,7 +142,7 @@ def _trained(msg: Message, context: Context) -> RecordDict:
     fault = planned.get((int(msg.content[CONFIG_KEY]["server-round"]), pid)) or planned.get((EVERY_ROUND, pid))
     if fault:  # tests and the robustness benchmark only: reply with a deliberately bad update
         content = faults.corrupt(content, fault, from_record(msg.content[ARRAYS_KEY]))
-    return encoded(content, msg, cfg, context, pid)
+    return content, partial(encoded, msg=msg, cfg=cfg, context=context, pid=pid)
 
 
 def encoded(content: RecordDict, msg: Message, cfg: DictConfig, context: Context, pid: int) -> RecordDict:

@@ -31,6 +31,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
+from fedllm_app.comm.packing import pack_content
 from fedllm_app.secure import keys as K
 from fedllm_app.secure.secagg import (
     SecAggError,
@@ -248,7 +249,7 @@ def _mask(
     p = state.params
     train = []
     for i in sorted(active):
-        content = RecordDict({k: v for k, v in messages[i].content.items() if k != C_CLIENT_KEY})
+        content = pack_content(RecordDict({k: v for k, v in messages[i].content.items() if k != C_CLIENT_KEY}))
         held = state.ciphertexts.get(i, {})
         srcs = sorted(s for s in held if s in active)
         content[K.RECORD] = K.config({

@@ -14,6 +14,7 @@ from flwr.app import Array, ConfigRecord, Context, Error, Message, MetricRecord,
 from flwr.clientapp import ClientApp
 
 from fedllm_app.client import secure
+from fedllm_app.comm.packing import PACK_KEY, unpack_content
 from fedllm_app.secure import keys as K
 from fedllm_app.secure.secagg import SecAggParams
 from fedllm_app.server.rounds import run_rounds
@@ -27,7 +28,7 @@ from strategies.fedprox import FedProx
 from strategies.fedyogi import FedYogi
 from strategies.privacy import DPParams
 from strategies.records import from_record, to_record
-from strategies.scaffold import C_CLIENT_KEY, C_DELTA_KEY, Scaffold
+from strategies.scaffold import C_CLIENT_KEY, C_DELTA_KEY, C_SERVER_KEY, Scaffold
 from tests.fakes import Writer
 
 START = {"a": np.zeros((4, 3), dtype=np.float32), "b": np.full(5, 0.5, dtype=np.float32)}
@@ -62,6 +63,7 @@ def client_app(delta=delta_of, c_delta=c_delta_of, noise_rng=None):
     @app.train("secagg")
     def train(msg, context):
         pid = context.node_config["partition-id"]
+        msg.content = unpack_content(msg.content)  # as the real ClientApp: the arrays travel packed
         msg = secure.training_message(msg, context.state)
         trained = {k: v + delta(pid)[k] for k, v in from_record(msg.content[ARRAYS_KEY]).items()}
         metrics = {NUM_EXAMPLES_KEY: 8, DATA_SIZE_KEY: 8, "train_loss": 1.0 + pid, "partition-id": pid}
@@ -164,6 +166,24 @@ def test_a_curious_server_sees_only_masked_values_and_still_gets_the_mean():
         pid = reply.content[METRICS_KEY]["partition-id"]
         update = np.concatenate([v.ravel() for v in delta_of(pid).values()])
         assert abs(np.corrcoef(update, vector)[0, 1]) < 0.9  # 17 values: no visible relation (see the unit test)
+
+
+def test_the_mask_stages_train_message_travels_packed_as_a_plain_rounds_does():
+    seen = []  # what each train message carries as it leaves the server (the client unpacks it in place)
+
+    class Watching(LoopbackGrid):
+        def push_messages(self, messages):
+            for m in messages:
+                if m.metadata.message_type == K.TRAIN_TYPE:
+                    seen.append((set(m.content.keys()), {k: len(v) for k, v in m.content.array_records.items()}))
+            return super().push_messages(messages)
+
+    got, _ = secure_rounds(Watching(3, client_app()), Scaffold(**kw(3), server_lr=1.0))
+    assert len(seen) == 3
+    for keys, lengths in seen:  # the adapter and c-server each one array, indexed; the stage's records kept
+        assert {PACK_KEY, K.RECORD, K.SHARES_RECORD} <= keys
+        assert lengths == {ARRAYS_KEY: 1, C_SERVER_KEY: 1}
+    assert_close(got, mean_of(range(3)))
 
 
 @pytest.mark.parametrize(("n", "lost"), [(4, {2}), (10, {1, 5, 8})])
