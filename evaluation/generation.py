@@ -205,6 +205,10 @@ def right_padded(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
     return ids, mask
 
 
+class HeadNotSeparable(RuntimeError):
+    """The model's LM head is not a module whose output the forward returns as it is."""
+
+
 @torch.no_grad()
 def token_logps(
     model: Any, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
@@ -217,26 +221,39 @@ def token_logps(
     forward. A model whose forward reshapes the head's output gets the full logits instead.
     """
     device = next(model.parameters()).device
-    ids, mask = ids.to(device), mask.to(device)
-    rows, cols = rows.to(device), cols.to(device)
+    ids, rows, cols = ids.to(device), rows.to(device), cols.to(device)
+    picked, _ = picked_logits(model, rows, cols - 1, input_ids=ids, attention_mask=mask.to(device))
+    return torch.log_softmax(picked, dim=-1).gather(-1, ids[rows, cols].unsqueeze(-1)).squeeze(-1)
+
+
+def picked_logits(
+    model: Any, rows: torch.Tensor, positions: torch.Tensor, *, rerun: bool = True, **inputs: Any
+) -> tuple[torch.Tensor, Any]:
+    """The model's float32 logits at each (row, position) of ``rows``, ``positions`` (``[len(rows), vocab]``),
+    and the forward's output, for the forward ``model(**inputs)``; the LM head runs only at those positions
+    where the model's head is a module whose output it does not reshape (:func:`token_logps`). Elsewhere the
+    forward runs again with the head at every position, unless ``rerun`` is false (a forward that extends a
+    key/value cache must not run twice): then :class:`HeadNotSeparable` is raised.
+    """
     head = model.get_output_embeddings()
 
     def predicting_positions(_module: Any, args: tuple) -> tuple:
-        return (args[0][rows, cols - 1].unsqueeze(0), *args[1:])
+        return (args[0][rows, positions].unsqueeze(0), *args[1:])
 
-    picked = None
     if head is not None:
         handle = head.register_forward_pre_hook(predicting_positions)
         try:
-            logits = model(input_ids=ids, attention_mask=mask).logits
-            picked = logits[0].float() if logits.shape[:2] == (1, len(rows)) else None
+            out = model(**inputs)
+            if out.logits.shape[:2] == (1, len(rows)):
+                return out.logits[0].float(), out
         except RuntimeError:  # the model's forward reshaped the head's output
-            picked = None
+            pass
         finally:
             handle.remove()
-    if picked is None:  # no separate head module, or one whose output the model reshapes: every position
-        picked = model(input_ids=ids, attention_mask=mask).logits[rows, cols - 1].float()
-    return torch.log_softmax(picked, dim=-1).gather(-1, ids[rows, cols].unsqueeze(-1)).squeeze(-1)
+    if not rerun:
+        raise HeadNotSeparable(f"{type(model).__name__}'s LM head cannot be run at chosen positions only")
+    out = model(**inputs)  # no separate head module, or one whose output the model reshapes: every position
+    return out.logits[rows, positions].float(), out
 
 
 @torch.no_grad()

@@ -9,15 +9,23 @@ are tokenised exactly as TRL's DPOTrainer tokenises them (:func:`pair_token_ids`
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from typing import Any
 
 import torch
 
 from evaluation.generation import sequence_logps
+from evaluation.shared_prefix import SharedPrefixUnsupported, shared_prefix_logps
 from fedllm_app.data.rows import Row
 from fedllm_app.data.trl_form import to_preference, trl_token_ids
 from fedllm_app.model import reference_adapter, set_adapter
+
+log = logging.getLogger("fedllm")
+
+# Scoring each prompt once is used when its summed log-probabilities agree with scoring each sequence whole
+# within AGREE x (1 + |value|) on the reference adapter (float32 on a CPU: ~1e-5).
+AGREE = 1e-3
 
 
 def pair_token_ids(row: Row, template: str, tokenizer: Any) -> tuple[list[int], list[int], list[int]]:
@@ -34,18 +42,30 @@ def pair_logps(model: Any, tokenizer: Any, rows: list[Row], t: Any) -> tuple[tor
 
 
 def ids_logps(
-    model: Any, pad: int, ids: list[tuple[list[int], list[int], list[int]]], t: Any
+    model: Any, pad: int, ids: list[tuple[list[int], list[int], list[int]]], t: Any, *, shared: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`pair_logps` from token ids ``[(prompt, chosen, rejected)]``.
 
     Each sequence (prompt + completion) is kept within ``t.max_length`` tokens, as DPOTrainer's collator keeps it.
+    With ``shared`` each prompt runs once for both completions (:mod:`evaluation.shared_prefix`; a prompt
+    that is empty or fills ``t.max_length`` by itself is scored the plain way).
     """
-
-    def logps(which: int) -> torch.Tensor:
-        pairs = [(x[0], x[which]) for x in ids]
-        return torch.tensor(sequence_logps(model, pad, pairs, t.eval_batch_size, max_length=t.max_length))
-
-    return logps(1), logps(2)
+    limit = t.max_length
+    together = [i for i, (p, _, _) in enumerate(ids) if shared and p and (limit is None or len(p) < limit)]
+    out = torch.zeros(len(ids), 2)
+    if together:
+        items = []
+        for i in together:
+            p, c, r = ids[i]
+            keep = None if limit is None else limit - len(p)
+            items.append((p, [c[:keep], r[:keep]]))
+        out[together] = torch.tensor(shared_prefix_logps(model, pad, items, t.eval_batch_size))
+    alone = sorted(set(range(len(ids))) - set(together))
+    for which in (1, 2):
+        pairs = [(ids[i][0], ids[i][which]) for i in alone]
+        if pairs:
+            out[alone, which - 1] = torch.tensor(sequence_logps(model, pad, pairs, t.eval_batch_size, max_length=limit))
+    return out[:, 0], out[:, 1]
 
 
 def dpo_scores(
@@ -95,8 +115,10 @@ def preference_metrics(
 class HeldoutPreferences:
     """The server's per-round DPO evaluation on held-out pairs.
 
-    The pairs are tokenised and the reference log-probabilities (the run's starting adapter)
-    computed once; each round then scores only the policy.
+    The pairs are tokenised and the reference log-probabilities (the run's starting adapter) computed once;
+    each round then scores only the policy. Each prompt runs once for both completions when, on this model,
+    that gives the reference's log-probabilities as scoring each sequence whole does (:data:`AGREE`); else
+    (another cache, a reshaped LM head, bf16 rounding beyond it) every round scores the sequences whole.
     """
 
     def __init__(self, model: Any, tokenizer: Any, rows: list[Row], cfg: Any) -> None:
@@ -104,7 +126,27 @@ class HeldoutPreferences:
         self.ids = [pair_token_ids(r, self.t.template, tokenizer) for r in rows]
         set_adapter(model, reference_adapter(cfg.model, model))
         self.reference = ids_logps(model, self.pad, self.ids, self.t)
+        self.shared = self._shared_agrees(model)
+        if self.shared:  # the same path for the reference and the policy: equal adapters, a margin of exactly 0
+            self.reference = ids_logps(model, self.pad, self.ids, self.t, shared=True)
+
+    def _shared_agrees(self, model: Any) -> bool:
+        if not self.ids:
+            return False
+        try:
+            got = ids_logps(model, self.pad, self.ids, self.t, shared=True)
+        except SharedPrefixUnsupported as err:
+            log.info("held-out DPO pairs: each sequence scored whole (%s)", err)
+            return False
+        pairs = zip(got, self.reference, strict=True)
+        excess = [float(((g - w).abs() - AGREE * (1 + w.abs())).max()) for g, w in pairs]
+        if max(excess) > 0:
+            log.warning("held-out DPO pairs: scoring the prompt once differs from scoring each sequence whole by "
+                        "more than %g on this model; each sequence is scored whole", AGREE)  # fmt: skip
+            return False
+        return True
 
     def evaluate(self, model: Any) -> dict[str, float]:
         """Metrics of the model's current adapter against the reference."""
-        return preference_metrics(ids_logps(model, self.pad, self.ids, self.t), self.reference, self.rows, self.beta)
+        policy = ids_logps(model, self.pad, self.ids, self.t, shared=self.shared)
+        return preference_metrics(policy, self.reference, self.rows, self.beta)
