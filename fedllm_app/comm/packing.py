@@ -28,25 +28,44 @@ PACKED = "packed"
 KINDS = "fiub"  # float, signed and unsigned int, bool: what adapters and codec parts are made of
 
 
-def pack_content(content: RecordDict) -> RecordDict:
-    """``content`` with each ArrayRecord of two or more arrays packed into one array (others kept as they are)."""
+def pack_content(content: RecordDict, done: dict[int, tuple[ArrayRecord, tuple]] | None = None) -> RecordDict:
+    """``content`` with each ArrayRecord of two or more arrays packed into one array (others kept as they are).
+
+    ``done``: records already packed in the caller's batch, by ``id`` (each kept there with its packing, so no
+    other record can take its ``id`` while ``done`` lives); messages that share one record (the global every
+    sampled node is sent) pack it once.
+    """
     out, index, packed = RecordDict(), ConfigRecord(), []
     for key, record in content.items():
         if not isinstance(record, ArrayRecord) or len(record) < 2:
             out[key] = record
             continue
-        arrays = [np.require(array.numpy(), requirements="C") for array in record.values()]  # keeps 0-d as 0-d
-        index[f"names:{key}"] = list(record.keys())
-        index[f"dtypes:{key}"] = [a.dtype.str for a in arrays]
-        index[f"shapes:{key}"] = [",".join(str(d) for d in a.shape) for a in arrays]
-        blob = np.concatenate([a.reshape(-1).view(np.uint8) for a in arrays])
-        out[key] = ArrayRecord({PACKED: Array.from_numpy_ndarray(blob)})
+        if done is not None and id(record) in done:
+            _, packing = done[id(record)]
+        else:
+            packing = _packed(record)
+            if done is not None:
+                done[id(record)] = (record, packing)
+        out[key], names, dtypes, shapes = packing
+        index[f"names:{key}"], index[f"dtypes:{key}"], index[f"shapes:{key}"] = names, dtypes, shapes
         packed.append(key)
     if not packed:
         return content
     index["records"] = packed
     out[PACK_KEY] = index
     return out
+
+
+def _packed(record: ArrayRecord) -> tuple[ArrayRecord, list[str], list[str], list[str]]:
+    """The record as one uint8 array, and its arrays' names, dtypes and shapes."""
+    arrays = [np.require(array.numpy(), requirements="C") for array in record.values()]  # keeps 0-d as 0-d
+    blob = np.concatenate([a.reshape(-1).view(np.uint8) for a in arrays])
+    return (
+        ArrayRecord({PACKED: Array.from_numpy_ndarray(blob)}),
+        list(record.keys()),
+        [a.dtype.str for a in arrays],
+        [",".join(str(d) for d in a.shape) for a in arrays],
+    )
 
 
 def unpack_content(content: RecordDict) -> RecordDict:

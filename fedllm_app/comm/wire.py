@@ -106,6 +106,7 @@ def to_wire(messages: list[Message], params: CommParams, held: downlink.Held | N
     copies; each node is sent the change against its copy where known (:class:`fedllm_app.comm.downlink.Held`).
     """
     codec = params.downlink_codec
+    done: dict[int, tuple] = {}  # records shared by several messages (the global) are packed once
 
     def travelling(m: Message) -> RecordDict:
         if held is not None:
@@ -114,7 +115,7 @@ def to_wire(messages: list[Message], params: CommParams, held: downlink.Held | N
 
     return [
         Message(
-            pack_content(travelling(m)),
+            pack_content(travelling(m), done),
             dst_node_id=m.metadata.dst_node_id,
             message_type=m.metadata.message_type,
             group_id=m.metadata.group_id,

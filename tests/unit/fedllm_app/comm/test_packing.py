@@ -33,6 +33,23 @@ def test_a_train_message_of_28_arrays_travels_as_a_handful_of_objects_not_dozens
     assert objects(wire.content) <= 8
 
 
+def test_the_global_every_sampled_node_is_sent_is_packed_once_and_each_node_reads_it_whole(monkeypatch):
+    import fedllm_app.comm.packing as packing
+
+    calls = []
+    real = packing._packed
+    monkeypatch.setattr(packing, "_packed", lambda record: calls.append(record) or real(record))
+    shared = RecordDict({ARRAYS_KEY: to_record(adapter()), CONFIG_KEY: ConfigRecord({"server-round": 1})})
+    other = RecordDict({ARRAYS_KEY: to_record(adapter(seed=1)), CONFIG_KEY: ConfigRecord({"server-round": 1})})
+    sent = [Message(c, dst_node_id=n, message_type="train") for n, c in enumerate([shared, shared, shared, other])]
+    wire = to_wire(sent, CommParams())
+    assert len(calls) == 2  # the shared global once, the other node's own record once
+    for m, w in zip(sent, wire, strict=True):
+        back = unpack_content(w.content)[ARRAYS_KEY]
+        for name, value in m.content[ARRAYS_KEY].items():
+            assert np.array_equal(back[name].numpy(), value.numpy()), name
+
+
 def test_every_dtype_and_shape_comes_back_exactly_and_records_of_one_array_stay_as_they_are():
     arrays = {
         "w": np.arange(12, dtype=np.float32).reshape(3, 4).T,  # not contiguous
