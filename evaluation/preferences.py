@@ -140,7 +140,7 @@ class HeldoutPreferences:
             return False
         pairs = zip(got, self.reference, strict=True)
         excess = [float(((g - w).abs() - AGREE * (1 + w.abs())).max()) for g, w in pairs]
-        if max(excess) > 0:
+        if not all(e <= 0 for e in excess):  # NaN included
             log.warning("held-out DPO pairs: scoring the prompt once differs from scoring each sequence whole by "
                         "more than %g on this model; each sequence is scored whole", AGREE)  # fmt: skip
             return False

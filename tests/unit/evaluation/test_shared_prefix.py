@@ -115,8 +115,9 @@ def test_the_servers_dpo_evaluation_scores_each_prompt_once_with_the_whole_seque
     assert metrics["reward_margin"] == 0.0 and metrics["preference_accuracy"] == 0.0  # still the reference
 
 
-def test_a_model_on_which_the_two_ways_disagree_is_scored_whole_and_the_log_says_so(monkeypatch, caplog):
-    scorer, whole, metrics = scorer_on_the_builtin_model(monkeypatch, shift=0.05)
+@pytest.mark.parametrize("shift", [0.05, float("nan")])
+def test_a_model_on_which_the_two_ways_disagree_is_scored_whole_and_the_log_says_so(monkeypatch, caplog, shift):
+    scorer, whole, metrics = scorer_on_the_builtin_model(monkeypatch, shift=shift)
     assert not scorer.shared
     assert "each sequence is scored whole" in caplog.text
     for got, want in zip(scorer.reference, whole, strict=True):
