@@ -59,7 +59,9 @@ def ids_logps(
             p, c, r = ids[i]
             keep = None if limit is None else limit - len(p)
             items.append((p, [c[:keep], r[:keep]]))
-        out[together] = torch.tensor(shared_prefix_logps(model, pad, items, t.eval_batch_size))
+        # half the pairs a batch: the two completions and the repeated cache make as many rows as the plain way's
+        per_batch = max(1, int(t.eval_batch_size) // 2)
+        out[together] = torch.tensor(shared_prefix_logps(model, pad, items, per_batch))
     alone = sorted(set(range(len(ids))) - set(together))
     for which in (1, 2):
         pairs = [(ids[i][0], ids[i][which]) for i in alone]
