@@ -128,25 +128,27 @@ class HeldoutPreferences:
         self.ids = [pair_token_ids(r, self.t.template, tokenizer) for r in rows]
         set_adapter(model, reference_adapter(cfg.model, model))
         self.reference = ids_logps(model, self.pad, self.ids, self.t)
-        self.shared = self._shared_agrees(model)
-        if self.shared:  # the same path for the reference and the policy: equal adapters, a margin of exactly 0
-            self.reference = ids_logps(model, self.pad, self.ids, self.t, shared=True)
+        shared = self._shared_reference(model)
+        self.shared = shared is not None
+        if shared is not None:  # the same path for the reference and the policy: equal adapters, a margin of 0
+            self.reference = shared
 
-    def _shared_agrees(self, model: Any) -> bool:
+    def _shared_reference(self, model: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The reference scored with each prompt once, when that agrees with scoring whole; else None."""
         if not self.ids:
-            return False
+            return None
         try:
             got = ids_logps(model, self.pad, self.ids, self.t, shared=True)
         except SharedPrefixUnsupported as err:
             log.info("held-out DPO pairs: each sequence scored whole (%s)", err)
-            return False
+            return None
         pairs = zip(got, self.reference, strict=True)
         excess = [float(((g - w).abs() - AGREE * (1 + w.abs())).max()) for g, w in pairs]
         if not all(e <= 0 for e in excess):  # NaN included
             log.warning("held-out DPO pairs: scoring the prompt once differs from scoring each sequence whole by "
                         "more than %g on this model; each sequence is scored whole", AGREE)  # fmt: skip
-            return False
-        return True
+            return None
+        return got
 
     def evaluate(self, model: Any) -> dict[str, float]:
         """Metrics of the model's current adapter against the reference."""

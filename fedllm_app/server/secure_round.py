@@ -247,9 +247,9 @@ def _mask(
     """The train stage: every active client trains and replies its masked update; the survivors and the sum."""
     size = _vector_size(arrays, strategy)
     p = state.params
-    train = []
+    train, done = [], {}  # the global all nodes are sent is packed once
     for i in sorted(active):
-        content = pack_content(RecordDict({k: v for k, v in messages[i].content.items() if k != C_CLIENT_KEY}))
+        content = pack_content(RecordDict({k: v for k, v in messages[i].content.items() if k != C_CLIENT_KEY}), done)
         held = state.ciphertexts.get(i, {})
         srcs = sorted(s for s in held if s in active)
         content[K.RECORD] = K.config({
