@@ -230,6 +230,8 @@ class FederatedRun:
         log.info(f"strategy: {self.strategy.describe()}")
         if warning := challenge_warning(cfg):  # a FlowerTune challenge whose fixed settings were changed
             log.warning(warning)
+        if advice := self.comm.downlink_advice:
+            log.warning(advice)
         self.model, self.tokenizer = get_model(cfg.model, cfg.seed)
         self.initial = to_record(initial_adapter(cfg.model, cfg.seed))  # not what the shared model holds now
         set_adapter(self.model, from_record(self.initial))

@@ -127,3 +127,24 @@ def test_topk_travels_down_as_fp16_unless_a_downlink_is_named():
     assert CommParams(codec="topk").downlink_codec == "fp16"
     assert CommParams(codec="int8").downlink_codec == "int8"
     assert CommParams(codec="topk", downlink="none").downlink_codec == "none"
+
+
+@pytest.mark.parametrize(
+    "settings, advised",
+    [
+        ({"codec": "nf4"}, True),
+        ({"codec": "int8"}, True),
+        ({"codec": "topk", "downlink": "nf4"}, True),
+        ({"codec": "nf4", "downlink_delta": True}, False),
+        ({"codec": "nf4", "downlink": "fp16"}, False),
+        ({"codec": "topk"}, False),  # its downlink is fp16
+        ({"codec": "none"}, False),
+    ],
+)
+def test_a_quantised_full_downlink_is_advised_the_delta_downlink_by_its_keys(settings, advised):
+    params = CommParams(**settings)
+    advice = params.downlink_advice
+    assert (advice is not None) == advised
+    if advised:
+        assert f"comm.downlink={params.downlink_codec} sends the whole global" in advice
+        assert "comm.downlink_delta=true" in advice
