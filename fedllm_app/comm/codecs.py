@@ -96,6 +96,12 @@ class CommParams:
             )
         if not isinstance(self.downlink_delta, bool):
             raise CodecError(f"comm.downlink_delta={self.downlink_delta!r} must be true or false")
+        if self.downlink == "topk" and not self.downlink_delta:
+            raise CodecError(
+                f"comm.downlink=topk without comm.downlink_delta would send the global adapter with all but "
+                f"{self.topk_fraction:g} of its values zeroed; set comm.downlink_delta=true (each node gets a top-k "
+                f"of the change against its copy) or comm.downlink=fp16"
+            )
         budget = self.budget_mb
         if budget is not None and not (isinstance(budget, int | float) and not isinstance(budget, bool) and budget > 0):
             raise CodecError(f"comm.budget_mb={budget!r} must be a positive number of MB or null (no budget)")
