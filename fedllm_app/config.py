@@ -341,30 +341,11 @@ def validate(cfg: DictConfig) -> None:
 def _validate_comm(cfg: DictConfig) -> None:
     """The ``comm`` section: codec names, top-k fraction, block size, budget (:class:`CommParams`)."""
     try:
-        comm = CommParams.from_config(cfg.get("comm"))
+        CommParams.from_config(cfg.get("comm"))
     except CodecError as err:
         raise ConfigError(str(err)) from None
     except TypeError as err:  # an unknown key inside comm
         raise ConfigError(f"comm: {err}; the comm keys are those of conf/config.yaml") from None
-    if comm.downlink_delta and comm.delta_codec == "topk":
-        _check_topk_delta_strategy(cfg)
-
-
-def _check_topk_delta_strategy(cfg: DictConfig) -> None:
-    """A top-k delta downlink only with strategies whose global moves by the mean of what the nodes trained."""
-    from strategies.fedopt import ServerOptimizer  # flwr: imported only for this combination
-    from strategies.registry import STRATEGIES
-
-    strategy = STRATEGIES.get(str(cfg.strategy.get("_target_")))
-    _check(
-        not (strategy and issubclass(strategy, ServerOptimizer)),
-        f"strategy={cfg.strategy.name} with comm.downlink_delta=true and top-k changes on the way down: its "
-        f"server step moves every value of the global each round while a top-k change reaches the nodes a fraction "
-        f"at a time, so they train from copies ever further from the global (FedAdam diverged on every seed of the "
-        f"built-in benchmark, docs/communication.md); set comm.downlink=nf4 or fp16 (the change travels dense), "
-        f"or comm.downlink_delta=false with comm.codec=topk (the global travels down as fp16), or use fedavg, "
-        f"fedprox or scaffold",
-    )
 
 
 def _validate_data(cfg: DictConfig) -> None:

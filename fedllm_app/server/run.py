@@ -40,6 +40,7 @@ from fedllm_app.server.secure_round import secagg_params
 from strategies import registry
 from strategies.accounting import epsilon, noise_for_epsilon
 from strategies.dp import Accounting, with_dp
+from strategies.fedopt import ServerOptimizer
 from strategies.hetero import HeteroRankParams, with_lora_ranks
 from strategies.local import LocalOnly
 from strategies.privacy import DPParams, noise_share_range, noise_share_std
@@ -81,6 +82,23 @@ def build_strategy(cfg: DictConfig) -> Any:
         return registry.build(params, wrap=wrap, **strategy_kwargs(cfg), hetero=hetero)
     except ValueError as err:
         raise ConfigError(f"strategy={cfg.strategy.name}: {err}") from None
+
+
+def check_downlink(strategy: Any, comm: CommParams, name: str) -> None:
+    """A top-k delta downlink only with strategies whose global moves by the mean of what the nodes trained.
+
+    A server optimizer (FedAdam, FedYogi, FedAdagrad, FedAvgM) moves every value of the global each round, while
+    a top-k change reaches the nodes a fraction at a time: they would train from copies ever further from it.
+    """
+    if comm.downlink_delta and comm.delta_codec == "topk" and isinstance(strategy, ServerOptimizer):
+        raise ConfigError(
+            f"strategy={name} with comm.downlink_delta=true and top-k changes on the way down: its server step moves "
+            f"every value of the global each round while a top-k change reaches the nodes a fraction at a time, so "
+            f"they train from copies ever further from the global (FedAdam diverged on every seed of the built-in "
+            f"benchmark, docs/communication.md); set comm.downlink=nf4 or fp16 (the change travels dense), or "
+            f"comm.downlink_delta=false with comm.codec=topk (the global travels down as fp16), or use fedavg, "
+            f"fedprox or scaffold"
+        )
 
 
 def dp_settings(cfg: DictConfig) -> dict[str, Any] | None:
@@ -203,6 +221,7 @@ class FederatedRun:
         self.strategy = build_strategy(cfg)  # validates the hyperparameters before anything is loaded
         self.guard_params = GuardParams.from_config(cfg.get("robust"))
         self.comm = CommParams.from_config(cfg.get("comm"))
+        check_downlink(self.strategy, self.comm, cfg.strategy.name)
         check_round_benchmarks(cfg)
         self.exact_every = int(cfg.eval.get("exact_match_every", 1))
         exact_match_due(self.exact_every, 1, cfg.num_rounds)  # a bad value fails at start, not at round N

@@ -13,10 +13,10 @@ from fedllm_app.comm.codecs import CommParams
 from fedllm_app.comm.downlink import BASE
 from fedllm_app.comm.packing import pack_content, unpack_content
 from fedllm_app.comm.wire import COMM_KEY, decode_message, encode_reply
-from fedllm_app.config import load_config
+from fedllm_app.config import ConfigError, load_config
 from fedllm_app.server.outputs import format_round
 from fedllm_app.server.rounds import LARGEST_REPLY_KEY, TOTAL_KEYS, run_rounds
-from fedllm_app.server.run import build_strategy
+from fedllm_app.server.run import build_strategy, check_downlink
 from strategies.fedavg import ARRAYS_KEY, CONFIG_KEY, DATA_SIZE_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
 from strategies.hetero import RANK_KEY, RANK_QUERY
 from strategies.local import PARTITION_KEY
@@ -251,3 +251,38 @@ def test_a_resumed_run_estimates_replies_from_the_largest_one_saved_with_the_tot
     forgotten = {k: totals[k] for k in TOTAL_KEYS}  # what a resume restored before: round 2 would have run
     _, rows, _ = run("fedavg", CommParams(codec="int8", budget_mb=budget_mb), totals=forgotten, **resume)
     assert [r["round"] for r in rows] == [2]
+
+
+def _checked(overrides: str) -> None:
+    cfg = load_config({}, overrides.split())
+    check_downlink(build_strategy(cfg), CommParams.from_config(cfg.comm), cfg.strategy.name)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        "strategy=fedadam comm.codec=topk comm.downlink_delta=true",
+        "strategy=fedavgm comm.codec=topk comm.downlink_delta=true",
+        "strategy=fedyogi comm.codec=nf4 comm.downlink=topk comm.downlink_delta=true",
+        "strategy=fedadagrad comm.codec=topk comm.downlink_delta=true privacy.dp=true baseline=none",
+    ],
+)
+def test_a_server_optimizer_with_top_k_changes_on_the_way_down_is_refused_naming_the_fix(overrides):
+    with pytest.raises(ConfigError) as err:
+        _checked(overrides)
+    name = overrides.split()[0].split("=")[1]
+    assert f"strategy={name} with comm.downlink_delta=true and top-k changes on the way down" in str(err.value)
+    assert "set comm.downlink=nf4 or fp16" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        "strategy=fedavg comm.codec=topk comm.downlink_delta=true",
+        "strategy=scaffold comm.codec=topk comm.downlink_delta=true",
+        "strategy=fedadam comm.codec=topk",
+        "strategy=fedadam comm.codec=topk comm.downlink=nf4 comm.downlink_delta=true",
+    ],
+)
+def test_top_k_runs_where_the_nodes_get_the_whole_global_or_the_strategy_steps_by_the_mean(overrides):
+    _checked(overrides)
