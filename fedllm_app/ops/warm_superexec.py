@@ -125,15 +125,36 @@ class InlineExecutor(SubprocessExecutor):
         return LaunchResult.accepted()
 
 
-def _task_exit(code: int, message: str | None = None, *args: object, **kwargs: object) -> None:
-    """Flower's ``flwr_exit`` for a task run inline: its exit handlers, then SystemExit; no force-exit timer."""
-    import flwr.supercore.exit.exit_handler as handlers
+_EXITING = threading.Event()  # set while a task's exit handlers run: a signal then must not end them half-way
 
+
+def _task_exit(code: int, message: str | None = None, *args: object, **kwargs: object) -> None:
+    """Flower's ``flwr_exit`` for a task run inline or forked: SystemExit, no force-exit timer.
+
+    Flower's exit handlers (push the task's status, stop its heartbeat, close its HTTP client) run later, in
+    :func:`_run_exit_handlers`, once the task's stack has unwound: this is also the SIGINT handler, which lands
+    between any two bytecodes, and a frame it interrupts may hold a lock the handlers need. With the handlers run
+    here, a 401's SIGINT arriving as the input timeout ended the task deadlocked the SuperExec in the HTTP
+    client's close (seen in the kill-and-resume deployment test).
+    """
     if code == ExitCode.GRACEFUL_EXIT_SIGINT:
         log.warning("task %s: Flower ended it from inside (SIGINT; on a 401 its SuperNode no longer knows it)", _ids())
-    handlers.trigger_exit_handlers(run_before_force_exit=True)
-    handlers.trigger_exit_handlers(run_before_force_exit=False)
-    raise SystemExit(code)
+    if not _EXITING.is_set():
+        raise SystemExit(code)
+
+
+def _run_exit_handlers() -> None:
+    """The task's registered Flower exit handlers, both phases, with signals unable to interrupt them half-way."""
+    import flwr.supercore.exit.exit_handler as handlers
+
+    _EXITING.set()
+    try:
+        handlers.trigger_exit_handlers(run_before_force_exit=True)
+        handlers.trigger_exit_handlers(run_before_force_exit=False)
+    except BaseException:  # noqa: BLE001 - e.g. a TaskTimeout: the task is over, the SuperExec goes on
+        log.exception("task %s: its exit handlers raised", _ids())
+    finally:
+        _EXITING.clear()
 
 
 def _swap_exit(old: object, new: object) -> None:
@@ -284,6 +305,7 @@ def _run_task(spec: ExecutionSpec, task_timeout: float = TASK_TIMEOUT, input_tim
     except BaseException:  # noqa: BLE001 - a task must never fall back into the SuperExec's loop
         log.exception("task %s raised outside the ClientApp", _ids())
         code = 1
+    _run_exit_handlers()
     _report(code, time.monotonic() - start)
     return code
 

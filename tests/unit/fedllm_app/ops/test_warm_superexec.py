@@ -92,10 +92,38 @@ HANGING = SPEC + textwrap.dedent(
     """
 )
 
+LOCKED = SPEC + textwrap.dedent(
+    """
+    import signal
+    import flwr.supernode.runtime.run_clientapp as runtime
+    from flwr.supercore.exit import register_signal_handlers
+    from flwr.supercore.telemetry import EventType
 
-def run_script(script):
+    lock = threading.Lock()  # as the HTTP client's connection pool holds its lock while a request unwinds
+
+    def run_clientapp(**kwargs):  # Flower's registration of its exit handler, then a SIGINT inside a lock
+        def on_exit():
+            with lock:
+                print("exit handler ran", flush=True)
+
+        register_signal_handlers(
+            event_type=EventType.FLWR_CLIENTAPP_RUN_LEAVE, exit_message="Task stopped.", exit_handlers=[on_exit]
+        )
+        with lock:
+            signal.raise_signal(signal.SIGINT)  # a 401's SIGINT landing in the frame that holds the lock
+            time.sleep(1)
+
+    runtime.run_clientapp = run_clientapp
+    spec = serve(http.server.BaseHTTPRequestHandler)
+    print(f"task ended with {_run_inline(spec, 0.0, 0.0)}", flush=True)
+    print("superexec still serving", flush=True)
+    """
+)
+
+
+def run_script(script, timeout=120):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.mark.slow
@@ -120,3 +148,16 @@ def test_an_inline_task_that_hangs_or_never_gets_its_message_is_ended_at_its_tim
     assert "task 1 of run 7 ran past --task-timeout=1 s: ending it with an error" in done.stderr
     assert "task 1 of run 7 ended with exit code 800 (TASK_PROC_EXCEPTION)" in done.stderr
     assert "task 1 of run 7 ran past --input-timeout=1 s without its message (a stopped run's task?)" in done.stderr
+
+
+@pytest.mark.slow
+def test_flowers_exit_handlers_run_after_the_task_unwinds_so_a_signal_inside_a_lock_cannot_deadlock_the_superexec():
+    """Before the fix the SIGINT handler ran the exit handlers in the interrupted frame: this script hung."""
+    try:
+        done = run_script(LOCKED, timeout=60)
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"the SuperExec deadlocked in the task's exit handlers:\n{err.stdout}")
+    assert done.stdout.splitlines() == ["exit handler ran", "task ended with 1", "superexec still serving"], (
+        done.stdout + done.stderr[-2000:]
+    )
+    assert "task 1 of run ? ended with exit code 1 (GRACEFUL_EXIT_SIGINT)" in done.stderr
