@@ -129,7 +129,7 @@ _EXITING = threading.Event()  # set while a task's exit handlers run: a signal t
 
 
 def _task_exit(code: int, message: str | None = None, *args: object, **kwargs: object) -> None:
-    """Flower's ``flwr_exit`` for a task run inline or forked: SystemExit, no force-exit timer.
+    """Flower's ``flwr_exit`` for a task run inline (swapped in by :func:`_run_inline`): SystemExit, no timer.
 
     Flower's exit handlers (push the task's status, stop its heartbeat, close its HTTP client) run later, in
     :func:`_run_exit_handlers`, once the task's stack has unwound: this is also the SIGINT handler, which lands

@@ -40,8 +40,8 @@ from fedllm_app.server.secure_round import secagg_params
 from strategies import registry
 from strategies.accounting import epsilon, noise_for_epsilon
 from strategies.dp import Accounting, with_dp
-from strategies.fedavgm import FedAvgM
-from strategies.fedopt import ServerOptimizer
+from strategies.fedadagrad import FedAdagrad
+from strategies.fedopt import AdaptiveMomentOptimizer
 from strategies.hetero import HeteroRankParams, with_lora_ranks
 from strategies.local import LocalOnly
 from strategies.privacy import DPParams, noise_share_range, noise_share_std
@@ -92,7 +92,7 @@ def topk_warning(strategy: Any, comm: CommParams, name: str) -> str | None:
     rarely, with its accumulated residual, gets a full-size step. Measured on the built-in benchmark (3 seeds,
     docs/communication.md), not refused: the combination is a research subject of its own.
     """
-    if comm.codec != "topk" or not isinstance(strategy, ServerOptimizer) or isinstance(strategy, FedAvgM):
+    if comm.codec != "topk" or not isinstance(strategy, (AdaptiveMomentOptimizer, FedAdagrad)):
         return None
     return (
         f"strategy={name} with comm.codec=topk: an adaptive server step scales each value by its own history, so a "
