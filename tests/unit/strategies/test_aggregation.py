@@ -155,3 +155,13 @@ def test_weighted_mean_takes_fractional_weights_and_names_what_is_wrong():
 def test_scaffold_server_step_takes_the_clients_mean_by_default():
     x1, _ = agg.scaffold_server_step(A(1.0), A(0.5), A(0.0), A(0.0), num_sampled=1, num_clients=1)
     assert x1["w"][0] == pytest.approx(0.5)
+
+
+def test_the_zero_first_moment_has_each_global_arrays_shape_and_dtype_and_the_delta_form_starts_empty():
+    like = {"a": np.ones((2, 3), np.float32), "b": np.ones(4, np.float64)}
+    m = agg.initial_first_moment(like, "zero")
+    assert {k: (v.shape, v.dtype, float(np.abs(v).sum())) for k, v in m.items()} == {
+        "a": ((2, 3), np.float32, 0.0),
+        "b": ((4,), np.float64, 0.0),
+    }
+    assert agg.initial_first_moment(like, "delta") is None

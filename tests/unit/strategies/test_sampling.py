@@ -3,9 +3,9 @@
 import random
 
 import numpy as np
-from flwr.app import ConfigRecord
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from strategies.fedavg import FedAvgLoRA
+from strategies.fedavg import METRICS_KEY, PARTITION_KEY, FedAvgLoRA
 from strategies.local import LocalOnly
 from strategies.records import to_record
 from strategies.sampling import draw_order, sample_partitions
@@ -140,3 +140,61 @@ def test_a_late_answer_outside_num_clients_still_leaves_the_node_out(caplog):
     assert trained(strategy, grid, range(2, 6)) == [[0, 2]] * 4
     assert any("node 2 holds partition-id 7, outside 0..2" in m for m in logged(caplog))
     assert strategy.partition_of[2] is None and not strategy._asked
+
+
+class LateQueryGrid(FakeGrid):
+    """A FakeGrid whose open partition queries can end in an error reply, and which can hand back, before the
+    answers asked for, an answer to an older question (``stale``) that the strategy must not take.
+    """
+
+    def __init__(self, partitions):
+        super().__init__(partitions)
+        self.errors: set[int] = set()  # nodes whose open query ends in an error reply, once
+        self.stale: list = []
+
+    def pull_messages(self, ids):
+        out = list(self.stale)
+        self.stale = []
+        for i in ids:
+            msg = self.sent.get(i)
+            node = None if msg is None else msg.metadata.dst_node_id
+            if node in self.errors:
+                self.errors.discard(node)
+                del self.sent[i]
+                out.append(Message(Error(code=0, reason="the question expired"), reply_to=msg))
+            else:
+                out.extend(super().pull_messages([i]))
+        return out
+
+
+def queries_to(grid, node):
+    return [q for q in grid.queries if q.metadata.dst_node_id == node]
+
+
+def test_an_error_reply_to_an_open_partition_query_asks_once_more_and_the_answers_after_it_are_still_read():
+    partitions = {1: 0, 2: None, 3: None}
+    grid = LateQueryGrid(partitions)
+    strategy = FedAvgLoRA(**{**KW, "num_clients": 3, "sample_clients": 1}, query_timeout=0.1)
+    trained(strategy, grid, [1])  # nodes 2 and 3 silent: asked again without waiting
+    grid.errors.add(2)
+    partitions.update({2: 1, 3: 2})
+    trained(strategy, grid, [2])  # node 2's open question ends in an error; node 3's answer comes after it
+    assert strategy.partition_of.get(3) == 2
+    assert 2 not in strategy.partition_of and 2 in strategy._asked
+    assert len(queries_to(grid, 2)) == 3  # the first query, the re-ask, and one more after the error
+    trained(strategy, grid, [3])
+    assert strategy.partition_of[2] == 1 and not strategy._asked
+
+
+def test_an_answer_to_an_older_partition_query_is_ignored_and_the_current_answers_are_read(caplog):
+    partitions = {1: 0, 2: None, 3: None}
+    grid = LateQueryGrid(partitions)
+    strategy = FedAvgLoRA(**{**KW, "num_clients": 3, "sample_clients": 1}, query_timeout=0.1)
+    trained(strategy, grid, [1])
+    first = queries_to(grid, 2)[0]  # sent with send_and_receive, before the re-ask the strategy now waits on
+    grid.stale = [Message(RecordDict({METRICS_KEY: MetricRecord({PARTITION_KEY: 7})}), reply_to=first)]
+    partitions[3] = 2
+    trained(strategy, grid, [2])
+    assert 2 not in strategy.partition_of and 2 in strategy._asked  # still waiting on its current question
+    assert strategy.partition_of.get(3) == 2
+    assert not [m for m in logged(caplog) if "partition-id 7" in m]

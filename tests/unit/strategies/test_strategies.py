@@ -10,9 +10,11 @@ from omegaconf import OmegaConf
 from fedllm_app.config import ConfigError, conf_dir, load_config
 from fedllm_app.server.run import build_strategy
 from strategies.fedavg import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, WEIGHT_KEY
-from strategies.fedprox import PROXIMAL_MU_KEY
+from strategies.fedavgm import FedAvgMParams
+from strategies.fedopt import FedOptParams
+from strategies.fedprox import PROXIMAL_MU_KEY, FedProxParams
 from strategies.records import from_record, to_record
-from strategies.scaffold import C_DELTA_KEY, C_SERVER_KEY
+from strategies.scaffold import C_DELTA_KEY, C_SERVER_KEY, ScaffoldParams
 from tests.fakes import FakeGrid
 
 ALGORITHMS = ["fedavg", "fedprox", "scaffold", "fedavgm", "fedadagrad", "fedyogi", "fedadam", "local", "central"]
@@ -145,3 +147,88 @@ def test_every_strategy_describes_itself_and_fedavg_has_no_state():
     assert s.state_dict() == {}
     with pytest.raises(ValueError, match="keeps no state"):
         s.load_state_dict({"m": {}})
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        (lambda: FedOptParams(eta=0.0), "strategy.eta=0.0 must be > 0.0; e.g. strategy.eta=0.001"),
+        (lambda: FedOptParams(beta_1=1.0), "strategy.beta_1=1.0 must be in (0.0, 1.0); e.g. strategy.beta_1=0.9"),
+        (lambda: FedOptParams(beta_2=1.0), "strategy.beta_2=1.0 must be in (0.0, 1.0); e.g. strategy.beta_2=0.99"),
+        (lambda: FedOptParams(tau=-1.0), "strategy.tau=-1.0 must be > 0.0; e.g. strategy.tau=0.001"),
+        (
+            lambda: FedOptParams(second_moment="m2"),
+            "strategy.second_moment='m2' must be one of delta, momentum; e.g. strategy.second_moment=delta",
+        ),
+        (lambda: FedAvgMParams(server_lr=0.0), "strategy.server_lr=0.0 must be > 0.0; e.g. strategy.server_lr=1.0"),
+        (
+            lambda: FedAvgMParams(momentum=0.0),
+            "strategy.momentum=0.0 must be in (0.0, 1.0); e.g. strategy.momentum=0.9",
+        ),
+        (lambda: ScaffoldParams(server_lr=-2.0), "strategy.server_lr=-2.0 must be > 0.0; e.g. strategy.server_lr=1.0"),
+        (lambda: FedProxParams(mu=-1e-3), "strategy.mu=-0.001 must be >= 0; e.g. strategy.mu=0.01"),
+    ],
+)
+def test_each_out_of_range_hyperparameter_is_named_whole_with_its_bounds_and_an_example(params, message):
+    with pytest.raises(ValueError) as err:
+        params()
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        lambda: FedOptParams(beta_1=0.999, beta_2=0.999999, eta=1e9, tau=1e-9),
+        lambda: FedAvgMParams(server_lr=1e-9, momentum=0.999),
+        lambda: ScaffoldParams(server_lr=1e-9),
+        lambda: FedProxParams(mu=0.0),  # mu 0 is FedAvg: allowed
+    ],
+)
+def test_hyperparameters_inside_their_bounds_are_accepted(params):
+    params()
+
+
+@pytest.mark.parametrize("name", ["fedavgm", "fedadagrad", "fedyogi", "fedadam", "scaffold"])
+def test_a_round_with_no_valid_reply_keeps_the_global_and_the_servers_state(name):
+    s = strategy(name)
+    glob = {"w": np.array([0.5, -0.5], np.float32)}
+    list(s.configure_train(1, to_record(glob), ConfigRecord(), FakeGrid(2)))
+    before = s.state_dict()
+    new, _ = s.aggregate_train(1, [])  # every reply failed or was rejected by the round loop
+    assert new is None
+    after = s.state_dict()
+    assert after.keys() == before.keys()
+    for key in before:
+        if before[key] is None:
+            assert after[key] is None
+        else:
+            for n in before[key]:
+                np.testing.assert_array_equal(after[key][n], before[key][n])
+
+
+@pytest.mark.parametrize("name", ["fedavgm", "fedyogi", "fedadam"])
+def test_the_first_moment_after_round_one_has_the_globals_shapes_and_float_values(name):
+    s = strategy(name)
+    glob = {"w": np.zeros((2, 3), np.float32)}
+    list(s.configure_train(1, to_record(glob), ConfigRecord(), FakeGrid(2)))
+    s.aggregate_train(1, [reply({"w": np.full((2, 3), 0.5, np.float32)}, 5)])
+    m = s.state_dict()["m"]["w"]
+    assert m.shape == (2, 3) and m.dtype.kind == "f"
+    np.testing.assert_allclose(m, 0.1 * 0.5)  # (1 - beta) x the delta, from zero (beta 0.9 for all three)
+
+
+@pytest.mark.parametrize(
+    ("name", "extra", "line"),
+    [
+        ("fedavg", "", "FedAvgLoRA {} sampling 2/2 clients per round"),
+        ("fedprox", "strategy.mu=0.05", "FedProx {'mu': 0.05} sampling 2/2 clients per round"),
+        (
+            "fedavg",
+            "strategy.aggregator=median",
+            "FedAvgLoRA {'aggregator': 'median', 'num_malicious': 0, 'trim_fraction': 0.2} sampling 2/2 clients "
+            "per round",
+        ),
+    ],
+)
+def test_the_run_logs_strategy_line_names_the_class_its_hyperparameters_and_a_robust_rule(name, extra, line):
+    assert strategy(name, extra).describe() == line
