@@ -188,3 +188,138 @@ def test_the_config_accepts_exactly_the_methods_and_weightings_the_strategies_im
 def test_bad_rank_settings_fail_at_start_naming_the_value_and_the_fix(overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):
         load_config({"overrides": overrides})
+
+
+class OddRankGrid(RankGrid):
+    """RankGrid whose nodes in ``odd`` answer the rank query with ``odd[node](query)`` (a reply, or None: silent);
+    ``rank_queries`` keeps each rank query with the timeout it was sent with."""
+
+    def __init__(self, ranks, odd=None):
+        super().__init__(ranks)
+        self.odd, self.rank_queries = odd or {}, []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        asked = [m for m in messages if m.metadata.message_type == RANK_QUERY]
+        self.rank_queries += [(m, timeout) for m in asked]
+        odd = {id(m) for m in asked if m.metadata.dst_node_id in self.odd}
+        out = super().send_and_receive([m for m in messages if id(m) not in odd], timeout=timeout)
+        answers = [self.odd[m.metadata.dst_node_id](m) for m in messages if id(m) in odd]
+        return out + [a for a in answers if a is not None]
+
+
+def silent(query):
+    return None
+
+
+def error_reply(query):
+    return Message(Error(code=0, reason="E_CONFIG: see the node's log"), reply_to=query)
+
+
+def fedllm_lines(caplog, level):
+    return [r.getMessage() for r in caplog.records if r.name == "fedllm" and r.levelname == level]
+
+
+def const(rank, value):
+    """An adapter of test_hetero's layer shapes at ``rank``, every entry ``value`` (float32, as adapters travel)."""
+    return {
+        L + hr.A_SUFFIX: np.full((rank, 6), value, np.float32),
+        L + hr.B_SUFFIX: np.full((7, rank), value, np.float32),
+    }
+
+
+def echo_round(s, g, weights, server_round=1):
+    """One round in which every node sends back exactly the slice it was sent; the new global."""
+    msgs = list(s.configure_train(server_round, to_record(g), ConfigRecord(), RankGrid(RANKS)))
+    replies = [reply_to(m, from_record(m.content[ARRAYS_KEY]), weights[m.metadata.dst_node_id]) for m in msgs]
+    arrays, _ = s.aggregate_train(server_round, server_weighted(replies))
+    return from_record(arrays)
+
+
+def test_the_rank_query_sends_each_new_node_only_r_max_and_waits_round_timeout_for_the_answers():
+    s, grid = build(extra="round_timeout=42"), OddRankGrid(RANKS)
+    s.configure_train(1, to_record(glob()), ConfigRecord(), grid)
+    assert sorted(m.metadata.dst_node_id for m, _ in grid.rank_queries) == [1, 2, 3]
+    for query, timeout in grid.rank_queries:
+        assert {name: dict(record) for name, record in query.content.items()} == {"config": {"r-max": 4}}
+        assert timeout == 42
+
+
+def test_nodes_that_do_not_say_their_rank_in_time_sit_the_round_out_under_one_warning_and_are_asked_again(caplog):
+    s = build_strategy(
+        load_config({"overrides": "num_clients=4 lora_aggregation=hetlora model.lora.r=4 round_timeout=42"})
+    )
+    grid = OddRankGrid({1: 1, 2: 2, 3: 4, 4: 4}, {2: error_reply, 3: silent, 4: silent})
+    assert [m.metadata.dst_node_id for m in s.configure_train(1, to_record(glob()), ConfigRecord(), grid)] == [1]
+    assert fedllm_lines(caplog, "WARNING") == ["nodes [3, 4] did not say their LoRA rank within 42 s"]  # not node 2
+    grid.odd = {}
+    assert [m.metadata.dst_node_id for m in s.configure_train(2, to_record(glob()), ConfigRecord(), grid)] == [1, 3, 4]
+    assert sorted(m.metadata.dst_node_id for m, _ in grid.rank_queries) == [1, 2, 3, 3, 4, 4]
+
+
+def test_an_error_reply_to_the_rank_query_is_logged_with_its_reason_and_the_node_left_out(caplog):
+    s, grid = build(), OddRankGrid(RANKS, {2: error_reply})
+    assert [m.metadata.dst_node_id for m in s.configure_train(1, to_record(glob()), ConfigRecord(), grid)] == [1, 3]
+    assert fedllm_lines(caplog, "ERROR") == [
+        "node 2 could not say its LoRA rank: E_CONFIG: see the node's log; node 2 is not sampled in this run"
+    ]
+
+
+def test_a_rank_answer_without_metrics_is_refused_as_no_integer_naming_the_node_not_a_crash(caplog):
+    s, grid = build(), OddRankGrid(RANKS, {3: lambda query: Message(RecordDict({}), reply_to=query)})
+    assert [m.metadata.dst_node_id for m in s.configure_train(1, to_record(glob()), ConfigRecord(), grid)] == [1, 2]
+    assert fedllm_lines(caplog, "ERROR") == [
+        "node 3 answered the LoRA rank query with None, not an integer; give it a whole number as its lora-rank "
+        "node config; node 3 is not sampled in this run"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("average", "want"),
+    [("products", lambda w, w1, w2: (10 * w1 + 20 * w2 + 30 * w) / 60), ("updates", lambda w, w1, w2: w)],
+    ids=["products", "updates"],
+)
+def test_flexlora_with_update_averaging_keeps_the_global_when_every_client_returns_what_it_was_sent(average, want):
+    """Averaging products mixes W with its rank-1 and rank-2 truncations W_1, W_2 (the nodes of rank 1 and 2 sent
+    back what they got); averaging updates adds a zero mean update to W."""
+    g = glob()
+    new = echo_round(build(method="flexlora", extra=f"flexlora_average={average}"), g, {1: 10, 2: 20, 3: 30})
+    w1, w2 = product(hr.slice_rank(g, 1)), product(hr.slice_rank(g, 2))
+    np.testing.assert_allclose(product(new), want(product(g), w1, w2), atol=1e-5)
+
+
+def test_flexlora_starts_the_ranks_beyond_the_mean_from_a_generator_seeded_with_the_round():
+    s = build_strategy(load_config({"overrides": "num_clients=1 lora_aggregation=flexlora model.lora.r=4"}))
+    msgs = list(s.configure_train(3, to_record(glob()), ConfigRecord(), RankGrid({1: 1})))
+    client = glob(1, seed=7)
+    new = from_record(s.aggregate_train(3, server_weighted([reply_to(msgs[0], client, 10)]))[0])
+    bound = 1 / np.sqrt(6)  # PEFT's start of an A row, in = 6
+    drawn = np.random.default_rng(3).uniform(-bound, bound, size=(3, 6)).astype(np.float32)
+    np.testing.assert_array_equal(new[L + hr.A_SUFFIX][1:], drawn)
+    assert np.abs(new[L + hr.B_SUFFIX][:, 1:]).max() == 0
+    np.testing.assert_allclose(product(new), product(client), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("average", "rows"),
+    [
+        # weights 1/6, 2/6, 3/6 for the nodes of rank 1, 2, 4 sending all-1, all-2, all-3 factors
+        ("zero_padded", [(1 + 4 + 9) / 6, (4 + 9) / 6, 9 / 6, 9 / 6]),
+        ("per_rank", [(1 + 4 + 9) / 6, (4 + 9) / 5, 3, 3]),  # rank 1 over 5/6 of the weight, ranks 2-3 over 3/6
+    ],
+    ids=["zero_padded", "per_rank"],
+)
+def test_hetlora_through_the_server_averages_each_rank_as_hetlora_average_says(average, rows):
+    s = build(extra=f"hetlora_average={average} hetlora_weighting=examples")
+    msgs = list(s.configure_train(1, to_record(glob()), ConfigRecord(), RankGrid(RANKS)))
+    replies = [reply_to(m, const(RANKS[n], n), 10 * n) for m in msgs for n in [m.metadata.dst_node_id]]
+    new = from_record(s.aggregate_train(1, server_weighted(replies))[0])
+    np.testing.assert_allclose(new[L + hr.A_SUFFIX], np.repeat(np.array(rows)[:, None], 6, 1), rtol=1e-6)
+    np.testing.assert_allclose(new[L + hr.B_SUFFIX], np.repeat(np.array(rows)[None], 7, 0), rtol=1e-6)
+
+
+def test_clients_combined_before_any_global_was_sent_leave_the_ranks_no_client_holds_at_zero():
+    """No previous global to keep them from: HetLoRA's own formula, the zero-padded average."""
+    s = build(extra="hetlora_weighting=examples")
+    new = s.combine([const(1, 1.0), const(2, 2.0)], [1, 3])
+    np.testing.assert_allclose(new[L + hr.A_SUFFIX], np.repeat([[7 / 4], [6 / 4], [0], [0]], 6, 1))
+    np.testing.assert_allclose(new[L + hr.B_SUFFIX], np.repeat([[7 / 4, 6 / 4, 0, 0]], 7, 0))

@@ -205,3 +205,19 @@ def test_a_saved_state_without_pruned_ranks_restores_none_and_passes_the_rest_on
     s.pruned = {0: 2}
     assert s.load_rank_state({"other": 1}) == {"other": 1}
     assert s.pruned == {}
+
+
+def test_the_server_logs_which_node_and_partition_pruned_from_which_rank_to_which(caplog):
+    caplog.set_level("INFO", logger="fedllm")
+    prune_round(build(), RankGrid(RANKS), glob())
+    pruned = [r.getMessage() for r in caplog.records if r.name == "fedllm" and "pruned" in r.getMessage()]
+    assert pruned == ["node 3 (partition 2) pruned its LoRA rank 4 -> 2"]
+
+
+def test_without_pruning_a_saved_pruned_rank_is_not_applied_and_each_node_gets_the_rank_it_says():
+    off = build_strategy(
+        load_config({"overrides": f"num_clients={len(RANKS)} lora_aggregation=hetlora model.lora.r=4"})
+    )
+    off.load_state_dict({PRUNED_STATE_KEY: {"2": np.array(2)}})  # partition 2 (node 3) pruned in an earlier run
+    msgs = off.configure_train(1, to_record(glob()), ConfigRecord(), RankGrid(RANKS))
+    assert {m.metadata.dst_node_id: hr.rank_of(from_record(m.content[ARRAYS_KEY])) for m in msgs} == RANKS

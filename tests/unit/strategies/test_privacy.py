@@ -151,3 +151,30 @@ def test_each_noise_share_is_z_c_over_the_root_of_the_honest_shares():
 
 def test_the_quantiser_range_holds_the_clip_norm_plus_eight_share_deviations():
     assert noise_share_range(1.0, 0.25) == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("clip_norm", [0.0, -1.0])
+def test_a_clip_norm_of_zero_or_below_is_refused_naming_it(clip_norm):
+    with pytest.raises(ValueError, match=rf"^clip norm {clip_norm} must be positive$"):
+        clip_update({"a": np.array([3.0, 4.0])}, clip_norm)
+
+
+def test_an_update_whose_norm_equals_the_clip_norm_exactly_is_returned_unscaled_and_not_counted_as_clipped():
+    clipped, scaled = clip_update({"a": np.array([3.0, 0.0]), "b": np.array([4.0])}, 5.0)  # joint norm exactly 5
+    assert not scaled
+    np.testing.assert_array_equal(clipped["a"], [3.0, 0.0])
+    np.testing.assert_array_equal(clipped["b"], [4.0])
+
+
+def test_an_update_within_the_clip_norm_comes_back_as_new_arrays_that_do_not_share_the_inputs_memory():
+    update = {"a": np.array([0.3, 0.4], dtype=np.float32)}
+    clipped, _ = clip_update(update, 1.0)
+    assert not np.shares_memory(clipped["a"], update["a"])
+    clipped["a"][0] = 9.0
+    np.testing.assert_array_equal(update["a"], np.array([0.3, 0.4], dtype=np.float32))
+
+
+def test_a_clipped_float32_update_stays_float32():
+    clipped, scaled = clip_update({"a": np.array([3.0, 4.0], dtype=np.float32)}, 1.0)
+    assert scaled and clipped["a"].dtype == np.float32
+    np.testing.assert_allclose(clipped["a"], [0.6, 0.8], rtol=1e-6)
