@@ -251,3 +251,15 @@ def test_the_round_plan_rebinds_nodes_and_partitions_claimed_before():
     book = PartitionBook({1: 0, 2: 1})
     book.assign({3: 0, 2: 5})
     assert book.by_node == {2: 5, 3: 0}
+
+
+def test_two_nodes_claiming_one_free_partition_in_a_round_are_both_rejected_and_neither_is_bound():
+    sent = [Message(good_content(), dst_node_id=node, message_type="train") for node in (7, 8, 9)]
+    claims = [Message(changed_metrics(good_content(), {"partition-id": pid}), reply_to=m) for m, pid in
+              zip(sent, (1, 1, 2), strict=True)]  # fmt: skip
+    book = PartitionBook({})
+    kept, rejected = split_replies(claims, EXPECTED, sent_to={7, 8, 9}, book=book)
+    assert kept == [claims[2]]
+    reason = "'partition-id' 1 is claimed by several nodes this round, and none holds it yet"
+    assert rejected == [{"node": n, "partition": 1, "reason": reason} for n in (7, 8)]
+    assert book.by_node == {9: 2}
