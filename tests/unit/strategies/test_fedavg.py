@@ -88,3 +88,14 @@ def test_central_trains_on_one_node_as_many_steps_as_a_federated_round():
     assert len(msgs) == 1
     conf = msgs[0].content[CONFIG_KEY]
     assert conf[STEPS_MULTIPLIER_KEY] == 3 and conf["mode"] == "central" and conf["server-round"] == 1
+
+
+def test_the_partition_of_a_reply_is_the_one_the_server_sent_and_a_stranger_is_named():
+    strategy = FedAvgLoRA(**KW)
+    list(strategy.configure_train(1, to_record({"w": np.zeros(1, np.float32)}), ConfigRecord(), FakeGrid(4)))
+    sent = Message(RecordDict(), dst_node_id=3, message_type="train")
+    assert strategy.sent_partition(Message(RecordDict(), reply_to=sent)) == 2  # FakeGrid: node k holds k - 1
+    stranger = Message(RecordDict(), reply_to=Message(RecordDict(), dst_node_id=99, message_type="train"))
+    with pytest.raises(ValueError) as err:
+        strategy.sent_partition(stranger)
+    assert str(err.value) == "a reply from node 99, which was sent no round"
