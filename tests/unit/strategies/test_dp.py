@@ -6,7 +6,8 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedllm_app.config import ConfigError, load_config
 from fedllm_app.server.run import build_strategy
-from strategies.dp import CLIP_NORM_KEY, WITHIN_CLIP_KEY, with_dp
+from strategies.accounting import epsilon
+from strategies.dp import CLIP_NORM_KEY, WITHIN_CLIP_KEY, Accounting, DPStrategy, with_dp, within_clip
 from strategies.fedavg import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -263,12 +264,12 @@ def test_config_and_the_accountant_agree_on_the_accountants():
     assert DP_ACCOUNTANTS == ACCOUNTANTS
 
 
-def dp_strategy(cls=FedAvgLoRA, server_lr=1.0, **dp_kw):
+def dp_strategy(cls=FedAvgLoRA, server_lr=1.0, accounting=None, **dp_kw):
     """``cls`` under DP over 4 partitions, every one drawn (q = 1), C = 1, z = 0.5, seeded server noise."""
     params = DPParams(**{"clip_norm": 1.0, "noise_multiplier": 0.5, "sample_rate": 1.0, "num_clients": 4, **dp_kw})
     extra = {"server_lr": server_lr} if cls is Scaffold else {}
     kw = {"num_clients": 4, "sample_clients": 4, "num_rounds": 2, "lr_max": 1e-2, "lr_min": 1e-3, **extra}
-    return with_dp(cls)(dp=params, rng=np.random.default_rng(0), **kw)
+    return with_dp(cls)(dp=params, accounting=accounting, rng=np.random.default_rng(0), **kw)
 
 
 SUM = {"w": np.array([0.4, 0.8, -0.4])}  # the unmasked sum of the clients' clipped updates (secure aggregation)
@@ -339,3 +340,143 @@ def test_a_state_without_dp_entries_keeps_the_clip_norm_and_the_key_and_scaffold
     b.load_state_dict(a.state_dict())
     np.testing.assert_array_equal(b.c["w"], a.c["w"])
     assert b.sampling_key == a.sampling_key
+
+
+@pytest.mark.parametrize("delta", [0.0, -1e-5, 1.0, 1.5])
+def test_a_delta_outside_the_open_unit_interval_is_refused_with_the_whole_message(delta):
+    with pytest.raises(ValueError) as err:
+        Accounting(delta=delta)
+    assert str(err.value) == f"privacy.delta={delta} must be in (0, 1); e.g. 1e-5 (below 1 / the number of users)"
+
+
+def test_an_unknown_accountant_is_refused_with_the_whole_message():
+    with pytest.raises(ValueError) as err:
+        Accounting(accountant="moments")
+    assert str(err.value) == "privacy.accountant='moments' must be one of rdp, pld"
+
+
+class Pooling(FedAvgLoRA):
+    """Averages, but pools the data (as the central baseline)."""
+
+    mode = "central"
+
+
+class Unaveraged(FedAvgLoRA):
+    """Federated, but keeps each client's adapter its own (as the local baseline)."""
+
+    averages = False
+
+
+class Lookalike:
+    """Says it is a federated averaging strategy, but is no FedAvgLoRA."""
+
+    mode, averages = "federated", True
+
+
+@pytest.mark.parametrize("cls", [Pooling, Unaveraged, Lookalike])
+def test_a_class_that_is_not_a_federated_averaging_strategy_cannot_be_wrapped_and_the_error_names_it(cls):
+    with pytest.raises(ValueError) as err:
+        with_dp(cls)
+    assert str(err.value) == (
+        f"privacy.dp=true with {cls.__name__}: DP-FedAvg noises the mean of the clients' updates, and this strategy "
+        "averages none (local-only) or pools the data (central); choose a federated strategy (fedavg, fedprox, "
+        "fedavgm, fedadagrad, fedadam, fedyogi, scaffold) or set privacy.dp=false"
+    )
+
+
+def test_the_wrapped_class_is_named_and_documented_after_the_strategy_and_runs_the_dp_round_first():
+    cls = with_dp(Scaffold)
+    assert cls.__name__ == "DPScaffold"
+    assert cls.__doc__ == "Scaffold under DP-FedAvg."
+    assert cls.__mro__[1:3] == (DPStrategy, Scaffold)
+
+
+def test_plain_aggregation_under_distributed_noise_is_refused_naming_the_fix():
+    s = dp_strategy(noise="distributed")
+    messages = list(s.configure_train(1, to_record(START), ConfigRecord(), Grid(4)))
+    fix = "privacy.noise=distributed needs secure aggregation: set privacy.secagg=true"
+    with pytest.raises(RuntimeError) as err:
+        s.aggregate_train(1, replies_to(messages))
+    assert str(err.value) == fix
+    with pytest.raises(RuntimeError) as err:
+        s.step_from_sum({ARRAYS_KEY: SUM}, replies_to(messages))  # no threshold: not a secure round
+    assert str(err.value) == fix
+
+
+def replies_of(messages, updates):
+    """Replies whose adapter is ``updates[node]`` (the global being zero), each within C by its own account."""
+    metrics = {NUM_EXAMPLES_KEY: 5, DATA_SIZE_KEY: 5, WEIGHT_KEY: 5.0, WITHIN_CLIP_KEY: 1.0}
+    return [
+        Message(
+            RecordDict(
+                {
+                    ARRAYS_KEY: to_record({"w": np.array([updates[m.metadata.dst_node_id]], dtype=np.float32)}),
+                    METRICS_KEY: MetricRecord(metrics),
+                }
+            ),
+            reply_to=m,
+        )
+        for m in messages
+    ]
+
+
+def test_only_updates_beyond_the_float32_tolerance_above_c_count_as_server_clipped():
+    c = 1 / 1.001  # so that the tolerance bound C (1 + 1e-3) is exactly 1.0
+    s = dp_strategy(clip_norm=c)
+    messages = list(s.configure_train(1, to_record({"w": np.zeros(1, np.float32)}), ConfigRecord(), Grid(4)))
+    # node 1 exactly at the bound, node 2 above C but within the tolerance, node 3 within C, node 4 beyond the bound
+    s.aggregate_train(1, replies_of(messages, {1: 1.0, 2: 0.9995, 3: 0.5, 4: 1.01}))
+    assert s.dp_metrics["dp_server_clipped"] == 1.0
+
+
+def test_a_round_with_no_reply_reports_no_clipped_share_and_empty_train_metrics():
+    s = dp_strategy()
+    list(s.configure_train(1, to_record(START), ConfigRecord(), Grid(4)))
+    _, metrics = s.aggregate_train(1, [])
+    assert s.dp_metrics == {
+        "dp_clip_norm": 1.0,
+        "dp_noise_std": 0.125,
+        "dp_clip_fraction": 0.0,
+        "dp_server_clipped": 0.0,
+    }
+    assert metrics == MetricRecord()
+
+
+def reply_with(metrics):
+    return Message(RecordDict({METRICS_KEY: MetricRecord(metrics)}), dst_node_id=1, message_type="train")
+
+
+@pytest.mark.parametrize(
+    ("value", "bit"), [(1.0, 1.0), (0.0, 0.0), (0.5, 1.0), (0.49, 0.0), (0.7, 1.0), (3.0, 1.0), (None, 0.0)]
+)
+def test_a_replys_within_clip_report_counts_as_its_nearer_bit_and_an_absent_one_as_0(value, bit):
+    assert within_clip(reply_with({} if value is None else {WITHIN_CLIP_KEY: value})) == bit
+
+
+def test_a_dp_strategy_reports_epsilon_zero_and_no_dp_metrics_before_its_first_round():
+    from fedllm_app.server.rounds import privacy_record
+
+    assert privacy_record(dp_strategy(), 0) == {"epsilon": 0.0, "delta": 1e-5}
+
+
+def test_the_privacy_spent_is_counted_with_the_configured_accountant():
+    s = dp_strategy(accounting=Accounting(accountant="pld"), noise_multiplier=4.0)
+    assert s.privacy_spent(1) == epsilon(1.0, 4.0, 1, 1e-5, "pld")
+    assert s.privacy_spent(1) < epsilon(1.0, 4.0, 1, 1e-5, "rdp") - 0.05  # PLD is tighter: not RDP's number
+
+
+def test_a_round_that_spends_exactly_the_target_epsilon_may_run_and_the_next_may_not():
+    s = dp_strategy(accounting=Accounting(target_epsilon=epsilon(1.0, 0.5, 3, 1e-5)))
+    assert [s.may_run(r) for r in (1, 2, 3, 4)] == [True, True, True, False]
+
+
+def test_the_poisson_sample_leaves_out_the_partitions_not_available():
+    s = dp_strategy()  # q = 1: every available partition is drawn
+    assert s.round_partitions(1) == [0, 1, 2, 3]
+    assert s.round_partitions(1, available=[1, 3]) == [1, 3]
+
+
+def test_a_sampling_key_saved_as_wider_integers_is_restored_byte_by_byte():
+    s = dp_strategy()
+    s.load_state_dict({"dp-sampling-key": {"value": np.arange(32, dtype=np.int64)}})
+    assert s.sampling_key == bytes(range(32))

@@ -178,3 +178,53 @@ def test_a_clipped_float32_update_stays_float32():
     clipped, scaled = clip_update({"a": np.array([3.0, 4.0], dtype=np.float32)}, 1.0)
     assert scaled and clipped["a"].dtype == np.float32
     np.testing.assert_allclose(clipped["a"], [0.6, 0.8], rtol=1e-6)
+
+
+def test_join_and_split_update_keep_a_name_that_contains_the_separator():
+    parts = {"arrays": {"a::b": np.ones(2)}, "c-delta": {"a::b::c": np.zeros(1)}}
+    back = split_update(join_update(parts))
+    assert set(back) == {"arrays", "c-delta"}
+    np.testing.assert_array_equal(back["arrays"]["a::b"], np.ones(2))
+    np.testing.assert_array_equal(back["c-delta"]["a::b::c"], np.zeros(1))
+    assert set(back["arrays"]) == {"a::b"} and set(back["c-delta"]) == {"a::b::c"}
+
+
+def test_the_norm_of_float32_and_integer_updates_is_taken_in_float64_without_overflow():
+    # float32 squares overflow above ~1.8e19; int8 squares above 11
+    assert l2_norm({"a": np.array([3e20], dtype=np.float32), "b": np.array([4e20], dtype=np.float32)}) == (
+        pytest.approx(5e20, rel=1e-6)
+    )
+    assert l2_norm({"a": np.array([100, 100], dtype=np.int8)}) == pytest.approx(100 * math.sqrt(2))
+
+
+@pytest.mark.parametrize("expected", [0.0, -2.0])
+def test_a_mean_over_zero_or_fewer_expected_clients_is_refused_with_the_whole_message(expected):
+    with pytest.raises(ValueError) as err:
+        fixed_weight_mean([{"w": np.ones(1)}], expected, {"w": np.zeros(1)})
+    assert str(err.value) == f"expected clients {expected} must be positive"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"noise_multiplier": 0.0}, "privacy.noise_multiplier=0.0 must be positive; e.g. privacy.noise_multiplier=1.0"),
+        ({"sample_rate": 0.0}, "the sample rate sample_clients/num_clients=0.0 must be in (0, 1]"),
+        ({"sample_rate": 1.5}, "the sample rate sample_clients/num_clients=1.5 must be in (0, 1]"),
+        ({"target_quantile": 0.0}, "privacy.target_quantile=0.0 must be in (0, 1); e.g. 0.5"),
+        ({"clip_lr": 0.0}, "privacy.clip_lr=0.0 must be positive; e.g. 0.2"),
+        (
+            {"noise": "distributed", "adaptive_clip": True},
+            "privacy.noise=distributed with privacy.adaptive_clip=true: the clipped count's noise is the server's to "
+            "add; set privacy.adaptive_clip=false or privacy.noise=server",
+        ),
+    ],
+)
+def test_a_dp_setting_at_the_edge_of_its_range_is_refused_with_the_whole_message(kwargs, message):
+    base = {"clip_norm": 1.0, "noise_multiplier": 1.0, "sample_rate": 0.1, "num_clients": 100}
+    with pytest.raises(ValueError) as err:
+        DPParams(**{**base, **kwargs})
+    assert str(err.value) == message
+
+
+def test_a_sample_rate_of_one_is_allowed():
+    assert DPParams(clip_norm=1.0, noise_multiplier=1.0, sample_rate=1.0, num_clients=4).expected_clients == 4.0

@@ -1,14 +1,17 @@
 """Which partitions train in a round: fixed by (seed, round), whatever the node ids or the run's history."""
 
+import hashlib
+import hmac
 import random
 
 import numpy as np
+import pytest
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from strategies.fedavg import METRICS_KEY, PARTITION_KEY, FedAvgLoRA
 from strategies.local import LocalOnly
 from strategies.records import to_record
-from strategies.sampling import draw_order, sample_partitions
+from strategies.sampling import draw_order, keyed_uniform, sample_partitions, secret_poisson_partitions
 from tests.fakes import FakeGrid
 
 KW = {"num_clients": 6, "sample_clients": 2, "num_rounds": 10, "lr_max": 1e-2, "lr_min": 1e-3}
@@ -198,3 +201,34 @@ def test_an_answer_to_an_older_partition_query_is_ignored_and_the_current_answer
     assert 2 not in strategy.partition_of and 2 in strategy._asked  # still waiting on its current question
     assert strategy.partition_of.get(3) == 2
     assert not [m for m in logged(caplog) if "partition-id 7" in m]
+
+
+KEY = bytes(range(32))
+
+
+def hmac_uniform(key: bytes, server_round: int, partition: int) -> float:
+    """The draw recomputed from its definition: HMAC-SHA256 of ``poisson-r-p``, its first 8 bytes big-endian / 2^64."""
+    digest = hmac.new(key, f"poisson-{server_round}-{partition}".encode(), hashlib.sha256).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def test_each_partition_is_drawn_by_its_own_keyed_draw_below_the_rate():
+    drawn = secret_poisson_partitions(KEY, 3, 40, 0.3, range(40))
+    assert drawn == [p for p in range(40) if hmac_uniform(KEY, 3, p) < 0.3]
+    assert 0 < len(drawn) < 40
+
+
+def test_a_partition_whose_draw_equals_the_rate_exactly_is_not_drawn():
+    # P(u < q) = q for u uniform on [0, 1): the draw equal to q is outside
+    rate = keyed_uniform(KEY, 1, 5)
+    assert rate == hmac_uniform(KEY, 1, 5)
+    drawn = secret_poisson_partitions(KEY, 1, 10, rate, range(10))
+    assert 5 not in drawn
+    assert drawn == [p for p in range(10) if hmac_uniform(KEY, 1, p) < rate]
+
+
+def test_a_16_byte_sampling_key_is_accepted_and_a_15_byte_one_refused_with_the_whole_message():
+    assert secret_poisson_partitions(bytes(16), 1, 10, 1.0, range(10)) == list(range(10))
+    with pytest.raises(ValueError) as err:
+        secret_poisson_partitions(bytes(15), 1, 10, 1.0, range(10))
+    assert str(err.value) == "a sampling key of 15 bytes is too short to keep the sample secret; use 32 random bytes"
