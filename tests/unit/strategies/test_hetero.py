@@ -9,10 +9,13 @@ from fedllm_app.config import ConfigError, load_config
 from fedllm_app.server.reply_checks import sent_shapes, shapes_of, split_replies
 from fedllm_app.server.run import build_strategy, local_strategy
 from strategies import hetero_rank as hr
+from strategies.central import Central
 from strategies.fedavg import ARRAYS_KEY, DATA_SIZE_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, PARTITION_KEY, WEIGHT_KEY
+from strategies.fedavgm import FedAvgM
 from strategies.fedprox import PROXIMAL_MU_KEY
-from strategies.hetero import RANK_KEY, RANK_QUERY
+from strategies.hetero import RANK_KEY, RANK_QUERY, HeteroRank, HeteroRankParams, with_lora_ranks
 from strategies.records import from_record, to_record
+from strategies.scaffold import Scaffold
 from tests.fakes import FakeGrid
 
 L = "m.q_proj"
@@ -323,3 +326,59 @@ def test_clients_combined_before_any_global_was_sent_leave_the_ranks_no_client_h
     new = s.combine([const(1, 1.0), const(2, 2.0)], [1, 3])
     np.testing.assert_allclose(new[L + hr.A_SUFFIX], np.repeat([[7 / 4], [6 / 4], [0], [0]], 6, 1))
     np.testing.assert_allclose(new[L + hr.B_SUFFIX], np.repeat([[7 / 4, 6 / 4, 0, 0]], 7, 0))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"method": "svd"}, "lora_aggregation='svd' must be one of homogeneous, hetlora, flexlora"),
+        ({"r_max": 0}, "model.lora.r=0 must be at least 1"),
+        ({"weighting": "size"}, "weighting='size' must be one of norm, examples"),
+        ({"average": "mean"}, "average='mean' must be one of zero_padded, per_rank"),
+        (
+            {"method": "flexlora", "prune": True},
+            "hetlora_prune.enabled=true with lora_aggregation=flexlora: rank self-pruning is HetLoRA's; "
+            "set lora_aggregation=hetlora or hetlora_prune.enabled=false",
+        ),
+    ],
+    ids=["method", "r_max", "weighting", "average", "prune"],
+)
+def test_the_strategys_rank_parameters_refuse_a_bad_setting_naming_it_and_the_choices_or_the_fix(kwargs, message):
+    with pytest.raises(ValueError) as err:
+        HeteroRankParams(**{"method": "hetlora", "r_max": 4, **kwargs})
+    assert str(err.value) == message
+
+
+def test_a_global_adapter_of_rank_one_is_a_valid_r_max():
+    assert HeteroRankParams(method="hetlora", r_max=1).r_max == 1
+
+
+@pytest.mark.parametrize(
+    ("cls", "method", "message"),
+    [
+        (
+            Scaffold,
+            "hetlora",
+            "Scaffold cannot run with lora_aggregation=hetlora: its control variates would have to be sliced and "
+            "padded across ranks, which SCAFFOLD's correction does not define; use lora_aggregation=homogeneous or "
+            "another strategy (fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad)",
+        ),
+        (
+            Central,
+            "flexlora",
+            "Central cannot run with lora_aggregation=flexlora: it trains one adapter on the pooled data of every "
+            "client, so no client rank applies; use lora_aggregation=homogeneous or another strategy",
+        ),
+    ],
+)
+def test_a_strategy_that_cannot_take_client_ranks_is_refused_whole_with_the_fix(cls, method, message):
+    with pytest.raises(ValueError) as err:
+        with_lora_ranks(cls, method)
+    assert str(err.value) == message
+
+
+def test_the_combined_class_is_named_and_documented_after_the_strategy_it_extends():
+    combined = with_lora_ranks(FedAvgM, "hetlora")
+    assert combined.__name__ == "FedAvgMWithLoRARanks"
+    assert combined.__doc__ == "FedAvgM with clients of different ranks."
+    assert issubclass(combined, FedAvgM) and issubclass(combined, HeteroRank)

@@ -51,7 +51,7 @@ def test_hetlora_weights_are_the_norms_of_the_clients_products_or_their_example_
     assert hr.hetlora_weights([small, big], [30, 10], "examples") == pytest.approx([0.75, 0.25])
     zero = lora([[0, 0]], [[0], [0]])
     assert hr.hetlora_weights([zero, zero], [1, 1]) == [0.5, 0.5]
-    with pytest.raises(ValueError, match="weighting='size'"):
+    with pytest.raises(ValueError, match="^weighting='size' must be one of norm, examples$"):
         hr.hetlora_weights([small], [1], "size")
 
 
@@ -222,3 +222,31 @@ def test_flexlora_starts_ranks_beyond_the_mean_as_lora_does_without_changing_the
     bound = 1 / np.sqrt(5)  # PEFT's U(-1/sqrt(in), 1/sqrt(in)), in = 5, drawn from the generator given
     np.testing.assert_array_equal(a[1:], np.random.default_rng(0).uniform(-bound, bound, size=(2, 5)))
     np.testing.assert_allclose(product(got), product(client), atol=1e-10)
+
+
+def test_hetlora_weights_by_products_whose_norms_sum_below_one_are_still_proportional_to_them():
+    small = lora([[0.1, 0]], [[1], [0]])  # ||B A|| = 0.1
+    big = lora([[0.3, 0]], [[1], [0]])  # ||B A|| = 0.3
+    assert hr.hetlora_weights([small, big], [1, 1]) == pytest.approx([0.25, 0.75])
+
+
+def test_hetlora_refuses_weights_that_do_not_pair_one_to_one_with_the_clients():
+    small, big = lora([[1, 0]], [[3], [4]]), lora([[1, 0], [0, 1]], [[6, 0], [0, 8]])
+    with pytest.raises(ValueError, match=r"^zip\(\) argument 2 is shorter than argument 1$"):
+        hr.hetlora_aggregate([small, big], [1.0], r_max=2)
+    with pytest.raises(ValueError, match=r"^zip\(\) argument 2 is longer than argument 1$"):
+        hr.hetlora_aggregate([big], [0.5, 0.5], r_max=2)
+
+
+def test_an_adapter_whose_layers_have_different_ranks_is_refused_naming_the_ranks():
+    mixed = {**lora([[1, 0], [0, 1]], [[1, 0]]), **lora([[1, 0]], [[1]], layer="m.v")}  # ranks 2 and 1
+    with pytest.raises(ValueError) as err:
+        hr.rank_of(mixed)
+    assert str(err.value) == "the adapter's layers have different ranks [1, 2]; one rank per adapter"
+
+
+def test_flexlora_refuses_example_counts_that_do_not_pair_one_to_one_with_the_clients():
+    """Not a silent mean over a count with no client: one client with counts [1, 1] would have its product halved."""
+    client = lora([[1, 0]], [[1], [0]])
+    with pytest.raises(ValueError, match=r"^zip\(\) argument 2 is longer than argument 1$"):
+        hr.flexlora_aggregate([client], [1, 1], 2)

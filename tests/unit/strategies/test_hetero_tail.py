@@ -163,3 +163,34 @@ def test_the_config_and_the_strategy_know_the_same_tails():
     from fedllm_app.config import HETLORA_TAILS
 
     assert HETLORA_TAILS == hr.TAILS
+
+
+FROZEN_REASON = "the frozen tail is its own way to send, train and aggregate HetLoRA's ranks"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"tail": "thawed"}, "hetlora_tail='thawed' must be one of none, frozen, frozen_sum"),
+        (
+            {"method": "flexlora"},
+            f"hetlora_tail=frozen cannot run with lora_aggregation=flexlora: {FROZEN_REASON}; "
+            "set lora_aggregation=hetlora or hetlora_tail=none",
+        ),
+        (
+            {"tail": "frozen_sum", "prune": True},
+            f"hetlora_tail=frozen_sum cannot run with hetlora_prune.enabled=true: {FROZEN_REASON}; "
+            "set hetlora_prune.enabled=false or hetlora_tail=none",
+        ),
+        (
+            {"average": "per_rank"},
+            f"hetlora_tail=frozen cannot run with hetlora_average=per_rank: {FROZEN_REASON}; "
+            "set hetlora_average=zero_padded or hetlora_tail=none",
+        ),
+    ],
+    ids=["unknown", "flexlora", "prune", "per_rank"],
+)
+def test_the_strategys_parameters_refuse_a_tail_they_cannot_run_with_the_whole_fix(kwargs, message):
+    with pytest.raises(ValueError) as err:
+        HeteroRankParams(**{"method": "hetlora", "r_max": 4, "tail": "frozen", **kwargs})
+    assert str(err.value) == message

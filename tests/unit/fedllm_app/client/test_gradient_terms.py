@@ -87,6 +87,48 @@ def test_adapter_key_drops_the_adapter_name():
     assert adapter_key("base_model.model.x.q_proj.lora_A.default.weight") == "base_model.model.x.q_proj.lora_A.weight"
 
 
+def test_terms_before_any_round_hold_no_parameters_and_no_term():
+    terms = GradientTerms()
+    assert (terms.params, terms.anchor, terms.mu, terms.correction, terms.ranks) == ({}, {}, 0.0, None, None)
+
+
+def test_a_round_without_fedprox_neither_pulls_the_parameters_back_nor_keeps_a_copy_of_them():
+    model, terms = Tiny(), GradientTerms()
+    terms.start_round(model)
+    with torch.no_grad():
+        model.w += torch.tensor([0.4, -0.2])  # drift that a proximal term would pull back
+    model.w.grad = torch.tensor([1.0, 1.0])
+    terms.apply()
+    torch.testing.assert_close(model.w.grad, torch.tensor([1.0, 1.0]))
+    assert terms.anchor == {}
+
+
+def test_a_round_without_scaffold_averages_no_gradients():
+    model, terms = Tiny(), GradientTerms()
+    terms.start_round(model, mu=0.5)
+    model.w.grad = torch.tensor([1.0, 2.0])
+    terms.apply()
+    assert terms.mean_gradient() == {}
+
+
+def test_the_scaffold_correction_is_moved_to_the_device_of_the_parameters():
+    model, terms = Tiny().to("meta"), GradientTerms()  # the meta device stands in for an accelerator
+    terms.start_round(model, correction={"w": np.array([0.1, -0.1], dtype=np.float32)})
+    assert terms.correction["w"].device == torch.device("meta")
+
+
+def test_the_mean_gradient_of_a_half_precision_model_is_summed_and_returned_in_float32():
+    """2048 + 1 is 2048 in float16 (its spacing there is 2); the float32 sum keeps the 1."""
+    model, terms = Tiny().half(), GradientTerms()
+    terms.start_round(model, correction={"w": np.zeros(2, dtype=np.float16)})
+    for g in ([2048.0, 0.0], [1.0, 0.0]):
+        model.w.grad = torch.tensor(g, dtype=torch.float16)
+        terms.apply()
+    mean = terms.mean_gradient()["w"]
+    assert mean.dtype == np.float32
+    np.testing.assert_array_equal(mean, [1024.5, 0.0])
+
+
 @pytest.mark.slow
 def test_fedprox_keeps_the_adapter_near_the_global_and_scaffold_corrects_it():
     cfg = load_config({"overrides": "training.max_steps=10"})
