@@ -94,3 +94,36 @@ def test_a_trim_fraction_that_cuts_fewer_values_than_attackers_is_named_with_the
     assert trimming_shortfall(AggregatorParams("median", 1), 4) is None
     build_strategy(load_config({"overrides": "strategy.aggregator=trimmed_mean strategy.num_malicious=1"}))
     assert "with 4 replies a round and strategy.trim_fraction=0.2 cuts 0 value(s) per side" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        (
+            lambda: AggregatorParams("mode"),
+            "strategy.aggregator='mode' must be one of mean, median, trimmed_mean, krum, multikrum, bulyan; "
+            "e.g. strategy.aggregator=median",
+        ),
+        (lambda: AggregatorParams("krum", -1), "strategy.num_malicious=-1 must be an integer >= 0"),
+        (lambda: AggregatorParams("krum", 1.5), "strategy.num_malicious=1.5 must be an integer >= 0"),
+        (lambda: AggregatorParams("krum", "1"), "strategy.num_malicious='1' must be an integer >= 0"),
+        (
+            lambda: AggregatorParams("trimmed_mean", 0, 0.5),
+            "strategy.trim_fraction=0.5 must be in [0, 0.5); e.g. 0.2",
+        ),
+        (
+            lambda: AggregatorParams("trimmed_mean", 0, -0.1),
+            "strategy.trim_fraction=-0.1 must be in [0, 0.5); e.g. 0.2",
+        ),
+    ],
+)
+def test_each_bad_aggregation_parameter_is_refused_with_its_whole_message(params, message):
+    with pytest.raises(ValueError) as err:
+        params()
+    assert str(err.value) == message
+
+
+def test_the_aggregation_bounds_themselves_are_accepted():
+    assert AggregatorParams("trimmed_mean", 0, 0.0).trim_fraction == 0.0  # trims nothing: the mean
+    assert AggregatorParams("trimmed_mean", 0, 0.49).trim_fraction == 0.49
+    assert AggregatorParams("krum", 0).num_malicious == 0

@@ -14,6 +14,7 @@ from strategies.fedavgm import FedAvgMParams
 from strategies.fedopt import FedOptParams
 from strategies.fedprox import PROXIMAL_MU_KEY, FedProxParams
 from strategies.records import from_record, to_record
+from strategies.registry import StrategyConfigError, build
 from strategies.scaffold import C_DELTA_KEY, C_SERVER_KEY, ScaffoldParams
 from tests.fakes import FakeGrid
 
@@ -232,3 +233,55 @@ def test_the_first_moment_after_round_one_has_the_globals_shapes_and_float_value
 )
 def test_the_run_logs_strategy_line_names_the_class_its_hyperparameters_and_a_robust_rule(name, extra, line):
     assert strategy(name, extra).describe() == line
+
+
+RUN_WIDE = {"num_clients": 4, "sample_clients": 2, "num_rounds": 3, "lr_max": 1e-2, "lr_min": 1e-3}
+
+
+def test_a_target_outside_the_registry_is_refused_with_the_whole_list():
+    with pytest.raises(StrategyConfigError) as err:
+        build({"_target_": "pandas.read_pickle"}, **RUN_WIDE)
+    assert str(err.value) == (
+        "strategy._target_='pandas.read_pickle' is not one of fedllm's strategies: ['strategies.central.Central', "
+        "'strategies.fedadagrad.FedAdagrad', 'strategies.fedadam.FedAdam', 'strategies.fedavg.FedAvgLoRA', "
+        "'strategies.fedavgm.FedAvgM', 'strategies.fedprox.FedProx', 'strategies.fedyogi.FedYogi', "
+        "'strategies.local.LocalOnly', 'strategies.scaffold.Scaffold']"
+    )
+
+
+def test_an_unknown_hyperparameter_is_refused_naming_those_the_class_takes_or_none():
+    with pytest.raises(StrategyConfigError) as err:
+        build({"_target_": "strategies.fedavg.FedAvgLoRA", "bogus": 1}, **RUN_WIDE)
+    assert str(err.value) == (
+        "strategy.bogus is not a hyperparameter of FedAvgLoRA; it takes ['aggregator', 'num_malicious', "
+        "'query_timeout', 'seed', 'trim_fraction']"
+    )
+    every = {**RUN_WIDE, "aggregator": "mean", "num_malicious": 0, "trim_fraction": 0.2, "seed": 0}
+    with pytest.raises(StrategyConfigError) as err:
+        build({"_target_": "strategies.local.LocalOnly", "bogus": 1}, **every, query_timeout=1.0)
+    assert str(err.value) == "strategy.bogus is not a hyperparameter of LocalOnly; it takes none"
+
+
+def test_a_hyperparameter_that_is_no_scalar_is_refused_and_a_null_one_passes_through():
+    with pytest.raises(StrategyConfigError) as err:
+        build({"_target_": "strategies.fedavg.FedAvgLoRA", "aggregator": {"_target_": "os.system"}}, **RUN_WIDE)
+    assert (
+        str(err.value) == "strategy.aggregator must be a number, a boolean or a string, got {'_target_': 'os.system'}"
+    )
+    assert build({"_target_": "strategies.fedavg.FedAvgLoRA", "seed": None}, **RUN_WIDE).seed is None
+
+
+def test_an_adaptive_strategy_that_sent_no_global_yet_returns_the_plain_mean():
+    s = strategy("fedadam")  # no configure_train: the global it would step from is unknown
+    new, _ = s.aggregate_train(1, [reply({"w": np.array([1.0, 3.0], np.float32)}, 1)])
+    np.testing.assert_array_equal(from_record(new)["w"], [1.0, 3.0])
+
+
+def test_a_resumed_scaffold_that_sent_no_global_this_run_returns_the_plain_mean_and_keeps_its_c():
+    s = strategy("scaffold")
+    s.load_state_dict({"c": {"w": np.array([0.3], np.float32)}})
+    s.connected_partitions(FakeGrid(2))  # the partitions are known; no global was sent yet
+    replies = [reply({"w": np.array([1.0], np.float32)}, 5, {C_DELTA_KEY: {"w": np.array([0.2], np.float32)}})]
+    new, _ = s.aggregate_train(1, replies)
+    np.testing.assert_array_equal(from_record(new)["w"], [1.0])
+    np.testing.assert_array_equal(s.c["w"], np.array([0.3], np.float32))

@@ -4,7 +4,7 @@ import io
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from fedllm_app.client import faults
 from fedllm_app.server.reply_checks import (
@@ -263,3 +263,65 @@ def test_two_nodes_claiming_one_free_partition_in_a_round_are_both_rejected_and_
     reason = "'partition-id' 1 is claimed by several nodes this round, and none holds it yet"
     assert rejected == [{"node": n, "partition": 1, "reason": reason} for n in (7, 8)]
     assert book.by_node == {9: 2}
+
+
+class Unreadable(RecordDict):
+    """A reply whose records cannot even be listed, with a 200-character reason."""
+
+    def keys(self):
+        raise RuntimeError("x" * 200)
+
+
+def test_a_reply_that_breaks_the_reader_is_rejected_with_the_first_120_characters_of_the_error():
+    assert reply_problem(Unreadable(), EXPECTED) == "unreadable reply (RuntimeError: " + "x" * 120 + ")"
+
+
+def test_at_most_three_unexpected_records_arrays_or_metrics_are_named():
+    extra = RecordDict({**good_content(), **{k: ConfigRecord({"v": 1}) for k in "abcd"}})
+    assert (
+        reply_problem(extra, EXPECTED)
+        == "records differ from ['arrays', 'metrics']: missing [], unexpected ['a', 'b', 'c']"
+    )
+    four = {f"m{i}.lora_A.weight": (2, 4) for i in range(4)}
+    assert reply_problem(good_content(), four) == (
+        "array names differ from the adapter it was sent: missing ['m0.lora_A.weight', 'm1.lora_A.weight', "
+        "'m2.lora_A.weight'], unexpected ['m.lora_A.weight', 'm.lora_B.weight']"
+    )
+    wide = to_record({f"n{i}": np.zeros(1, np.float32) for i in range(4)})
+    assert reply_problem(RecordDict({**good_content(), ARRAYS_KEY: wide}), {"m": (1,)}) == (
+        "array names differ from the adapter it was sent: missing ['m'], unexpected ['n0', 'n1', 'n2']"
+    )
+    assert reply_problem(with_metrics({k: 1.0 for k in ("a", "b", "c", "d")}), EXPECTED) == (
+        "unexpected metrics ['a', 'b', 'c']; a reply holds only " + str(sorted(REPLY_METRICS))
+    )
+
+
+def test_an_error_reply_is_kept_for_flower_and_binds_no_partition():
+    sent = [Message(good_content(), dst_node_id=node, message_type="train") for node in (7, 8)]
+    failed = Message(Error(code=0, reason="out of memory"), reply_to=sent[0])
+    good = Message(good_content(), reply_to=sent[1])
+    book = PartitionBook({})
+    assert split_replies([failed, good], EXPECTED, sent_to={7, 8}, book=book) == ([failed, good], [])
+    assert book.by_node == {8: 0}
+
+
+def test_a_reply_from_a_node_sent_nothing_is_rejected_and_contests_no_partition():
+    sent = Message(good_content(), dst_node_id=7, message_type="train")
+    stranger = Message(good_content(), reply_to=Message(RecordDict(), dst_node_id=99, message_type="train"))
+    own = Message(good_content(), reply_to=sent)  # both claim the free partition 0
+    book = PartitionBook({})
+    kept, rejected = split_replies([stranger, own], EXPECTED, sent_to={7}, book=book)
+    assert kept == [own]
+    assert rejected == [{"node": 99, "partition": 0, "reason": "the server sent this node no message this round"}]
+    assert book.by_node == {7: 0}
+
+
+def test_a_rejected_node_is_named_with_the_partition_it_holds_not_the_one_it_claims():
+    sent = Message(good_content(), dst_node_id=7, message_type="train")
+    claim = Message(changed_metrics(good_content(), {"partition-id": 5}), reply_to=sent)
+    book = PartitionBook({7: 3})
+    assert split_replies([claim], EXPECTED, sent_to={7}, book=book) == (
+        [],
+        [{"node": 7, "partition": 3, "reason": "'partition-id' is 5, but this node trains partition 3"}],
+    )
+    assert book.by_node == {7: 3}
