@@ -7,7 +7,14 @@ import dp_accounting
 import pytest
 from dp_accounting import pld, rdp
 
-from strategies.accounting import _quiet_absl, epsilon, noise_for_epsilon
+from strategies.accounting import _quiet_absl, _rdp_one_round, epsilon, noise_for_epsilon
+
+
+@pytest.fixture(autouse=True)
+def fresh_accountant_caches():
+    """Each test computes its epsilons itself, not from values an earlier test (or process) left in the caches."""
+    epsilon.cache_clear()
+    _rdp_one_round.cache_clear()
 
 
 def independent(q: float, z: float, rounds: int, delta: float, accountant) -> float:
