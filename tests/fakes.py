@@ -116,6 +116,11 @@ class Writer:
         self.rows.append(record)
 
 
+def logged(caplog, logger: str = "fedllm", level: str | None = None) -> list[str]:
+    """The messages ``logger`` logged in this test (only those of ``level``, e.g. ``"ERROR"``, if given)."""
+    return [r.getMessage() for r in caplog.records if r.name == logger and level in (None, r.levelname)]
+
+
 def changed_metrics(content, changes):
     """``content`` with its metrics record changed by ``changes`` (a value of None removes the key)."""
     metrics = dict(content[METRICS_KEY])

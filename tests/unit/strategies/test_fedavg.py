@@ -20,7 +20,7 @@ from strategies.fedavg import (
 from strategies.local import LocalOnly
 from strategies.records import from_record, to_record
 from strategies.robust import AggregatorParams
-from tests.fakes import FakeGrid
+from tests.fakes import FakeGrid, logged
 
 
 def create_mock_reply(arrays: dict, num_examples: int, loss: float, pid: int = 0) -> Message:
@@ -104,10 +104,6 @@ def test_the_partition_of_a_reply_is_the_one_the_server_sent_and_a_stranger_is_n
     assert str(err.value) == "a reply from node 99, which was sent no round"
 
 
-def flower_lines(caplog, logger="flwr"):
-    return [r.getMessage() for r in caplog.records if r.name == logger]
-
-
 class TimedGrid(FakeGrid):
     """A FakeGrid that keeps the timeout of each blocking query."""
 
@@ -146,7 +142,7 @@ def test_an_error_or_an_answer_without_a_partition_id_counts_as_no_answer_and_is
     grid = AnswerlessGrid(4)
     assert strategy.query_partitions(grid, [1, 2, 3, 4]) == {1: 0, 2: None, 3: None, 4: None}
     assert sorted(strategy._asked) == [2, 3, 4]
-    assert flower_lines(caplog, "fedllm") == [
+    assert logged(caplog) == [
         "nodes [2, 3, 4] did not tell their partition within 600.0 s; they are not sampled until they answer "
         "(asked again; each round reads the answer without waiting)"
     ]
@@ -162,7 +158,7 @@ def test_sampling_waits_each_second_for_every_client_to_connect_and_logs_each_wa
     monkeypatch.setattr("strategies.fedavg.time.sleep", sleep)
     nodes = FedAvgLoRA(**KW).sample_nodes(1, grid)  # 4 clients, 2 a round: all 4 must connect first
     assert slept == [1.0, 1.0]
-    assert flower_lines(caplog, "fedllm") == [
+    assert logged(caplog) == [
         "waiting for nodes: 2 connected, 4 needed",
         "waiting for nodes: 3 connected, 4 needed",
     ]
@@ -183,7 +179,7 @@ def test_the_default_seed_is_0_and_each_round_draws_its_own_partitions():
 
 def test_flowers_summary_shows_the_sampled_fraction_no_evaluation_and_the_records_keys(caplog):
     FedAvgLoRA(**KW).summary()
-    assert flower_lines(caplog) == [
+    assert logged(caplog, "flwr") == [
         "fraction_evaluate is set to 0.0. Federated evaluation will be skipped.",
         "\t├──> Sampling:",
         "\t│\t├──Fraction: train (0.50) | evaluate ( 0.00)",
@@ -228,7 +224,7 @@ def test_multikrum_averages_the_survivors_by_their_weights_and_the_metrics_over_
     arrays, metrics = FedAvgLoRA(**KW, aggregator="multikrum", num_malicious=1).aggregate_train(1, replies)
     np.testing.assert_allclose(from_record(arrays)["w"], [(0 * 3 + 1 + 3 + 6) / 6])
     assert metrics["train_loss"] == pytest.approx((3 + 1 + 1 + 1 + 8) / 7)  # every reply, weighted
-    assert "aggregate_train: Received 5 results and 0 failures" in flower_lines(caplog)
+    assert "aggregate_train: Received 5 results and 0 failures" in logged(caplog, "flwr")
 
 
 def test_a_robust_rule_like_flowers_mean_refuses_a_reply_with_a_second_array_record():

@@ -16,7 +16,7 @@ from strategies.fedprox import PROXIMAL_MU_KEY
 from strategies.hetero import RANK_KEY, RANK_QUERY, HeteroRank, HeteroRankParams, with_lora_ranks
 from strategies.records import from_record, to_record
 from strategies.scaffold import Scaffold
-from tests.fakes import FakeGrid
+from tests.fakes import FakeGrid, logged
 
 L = "m.q_proj"
 RANKS = {1: 1, 2: 2, 3: 4}  # node id -> rank; r_max = 4
@@ -218,10 +218,6 @@ def error_reply(query):
     return Message(Error(code=0, reason="E_CONFIG: see the node's log"), reply_to=query)
 
 
-def fedllm_lines(caplog, level):
-    return [r.getMessage() for r in caplog.records if r.name == "fedllm" and r.levelname == level]
-
-
 def const(rank, value):
     """An adapter of test_hetero's layer shapes at ``rank``, every entry ``value`` (float32, as adapters travel)."""
     return {
@@ -253,7 +249,7 @@ def test_nodes_that_do_not_say_their_rank_in_time_sit_the_round_out_under_one_wa
     )
     grid = OddRankGrid({1: 1, 2: 2, 3: 4, 4: 4}, {2: error_reply, 3: silent, 4: silent})
     assert [m.metadata.dst_node_id for m in s.configure_train(1, to_record(glob()), ConfigRecord(), grid)] == [1]
-    assert fedllm_lines(caplog, "WARNING") == ["nodes [3, 4] did not say their LoRA rank within 42 s"]  # not node 2
+    assert logged(caplog, level="WARNING") == ["nodes [3, 4] did not say their LoRA rank within 42 s"]  # not node 2
     grid.odd = {}
     assert [m.metadata.dst_node_id for m in s.configure_train(2, to_record(glob()), ConfigRecord(), grid)] == [1, 3, 4]
     assert sorted(m.metadata.dst_node_id for m, _ in grid.rank_queries) == [1, 2, 3, 3, 4, 4]
@@ -262,7 +258,7 @@ def test_nodes_that_do_not_say_their_rank_in_time_sit_the_round_out_under_one_wa
 def test_an_error_reply_to_the_rank_query_is_logged_with_its_reason_and_the_node_left_out(caplog):
     s, grid = build(), OddRankGrid(RANKS, {2: error_reply})
     assert [m.metadata.dst_node_id for m in s.configure_train(1, to_record(glob()), ConfigRecord(), grid)] == [1, 3]
-    assert fedllm_lines(caplog, "ERROR") == [
+    assert logged(caplog, level="ERROR") == [
         "node 2 could not say its LoRA rank: E_CONFIG: see the node's log; node 2 is not sampled in this run"
     ]
 
@@ -270,7 +266,7 @@ def test_an_error_reply_to_the_rank_query_is_logged_with_its_reason_and_the_node
 def test_a_rank_answer_without_metrics_is_refused_as_no_integer_naming_the_node_not_a_crash(caplog):
     s, grid = build(), OddRankGrid(RANKS, {3: lambda query: Message(RecordDict({}), reply_to=query)})
     assert [m.metadata.dst_node_id for m in s.configure_train(1, to_record(glob()), ConfigRecord(), grid)] == [1, 2]
-    assert fedllm_lines(caplog, "ERROR") == [
+    assert logged(caplog, level="ERROR") == [
         "node 3 answered the LoRA rank query with None, not an integer; give it a whole number as its lora-rank "
         "node config; node 3 is not sampled in this run"
     ]

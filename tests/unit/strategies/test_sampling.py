@@ -12,15 +12,10 @@ from strategies.fedavg import METRICS_KEY, PARTITION_KEY, FedAvgLoRA
 from strategies.local import LocalOnly
 from strategies.records import to_record
 from strategies.sampling import draw_order, keyed_uniform, sample_partitions, secret_poisson_partitions
-from tests.fakes import FakeGrid
+from tests.fakes import FakeGrid, logged
 
 KW = {"num_clients": 6, "sample_clients": 2, "num_rounds": 10, "lr_max": 1e-2, "lr_min": 1e-3}
 ARRAYS = to_record({"w": np.zeros(2, np.float32)})
-
-
-def logged(caplog, logger="fedllm"):
-    """The messages ``logger`` logged in this test."""
-    return [r.getMessage() for r in caplog.records if r.name == logger]
 
 
 def trained(strategy, grid, rounds) -> list[list[int]]:
